@@ -1,0 +1,143 @@
+"""Things every stage needs: the base directory, logging, atomic writes, peak FLOPs for MFU.
+
+Floor 1: imports nothing from the package. JAX is imported lazily so that data and tokenizer
+tools work (and start fast) without initialising a backend.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+BASE_DIR_ENV = "NANOCHAT_JAX_BASE_DIR"
+DATA_DIR_ENV = "NANOCHAT_JAX_DATA_DIR"
+
+
+def get_base_dir() -> Path:
+    """Where tokenizers, shards, checkpoints and reports live: $NANOCHAT_JAX_BASE_DIR or ~/.cache/nanochat_jax."""
+    base = os.environ.get(BASE_DIR_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "nanochat_jax")
+    path = Path(base)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+# ----------------------------------------------------------------------------------------------
+# Logging: one format everywhere; only process 0 talks (other processes log warnings and up).
+
+_LOGGING_SET_UP = False
+
+
+def process_index() -> int:
+    """JAX process index if JAX is already imported and initialised, else 0 (never imports JAX itself)."""
+    jax = sys.modules.get("jax")
+    if jax is None:
+        return 0
+    try:
+        return jax.process_index()
+    except Exception:  # backend not initialised yet or no devices: behave like a single process
+        return 0
+
+
+def setup_logging(level: int = logging.INFO) -> logging.Logger:
+    global _LOGGING_SET_UP
+    logger = logging.getLogger("nanochat_jax")
+    if not _LOGGING_SET_UP:
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname).1s %(message)s", "%H:%M:%S"))
+        logger.addHandler(handler)
+        logger.propagate = False
+        _LOGGING_SET_UP = True
+    logger.setLevel(level if process_index() == 0 else logging.WARNING)
+    return logger
+
+
+def get_logger() -> logging.Logger:
+    return setup_logging()
+
+
+def print0(*args, **kwargs) -> None:
+    """print() on process 0 only (nanochat's print0)."""
+    if process_index() == 0:
+        print(*args, **kwargs, flush=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Files: nothing half-written ever carries the final name.
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike, mode: str = "wb"):
+    """Open a temp file next to `path`; on success fsync and rename it over `path`, on error delete it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+# ----------------------------------------------------------------------------------------------
+# Peak dense bf16 FLOP/s per device (no sparsity), for MFU. Matched by substring of device_kind,
+# most specific first.
+
+PEAK_BF16_FLOPS = [
+    ("H200", 989e12),
+    ("H100", 989e12),  # SXM; PCIe parts are slower but report the same kind string prefix
+    ("H800", 989e12),
+    ("H20", 148e12),
+    ("GH200", 989e12),
+    ("B200", 2250e12),
+    ("B100", 1750e12),
+    ("A100", 312e12),
+    ("A800", 312e12),
+    ("A10G", 125e12),
+    ("A10", 125e12),
+    ("L40S", 362e12),
+    ("L4", 121e12),
+    ("RTX 4090", 165e12),
+    ("RTX 3090", 71e12),
+    ("V100", 125e12),
+    ("TPU v5p", 459e12),
+    ("TPU v5 lite", 197e12),
+    ("TPU v4", 275e12),
+    ("TPU v6", 918e12),
+]
+
+
+def get_peak_flops(device_kind: str) -> float:
+    """Peak bf16 FLOP/s of one device of this kind, or inf (so MFU reads 0) when unknown, e.g. on CPU."""
+    kind = device_kind.upper()
+    for name, flops in PEAK_BF16_FLOPS:
+        if name.upper() in kind:
+            return flops
+    return float("inf")
+
+
+class Timer:
+    """`with Timer() as t: ...; t.seconds`"""
+
+    def __enter__(self):
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        self.seconds = time.perf_counter() - self.start
+        return False
+
+
+def format_duration(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"

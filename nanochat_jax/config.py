@@ -1,0 +1,120 @@
+"""Frozen dataclass configs and the one flag parser every script uses.
+
+Each script declares a frozen dataclass; `parse_flags(Config)` turns `--key=value` / `--key value` flags
+(nanochat's dash style, underscores accepted too) into an instance, validating types and calling the
+dataclass's own `__post_init__` checks. Any bad flag stops at start-up with one clear message.
+Field help text lives in `field(metadata={"help": ...})`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import re
+import sys
+import types
+import typing
+from typing import Any, Sequence, TypeVar
+
+C = TypeVar("C")
+
+_INT_EXPR = re.compile(r"^\s*-?[\d_]+(\s*\*\s*[\d_]+)*\s*$")
+
+
+def _parse_int(text: str) -> int:
+    """Integers, with `_` separators and products (`80*524288`, as nanochat's defaults are written)."""
+    if not _INT_EXPR.match(text):
+        raise ValueError(f"not an integer: {text!r}")
+    value = 1
+    for part in text.split("*"):
+        value *= int(part.strip().replace("_", ""))
+    return value
+
+
+def _parse_bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"not a boolean: {text!r} (use 1/0 or true/false)")
+
+
+def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1 and len(typing.get_args(tp)) == 2:
+            return args[0], True
+    return tp, False
+
+
+def _converter(tp: Any):
+    base, optional = _unwrap_optional(tp)
+    if base is bool:
+        parse = _parse_bool
+    elif base is int:
+        parse = _parse_int
+    elif base is float:
+        parse = float
+    elif base is str:
+        parse = str
+    else:
+        raise TypeError(f"unsupported config field type {tp!r}")
+
+    def convert(text: str):
+        if optional and text.strip().lower() in ("none", "null", ""):
+            return None
+        try:
+            return parse(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    convert.__name__ = getattr(base, "__name__", str(base))
+    return convert
+
+
+def parse_flags(cls: type[C], argv: Sequence[str] | None = None, *, description: str | None = None,
+                aliases: dict[str, str] | None = None, prog: str | None = None) -> C:
+    """Parse command-line flags into the frozen dataclass `cls`.
+
+    aliases maps extra option strings to field names, e.g. {"-i": "source"} for chat_eval's short flags.
+    """
+    hints = typing.get_type_hints(cls)
+    parser = argparse.ArgumentParser(prog=prog, description=description or (cls.__doc__ or "").strip(),
+                                     allow_abbrev=False, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    extra = {}
+    for short, name in (aliases or {}).items():
+        extra.setdefault(name, []).append(short)
+    for f in dataclasses.fields(cls):
+        if not f.init:
+            continue
+        names = [f"--{f.name.replace('_', '-')}"]
+        if "_" in f.name:
+            names.append(f"--{f.name}")
+        names = extra.get(f.name, []) + names
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        kwargs: dict[str, Any] = dict(dest=f.name, type=_converter(hints[f.name]), default=default,
+                                      help=f.metadata.get("help", " "), required=required)
+        if _unwrap_optional(hints[f.name])[0] is bool:
+            kwargs.update(nargs="?", const=True)  # `--flag` alone means true
+        parser.add_argument(*names, **kwargs)
+    args = parser.parse_args(argv)
+    try:
+        return cls(**vars(args))
+    except (ValueError, TypeError) as e:
+        parser.exit(2, f"{parser.prog}: error: {e}\n")
+
+
+def config_to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def print_config(cfg: Any, file=None) -> None:
+    """Print the resolved config as one JSON block, so every run's settings are in its log."""
+    from nanochat_jax.common import print0
+
+    print0(f"{type(cfg).__name__} " + json.dumps(config_to_dict(cfg), indent=2, sort_keys=False), file=file or sys.stdout)
