@@ -1,0 +1,445 @@
+"""BPE tokenizer: train with rustbpe, run with tiktoken, render chat conversations to ids + loss masks.
+
+Training (`train_tokenizer`) learns GPT-4-style byte-level BPE merges with the `rustbpe` package; the merges
+become a `tiktoken.Encoding` with nanochat's 9 special tokens appended at the top of the vocab.
+`Tokenizer` wraps that Encoding. Ordinary text is always encoded with `encode_ordinary`, so a user typing
+"<|bos|>" gets the literal characters, never the control token.
+
+On disk (default `<base dir>/tokenizer/`), no pickle:
+  tokenizer.tiktoken  one "base64(token bytes) rank" line per mergeable token (tiktoken's own format)
+  tokenizer.json      {"name", "pattern", "special_tokens": {name: id}, "vocab_size"}
+  token_bytes.npy     int32[vocab_size]: raw UTF-8 byte length of each token, 0 for special tokens. Summing it
+                      over a text's ids gives the text's byte count, which is what bits-per-byte divides by.
+"""
+
+from __future__ import annotations
+
+import base64
+import copy
+import json
+import os
+import warnings
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+import numpy as np
+
+from nanochat_jax.common import atomic_write, get_base_dir
+
+# GPT-4's split regex, except numbers split into runs of at most 2 digits (nanochat found {1,2} best at 32K vocab).
+SPLIT_PATTERN = (
+    r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""
+)
+
+# Ids run vocab_size-9 .. vocab_size-1 in this order.
+SPECIAL_TOKENS = [
+    "<|bos|>",  # starts every document; documents are delimited by it
+    "<|user_start|>",
+    "<|user_end|>",
+    "<|assistant_start|>",
+    "<|assistant_end|>",
+    "<|python_start|>",  # assistant calls the python tool
+    "<|python_end|>",
+    "<|output_start|>",  # tool output, written by the engine, not the model
+    "<|output_end|>",
+]
+
+MIN_VOCAB_SIZE = 256 + len(SPECIAL_TOKENS)  # the 256 single bytes must fit, plus the specials
+
+TOKENIZER_DIRNAME = "tokenizer"
+RANKS_FILE = "tokenizer.tiktoken"
+META_FILE = "tokenizer.json"
+TOKEN_BYTES_FILE = "token_bytes.npy"
+
+PRETRAINED = {"gpt2": "<|endoftext|>", "cl100k_base": "<|endoftext|>"}  # name -> BOS token
+
+
+def default_tokenizer_dir() -> Path:
+    return get_base_dir() / TOKENIZER_DIRNAME
+
+
+# ----------------------------------------------------------------------------------------------
+# Training
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int, pattern: str = SPLIT_PATTERN,
+                    name: str = "rustbpe") -> "Tokenizer":
+    """Learn BPE merges on `texts`; `vocab_size` includes the 9 special tokens (BPE gets vocab_size - 9)."""
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, (int, np.integer)):
+        raise TypeError(f"vocab_size must be an int, got {vocab_size!r}")
+    if vocab_size < MIN_VOCAB_SIZE:
+        # Checked here: rustbpe panics (a BaseException that `except Exception` misses) on a too-small vocab.
+        raise ValueError(f"vocab_size={vocab_size} is too small: it must be at least 256 byte tokens + "
+                         f"{len(SPECIAL_TOKENS)} special tokens = {MIN_VOCAB_SIZE}")
+    import rustbpe
+    import tiktoken
+
+    n_chars = 0
+
+    def checked(it: Iterable[str]) -> Iterator[str]:
+        nonlocal n_chars
+        for i, text in enumerate(it):
+            if not isinstance(text, str):
+                raise TypeError(f"training text #{i} is a {type(text).__name__}, expected str")
+            n_chars += len(text)
+            yield text
+
+    bpe = rustbpe.Tokenizer()
+    try:
+        bpe.train_from_iterator(checked(texts), vocab_size=int(vocab_size) - len(SPECIAL_TOKENS), pattern=pattern)
+    except BaseException as e:
+        if type(e).__name__ == "PanicException":  # turn a Rust panic into an ordinary, catchable error
+            raise RuntimeError(f"rustbpe training failed: {e}") from e
+        raise
+    if n_chars == 0:
+        raise ValueError("no training text: the iterator yielded no characters")
+    ranks = {bytes(token): rank for token, rank in bpe.get_mergeable_ranks()}
+    n_bpe = vocab_size - len(SPECIAL_TOKENS)
+    if len(ranks) < n_bpe:
+        warnings.warn(f"the corpus only supported {len(ranks) - 256} merges, so the vocab is "
+                      f"{len(ranks) + len(SPECIAL_TOKENS)} instead of {vocab_size}; use more text for the full vocab")
+    enc = tiktoken.Encoding(name=name, pat_str=bpe.get_pattern(), mergeable_ranks=ranks,
+                            special_tokens={s: len(ranks) + i for i, s in enumerate(SPECIAL_TOKENS)})
+    return Tokenizer(enc, mergeable_ranks=ranks)
+
+
+def iter_training_texts(files: Sequence[str | os.PathLike], max_chars: int, doc_cap: int,
+                        stats: dict | None = None) -> Iterator[str]:
+    """Documents of `files` in order, each cropped to `doc_cap` chars, stopping once the total exceeds max_chars.
+
+    The document that crosses max_chars is still yielded. `stats` (if given) gets "chars" and "docs" counts.
+    """
+    from nanochat_jax.dataset import iter_texts
+
+    stats = stats if stats is not None else {}
+    stats["chars"], stats["docs"] = 0, 0
+    for text in iter_texts(files):
+        text = text[:doc_cap]
+        stats["chars"] += len(text)
+        stats["docs"] += 1
+        yield text
+        if stats["chars"] > max_chars:
+            return
+
+
+def token_bytes_stats(token_bytes: np.ndarray) -> dict:
+    """mean/std/max byte length over the non-special tokens (those with a nonzero length)."""
+    tb = np.asarray(token_bytes)[np.asarray(token_bytes) > 0]
+    return {"mean": float(tb.mean()), "std": float(tb.std()), "max": int(tb.max()), "count": int(tb.size)}
+
+
+# ----------------------------------------------------------------------------------------------
+# Tokenizer
+
+class Tokenizer:
+    """A tiktoken Encoding plus nanochat's conventions: BOS id, special tokens by name, chat rendering."""
+
+    def __init__(self, enc, bos_token: str = "<|bos|>", mergeable_ranks: dict[bytes, int] | None = None):
+        self.enc = enc
+        self._ranks = mergeable_ranks  # kept for save(); tiktoken does not expose them publicly
+        specials = enc.special_tokens_set
+        if bos_token not in specials:
+            raise ValueError(f"BOS token {bos_token!r} is not a special token of encoding {enc.name!r}")
+        self.bos_token = bos_token
+        self.special_tokens = {s: enc.encode_single_token(s) for s in sorted(specials, key=enc.encode_single_token)}
+        self.bos_id = self.special_tokens[bos_token]
+        self._token_bytes = None
+
+    def __repr__(self) -> str:
+        return f"Tokenizer(name={self.enc.name!r}, vocab_size={self.vocab_size})"
+
+    @property
+    def vocab_size(self) -> int:
+        return self.enc.n_vocab
+
+    @property
+    def name(self) -> str:
+        return self.enc.name
+
+    def encode_special(self, name: str) -> int:
+        try:
+            return self.special_tokens[name]
+        except KeyError:
+            raise ValueError(f"{name!r} is not a special token of {self.name!r}; "
+                             f"known: {list(self.special_tokens)}") from None
+
+    def _as_id(self, tok: int | str) -> int:
+        if isinstance(tok, str):
+            return self.encode_special(tok)
+        if isinstance(tok, (int, np.integer)) and not isinstance(tok, bool) and 0 <= tok < self.vocab_size:
+            return int(tok)
+        raise ValueError(f"prepend/append must be a special token name or an id in [0, {self.vocab_size}), "
+                         f"got {tok!r}")
+
+    def encode(self, text: str | Sequence[str], prepend: int | str | None = None, append: int | str | None = None,
+               num_threads: int = 8) -> list[int] | list[list[int]]:
+        """Ids of `text` (or a list of ids per string for a list). Special tokens are never parsed from text."""
+        pre = None if prepend is None else self._as_id(prepend)
+        post = None if append is None else self._as_id(append)
+        if isinstance(text, str):
+            ids = self.enc.encode_ordinary(text)
+            if pre is not None:
+                ids.insert(0, pre)
+            if post is not None:
+                ids.append(post)
+            return ids
+        if isinstance(text, (list, tuple)):
+            for i, t in enumerate(text):
+                if not isinstance(t, str):
+                    raise TypeError(f"encode: item {i} is a {type(t).__name__}, expected str")
+            rows = self.enc.encode_ordinary_batch(list(text), num_threads=num_threads)
+            if pre is not None:
+                rows = [[pre] + row for row in rows]
+            if post is not None:
+                for row in rows:
+                    row.append(post)
+            return rows
+        raise TypeError(f"encode expects a str or a list of str, got {type(text).__name__}")
+
+    __call__ = encode
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Text of `ids`; special tokens decode to their literal names, invalid UTF-8 to U+FFFD."""
+        if hasattr(ids, "tolist"):  # numpy / jax arrays
+            ids = ids.tolist()
+        return self.enc.decode(list(ids))
+
+    def id_to_token(self, token_id: int) -> str:
+        return self.enc.decode([int(token_id)])
+
+    def id_to_bytes(self, token_id: int) -> bytes:
+        """Raw bytes of one token (a special token gives its name's bytes)."""
+        return self.enc.decode_single_token_bytes(int(token_id))
+
+    def _bytes_or_empty(self, token_id: int) -> bytes:
+        try:
+            return self.enc.decode_single_token_bytes(token_id)
+        except KeyError:  # unused ids, e.g. the gaps below cl100k_base's special tokens
+            return b""
+
+    def token_bytes(self) -> np.ndarray:
+        """int32[vocab_size]: raw byte length per id, 0 for special tokens (the bits-per-byte denominator)."""
+        if self._token_bytes is None:
+            special_ids = set(self.special_tokens.values())
+            tb = np.zeros(self.vocab_size, dtype=np.int32)
+            for i in range(self.vocab_size):
+                if i not in special_ids:
+                    tb[i] = len(self._bytes_or_empty(i))
+            self._token_bytes = tb
+        return self._token_bytes
+
+    # -- storage -----------------------------------------------------------------------------------
+
+    def mergeable_ranks(self) -> dict[bytes, int]:
+        if self._ranks is None:  # e.g. a pretrained encoding: rebuild from the non-special ids
+            special_ids = set(self.special_tokens.values())
+            self._ranks = {self._bytes_or_empty(i): i for i in range(self.vocab_size) if i not in special_ids}
+            self._ranks.pop(b"", None)
+        return self._ranks
+
+    def save(self, directory: str | os.PathLike | None = None) -> dict[str, Path]:
+        """Write tokenizer.tiktoken, tokenizer.json and token_bytes.npy (each atomically); return their paths."""
+        directory = Path(directory) if directory is not None else default_tokenizer_dir()
+        directory.mkdir(parents=True, exist_ok=True)
+        paths = {"ranks": directory / RANKS_FILE, "meta": directory / META_FILE,
+                 "token_bytes": directory / TOKEN_BYTES_FILE}
+        with atomic_write(paths["ranks"], "wb") as f:
+            for token, rank in sorted(self.mergeable_ranks().items(), key=lambda kv: kv[1]):
+                f.write(base64.b64encode(token) + b" " + str(rank).encode() + b"\n")
+        with atomic_write(paths["token_bytes"], "wb") as f:
+            np.save(f, self.token_bytes(), allow_pickle=False)
+        meta = {"name": self.name, "pattern": self.enc._pat_str, "special_tokens": self.special_tokens,
+                "bos_token": self.bos_token, "vocab_size": self.vocab_size}
+        with atomic_write(paths["meta"], "w") as f:  # written last: its presence marks a complete save
+            json.dump(meta, f, indent=2)  # ASCII-only: no locale dependence
+            f.write("\n")
+        return paths
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike | None = None) -> "Tokenizer":
+        import tiktoken
+
+        directory = Path(directory) if directory is not None else default_tokenizer_dir()
+        meta_path, ranks_path = directory / META_FILE, directory / RANKS_FILE
+        for p in (meta_path, ranks_path):
+            if not p.is_file():
+                raise FileNotFoundError(f"no tokenizer at {str(directory)!r} ({p.name} missing); "
+                                        f"run scripts/tok_train.py first (or pass the right --tokenizer-dir)")
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        ranks = {}
+        for lineno, line in enumerate(ranks_path.read_bytes().splitlines(), 1):
+            if not line:
+                continue
+            try:
+                token_b64, rank = line.split()
+                ranks[base64.b64decode(token_b64, validate=True)] = int(rank)
+            except ValueError as e:
+                raise ValueError(f"{ranks_path}:{lineno}: corrupt line {line[:80]!r} ({e})") from None
+        if sorted(ranks.values()) != list(range(len(ranks))):
+            raise ValueError(f"{ranks_path}: ranks are not 0..{len(ranks) - 1} without gaps; the file is corrupt")
+        specials = {str(k): int(v) for k, v in meta["special_tokens"].items()}
+        enc = tiktoken.Encoding(name=meta.get("name", "rustbpe"), pat_str=meta["pattern"], mergeable_ranks=ranks,
+                                special_tokens=specials)
+        if enc.n_vocab != meta["vocab_size"]:
+            raise ValueError(f"{meta_path}: vocab_size {meta['vocab_size']} but the files define {enc.n_vocab} tokens")
+        return cls(enc, bos_token=meta.get("bos_token", "<|bos|>"), mergeable_ranks=ranks)
+
+    @classmethod
+    def from_pretrained(cls, name: str) -> "Tokenizer":
+        """OpenAI's "gpt2" or "cl100k_base" (BOS = <|endoftext|>). Needs the internet or $TIKTOKEN_CACHE_DIR."""
+        import tiktoken
+
+        if name not in PRETRAINED:
+            raise ValueError(f"unknown pretrained tokenizer {name!r}; choose one of {sorted(PRETRAINED)}")
+        try:
+            enc = tiktoken.get_encoding(name)
+        except Exception as e:
+            raise RuntimeError(f"tiktoken encoding {name!r} is unreachable: it must be downloaded from OpenAI's "
+                               f"servers or found in $TIKTOKEN_CACHE_DIR ({type(e).__name__}: {str(e)[:200]})") from e
+        return cls(enc, bos_token=PRETRAINED[name])
+
+    # -- chat rendering ----------------------------------------------------------------------------
+
+    def render_conversation(self, conversation: dict, max_tokens: int = 2048) -> tuple[list[int], list[int]]:
+        """Token ids of a chat and a same-length mask: 1 where the assistant's tokens are trained on, else 0.
+
+        <|bos|>, then per turn: user  <|user_start|> text <|user_end|>            (all mask 0)
+                                 assistant <|assistant_start|>(0) content(1) <|assistant_end|>(1)
+        Assistant content is a string or a list of parts: text (1), python wrapped in
+        <|python_start|>..<|python_end|> (1), python_output in <|output_start|>..<|output_end|> (0: the tool
+        wrote it, the model should not learn to predict it). A leading system message is merged into the first
+        user message. The result is cut to max_tokens.
+        """
+        if isinstance(max_tokens, bool) or not isinstance(max_tokens, (int, np.integer)) or max_tokens < 1:
+            raise ValueError(f"max_tokens must be a positive int, got {max_tokens!r}")
+        messages = _normalized_messages(conversation)
+        ids: list[int] = []
+        mask: list[int] = []
+
+        def add(tokens: int | list[int], m: int) -> None:
+            tokens = [tokens] if isinstance(tokens, int) else tokens
+            ids.extend(tokens)
+            mask.extend([m] * len(tokens))
+
+        sp = self.encode_special
+        add(self.bos_id, 0)
+        for index, role, content in messages:
+            if role == "user":
+                add(sp("<|user_start|>"), 0)
+                add(self.encode(content), 0)
+                add(sp("<|user_end|>"), 0)
+                continue
+            add(sp("<|assistant_start|>"), 0)
+            if isinstance(content, str):
+                add(self.encode(content), 1)
+            else:
+                for part in content:
+                    kind, text = part["type"], part["text"]
+                    if kind == "text":
+                        add(self.encode(text), 1)
+                    elif kind == "python":
+                        add(sp("<|python_start|>"), 1)
+                        add(self.encode(text), 1)
+                        add(sp("<|python_end|>"), 1)
+                    else:  # python_output
+                        add(sp("<|output_start|>"), 0)
+                        add(self.encode(text), 0)
+                        add(sp("<|output_end|>"), 0)
+            add(sp("<|assistant_end|>"), 1)
+        return ids[:max_tokens], mask[:max_tokens]
+
+    def render_for_completion(self, conversation: dict, max_tokens: int = 2048) -> list[int]:
+        """Prompt ids for sampling the last assistant reply: drop that reply, render, append <|assistant_start|>."""
+        _normalized_messages(conversation)  # the dropped reply must be well-formed too
+        messages = conversation["messages"]
+        last = messages[-1]
+        if not isinstance(last, dict) or last.get("role") != "assistant":
+            role = last.get("role") if isinstance(last, dict) else type(last).__name__
+            raise ValueError(f"render_for_completion: the last message (index {len(messages) - 1}) must be from the "
+                             f"assistant (it is the reply to be completed), got role {role!r}")
+        conversation = {**conversation, "messages": copy.deepcopy(messages[:-1])}
+        ids, _ = self.render_conversation(conversation, max_tokens=max_tokens)
+        ids.append(self.encode_special("<|assistant_start|>"))
+        return ids
+
+    def visualize(self, ids: Sequence[int], mask: Sequence[int] | None = None) -> str:
+        """Debug view: tokens joined by '|', trained-on tokens (mask 1) in green, the rest in grey."""
+        green, grey, reset = "\033[92m", "\033[90m", "\033[0m"
+        out = []
+        for i, token_id in enumerate(ids):
+            color = green if (mask is not None and mask[i]) else grey
+            out.append(f"{color}{self.id_to_token(token_id)}{reset}")
+        return "|".join(out)
+
+
+# ----------------------------------------------------------------------------------------------
+# Conversation validation (shared by render_conversation and render_for_completion)
+
+_PART_TYPES = ("text", "python", "python_output")
+
+
+def _check_has_messages(conversation) -> None:
+    if not isinstance(conversation, dict):
+        raise ValueError(f"conversation must be a dict with a 'messages' list, got {type(conversation).__name__}")
+    if "messages" not in conversation:
+        raise ValueError(f"conversation has no 'messages' key (keys: {sorted(conversation)})")
+    messages = conversation["messages"]
+    if not isinstance(messages, list):
+        raise ValueError(f"conversation['messages'] must be a list, got {type(messages).__name__}")
+    if not messages:
+        raise ValueError("conversation['messages'] is empty")
+
+
+def _normalized_messages(conversation) -> list[tuple[int, str, str | list]]:
+    """Validated (original index, role, content) triples with a leading system message merged into the user one."""
+    _check_has_messages(conversation)
+    messages = conversation["messages"]
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            raise ValueError(f"message {i} must be a dict with 'role' and 'content', got {m!r:.100}")
+    out = [(i, m["role"], m["content"]) for i, m in enumerate(messages)]
+    if out[0][1] == "system":
+        if not isinstance(out[0][2], str):
+            raise ValueError(f"message 0: system content must be a str, got {type(out[0][2]).__name__}")
+        if len(out) < 2 or out[1][1] != "user" or not isinstance(out[1][2], str):
+            raise ValueError("message 1: a system message must be followed by a user message with str content")
+        out = [(1, "user", out[0][2] + "\n\n" + out[1][2])] + out[2:]
+    for turn, (i, role, content) in enumerate(out):
+        expected = "user" if turn % 2 == 0 else "assistant"
+        if role != expected:
+            raise ValueError(f"message {i}: expected role {expected!r} (roles alternate user/assistant, starting "
+                             f"with user; only message 0 may be 'system'), got {role!r}")
+        if role == "user":
+            if not isinstance(content, str):
+                raise ValueError(f"message {i}: user content must be a str, got {type(content).__name__}")
+        elif isinstance(content, list):
+            for j, part in enumerate(content):
+                if not isinstance(part, dict) or part.get("type") not in _PART_TYPES:
+                    raise ValueError(f"message {i}, part {j}: expected a dict with type in {_PART_TYPES}, "
+                                     f"got {part!r:.100}")
+                if not isinstance(part.get("text"), str):
+                    raise ValueError(f"message {i}, part {j}: 'text' must be a str, got {part.get('text')!r:.100}")
+        elif not isinstance(content, str):
+            raise ValueError(f"message {i}: assistant content must be a str or a list of parts, "
+                             f"got {type(content).__name__}")
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Convenience loaders
+
+def get_tokenizer(directory: str | os.PathLike | None = None) -> Tokenizer:
+    """The trained tokenizer in `directory` (default <base dir>/tokenizer)."""
+    return Tokenizer.load(directory)
+
+
+def get_token_bytes(directory: str | os.PathLike | None = None) -> np.ndarray:
+    """int32[vocab_size] byte length per token id (0 for specials), for bits-per-byte."""
+    directory = Path(directory) if directory is not None else default_tokenizer_dir()
+    path = directory / TOKEN_BYTES_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"no {TOKEN_BYTES_FILE} in {str(directory)!r}; run scripts/tok_train.py first "
+                                f"(or pass the right --tokenizer-dir)")
+    token_bytes = np.load(path, allow_pickle=False)
+    if token_bytes.ndim != 1 or token_bytes.dtype != np.int32:
+        raise ValueError(f"{path}: expected a 1-D int32 array, got {token_bytes.dtype}{list(token_bytes.shape)}")
+    return token_bytes

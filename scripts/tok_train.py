@@ -1,0 +1,64 @@
+"""Train the BPE tokenizer on the first ~2B characters of the train shards and save it.
+
+    python scripts/tok_train.py                                   # nanochat defaults: 2B chars, 32768 vocab
+    python scripts/tok_train.py --vocab-size=4096 --max-chars=20_000_000 --data-dir=/path/to/parquet
+
+Writes tokenizer.tiktoken, tokenizer.json and token_bytes.npy to --tokenizer-dir (default <base dir>/tokenizer).
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+
+from nanochat_jax import dataset
+from nanochat_jax.common import Timer, print0
+from nanochat_jax.config import parse_flags, print_config
+from nanochat_jax.tokenizer import (MIN_VOCAB_SIZE, default_tokenizer_dir, iter_training_texts, token_bytes_stats,
+                                    train_tokenizer)
+
+
+@dataclass(frozen=True)
+class TokTrainConfig:
+    """Train the BPE tokenizer on the train shards."""
+    max_chars: int = field(default=2_000_000_000, metadata={"help": "stop after this many training characters"})
+    doc_cap: int = field(default=10_000, metadata={"help": "use at most this many characters of each document"})
+    vocab_size: int = field(default=32768, metadata={"help": "vocab size including the 9 special tokens"})
+    data_dir: str | None = field(default=None, metadata={
+        "help": "folder of parquet shards (None: $NANOCHAT_JAX_DATA_DIR or <base dir>/base_data_climbmix)"})
+    tokenizer_dir: str | None = field(default=None, metadata={"help": "output folder (None: <base dir>/tokenizer)"})
+
+    def __post_init__(self):
+        if self.max_chars <= 0 or self.doc_cap <= 0:
+            raise ValueError(f"--max-chars and --doc-cap must be positive, got {self.max_chars} and {self.doc_cap}")
+        if self.vocab_size < MIN_VOCAB_SIZE:
+            raise ValueError(f"--vocab-size must be at least {MIN_VOCAB_SIZE} (256 bytes + 9 specials), "
+                             f"got {self.vocab_size}")
+
+
+def main(argv=None) -> None:
+    cfg = parse_flags(TokTrainConfig, argv)
+    print_config(cfg)
+    data_dir = dataset.resolve_data_dir(cfg.data_dir)
+    train_files = dataset.split_files(dataset.list_parquet_files(data_dir), "train")
+    print0(f"training on {len(train_files)} train shard(s) in {data_dir}")
+
+    stats: dict = {}
+    texts = iter_training_texts(train_files, max_chars=cfg.max_chars, doc_cap=cfg.doc_cap, stats=stats)
+    with Timer() as t:
+        tokenizer = train_tokenizer(texts, cfg.vocab_size)
+    print0(f"chars used: {stats['chars']:,} from {stats['docs']:,} docs")
+    print0(f"training time: {t.seconds:.2f}s")
+    print0(f"vocab size: {tokenizer.vocab_size:,} (bos id {tokenizer.bos_id})")
+
+    out_dir = cfg.tokenizer_dir or default_tokenizer_dir()
+    paths = tokenizer.save(out_dir)
+    for kind, path in paths.items():
+        print0(f"saved {kind}: {path}")
+    tb = token_bytes_stats(tokenizer.token_bytes())
+    print0(f"token_bytes over {tb['count']:,} non-special tokens: mean {tb['mean']:.4f}, std {tb['std']:.4f}, "
+           f"max {tb['max']}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
