@@ -1,0 +1,231 @@
+"""Pretraining batches: parquet row groups → tokens → BOS-aligned best-fit packing → (B, T) inputs/targets.
+
+Pipeline (each stage an iterator with a JSON-able `get_state()` / `set_state()`):
+
+    RowGroupTokenizer   row groups of this process (strided over processes), tokenized with BOS prepended
+      → grain ThreadPrefetchDatasetIterator   (tokenizes ahead in a background thread)
+    BestFitPacker       rows of T+1 tokens: every row starts with BOS; repeatedly take the largest whole doc that
+                        fits, and when none fits crop the shortest doc to fill the row (nanochat HEAD's packing:
+                        no padding, ~35% of tokens cropped at T=2048)
+      → grain ThreadPrefetchDatasetIterator   (packs ahead while the device trains)
+
+Resume is exact: the packer's state holds the upstream position plus the ids (file, row group, row) of the docs
+still waiting in its buffer, which are re-read and re-tokenized on restore, so a loader restored from the state
+taken after k batches yields the same batch k+1, bit for bit. (grain's own packers pad or split rows rather
+than nanochat's crop-the-shortest best fit, so the packer is ours; grain provides the checkpointable prefetch.)
+
+Only numpy, pyarrow and grain here: no JAX, so it can run anywhere (the caller puts batches on devices).
+"""
+
+from __future__ import annotations
+
+import bisect
+import gc
+import os
+from pathlib import Path
+from typing import Iterator, Protocol, Sequence
+
+import numpy as np
+
+from nanochat_jax.dataset import list_parquet_files, resolve_data_dir, split_files
+
+
+class TextTokenizer(Protocol):
+    bos_id: int
+
+    def encode(self, text, prepend=None, append=None, num_threads: int = 8): ...
+
+
+def row_group_plan(files: Sequence[Path], process_index: int = 0, process_count: int = 1) -> list[tuple[int, int]]:
+    """(file index, row group) pairs this process reads, in order: in each file, row groups p, p+W, p+2W, ..."""
+    import pyarrow.parquet as pq
+
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index {process_index} out of range for process_count {process_count}")
+    plan = []
+    for fi, path in enumerate(files):
+        n_rg = pq.ParquetFile(path).metadata.num_row_groups
+        plan.extend((fi, rg) for rg in range(process_index, n_rg, process_count))
+    if not plan:
+        raise ValueError(f"process {process_index} of {process_count} gets no row groups from {len(files)} file(s) "
+                         f"({[str(f) for f in files]}): use fewer processes or more/larger shards")
+    return plan
+
+
+class RowGroupTokenizer:
+    """Yields (file index, row group, [BOS + tokens of each doc]) over the plan, forever (epochs)."""
+
+    def __init__(self, files: Sequence[Path], plan: list[tuple[int, int]], tokenizer: TextTokenizer,
+                 num_threads: int = 4):
+        self.files, self.plan, self.tokenizer, self.num_threads = list(files), plan, tokenizer, num_threads
+        self.epoch, self.index = 0, 0
+        self._open: dict[int, object] = {}
+
+    def read_texts(self, fi: int, rg: int) -> list[str]:
+        import pyarrow.parquet as pq
+
+        if fi not in self._open:
+            self._open = {fi: pq.ParquetFile(self.files[fi])}  # keep one file open at a time
+        return self._open[fi].read_row_group(rg, columns=["text"]).column(0).to_pylist()
+
+    def tokenize(self, texts: list[str]) -> list[np.ndarray]:
+        ids = self.tokenizer.encode(texts, prepend=self.tokenizer.bos_id, num_threads=self.num_threads)
+        return [np.asarray(doc, dtype=np.int32) for doc in ids]
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self.index >= len(self.plan):
+            self.epoch, self.index = self.epoch + 1, 0
+        fi, rg = self.plan[self.index]
+        self.index += 1
+        return fi, rg, self.tokenize(self.read_texts(fi, rg))
+
+    def get_state(self) -> dict:
+        return {"epoch": self.epoch, "index": self.index}
+
+    def set_state(self, state: dict) -> None:
+        self.epoch, self.index = int(state["epoch"]), int(state["index"])
+
+
+class BestFitPacker:
+    """Packs docs from `source` into (B, T+1) rows; see the module docstring for the rule."""
+
+    def __init__(self, source, reader: RowGroupTokenizer, batch_size: int, seq_len: int, buffer_docs: int = 1000):
+        self.source, self.reader = source, reader
+        self.B, self.T, self.buffer_docs = batch_size, seq_len, buffer_docs
+        self.bos_id = reader.tokenizer.bos_id
+        # The buffer: docs keyed by arrival number; `keys` holds (length, arrival) sorted for best-fit lookups.
+        self.docs: dict[int, tuple[np.ndarray, tuple[int, int, int]]] = {}
+        self.keys: list[tuple[int, int]] = []
+        self.arrivals = 0
+        self.tokens_packed = self.tokens_cropped = 0  # statistics for logs and benchmarks (not part of the state)
+        self.last_position = (0, 0)  # (file index, row group) of the newest row group pulled, for logging
+
+    def _add(self, doc: np.ndarray, doc_id: tuple[int, int, int]) -> None:
+        self.docs[self.arrivals] = (doc, doc_id)
+        bisect.insort(self.keys, (len(doc), self.arrivals))
+        self.arrivals += 1
+
+    def _pop(self, pos: int) -> np.ndarray:
+        _, arrival = self.keys.pop(pos)
+        return self.docs.pop(arrival)[0]
+
+    def _refill(self) -> None:
+        while len(self.keys) < self.buffer_docs:
+            fi, rg, docs = next(self.source)
+            self.last_position = (fi, rg)
+            for row, doc in enumerate(docs):
+                self._add(doc, (fi, rg, row))
+
+    def _fill_row(self, row: np.ndarray) -> None:
+        filled, cap = 0, len(row)
+        while filled < cap:
+            self._refill()
+            remaining = cap - filled
+            # largest doc with length <= remaining (ties: the newest arrival)
+            pos = bisect.bisect_right(self.keys, (remaining, float("inf"))) - 1
+            if pos >= 0:
+                doc = self._pop(pos)
+            else:  # nothing fits whole: crop the shortest doc to the space left
+                doc = self._pop(0)
+                self.tokens_cropped += len(doc) - remaining
+                doc = doc[:remaining]
+            row[filled:filled + len(doc)] = doc
+            filled += len(doc)
+        self.tokens_packed += cap
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        rows = np.empty((self.B, self.T + 1), dtype=np.int32)
+        for b in range(self.B):
+            self._fill_row(rows[b])
+        return {"inputs": rows[:, :-1], "targets": rows[:, 1:]}
+
+    def get_state(self) -> dict:
+        buffered = [list(self.docs[arrival][1]) for arrival in sorted(self.docs)]
+        return {"source": self.source.get_state(), "buffer": buffered, "last_position": list(self.last_position)}
+
+    def set_state(self, state: dict) -> None:
+        self.source.set_state(state["source"])
+        self.docs, self.keys, self.arrivals = {}, [], 0
+        self.last_position = tuple(state.get("last_position", (0, 0)))
+        # Re-read and re-tokenize the buffered docs, grouped by row group, in their original arrival order.
+        ids = [tuple(x) for x in state["buffer"]]
+        by_rg: dict[tuple[int, int], list[int]] = {}
+        for fi, rg, row in ids:
+            by_rg.setdefault((fi, rg), []).append(row)
+        tokens: dict[tuple[int, int, int], np.ndarray] = {}
+        for (fi, rg), rows in by_rg.items():
+            texts = self.reader.read_texts(fi, rg)
+            for row, doc in zip(rows, self.reader.tokenize([texts[r] for r in rows])):
+                tokens[(fi, rg, row)] = doc
+        for doc_id in ids:
+            self._add(tokens[doc_id], doc_id)
+
+
+class DataLoader:
+    """Iterator of {"inputs", "targets"} int32 (B, T) numpy batches with exact, JSON-able state.
+
+    B is this process's batch (the global batch is B × process_count). Use `get_state()` after consuming a batch
+    and `DataLoader(..., state=s)` (or `set_state(s)`) to continue from exactly there.
+    """
+
+    def __init__(self, tokenizer: TextTokenizer, batch_size: int, seq_len: int, split: str = "train", *,
+                 data_dir: str | os.PathLike | None = None, files: Sequence[str | os.PathLike] | None = None,
+                 process_index: int = 0, process_count: int = 1, buffer_docs: int = 1000,
+                 tokenizer_threads: int = 4, prefetch: int = 2, state: dict | None = None):
+        import grain.experimental as gexp
+
+        if batch_size < 1 or seq_len < 1:
+            raise ValueError(f"batch_size and seq_len must be >= 1, got {batch_size} and {seq_len}")
+        if files is None:
+            files = split_files(list_parquet_files(resolve_data_dir(data_dir)), split)
+        self.files = [Path(f) for f in files]
+        self.split = split
+        plan = row_group_plan(self.files, process_index, process_count)
+        self.reader = RowGroupTokenizer(self.files, plan, tokenizer, num_threads=tokenizer_threads)
+        source = gexp.ThreadPrefetchDatasetIterator(self.reader, max(prefetch, 1))
+        self.packer = BestFitPacker(source, self.reader, batch_size, seq_len, buffer_docs)
+        self._it = gexp.ThreadPrefetchDatasetIterator(self.packer, prefetch) if prefetch > 0 else self.packer
+        # closed in this order: outer first, so its producer is never left waiting on a stopped inner queue
+        self._threads = ([self._it] if prefetch > 0 else []) + [source]
+        if state is not None:
+            self.set_state(state)
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        return next(self._it)
+
+    def get_state(self) -> dict:
+        return {"files": [f.name for f in self.files], "split": self.split, "packer": self._it.get_state()}
+
+    def set_state(self, state: dict) -> None:
+        names = [f.name for f in self.files]
+        if state.get("files") != names:
+            raise ValueError(f"loader state was saved over files {state.get('files')} but this loader reads {names}: "
+                             f"resume with the same --data-dir (and shard set) as the original run")
+        self._it.set_state(state["packer"])
+
+    @property
+    def epoch(self) -> int:
+        return int(self.get_state()["packer"]["source"]["epoch"])
+
+    def close(self) -> None:
+        """Stop the prefetch threads. Also frees them now: grain iterators left for interpreter shutdown print noise."""
+        for it in self._threads:
+            it.close()
+        self._threads, self._it, self.packer = [], None, None
+        gc.collect()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
