@@ -1,0 +1,498 @@
+"""Optimizer: Muon (Polar Express + NorMuon + cautious WD) for matrices, AdamW for the rest, as one optax chain.
+
+Mirrors nanochat HEAD `nanochat/optim.py` + `gpt.py:setup_optimizer` + the schedules and scaling rules of
+`scripts/base_train.py` (see docs/nanochat_reference.md §5):
+
+- `PARAM_GROUP_RULES` is the one table mapping parameter paths ("blocks/attn/wq", "wte", ...) to groups;
+  `group_settings(cfg)` gives each group its lr/betas/eps/wd; `param_groups(params)` labels a tree.
+- `muon(...)` and `adamw(...)` are optax GradientTransformations that read their lr multiplier, momentum and
+  weight decay from schedules of their own step count, so a jitted train step needs no host-side updates.
+- `build_optimizer(params, cfg)` = `optax.partition` of those over the labels. Apply with `optax.apply_updates`
+  (it adds in fp32 and casts back to each param's dtype, which is how bf16 embeddings get written back).
+- Scaling rules (pure Python): `auto_batch_size`, `batch_lr_scale`, `scaled_weight_decay`, `horizon`.
+
+Layout: our weights are (in, out), the transpose of PyTorch's (out, in). The reference's formulas talk about
+"rows" (= out) and "cols" (= in); below `out = shape[-1]`, `in = shape[-2]`, and every choice (wide/tall form,
+row equalisation axis, NorMuon reduction axis, lr aspect factor) is made so that our update equals the
+reference's update transposed. Stacked leading axes (layers, value-embedding index) are batch axes: every
+reduction is over the last two axes only and the matmuls are batched, so each matrix is handled on its own.
+
+Our own Muon, because optax.contrib.muon has no NorMuon, MuonEq/Muon+ or cautious weight decay (and it
+bias-corrects its momentum and normalises by ‖X‖+eps rather than Polar Express's ‖X‖·1.01+1e-6).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import math
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+# ----------------------------------------------------------------------------------------------
+# Config
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    """Optimizer hyperparameters. LRs are the CLI values at the reference batch (2**19 tokens);
+    `batch_lr_scale` (and `init_lr_frac`, used by SFT/RL) multiply them as base_train/chat_sft do."""
+
+    num_iterations: int                  # N: the schedules' horizon
+    model_dim: int                       # C: AdamW lrs of embeddings/lm_head scale by (C/768)^-0.5
+    matrix_lr: float = 0.02              # Muon
+    embedding_lr: float = 0.3            # wte (value_embeds get half)
+    unembedding_lr: float = 0.008        # lm_head
+    scalar_lr: float = 0.5               # x0_lambdas (resid_lambdas get 0.01x)
+    weight_decay: float = 0.28           # Muon WD at the reference batch/horizon (the CLI flag)
+    weight_decay_scaled: float | None = None  # Muon WD actually used (see scaled_weight_decay); None = weight_decay
+    batch_lr_scale: float = 1.0          # sqrt(B / 2**19), see batch_lr_scale()
+    init_lr_frac: float = 1.0            # multiplies every group's lr (chat_sft 0.8, chat_rl 0.05)
+    warmup_steps: int = 40
+    warmdown_ratio: float = 0.65
+    final_lr_frac: float = 0.05
+    # Muon momentum: start -> peak over warmup steps, peak, then peak -> final during the LR warmdown.
+    muon_momentum_start: float = 0.85
+    muon_momentum_peak: float = 0.97
+    muon_momentum_warmup_steps: int = 400
+    muon_momentum_final: float = 0.90
+    muon_beta2: float = 0.9              # NorMuon second-moment decay
+    muon_ns_steps: int = 5
+    muon_classic: bool = False           # OCT Muon: quintic Newton-Schulz, no MuonEq/Muon+/NorMuon/WD
+    muon_eq: bool = True                 # MuonEq row equalisation before orthogonalisation (HEAD)
+    muon_plus: bool = True               # Muon+ Frobenius renormalisation after it (HEAD)
+    muon_ortho_dtype: str = "bfloat16"   # orthogonaliser dtype; "float32" (HIGHEST precision) for tests
+    adamw_state_fp32: bool = False       # False: moments stored in the param dtype (bf16 for wte/VE) as HEAD does
+
+    def __post_init__(self):
+        def need(cond: bool, msg: str):
+            if not cond:
+                raise ValueError(f"OptimConfig: {msg}")
+
+        need(self.num_iterations > 0,
+             f"num_iterations must be > 0, got {self.num_iterations} (compute it with horizon())")
+        need(self.model_dim > 0, f"model_dim must be > 0, got {self.model_dim}")
+        for name in ("matrix_lr", "embedding_lr", "unembedding_lr", "scalar_lr", "weight_decay", "batch_lr_scale",
+                     "init_lr_frac"):
+            need(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
+        need(self.weight_decay_scaled is None or self.weight_decay_scaled >= 0,
+             f"weight_decay_scaled must be >= 0 or None, got {self.weight_decay_scaled}")
+        need(self.warmup_steps >= 0, f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        need(0.0 <= self.warmdown_ratio <= 1.0, f"warmdown_ratio must be in [0, 1], got {self.warmdown_ratio}")
+        need(0.0 <= self.final_lr_frac <= 1.0, f"final_lr_frac must be in [0, 1], got {self.final_lr_frac}")
+        for name in ("muon_momentum_start", "muon_momentum_peak", "muon_momentum_final", "muon_beta2"):
+            need(0.0 <= getattr(self, name) < 1.0, f"{name} must be in [0, 1), got {getattr(self, name)}")
+        need(self.muon_momentum_warmup_steps >= 0, "muon_momentum_warmup_steps must be >= 0")
+        max_steps = 10**6 if self.muon_classic else len(POLAR_EXPRESS_COEFFS)
+        need(1 <= self.muon_ns_steps <= max_steps,
+             f"muon_ns_steps must be in [1, {max_steps}] (Polar Express has {len(POLAR_EXPRESS_COEFFS)} tuned "
+             f"coefficient sets), got {self.muon_ns_steps}")
+        need(self.muon_ortho_dtype in ("bfloat16", "float32"),
+             f"muon_ortho_dtype must be 'bfloat16' or 'float32', got {self.muon_ortho_dtype!r}")
+
+    @property
+    def effective_weight_decay(self) -> float:
+        return self.weight_decay if self.weight_decay_scaled is None else self.weight_decay_scaled
+
+
+# ----------------------------------------------------------------------------------------------
+# The group table: parameter path -> group (first match wins), and group -> hyperparameters.
+
+# (path glob, group, expected ndim). Globs use fnmatch, where "*" also matches "/".
+PARAM_GROUP_RULES: tuple[tuple[str, str, int], ...] = (
+    ("blocks/*", "muon", 3),             # (L, in, out) block matrices
+    ("ve_gate", "muon", 3),              # (NV, 12, K): in transformer.h in the reference, hence Muon
+    ("lm_head", "lm_head", 2),
+    ("wte", "wte", 2),
+    ("value_embeds", "value_embeds", 3),
+    ("resid_lambdas", "resid_lambdas", 1),
+    ("x0_lambdas", "x0_lambdas", 1),
+    ("smear_gate", "fixed", 2),          # smear/backout scalars: fixed lr 0.2, no dls/bls
+    ("smear_lambda", "fixed", 0),
+    ("backout_lambda", "fixed", 0),
+)
+
+
+class AdamWGroup(NamedTuple):
+    lr: float
+    b1: float
+    b2: float
+    eps: float
+    wd: float
+
+
+class MuonGroup(NamedTuple):
+    lr: float                            # before the per-matrix aspect factor sqrt(max(1, out/in))
+
+
+def group_settings(cfg: OptimConfig) -> dict[str, AdamWGroup | MuonGroup]:
+    """Per-group hyperparameters (reference §5.2) at lr multiplier 1."""
+    dls = (cfg.model_dim / 768) ** -0.5  # AdamW lrs were tuned at d12 (C=768)
+    s = cfg.batch_lr_scale * cfg.init_lr_frac
+    return {
+        "lm_head": AdamWGroup(cfg.unembedding_lr * s * dls, 0.8, 0.96, 1e-10, 0.01),
+        "wte": AdamWGroup(cfg.embedding_lr * s * dls, 0.8, 0.995, 1e-10, 0.001),
+        "value_embeds": AdamWGroup(cfg.embedding_lr * s * dls * 0.5, 0.8, 0.995, 1e-10, 0.01),
+        "resid_lambdas": AdamWGroup(cfg.scalar_lr * s * 0.01, 0.8, 0.95, 1e-10, 0.05),
+        "x0_lambdas": AdamWGroup(cfg.scalar_lr * s, 0.96, 0.95, 1e-10, 0.0),
+        "fixed": AdamWGroup(0.2 * cfg.init_lr_frac, 0.8, 0.95, 1e-10, 0.0),
+        "muon": MuonGroup(cfg.matrix_lr * s),
+    }
+
+
+def path_str(path) -> str:
+    """'blocks/attn/wq' from a jax key path."""
+    parts = []
+    for k in path:
+        if isinstance(k, jax.tree_util.DictKey):
+            parts.append(str(k.key))
+        elif isinstance(k, jax.tree_util.GetAttrKey):
+            parts.append(k.name)
+        elif isinstance(k, jax.tree_util.SequenceKey):
+            parts.append(str(k.idx))
+        else:
+            parts.append(str(k))
+    return "/".join(parts)
+
+
+def group_of(path: str, ndim: int | None = None) -> str:
+    """The optimizer group of one parameter path; ValueError if no rule matches (or the ndim is wrong)."""
+    for pattern, group, want_ndim in PARAM_GROUP_RULES:
+        if fnmatch.fnmatchcase(path, pattern):
+            if ndim is not None and ndim != want_ndim:
+                raise ValueError(f"parameter {path!r} has {ndim} dims but group {group!r} expects {want_ndim} "
+                                 f"(rule {pattern!r} in optim.PARAM_GROUP_RULES); fix the model layout or the rule")
+            return group
+    known = ", ".join(p for p, _, _ in PARAM_GROUP_RULES)
+    raise ValueError(f"parameter {path!r} matches no optimizer group (known: {known}); "
+                     f"add a rule to optim.PARAM_GROUP_RULES")
+
+
+def param_groups(params) -> Any:
+    """Pytree of group labels, same structure as `params` (arrays or ShapeDtypeStructs)."""
+    return jax.tree_util.tree_map_with_path(lambda p, x: group_of(path_str(p), len(x.shape)), params)
+
+
+def muon_lr_factor(shape) -> float:
+    """Reference: max(1, rows/cols)^0.5 on the (out, in) weight; ours is (in, out), so out/in = shape[-1]/shape[-2]."""
+    return max(1.0, shape[-1] / shape[-2]) ** 0.5
+
+
+def param_lrs(params, cfg: OptimConfig) -> Any:
+    """Pytree of each parameter's lr at multiplier 1 (Muon includes the aspect factor). For logging and tests."""
+    settings = group_settings(cfg)
+
+    def lr(path, x):
+        group = group_of(path_str(path), len(x.shape))
+        base = settings[group].lr
+        return base * muon_lr_factor(x.shape) if group == "muon" else base
+
+    return jax.tree_util.tree_map_with_path(lr, params)
+
+
+# ----------------------------------------------------------------------------------------------
+# Schedules: pure functions of the step index `it` (0 for the first update); work on Python ints (for logging)
+# and on traced int arrays (inside the optimizer). N = num_iterations, W = round(warmdown_ratio * N).
+
+
+def _warmdown_steps(cfg: OptimConfig) -> int:
+    return round(cfg.warmdown_ratio * cfg.num_iterations)
+
+
+def lr_multiplier(cfg: OptimConfig, it):
+    """(it+1)/warmup during warmup; 1 until it <= N-W; then linear to final_lr_frac at it = N."""
+    it = jnp.asarray(it, jnp.float32)
+    n, w = cfg.num_iterations, _warmdown_steps(cfg)
+    warm = (it + 1) / max(cfg.warmup_steps, 1)
+    progress = (n - it) / max(w, 1)
+    down = progress + (1 - progress) * cfg.final_lr_frac
+    return jnp.where(it < cfg.warmup_steps, warm, jnp.where(it <= n - w, 1.0, down))
+
+
+def muon_momentum(cfg: OptimConfig, it):
+    """start->peak over the first muon_momentum_warmup_steps (takes precedence), peak, then peak->final from N-W."""
+    it = jnp.asarray(it, jnp.float32)
+    n, w = cfg.num_iterations, _warmdown_steps(cfg)
+    frac = it / max(cfg.muon_momentum_warmup_steps, 1)
+    warm = (1 - frac) * cfg.muon_momentum_start + frac * cfg.muon_momentum_peak
+    progress = (it - (n - w)) / max(w, 1)
+    down = cfg.muon_momentum_peak * (1 - progress) + cfg.muon_momentum_final * progress
+    return jnp.where(it < cfg.muon_momentum_warmup_steps, warm, jnp.where(it >= n - w, down, cfg.muon_momentum_peak))
+
+
+def muon_weight_decay(cfg: OptimConfig, it):
+    """Cosine from the (scaled) weight decay to 0 at it = N."""
+    it = jnp.asarray(it, jnp.float32)
+    return cfg.effective_weight_decay * 0.5 * (1 + jnp.cos(jnp.pi * it / cfg.num_iterations))
+
+
+def current_hyperparams(cfg: OptimConfig, step: int) -> dict[str, float]:
+    """What the optimizer uses at `step` (host floats, for logging)."""
+    return {"lrm": float(lr_multiplier(cfg, step)), "muon_momentum": float(muon_momentum(cfg, step)),
+            "muon_weight_decay": float(muon_weight_decay(cfg, step))}
+
+
+# ----------------------------------------------------------------------------------------------
+# AdamW (reference `adamw_step_fused`). Our own rather than optax.adamw: for bf16 params optax would do the
+# moment arithmetic in bf16 (the grad dtype), whereas the reference does all math in fp32 and only *stores*
+# in the param dtype. For fp32 params the two are the same math (decoupled wd before the update is
+# p - lr*(wd*p + u), eps outside sqrt of the bias-corrected v); tests check that.
+#
+# State dtype: by default the moments are stored like the reference, in the param dtype (bf16 for wte and
+# value_embeds). That loses precision (with b2 = 0.995 a bf16 v moves in whole ulps), but it is what the
+# reference trains with and it halves that state; `adamw_state_fp32=True` keeps fp32 moments instead.
+
+
+class AdamWState(NamedTuple):
+    count: jax.Array  # int32 step index of the next update
+    mu: Any
+    nu: Any
+
+
+def adamw(lr: float, b1: float, b2: float, eps: float, wd: float, lr_schedule: Callable[[jax.Array], jax.Array],
+          state_fp32: bool = False) -> optax.GradientTransformation:
+    """AdamW at lr·lr_schedule(step): fp32 math, decoupled wd before the update, returns p_new - p in fp32."""
+    def init_fn(params):
+        zeros = lambda p: jnp.zeros(p.shape, jnp.float32 if state_fp32 else p.dtype)
+        return AdamWState(jnp.zeros([], jnp.int32), jax.tree.map(zeros, params), jax.tree.map(zeros, params))
+
+    def update_fn(grads, state, params=None):
+        if params is None:
+            raise ValueError("adamw needs params (decoupled weight decay): call tx.update(grads, state, params)")
+        t = (state.count + 1).astype(jnp.float32)
+        lr_t = lr * lr_schedule(state.count)
+        step_size = lr_t / (1 - b1**t)
+        bias2 = 1 - b2**t
+
+        def leaf(g, p, m, v):
+            g32, p32 = g.astype(jnp.float32), p.astype(jnp.float32)
+            m32 = _lerp(m.astype(jnp.float32), g32, 1 - b1)
+            v32 = _lerp(v.astype(jnp.float32), g32 * g32, 1 - b2)
+            u = -(lr_t * wd) * p32 - step_size * m32 / (jnp.sqrt(v32 / bias2) + eps)
+            return u, m32.astype(m.dtype), v32.astype(v.dtype)
+
+        out = jax.tree.map(leaf, grads, params, state.mu, state.nu)
+        updates, mu, nu = _unzip3(grads, out)
+        return updates, AdamWState(optax.safe_increment(state.count), mu, nu)
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+# ----------------------------------------------------------------------------------------------
+# Muon (reference `muon_step_fused`)
+
+# Polar Express (Amsel et al. 2025, arXiv:2505.16932), num_iters=5, safety 2e-2, cushion 2: one (a, b, c) per step.
+POLAR_EXPRESS_COEFFS = (
+    (8.156554524902461, -22.48329292557795, 15.878769915207462),
+    (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+    (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+    (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+    (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
+)
+NEWTON_SCHULZ_COEFFS = (3.4445, -4.7750, 2.0315)  # Keller's quintic (OCT), same every step
+
+
+def _fro_norm(x: jax.Array) -> jax.Array:
+    """Frobenius norm over the last two axes, in fp32, keepdims."""
+    x = x.astype(jnp.float32)
+    return jnp.sqrt(jnp.sum(x * x, axis=(-2, -1), keepdims=True))
+
+
+def orthogonalize(x: jax.Array, *, classic: bool = False, steps: int = 5, dtype=jnp.bfloat16) -> jax.Array:
+    """Approximate the polar factor U V^T of each (..., in, out) matrix; returns `dtype`.
+
+    Polar Express: x / (‖x‖_F·1.01 + 1e-6), then per-step odd quintics. Classic: x / (‖x‖_F + 1e-7) and
+    Keller's fixed quintic. The polynomial p(X) = aX + (bA + cA²)X with A = XXᵀ is transpose-equivariant, so
+    the side the Gram matrix is formed on only changes cost and rounding. To round like the reference we use
+    its (smaller) side: it forms A = X_t X_tᵀ (out×out) when out <= in, i.e. for us A = XᵀX and X <- aX + XB;
+    otherwise A = X Xᵀ (in×in) and X <- aX + BX. Ties (square) use the out×out form, as it does.
+    """
+    precision = jax.lax.Precision.HIGHEST if dtype == jnp.float32 else None
+    mm = lambda a, b: jnp.matmul(a, b, precision=precision)
+    xT = lambda a: jnp.swapaxes(a, -1, -2)
+    x = x.astype(dtype)
+    norm = _fro_norm(x).astype(dtype)  # torch: X.norm() of a bf16 tensor (fp32 accumulate, bf16 result)
+    x = x / (norm + 1e-7) if classic else x / (norm * 1.01 + 1e-6)
+    coeffs = [NEWTON_SCHULZ_COEFFS] * steps if classic else POLAR_EXPRESS_COEFFS[:steps]
+    gram_out = x.shape[-1] <= x.shape[-2]  # reference "wide" (rows=out <= cols=in)
+    for a, b, c in coeffs:
+        A = mm(xT(x), x) if gram_out else mm(x, xT(x))
+        B = b * A + c * mm(A, A)
+        x = a * x + (mm(x, B) if gram_out else mm(B, x))
+    return x
+
+
+def _muon_eq(x: jax.Array) -> jax.Array:
+    """MuonEq: scale each output neuron (reference row = our column, norm over axis -2) to the RMS neuron norm
+    ‖X‖_F/sqrt(out). Norms in fp32, the scaled product in x's dtype, as the reference."""
+    target = _fro_norm(x) / math.sqrt(x.shape[-1])
+    xf = x.astype(jnp.float32)
+    neuron_norm = jnp.maximum(jnp.sqrt(jnp.sum(xf * xf, axis=-2, keepdims=True)), 1e-6)
+    return x * (target / neuron_norm).astype(x.dtype)
+
+
+def _normuon_axis(shape) -> int:
+    """NorMuon keeps the larger of (out, in) and averages over the smaller. Reference: red_dim=-1 (in) if
+    rows >= cols (out >= in) else -2 (out); in our (in, out) layout `in` is axis -2 and `out` axis -1."""
+    return -2 if shape[-1] >= shape[-2] else -1
+
+
+def _normuon_state_shape(shape) -> tuple[int, ...]:
+    axis = _normuon_axis(shape)
+    return tuple(shape[:-2]) + ((1, shape[-1]) if axis == -2 else (shape[-2], 1))
+
+
+def _normuon(g: jax.Array, v: jax.Array, beta2) -> tuple[jax.Array, jax.Array]:
+    """Factored second moment over the reduced axis, rsqrt step, then renormalise to the incoming ‖g‖_F."""
+    axis = _normuon_axis(g.shape)
+    n_red = g.shape[axis]
+    v_mean = jnp.mean(g * g, axis=axis, keepdims=True)
+    v_norm = jnp.sqrt(jnp.sum(v_mean, axis=(-2, -1), keepdims=True) * n_red)  # = ‖g‖_F
+    v = _lerp(v, v_mean, 1 - beta2)
+    step = jax.lax.rsqrt(jnp.maximum(v, 1e-10))
+    v_norm_new = jnp.sqrt(jnp.sum(v_mean * n_red * step * step, axis=(-2, -1), keepdims=True))  # = ‖g·step‖_F
+    return g * (step * (v_norm / jnp.maximum(v_norm_new, 1e-10))), v
+
+
+class MuonState(NamedTuple):
+    count: jax.Array  # int32 step index of the next update
+    mu: Any           # fp32 momentum buffer, like the param
+    nu: Any           # fp32 NorMuon factored second moment, (..., 1, out) or (..., in, 1); unused when classic
+
+
+def muon(lr: float, lr_schedule: Callable, momentum_schedule: Callable, wd_schedule: Callable, *,
+         beta2: float = 0.9, ns_steps: int = 5, classic: bool = False, use_muon_eq: bool = True,
+         use_muon_plus: bool = True, ortho_dtype=jnp.bfloat16) -> optax.GradientTransformation:
+    """Muon on (..., in, out) leaves (leading axes are independent matrices). Returns p_new - p in fp32.
+
+    HEAD step: Nesterov (lerp) -> bf16 -> [MuonEq] -> Polar Express -> fp32 -> [Muon+] -> NorMuon ->
+    p -= lr·g + lr·wd·p·[g·p >= 0] with lr = lr·sqrt(max(1, out/in)). Classic (OCT): Nesterov -> Newton-Schulz ->
+    p -= lr·g.
+    """
+    def init_fn(params):
+        for p in jax.tree.leaves(params):
+            if len(p.shape) < 2:
+                raise ValueError(f"muon needs matrices (..., in, out), got shape {p.shape}; route it to AdamW")
+        mu = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+        nu = jax.tree.map(lambda p: jnp.zeros(_normuon_state_shape(p.shape), jnp.float32), params)
+        return MuonState(jnp.zeros([], jnp.int32), mu, nu)
+
+    def update_fn(grads, state, params=None):
+        if params is None:
+            raise ValueError("muon needs params (cautious weight decay): call tx.update(grads, state, params)")
+        lr_t = lr * lr_schedule(state.count)
+        momentum = momentum_schedule(state.count)
+        wd = wd_schedule(state.count)
+
+        def leaf(g, p, buf, v):
+            g = g.astype(jnp.float32)
+            buf = _lerp(buf, g, 1 - momentum)
+            g = _lerp(g, buf, momentum)  # Nesterov
+            x = g.astype(ortho_dtype)
+            if use_muon_eq and not classic:
+                x = _muon_eq(x)
+            g = orthogonalize(x, classic=classic, steps=ns_steps, dtype=ortho_dtype).astype(jnp.float32)
+            lr_p = lr_t * muon_lr_factor(p.shape)
+            if classic:
+                return -lr_p * g, buf, v
+            if use_muon_plus:  # snap ‖g‖_F to sqrt(min(in, out)), the norm of an exact semi-orthogonal matrix
+                g = g * (math.sqrt(min(g.shape[-2:])) / jnp.maximum(_fro_norm(g), 1e-6))
+            g, v = _normuon(g, v, beta2)
+            p32 = p.astype(jnp.float32)
+            decay = jnp.where(g * p32 >= 0, p32, 0.0)  # cautious: decay only where it agrees with the update
+            return -(lr_p * g + lr_p * wd * decay), buf, v
+
+        out = jax.tree.map(leaf, grads, params, state.mu, state.nu)
+        updates, mu, nu = _unzip3(grads, out)
+        return updates, MuonState(optax.safe_increment(state.count), mu, nu)
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _lerp(a, b, w):
+    return a + w * (b - a)
+
+
+def _unzip3(like, tree_of_triples):
+    """Split a tree (shaped like `like`) whose leaves are 3-tuples into three trees."""
+    treedef = jax.tree.structure(like)
+    triples = treedef.flatten_up_to(tree_of_triples)
+    return tuple(treedef.unflatten([t[i] for t in triples]) for i in range(3))
+
+
+# ----------------------------------------------------------------------------------------------
+# The whole optimizer
+
+
+def build_optimizer(params, cfg: OptimConfig, lr_schedule: Callable | None = None) -> optax.GradientTransformation:
+    """optax.partition of Muon + per-group AdamW over `param_groups(params)`, schedules inside.
+
+    Use: state = tx.init(params); updates, state = tx.update(grads, state, params);
+    params = optax.apply_updates(params, updates)  (fp32 updates, cast back to each param's dtype).
+    `lr_schedule(step) -> multiplier` replaces the base-training lr_multiplier (e.g. for SFT/RL schedules).
+    """
+    if isinstance(params, dict) and "wte" in params and params["wte"].shape[-1] != cfg.model_dim:
+        raise ValueError(f"OptimConfig.model_dim={cfg.model_dim} but wte has dim {params['wte'].shape[-1]}; "
+                         f"pass the model's n_embd")
+    labels = param_groups(params)
+    settings = group_settings(cfg)
+    lr_sched = lr_schedule or (lambda it: lr_multiplier(cfg, it))
+    transforms = {}
+    for group in sorted(set(jax.tree.leaves(labels))):
+        s = settings[group]
+        if isinstance(s, MuonGroup):
+            transforms[group] = muon(
+                s.lr, lr_sched, lambda it: muon_momentum(cfg, it), lambda it: muon_weight_decay(cfg, it),
+                beta2=cfg.muon_beta2, ns_steps=cfg.muon_ns_steps, classic=cfg.muon_classic,
+                use_muon_eq=cfg.muon_eq, use_muon_plus=cfg.muon_plus, ortho_dtype=jnp.dtype(cfg.muon_ortho_dtype))
+        else:
+            transforms[group] = adamw(s.lr, s.b1, s.b2, s.eps, s.wd, lr_sched, state_fp32=cfg.adamw_state_fp32)
+    return optax.partition(transforms, labels)
+
+
+# ----------------------------------------------------------------------------------------------
+# Scaling rules (reference §5.1, base_train.py). Reference model d12; B_REF = 2**19 tokens.
+# d_ref = target_param_data_ratio * scaling_params(d12 model with the same vocab/architecture);
+# scaling params = transformer matrices (incl. ve_gate) + lm_head.
+
+B_REF = 2**19
+
+
+def target_tokens(target_param_data_ratio: float, scaling_params: int) -> int:
+    return int(target_param_data_ratio * scaling_params)
+
+
+def auto_batch_size(target_tokens: int, d_ref: float, b_ref: int = B_REF) -> int:
+    """Power Lines: B ∝ D^0.383, rounded to the nearest power of two."""
+    return 2 ** round(math.log2(b_ref * (target_tokens / d_ref) ** 0.383))
+
+
+def batch_lr_scale(total_batch_size: int, b_ref: int = B_REF) -> float:
+    """lr ∝ sqrt(B / B_ref) (applied to all four CLI lrs, not to the fixed smear/backout lr)."""
+    return (total_batch_size / b_ref) ** 0.5
+
+
+def scaled_weight_decay(total_batch_size: int, target_tokens: int, d_ref: float, weight_decay: float = 0.28,
+                        b_ref: int = B_REF) -> float:
+    """T_epoch rule: wd · sqrt(B/B_ref) · (D_ref/D)."""
+    return weight_decay * math.sqrt(total_batch_size / b_ref) * (d_ref / target_tokens)
+
+
+def horizon(*, total_batch_size: int, num_iterations: int = -1, target_flops: float = -1.0,
+            target_param_data_ratio: float = 12.0, scaling_params: int | None = None,
+            flops_per_token: float | None = None) -> int:
+    """num_iterations in the reference's precedence: --num-iterations, else --target-flops, else data:param ratio."""
+    if num_iterations > 0:
+        return num_iterations
+    if target_flops > 0:
+        if not flops_per_token:
+            raise ValueError("horizon: target_flops needs flops_per_token")
+        return round(target_flops / (flops_per_token * total_batch_size))
+    if target_param_data_ratio > 0:
+        if not scaling_params:
+            raise ValueError("horizon: target_param_data_ratio needs scaling_params")
+        return target_tokens(target_param_data_ratio, scaling_params) // total_batch_size
+    raise ValueError("horizon: set one of --num-iterations, --target-flops or --target-param-data-ratio (> 0)")
