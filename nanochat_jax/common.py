@@ -38,8 +38,14 @@ def process_index() -> int:
     if jax is None:
         return 0
     try:
+        # Asking before the backend exists would initialise it, and then jax.distributed.initialize() could no
+        # longer run: until then, trust the launcher's environment.
+        from jax._src import xla_bridge
+
+        if not xla_bridge.backends_are_initialized():
+            return int(os.environ.get("JAX_PROCESS_ID", "0"))
         return jax.process_index()
-    except Exception:  # backend not initialised yet or no devices: behave like a single process
+    except Exception:
         return 0
 
 
@@ -122,6 +128,20 @@ def get_peak_flops(device_kind: str) -> float:
         if name.upper() in kind:
             return flops
     return float("inf")
+
+
+def path_str(path) -> str:
+    """'blocks/attn/wq' from a jax key path: dict keys, NamedTuple/dataclass fields and sequence indices alike. The
+    one naming scheme the sharding rules, optimizer groups and checkpoints all use."""
+    parts = []
+    for entry in path:
+        for attr in ("key", "name", "idx"):
+            if hasattr(entry, attr):
+                parts.append(str(getattr(entry, attr)))
+                break
+        else:
+            parts.append(str(entry))
+    return "/".join(parts)
 
 
 class Timer:

@@ -37,18 +37,23 @@ class TextTokenizer(Protocol):
 
 
 def row_group_plan(files: Sequence[Path], process_index: int = 0, process_count: int = 1) -> list[tuple[int, int]]:
-    """(file index, row group) pairs this process reads, in order: in each file, row groups p, p+W, p+2W, ..."""
+    """(file index, row group) pairs reader p of W reads, in order: in each file, row groups p, p+W, p+2W, ...
+
+    When there are fewer row groups than readers, reader p gets row group p mod (total) (data repeats across
+    readers rather than a reader having nothing)."""
     import pyarrow.parquet as pq
 
+    if not files:
+        raise ValueError("no parquet files to read")
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index {process_index} out of range for process_count {process_count}")
     plan = []
     for fi, path in enumerate(files):
         n_rg = pq.ParquetFile(path).metadata.num_row_groups
         plan.extend((fi, rg) for rg in range(process_index, n_rg, process_count))
-    if not plan:
-        raise ValueError(f"process {process_index} of {process_count} gets no row groups from {len(files)} file(s) "
-                         f"({[str(f) for f in files]}): use fewer processes or more/larger shards")
+    if not plan:  # fewer row groups than readers (tiny data, e.g. a one-row-group val file): share one
+        everything = row_group_plan(files, 0, 1)
+        plan = [everything[process_index % len(everything)]]
     return plan
 
 
@@ -222,6 +227,53 @@ class DataLoader:
             it.close()
         self._threads, self._it, self.packer = [], None, None
         gc.collect()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
+
+
+class ShardedLoader:
+    """One DataLoader per local device, each reading row groups strided by its global device index (like nanochat's
+    one-process-per-GPU ranks), concatenated along the batch axis in device order. The global batch therefore
+    depends only on the mesh size, not on how devices are split over processes."""
+
+    def __init__(self, tokenizer: TextTokenizer, rows_per_shard: int, seq_len: int, split: str, *, files,
+                 shard_indices: Sequence[int], num_shards: int, state: dict | None = None, **kwargs):
+        self.loaders = [DataLoader(tokenizer, rows_per_shard, seq_len, split, files=files, process_index=i,
+                                   process_count=num_shards, **kwargs) for i in shard_indices]
+        self.shard_indices = list(shard_indices)
+        if state is not None:
+            self.set_state(state)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        batches = [next(loader) for loader in self.loaders]
+        return {k: np.concatenate([b[k] for b in batches]) for k in ("inputs", "targets")}
+
+    def get_state(self) -> dict:
+        return {"shards": {str(i): loader.get_state() for i, loader in zip(self.shard_indices, self.loaders)}}
+
+    def set_state(self, state: dict) -> None:
+        missing = [i for i in self.shard_indices if str(i) not in state["shards"]]
+        if missing:
+            raise ValueError(f"loader state has shards {sorted(state['shards'])} but this run reads shards "
+                             f"{self.shard_indices}: resume on a mesh of the same size")
+        for i, loader in zip(self.shard_indices, self.loaders):
+            loader.set_state(state["shards"][str(i)])
+
+    @property
+    def epoch(self) -> int:
+        return max(loader.epoch for loader in self.loaders)
+
+    def close(self) -> None:
+        for loader in self.loaders:
+            loader.close()
 
     def __enter__(self):
         return self

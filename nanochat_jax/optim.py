@@ -32,6 +32,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from nanochat_jax.common import path_str
+
 # ----------------------------------------------------------------------------------------------
 # Config
 
@@ -141,21 +143,6 @@ def group_settings(cfg: OptimConfig) -> dict[str, AdamWGroup | MuonGroup]:
         "fixed": AdamWGroup(0.2 * cfg.init_lr_frac, 0.8, 0.95, 1e-10, 0.0),
         "muon": MuonGroup(cfg.matrix_lr * s),
     }
-
-
-def path_str(path) -> str:
-    """'blocks/attn/wq' from a jax key path."""
-    parts = []
-    for k in path:
-        if isinstance(k, jax.tree_util.DictKey):
-            parts.append(str(k.key))
-        elif isinstance(k, jax.tree_util.GetAttrKey):
-            parts.append(k.name)
-        elif isinstance(k, jax.tree_util.SequenceKey):
-            parts.append(str(k.idx))
-        else:
-            parts.append(str(k))
-    return "/".join(parts)
 
 
 def group_of(path: str, ndim: int | None = None) -> str:
