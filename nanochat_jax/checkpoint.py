@@ -1,0 +1,275 @@
+"""Checkpoints: params, optimizer state and JSON metadata in one orbax step directory.
+
+Layout (nanochat's, reference §1.6): <base dir>/{base,mid,chatsft,chatrl}_checkpoints/<model_tag>/<step>/
+with one orbax item per part:
+
+    <step>/params/      the model pytree (StandardSave: sharded arrays, each process writes its shards)
+    <step>/opt_state/   the optax state (optional; only the train loop needs it to resume)
+    <step>/meta/        JSON: model_config, user_config, loader state, loop state, val_bpb, step
+
+    ckpt = Checkpointer(checkpoint_dir("base", "d12"), keep=2)
+    ckpt.save(step, params=params, opt_state=opt_state, meta={...})   # async; every JAX process calls it
+    params, opt_state, meta = ckpt.restore(abstract_params=..., abstract_opt_state=...)
+    ckpt.close()                                                     # waits for the last save
+
+    params, cfg, meta = load_model("base")                            # eval/inference: params only
+
+Nothing half-written is ever picked up: orbax writes `<step>.orbax-checkpoint-tmp-<t>/` and renames it to
+`<step>/` only once every process has finished, and step listing ignores the temporary names. Once `save`
+returns, the arrays have been copied to host, so the caller may donate or overwrite them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from nanochat_jax import gpt
+from nanochat_jax.common import get_base_dir, path_str
+
+PHASE_DIRS = {"base": "base_checkpoints", "mid": "mid_checkpoints", "sft": "chatsft_checkpoints",
+              "rl": "chatrl_checkpoints"}
+# What writes each phase's checkpoints (for "how do I get one" hints).
+PHASE_SCRIPTS = {"base": "scripts/pretrain.py", "mid": "scripts/midtrain.py", "sft": "scripts/sft.py",
+                 "rl": "scripts/rl.py"}
+ITEMS = ("params", "opt_state", "meta")
+
+
+def checkpoint_dir(phase: str, model_tag: str) -> Path:
+    """<base dir>/<phase dir>/<model_tag>, e.g. ~/.cache/nanochat_jax/base_checkpoints/d12."""
+    return _phase_dir(phase) / model_tag
+
+
+def _phase_dir(phase: str) -> Path:
+    if phase not in PHASE_DIRS:
+        raise ValueError(f"unknown checkpoint phase {phase!r}; expected one of {sorted(PHASE_DIRS)}")
+    return get_base_dir() / PHASE_DIRS[phase]
+
+
+# ----------------------------------------------------------------------------------------------
+# Pytree helpers
+
+def _shapes(tree) -> dict[str, tuple[int, ...]]:
+    return {path_str(p): tuple(leaf.shape) for p, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def with_sharding(shapes, sharding: jax.sharding.Sharding):
+    """The same ShapeDtypeStructs, every leaf placed with `sharding` (a restore target)."""
+    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), shapes)
+
+
+def _check_abstract(name: str, abstract) -> None:
+    for path, leaf in jax.tree_util.tree_flatten_with_path(abstract)[0]:
+        if getattr(leaf, "sharding", None) is None:
+            raise ValueError(f"{name}: leaf {path_str(path)!r} has no sharding. Restore targets must be "
+                             f"ShapeDtypeStructs with .sharding (that is where the arrays land); build them with "
+                             f"jax.tree.map(ocp.utils.to_shape_dtype_struct, live_tree) or "
+                             f"checkpoint.with_sharding(shapes, sharding)")
+
+
+def _jsonable(meta: dict) -> dict:
+    """A JSON copy of meta, with numpy/jax scalars and small arrays turned into Python values. Fails here, in
+    the caller, rather than later in orbax's background thread."""
+    def default(x):
+        if isinstance(x, (np.generic, np.ndarray, jax.Array)):
+            return np.asarray(x).tolist()
+        if isinstance(x, os.PathLike):
+            return os.fspath(x)
+        raise TypeError(f"checkpoint meta: {type(x).__name__} value {x!r} is not JSON-serialisable; store plain "
+                        f"numbers/strings/lists/dicts (e.g. dataclasses.asdict(cfg))")
+    return json.loads(json.dumps(meta, default=default))
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpointer
+
+class Checkpointer:
+    """One orbax CheckpointManager over a directory of step checkpoints. Every JAX process must make the same
+    save/restore calls (they are collective). keep=None keeps every checkpoint (nanochat never deletes)."""
+
+    def __init__(self, directory: str | os.PathLike, *, keep: int | None = None, async_save: bool = True):
+        if keep is not None and keep < 1:
+            raise ValueError(f"Checkpointer: keep must be >= 1 or None (keep all), got {keep}")
+        self.directory = Path(directory).absolute()
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
+                                               create=True)
+        # Explicit handlers, so a fresh manager can read metadata of steps it did not write itself.
+        handlers = {"params": ocp.StandardCheckpointHandler(), "opt_state": ocp.StandardCheckpointHandler(),
+                    "meta": ocp.JsonCheckpointHandler()}
+        self._mngr = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
+
+    # --- bookkeeping
+    def all_steps(self) -> list[int]:
+        return sorted(self._mngr.all_steps())
+
+    def latest_step(self) -> int | None:
+        """The newest step, counting one still being written asynchronously (restore waits for it)."""
+        return self._mngr.latest_step()
+
+    def wait(self) -> None:
+        """Block until the in-flight async save (if any) is committed."""
+        self._mngr.wait_until_finished()
+
+    def close(self) -> None:
+        self._mngr.wait_until_finished()
+        self._mngr.close()
+
+    def __enter__(self) -> "Checkpointer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # --- save
+    def save(self, step: int, *, params, opt_state=None, meta: dict, overwrite: bool = False) -> None:
+        """Start saving `step` (async unless async_save=False). meta gets "step" added. Orbax only saves steps
+        above the latest one; overwrite=True first deletes every saved step >= `step` (e.g. after resuming
+        from an earlier step)."""
+        step = int(step)
+        if not isinstance(meta, dict):
+            raise TypeError(f"Checkpointer.save: meta must be a dict, got {type(meta).__name__}")
+        if meta.get("step", step) != step:
+            raise ValueError(f"Checkpointer.save: meta['step']={meta['step']} but saving step {step}")
+        meta = _jsonable({**meta, "step": step})
+        later = [s for s in self.all_steps() if s >= step]
+        if later:
+            if not overwrite:
+                raise FileExistsError(
+                    f"cannot save step {step} in {self.directory}: steps {later} are already there and orbax "
+                    f"only saves steps after the latest. Pass overwrite=True to delete them, or use another "
+                    f"model tag / directory")
+            self.wait()
+            for s in later:
+                self._mngr.delete(s)
+        items = {"params": ocp.args.StandardSave(params), "meta": ocp.args.JsonSave(meta)}
+        if opt_state is not None:
+            items["opt_state"] = ocp.args.StandardSave(opt_state)
+        if not self._mngr.save(step, args=ocp.args.Composite(**items)):
+            raise RuntimeError(f"orbax declined to save step {step} in {self.directory} "
+                               f"(latest is {self.latest_step()})")
+
+    # --- restore
+    def _resolve_step(self, step: int | None) -> int:
+        self.wait()  # never read a step that is still being written
+        steps = self.all_steps()
+        if not steps:
+            raise FileNotFoundError(
+                f"no checkpoints in {self.directory} (empty, or only unfinished "
+                f"'<step>.orbax-checkpoint-tmp-*' saves). Produce one by training, e.g. `python "
+                f"{PHASE_SCRIPTS['base']}` for base_checkpoints, or point at the right directory")
+        if step is None:
+            return steps[-1]
+        if step not in steps:
+            raise FileNotFoundError(f"no checkpoint for step {step} in {self.directory}; available steps: {steps}")
+        return int(step)
+
+    def _saved_items(self, step: int) -> set[str]:
+        return {name for name in ITEMS if (self.directory / str(step) / name).is_dir()}
+
+    def _check_shapes(self, step: int, name: str, abstract) -> None:
+        """Compare the target's paths and shapes with what the checkpoint holds, and name every difference."""
+        saved = _shapes(self._mngr.item_metadata(step)[name].tree)
+        want = _shapes(abstract)
+        problems = [f"{k}: checkpoint {saved[k]}, target {want[k]}" for k in sorted(saved.keys() & want.keys())
+                    if saved[k] != want[k]]
+        problems += [f"{k}: in the target but not in the checkpoint" for k in sorted(want.keys() - saved.keys())]
+        problems += [f"{k}: in the checkpoint but not in the target" for k in sorted(saved.keys() - want.keys())]
+        if problems:
+            shown = "\n  ".join(problems[:20]) + (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20
+                                                 else "")
+            raise ValueError(f"checkpoint {self.directory / str(step)} {name} does not match the restore target "
+                             f"(a different model config or optimizer?):\n  {shown}")
+
+    def restore(self, step: int | None = None, *, abstract_params, abstract_opt_state=None):
+        """(params, opt_state or None, meta) of `step` (None: latest). The abstract trees are ShapeDtypeStructs
+        with shardings; arrays come back placed that way (it may differ from how they were saved) and cast to
+        the target dtypes."""
+        step = self._resolve_step(step)
+        saved = self._saved_items(step)
+        targets = {"params": abstract_params}
+        if abstract_opt_state is not None:
+            if "opt_state" not in saved:
+                raise ValueError(f"checkpoint {self.directory / str(step)} has no optimizer state (it was saved "
+                                 f"with opt_state=None); restore with abstract_opt_state=None and start the "
+                                 f"optimizer fresh")
+            targets["opt_state"] = abstract_opt_state
+        for name, abstract in targets.items():
+            _check_abstract(f"restore {name}", abstract)
+            self._check_shapes(step, name, abstract)
+        args = {name: ocp.args.StandardRestore(abstract) for name, abstract in targets.items()}
+        out = self._mngr.restore(step, args=ocp.args.Composite(**args, meta=ocp.args.JsonRestore()))
+        opt_state = out.opt_state if abstract_opt_state is not None else None
+        return out.params, opt_state, out.meta
+
+    def read_meta(self, step: int | None = None) -> dict:
+        """The JSON metadata of `step` (None: latest), without touching the arrays."""
+        step = self._resolve_step(step)
+        return self._mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+
+
+# ----------------------------------------------------------------------------------------------
+# Inference / eval loading
+
+def find_largest_model(phase_dir: str | os.PathLike) -> str:
+    """The model tag with the largest depth ('d<N>...'), else the most recently modified tag (nanochat's rule)."""
+    phase_dir = Path(phase_dir)
+    tags = sorted(p.name for p in phase_dir.iterdir() if p.is_dir()) if phase_dir.is_dir() else []
+    if not tags:
+        raise FileNotFoundError(f"no model tags in {phase_dir}")
+    depths = {tag: int(m.group(1)) for tag in tags if (m := re.match(r"d(\d+)", tag))}
+    if depths:
+        return max(depths, key=depths.get)
+    return max(tags, key=lambda tag: (phase_dir / tag).stat().st_mtime)
+
+
+def _as_sharding(mesh_or_sharding) -> jax.sharding.Sharding:
+    if mesh_or_sharding is None:
+        return jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    if isinstance(mesh_or_sharding, jax.sharding.Mesh):
+        return jax.sharding.NamedSharding(mesh_or_sharding, jax.sharding.PartitionSpec())
+    if isinstance(mesh_or_sharding, jax.sharding.Sharding):
+        return mesh_or_sharding
+    raise TypeError(f"mesh_or_sharding must be None, a jax Mesh or a Sharding, got {type(mesh_or_sharding)}")
+
+
+def load_model(phase: str = "base", model_tag: str | None = None, step: int | None = None, *,
+               mesh_or_sharding=None, config_overrides: dict[str, Any] | None = None):
+    """(params, GPTConfig, meta) for eval/inference. model_tag None: the largest d<N>; step None: latest. Params
+    are replicated on the mesh (or placed on one local device). config_overrides changes runtime fields of the
+    saved config, e.g. {"attn_backend": "cudnn"}; shapes must still match the checkpoint."""
+    phase_dir = _phase_dir(phase)
+    hint = f"train one with `python {PHASE_SCRIPTS[phase]}`"
+    if model_tag is None:
+        if not phase_dir.is_dir() or not any(p.is_dir() for p in phase_dir.iterdir()):
+            raise FileNotFoundError(f"no {phase} checkpoints: {phase_dir} is missing or empty; {hint}")
+        model_tag = find_largest_model(phase_dir)
+    directory = phase_dir / model_tag
+    if not directory.is_dir():
+        have = sorted(p.name for p in phase_dir.iterdir() if p.is_dir()) if phase_dir.is_dir() else []
+        raise FileNotFoundError(f"no checkpoint directory {directory} (model tags there: {have}); {hint}")
+    with Checkpointer(directory, async_save=False) as ckpt:
+        if not ckpt.all_steps():
+            raise FileNotFoundError(f"no finished checkpoints in {directory}; {hint}")
+        step = ckpt._resolve_step(step)
+        meta = ckpt.read_meta(step)
+        if "model_config" not in meta:
+            raise ValueError(f"checkpoint meta in {directory} (step {step}) has no 'model_config'; "
+                             f"it was not written by this project's train loop")
+        cfg = gpt.GPTConfig.from_dict({**meta["model_config"], **(config_overrides or {})})
+        abstract = with_sharding(gpt.param_shapes(cfg), _as_sharding(mesh_or_sharding))
+        try:
+            params, _, meta = ckpt.restore(step, abstract_params=abstract)
+        except ValueError as e:
+            raise ValueError(f"model_config in the checkpoint meta (plus config_overrides={config_overrides}) does not "
+                             f"describe its arrays: {e}") from e
+    return params, cfg, meta
+
+
+__all__ = ["Checkpointer", "checkpoint_dir", "find_largest_model", "load_model", "with_sharding", "PHASE_DIRS"]
