@@ -1,0 +1,113 @@
+"""The device mesh, the one table that says how each parameter is sharded, and batch placement.
+
+One mesh axis, "data": batches are split over it, and parameters and optimizer state are sharded over it
+ZeRO/FSDP-style (each large array split along one axis; XLA inserts the all-gathers / reduce-scatters). On one
+8-GPU node a single process drives all 8 devices; past one node, each process feeds its own slice of the batch
+(`jax.make_array_from_process_local_data`) after `jax.distributed.initialize()`.
+
+The mesh uses Auto (GSPMD) axis types, passed explicitly: shardings are given at the jit boundary and the
+model code stays sharding-agnostic.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+import os
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+from nanochat_jax.common import path_str
+
+DATA = "data"
+
+# (path glob, axis to shard first). Paths are "/"-joined pytree keys, so optimizer-state leaves, whose paths end
+# with their parameter's path, match the same rule. Shapes: wte (V, D), lm_head (D, V), value_embeds (NV, V, KD),
+# blocks/* (L, in, out). An axis that does not divide by the mesh size falls back to the largest axis that does;
+# leaves smaller than MIN_SHARD_SIZE (scalars, gates) are replicated.
+SHARDING_RULES: tuple[tuple[str, int | None], ...] = (
+    ("*wte", 0),
+    ("*lm_head", 1),
+    ("*value_embeds", 1),
+    ("*blocks/*", 1),
+    ("*", None),
+)
+MIN_SHARD_SIZE = 2**14
+
+
+def maybe_initialize_distributed(distributed: bool | None = None) -> None:
+    """Multi-process JAX: `--distributed=1` forces it, None auto-detects a launcher (SLURM, Open MPI, or the
+    JAX_COORDINATOR_ADDRESS/JAX_NUM_PROCESSES/JAX_PROCESS_ID environment variables). Must run before any JAX
+    computation."""
+    env = os.environ
+    coord = env.get("JAX_COORDINATOR_ADDRESS")
+    detected = bool(coord) or "SLURM_NTASKS" in env and int(env.get("SLURM_NTASKS", "1")) > 1 \
+        or "OMPI_COMM_WORLD_SIZE" in env
+    if distributed is False or (distributed is None and not detected):
+        return
+    if coord:
+        jax.distributed.initialize(coordinator_address=coord, num_processes=int(env["JAX_NUM_PROCESSES"]),
+                                   process_id=int(env["JAX_PROCESS_ID"]))
+    else:
+        jax.distributed.initialize()
+
+
+def make_mesh(n_devices: int | None = None) -> Mesh:
+    """A ("data",) mesh over the first n devices (default: all devices of all processes)."""
+    devices = jax.devices()
+    n = len(devices) if n_devices in (None, 0, -1) else n_devices
+    if n < 1 or n > len(devices):
+        raise ValueError(f"--mesh={n_devices} but {len(devices)} device(s) are available "
+                         f"({devices[0].platform}); use --mesh=-1 for all of them")
+    if jax.process_count() > 1 and n != len(devices):
+        raise ValueError(f"multi-process runs use every device: --mesh must be -1 or {len(devices)}, got {n}")
+    return jax.make_mesh((n,), (DATA,), axis_types=(AxisType.Auto,), devices=devices[:n])
+
+
+def spec_for(path: str, shape: tuple[int, ...], n: int) -> P:
+    """PartitionSpec of one array under the rules table, for a mesh of n devices."""
+    if n == 1 or math.prod(shape) < MIN_SHARD_SIZE:
+        return P()
+    preferred = next(axis for pattern, axis in SHARDING_RULES if fnmatch.fnmatchcase(path, pattern))
+    candidates = ([preferred] if preferred is not None else []) + sorted(range(len(shape)), key=lambda a: -shape[a])
+    for axis in candidates:
+        if axis < len(shape) and shape[axis] % n == 0:
+            spec = [None] * len(shape)
+            spec[axis] = DATA
+            return P(*spec)
+    return P()
+
+
+def tree_shardings(tree, mesh: Mesh, *, shard: bool = True):
+    """NamedShardings for every leaf of a pytree of arrays/ShapeDtypeStructs (replicated if shard=False)."""
+    n = mesh.shape[DATA]
+
+    def one(path, leaf):
+        shape = tuple(getattr(leaf, "shape", ()))
+        return NamedSharding(mesh, spec_for(path_str(path), shape, n) if shard else P())
+
+    return jax.tree_util.tree_map_with_path(one, tree)
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def batch_sharding(mesh: Mesh, batch_axis: int = 0, ndim: int = 2) -> NamedSharding:
+    spec = [None] * ndim
+    spec[batch_axis] = DATA
+    return NamedSharding(mesh, P(*spec))
+
+
+def global_batch(local: np.ndarray, mesh: Mesh, batch_axis: int = 0) -> jax.Array:
+    """This process's rows → one global jax.Array sharded over "data" along batch_axis."""
+    sharding = batch_sharding(mesh, batch_axis, local.ndim)
+    return jax.make_array_from_process_local_data(sharding, local)
+
+
+def local_batch_rows(global_rows: int, mesh: Mesh) -> int:
+    """How many rows of a global batch this process feeds (its share of the devices)."""
+    n_local = sum(d.process_index == jax.process_index() for d in mesh.devices.flat)
+    return global_rows * n_local // mesh.size

@@ -1,0 +1,468 @@
+"""The one train step and the training loop (pretraining now; midtraining and SFT reuse both).
+
+`make_train_step` builds a pure (state, batch) -> (state, metrics) function: gradient accumulation over the
+micro-batches of `batch` runs inside it with `lax.scan`, then one optimizer update. `Trainer` jits it once with
+explicit shardings and donation, AOT-compiles it (logging compile time and memory), and runs the loop: metrics
+read one step late so dispatch stays asynchronous, val bits-per-byte every --eval-every steps, greedy samples
+every --sample-every, orbax checkpoints, TensorBoard scalars, optional profiler trace.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from nanochat_jax import gpt, optim, sharding
+from nanochat_jax.common import format_duration, get_base_dir, get_peak_flops, print0
+
+SAMPLE_PROMPTS = ("The capital of France is", "The chemical symbol of gold is",
+                  "If yesterday was Friday, then tomorrow will be", "The opposite of hot is",
+                  "The planets of the solar system are:", "My favorite color is", "If 5*x + 3 = 13, then x is")
+
+
+# ----------------------------------------------------------------------------------------------
+# The step
+
+def make_train_step(model_cfg: gpt.GPTConfig, tx: optax.GradientTransformation):
+    """state = {"step", "params", "opt_state"}; batch = {"inputs", "targets"} of shape (A, B, T) = A micro-batches.
+
+    The loss of each micro-batch is its mean over valid targets; the step's gradient and loss are the average
+    over micro-batches (nanochat's `loss / grad_accum`). Gradients accumulate in fp32.
+    """
+
+    def loss_fn(params, inputs_BT, targets_BT):
+        return gpt.forward(params, inputs_BT, model_cfg, targets_BT=targets_BT)
+
+    def train_step(state, batch):
+        params = state["params"]
+        n_micro = batch["inputs"].shape[0]
+
+        def micro(carry, xy):
+            grads_acc, loss_acc = carry
+            loss, grads = jax.value_and_grad(loss_fn)(params, *xy)
+            grads_acc = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), grads_acc, grads)
+            return (grads_acc, loss_acc + loss), None
+
+        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+        (grads, loss), _ = jax.lax.scan(micro, (zeros, jnp.zeros((), jnp.float32)),
+                                        (batch["inputs"], batch["targets"]))
+        grads = jax.tree.map(lambda g: g / n_micro, grads)
+        updates, opt_state = tx.update(grads, state["opt_state"], params)
+        params = optax.apply_updates(params, updates)
+        new_state = {"step": state["step"] + 1, "params": params, "opt_state": opt_state}
+        return new_state, {"loss": loss / n_micro}
+
+    return train_step
+
+
+def init_state(model_cfg: gpt.GPTConfig, tx: optax.GradientTransformation, key):
+    params = gpt.init_params(model_cfg, key)
+    return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
+
+
+def state_shardings(state_shapes, mesh, shard: bool = True):
+    """Params and optimizer state through the one rules table; the step counter replicated."""
+    return {"step": sharding.replicated(mesh),
+            "params": sharding.tree_shardings(state_shapes["params"], mesh, shard=shard),
+            "opt_state": sharding.tree_shardings(state_shapes["opt_state"], mesh, shard=shard)}
+
+
+def compile_train_step(model_cfg, tx, mesh, state_shapes, batch_shape, *, shard_params: bool = True):
+    """jit with explicit shardings + donation, lowered and compiled ahead of time. Returns (compiled, shardings, info)."""
+    shardings = state_shardings(state_shapes, mesh, shard_params)
+    batch_sh = sharding.batch_sharding(mesh, batch_axis=1, ndim=3)
+    step_fn = jax.jit(make_train_step(model_cfg, tx), in_shardings=(shardings, {"inputs": batch_sh, "targets": batch_sh}),
+                      out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=(0,))
+    batch_abstract = {k: jax.ShapeDtypeStruct(batch_shape, jnp.int32, sharding=batch_sh) for k in ("inputs", "targets")}
+    state_abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), state_shapes, shardings)
+    t0 = time.perf_counter()
+    compiled = step_fn.lower(state_abstract, batch_abstract).compile()
+    info = {"compile_seconds": time.perf_counter() - t0}
+    try:
+        mem = compiled.memory_analysis()
+        if mem is not None:
+            info["memory"] = {k: int(getattr(mem, k)) for k in ("argument_size_in_bytes", "output_size_in_bytes",
+                                                                 "temp_size_in_bytes", "alias_size_in_bytes")
+                              if hasattr(mem, k)}
+    except Exception:  # not every backend reports it
+        pass
+    return compiled, shardings, info
+
+
+# ----------------------------------------------------------------------------------------------
+# Greedy samples of the fixed prompts (no KV cache: a fixed-shape forward per new token; the engine does better)
+
+def greedy_samples(params, model_cfg, tokenizer, prompts=SAMPLE_PROMPTS, max_new_tokens: int = 16,
+                   forward_fn=None) -> list[str]:
+    ids = [tokenizer.encode(p, prepend=tokenizer.bos_id) for p in prompts]
+    length = max(map(len, ids)) + max_new_tokens
+    buf = np.full((len(ids), length), tokenizer.bos_id, np.int32)
+    pos = np.array([len(x) for x in ids])
+    for i, x in enumerate(ids):
+        buf[i, :len(x)] = x
+    forward_fn = forward_fn or jax.jit(lambda p, x: gpt.forward(p, x, model_cfg))
+    rows = np.arange(len(ids))
+    for _ in range(max_new_tokens):
+        logits = forward_fn(params, jnp.asarray(buf))
+        nxt = np.asarray(jnp.argmax(logits[rows, pos - 1], axis=-1))
+        buf[rows, pos] = nxt
+        pos += 1
+    return [tokenizer.decode(buf[i, :pos[i]].tolist()) for i in range(len(ids))]
+
+
+# ----------------------------------------------------------------------------------------------
+# Logging to TensorBoard (process 0 only; lazy import)
+
+class ScalarLog:
+    def __init__(self, logdir):
+        self.writer = None
+        if jax.process_index() == 0 and logdir:
+            from tensorboard.summary import Writer
+
+            self.writer = Writer(str(logdir))
+
+    def __call__(self, step: int, **scalars):
+        if self.writer is not None:
+            for k, v in scalars.items():
+                self.writer.add_scalar(k, float(v), step=step)
+
+    def close(self):
+        if self.writer is not None:
+            self.writer.flush()
+            self.writer.close()
+
+
+def parse_profile_steps(spec: str) -> tuple[int, int] | None:
+    if not spec:
+        return None
+    try:
+        a, b = (int(x) for x in spec.split(":"))
+    except ValueError:
+        raise ValueError(f"--profile-steps must look like START:STOP (e.g. 5:8), got {spec!r}") from None
+    if not 0 <= a < b:
+        raise ValueError(f"--profile-steps START:STOP needs 0 <= START < STOP, got {spec!r}")
+    return a, b
+
+
+@dataclass
+class LoopState:
+    """What the loop carries between steps and across a resume (saved in the checkpoint's meta)."""
+    smooth_loss: float = 0.0
+    total_training_time: float = 0.0
+    min_val_bpb: float = float("inf")
+    val_bpb: float | None = None
+    history: list = field(default_factory=list)  # [(step, loss)] of this process, for tests/reports
+
+
+def stack_micro_batches(loader: Iterator[dict], n_micro: int) -> dict[str, np.ndarray]:
+    """A micro-batches of (B, T) from the loader → {"inputs", "targets"} of shape (A, B, T)."""
+    batches = [next(loader) for _ in range(n_micro)]
+    return {k: np.stack([b[k] for b in batches]) for k in ("inputs", "targets")}
+
+
+def mfu_percent(flops_per_token: float, tokens: int, seconds: float, device_kind: str, n_devices: int) -> float:
+    peak = get_peak_flops(device_kind)
+    return 100.0 * flops_per_token * tokens / seconds / (peak * n_devices) if math.isfinite(peak) else 0.0
+
+
+def json_safe(obj: Any) -> Any:
+    return json.loads(json.dumps(obj, default=lambda o: dataclasses.asdict(o) if dataclasses.is_dataclass(o) else str(o)))
+
+
+def run_dir(model_tag: str):
+    return get_base_dir() / "runs" / model_tag
+
+
+# ----------------------------------------------------------------------------------------------
+# Pretraining: config and loop
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    """Base-model pretraining (nanochat's base_train flags, dash style, plus --mesh/--data-dir/--attention/--resume)."""
+    # model
+    depth: int = 20
+    aspect_ratio: int = 64
+    head_dim: int = 128
+    n_kv_head: int = -1                   # -1: = n_head (no GQA)
+    max_seq_len: int = 2048
+    window_pattern: str = "SSSL"
+    attention: str = "auto"               # auto | xla | cudnn | pallas
+    compute_dtype: str = "auto"           # auto (bf16 on GPU, fp32 on CPU) | bfloat16 | float32
+    remat: bool = False
+    # horizon and batch
+    num_iterations: int = -1
+    target_flops: float = -1.0
+    target_param_data_ratio: float = 12.0
+    device_batch_size: int = 32
+    total_batch_size: int = -1            # tokens per optimizer step; -1 = auto (Power Lines rule)
+    # optimizer
+    embedding_lr: float = 0.3
+    unembedding_lr: float = 0.008
+    matrix_lr: float = 0.02
+    scalar_lr: float = 0.5
+    weight_decay: float = 0.28
+    warmup_steps: int = 40
+    warmdown_ratio: float = 0.65
+    final_lr_frac: float = 0.05
+    # evaluation, sampling, checkpoints, logging
+    eval_every: int = 250
+    eval_tokens: int = 80 * 524288
+    sample_every: int = 2000
+    save_every: int = -1
+    keep_checkpoints: int = 3
+    model_tag: str | None = None          # default d<depth>
+    resume: bool = False                  # continue from the latest checkpoint of this model tag
+    resume_from_step: int = -1            # ...or from this step
+    log_every: int = 1
+    profile_steps: str = ""               # START:STOP, writes a jax.profiler trace under the run dir
+    # where and how
+    mesh: int = -1                        # devices in the ("data",) mesh; -1 = all
+    distributed: bool | None = None       # None: auto-detect a multi-process launcher
+    fsdp: bool = True                     # shard params/optimizer state over the mesh (ZeRO/FSDP); else replicate
+    data_dir: str | None = None
+    tokenizer_dir: str | None = None
+    seed: int = 42
+
+    def __post_init__(self):
+        def need(cond, msg):
+            if not cond:
+                raise ValueError(msg)
+        need(self.depth >= 1, f"--depth must be >= 1, got {self.depth}")
+        need(self.max_seq_len >= 2, f"--max-seq-len must be >= 2, got {self.max_seq_len}")
+        need(self.device_batch_size >= 1, f"--device-batch-size must be >= 1, got {self.device_batch_size}")
+        need(self.attention in ("auto", "xla", "cudnn", "pallas"), f"--attention must be auto|xla|cudnn|pallas, got {self.attention!r}")
+        need(self.compute_dtype in ("auto", "bfloat16", "float32"), f"--compute-dtype must be auto|bfloat16|float32")
+        need(self.num_iterations > 0 or self.target_flops > 0 or self.target_param_data_ratio > 0,
+             "set one of --num-iterations, --target-flops or --target-param-data-ratio to a positive value")
+        need(self.total_batch_size == -1 or self.total_batch_size > 0, "--total-batch-size must be > 0 or -1 (auto)")
+        need(self.eval_every != 0 and self.sample_every != 0 and self.save_every != 0 and self.log_every >= 1,
+             "--eval-every/--sample-every/--save-every must be > 0 or -1 (off); --log-every >= 1")
+        need(self.keep_checkpoints >= 1, "--keep-checkpoints must be >= 1")
+        parse_profile_steps(self.profile_steps)
+
+
+def build_model_config(cfg: PretrainConfig, vocab_size: int, on_gpu: bool) -> gpt.GPTConfig:
+    dtype = cfg.compute_dtype if cfg.compute_dtype != "auto" else ("bfloat16" if on_gpu else "float32")
+    backend = cfg.attention if cfg.attention != "auto" else ("cudnn" if on_gpu else "xla")
+    return gpt.GPTConfig.from_depth(cfg.depth, aspect_ratio=cfg.aspect_ratio, head_dim=cfg.head_dim,
+                                    max_seq_len=cfg.max_seq_len, vocab_size=vocab_size,
+                                    n_kv_head=None if cfg.n_kv_head == -1 else cfg.n_kv_head,
+                                    window_pattern=cfg.window_pattern, compute_dtype=dtype, attn_backend=backend,
+                                    remat=cfg.remat)
+
+
+def plan_horizon(cfg: PretrainConfig, model_cfg: gpt.GPTConfig, n_devices: int) -> dict:
+    """Batch size, grad accumulation, iterations, LR/WD scaling (reference §5.1), validated."""
+    counts = gpt.num_params(model_cfg)
+    ref = gpt.num_params(dataclasses.replace(gpt.GPTConfig.from_depth(12, vocab_size=model_cfg.vocab_size,
+                                                                      max_seq_len=model_cfg.sequence_len)))
+    ratio = cfg.target_param_data_ratio if cfg.target_param_data_ratio > 0 else 12.0
+    target = optim.target_tokens(ratio, counts["scaling"])
+    d_ref = ratio * ref["scaling"]
+    B = cfg.total_batch_size if cfg.total_batch_size > 0 else optim.auto_batch_size(target, d_ref)
+    micro_tokens = cfg.device_batch_size * cfg.max_seq_len * n_devices
+    if B % micro_tokens:
+        raise ValueError(f"--total-batch-size={B} is not a multiple of device_batch_size × max_seq_len × devices = "
+                         f"{cfg.device_batch_size} × {cfg.max_seq_len} × {n_devices} = {micro_tokens}; change one of them")
+    n_iter = optim.horizon(total_batch_size=B, num_iterations=cfg.num_iterations, target_flops=cfg.target_flops,
+                           target_param_data_ratio=cfg.target_param_data_ratio, scaling_params=counts["scaling"],
+                           flops_per_token=gpt.flops_per_token(model_cfg))
+    if n_iter < 1:
+        raise ValueError(f"the horizon works out to {n_iter} steps; raise --num-iterations/--target-flops/ratio")
+    return {"total_batch_size": B, "grad_accum": B // micro_tokens, "num_iterations": n_iter,
+            "target_tokens": target, "batch_lr_scale": optim.batch_lr_scale(B),
+            "weight_decay_scaled": optim.scaled_weight_decay(B, target, d_ref, cfg.weight_decay),
+            "params": counts, "flops_per_token": gpt.flops_per_token(model_cfg)}
+
+
+def pretrain(cfg: PretrainConfig) -> LoopState:
+    """The base-training loop. Returns the final LoopState (loss history of this run included)."""
+    from nanochat_jax.checkpoint import Checkpointer, checkpoint_dir
+    from nanochat_jax.dataloader import ShardedLoader
+    from nanochat_jax.dataset import list_parquet_files, resolve_data_dir, split_files
+    from nanochat_jax.loss_eval import evaluate_bpb, make_bpb_fn
+    from nanochat_jax.tokenizer import get_tokenizer
+
+    sharding.maybe_initialize_distributed(cfg.distributed)
+    mesh = sharding.make_mesh(cfg.mesh)
+    device = mesh.devices.flat[0]
+    on_gpu = device.platform == "gpu"
+    tokenizer = get_tokenizer(cfg.tokenizer_dir)
+    token_bytes = jnp.asarray(tokenizer.token_bytes(), jnp.int32)
+    model_cfg = build_model_config(cfg, tokenizer.vocab_size, on_gpu)
+    plan = plan_horizon(cfg, model_cfg, mesh.size)
+    n_iter, grad_accum, B = plan["num_iterations"], plan["grad_accum"], plan["total_batch_size"]
+    tag = cfg.model_tag or f"d{cfg.depth}"
+    print0(f"devices: {mesh.size} × {device.device_kind} ({jax.process_count()} process(es)); compute {model_cfg.compute_dtype}, "
+           f"attention {model_cfg.attn_backend}")
+    print0("model config " + json.dumps(model_cfg.to_dict()))
+    print0("parameters " + ", ".join(f"{k} {v:,}" for k, v in plan["params"].items()))
+    print0(f"FLOPs/token {plan['flops_per_token']:.6e}; total batch {B:,} tokens = grad_accum {grad_accum} × "
+           f"{cfg.device_batch_size} rows × {cfg.max_seq_len} × {mesh.size} devices; {n_iter:,} iterations "
+           f"({n_iter * B:,} tokens, {n_iter * B / plan['params']['scaling']:.2f} tokens/scaling param, "
+           f"{n_iter * B * plan['flops_per_token']:.3e} FLOPs); lr scale {plan['batch_lr_scale']:.4f}, "
+           f"wd {plan['weight_decay_scaled']:.4f}")
+
+    opt_cfg = optim.OptimConfig(num_iterations=n_iter, model_dim=model_cfg.n_embd, matrix_lr=cfg.matrix_lr,
+                                embedding_lr=cfg.embedding_lr, unembedding_lr=cfg.unembedding_lr,
+                                scalar_lr=cfg.scalar_lr, weight_decay=cfg.weight_decay,
+                                weight_decay_scaled=plan["weight_decay_scaled"], batch_lr_scale=plan["batch_lr_scale"],
+                                warmup_steps=cfg.warmup_steps, warmdown_ratio=cfg.warmdown_ratio,
+                                final_lr_frac=cfg.final_lr_frac)
+    param_shapes = gpt.param_shapes(model_cfg)
+    tx = optim.build_optimizer(param_shapes, opt_cfg)
+    state_shapes = jax.eval_shape(lambda k: init_state(model_cfg, tx, k), jax.random.key(0))
+    step_fn, shardings, info = compile_train_step(model_cfg, tx, mesh, state_shapes,
+                                                  (grad_accum, cfg.device_batch_size * mesh.size, cfg.max_seq_len),
+                                                  shard_params=cfg.fsdp)
+    print0(f"compiled the train step in {info['compile_seconds']:.1f}s; memory {info.get('memory', 'n/a')}")
+
+    # state: fresh or restored
+    ckpt = Checkpointer(checkpoint_dir("base", tag), keep=cfg.keep_checkpoints)
+    loop = LoopState()
+    loader_state = None
+    resume_step = cfg.resume_from_step if cfg.resume_from_step >= 0 else (ckpt.latest_step() if cfg.resume else None)
+    if cfg.resume and resume_step is None:
+        raise FileNotFoundError(f"--resume: no checkpoint of {tag!r} in {ckpt.directory}; start without --resume")
+    if resume_step is not None:
+        meta = ckpt.read_meta(resume_step)
+        if meta["model_config"] != json_safe(model_cfg.to_dict()):
+            raise ValueError(f"checkpoint {tag} step {resume_step} has model config {meta['model_config']}, but the "
+                             f"flags give {model_cfg.to_dict()}: resume with the original flags")
+        if meta.get("total_batch_size") != B or meta.get("num_iterations") != n_iter:
+            raise ValueError(f"checkpoint was trained with total batch {meta.get('total_batch_size')} for "
+                             f"{meta.get('num_iterations')} iterations; the flags give {B} for {n_iter}")
+        abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), state_shapes, shardings)
+        params, opt_state, meta = ckpt.restore(resume_step, abstract_params=abstract["params"],
+                                               abstract_opt_state=abstract["opt_state"])
+        state = {"step": jax.device_put(jnp.asarray(resume_step, jnp.int32), shardings["step"]),
+                 "params": params, "opt_state": opt_state}
+        loop = LoopState(**{k: v for k, v in meta["loop_state"].items() if k != "history"})
+        loader_state = meta["loader_state"]
+        print0(f"resumed {tag} from step {resume_step}")
+    else:
+        state = jax.jit(lambda k: init_state(model_cfg, tx, k), out_shardings=shardings)(jax.random.key(cfg.seed))
+    start = resume_step or 0
+
+    files = list_parquet_files(resolve_data_dir(cfg.data_dir))
+    # one reader per device, strided by the device's place in the mesh: same global batches however many processes
+    shards = [i for i, d in enumerate(mesh.devices.flat) if d.process_index == jax.process_index()]
+    loader = ShardedLoader(tokenizer, cfg.device_batch_size, cfg.max_seq_len, "train", files=split_files(files, "train"),
+                           shard_indices=shards, num_shards=mesh.size, state=loader_state)
+    bpb_fn = jax.jit(make_bpb_fn(model_cfg), in_shardings=(shardings["params"], sharding.batch_sharding(mesh),
+                                                            sharding.batch_sharding(mesh), sharding.replicated(mesh)))
+    fwd_fn = jax.jit(lambda p, x: gpt.forward(p, x, model_cfg))
+    eval_steps = max(1, cfg.eval_tokens // (cfg.device_batch_size * cfg.max_seq_len * mesh.size))
+
+    def val_batches():
+        with ShardedLoader(tokenizer, cfg.device_batch_size, cfg.max_seq_len, "val", files=split_files(files, "val"),
+                           shard_indices=shards, num_shards=mesh.size) as val:
+            for b in val:
+                yield {k: sharding.global_batch(v, mesh) for k, v in b.items()}
+
+    log = ScalarLog(run_dir(tag))
+    profile = parse_profile_steps(cfg.profile_steps)
+    flops_tok = plan["flops_per_token"]
+
+    def put(batch):
+        return {k: sharding.global_batch(v, mesh, batch_axis=1) for k, v in batch.items()}
+
+    def save(step):
+        meta = {"step": step, "model_config": model_cfg.to_dict(), "user_config": dataclasses.asdict(cfg),
+                "device_batch_size": cfg.device_batch_size, "max_seq_len": cfg.max_seq_len,
+                "total_batch_size": B, "num_iterations": n_iter, "val_bpb": loop.val_bpb,
+                "loader_state": loader_pos,  # where the batch of step `step` starts (it is already prefetched)
+                "loop_state": {k: v for k, v in dataclasses.asdict(loop).items() if k != "history"}}
+        ckpt.save(step, params=state["params"], opt_state=state["opt_state"], meta=json_safe(meta), overwrite=True)
+        print0(f"saved checkpoint {tag} step {step} to {ckpt.directory}")
+
+    def report(pending):
+        _report(pending, loop, log, cfg, opt_cfg, B, flops_tok, device.device_kind, mesh.size, loader.epoch)
+
+    pending = None  # (step, metrics on device, seconds since the previous dispatch): read one step late
+    t_last = time.perf_counter()
+    loader_pos = loader.get_state()
+    next_batch = put(stack_micro_batches(loader, grad_accum)) if start < n_iter else None
+    try:
+        for step in range(start, n_iter + 1):
+            last = step == n_iter
+            if pending is not None and (last or any(e > 0 and step % e == 0 for e in
+                                                    (cfg.eval_every, cfg.sample_every, cfg.save_every))):
+                report(pending)  # log the previous step before this step's eval/sample/save lines
+                pending = None
+            if last or (cfg.eval_every > 0 and step % cfg.eval_every == 0):
+                loop.val_bpb = evaluate_bpb(bpb_fn, state["params"], val_batches(), token_bytes, eval_steps)
+                loop.min_val_bpb = min(loop.min_val_bpb, loop.val_bpb)
+                print0(f"step {step:05d} | validation bpb {loop.val_bpb:.4f}")
+                log(step, **{"val/bpb": loop.val_bpb})
+                t_last = time.perf_counter()  # eval time is not training time
+            if (last or (cfg.sample_every > 0 and step % cfg.sample_every == 0)) and step > 0:
+                # every process joins (params may be sharded across processes); process 0 prints
+                for text in greedy_samples(state["params"], model_cfg, tokenizer, forward_fn=fwd_fn):
+                    print0(f"  sample: {text!r}")
+                t_last = time.perf_counter()
+            if step > start and (last or (cfg.save_every > 0 and step % cfg.save_every == 0)):
+                save(step)
+                t_last = time.perf_counter()
+            if last:
+                break
+            if profile and step == profile[0]:
+                jax.profiler.start_trace(str(run_dir(tag) / "profile"))
+            state, metrics = step_fn(state, next_batch)
+            if profile and step == profile[1] - 1:
+                jax.block_until_ready(metrics)
+                jax.profiler.stop_trace()
+                print0(f"wrote a profiler trace of steps {profile[0]}..{profile[1] - 1} to {run_dir(tag) / 'profile'}")
+            if step + 1 < n_iter:  # host work for the next step overlaps this one
+                loader_pos = loader.get_state()
+                next_batch = put(stack_micro_batches(loader, grad_accum))
+            else:
+                loader_pos = loader.get_state()  # everything consumed
+            if pending is not None:
+                report(pending)
+            now = time.perf_counter()
+            pending = (step, metrics, now - t_last)
+            t_last = now
+        if pending is not None:
+            report(pending)
+    finally:
+        ckpt.close()
+        loader.close()
+        log.close()
+    print0(f"done: {n_iter} steps, min val bpb {loop.min_val_bpb:.4f}, training time {format_duration(loop.total_training_time)}")
+    print0(json.dumps({"final_step": n_iter, "val_bpb": loop.val_bpb, "min_val_bpb": loop.min_val_bpb,
+                       "losses": [[s_, l_] for s_, l_ in loop.history]}))
+    return loop
+
+
+def _report(pending, loop: LoopState, log, cfg, opt_cfg, B, flops_tok, device_kind, n_devices, epoch):
+    step, metrics, dt = pending
+    loss = float(metrics["loss"])  # waits for that step only; the next one is already queued
+    beta = 0.9
+    loop.smooth_loss = beta * loop.smooth_loss + (1 - beta) * loss
+    smooth = loop.smooth_loss / (1 - beta ** (step + 1))
+    if step > 10:  # like nanochat: the first steps (compilation, warm-up) do not count
+        loop.total_training_time += dt
+    loop.history.append((step, loss))
+    n_iter = opt_cfg.num_iterations
+    hp = optim.current_hyperparams(opt_cfg, step)
+    tok_s, mfu = B / dt, mfu_percent(flops_tok, B, dt, device_kind, n_devices)
+    if step % cfg.log_every == 0 or step + 1 == n_iter:
+        print0(f"step {step:05d}/{n_iter} ({100 * (step + 1) / n_iter:.1f}%) | loss {smooth:.6f} | lrm {hp['lrm']:.2f} | "
+               f"dt {dt * 1e3:.0f}ms | tok/s {tok_s:,.0f} | mfu {mfu:.2f} | epoch {epoch} | "
+               f"total time {format_duration(loop.total_training_time)} | eta {format_duration((n_iter - step - 1) * dt)}")
+    log(step, **{"train/loss": smooth, "train/raw_loss": loss, "train/lrm": hp["lrm"], "train/tok_per_sec": tok_s,
+                 "train/mfu": mfu, "train/dt": dt})
+
+
+__all__ = ["make_train_step", "init_state", "state_shardings", "compile_train_step", "greedy_samples", "ScalarLog",
+           "LoopState", "stack_micro_batches", "mfu_percent", "parse_profile_steps", "print0", "format_duration"]

@@ -1,0 +1,94 @@
+"""Train-step throughput and MFU on the available devices, without data loading (random tokens).
+
+    python scripts/bench_train.py --depth=20 --device-batch-size=16 --max-seq-len=2048 --attention=cudnn   # GPU
+    python scripts/bench_train.py --depth=2 --max-seq-len=128 --device-batch-size=4 --vocab-size=4096     # CPU
+
+The same step as training (scripts/pretrain.py): model, optimizer, sharding and donation. The last line is JSON.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass
+
+import jax
+import numpy as np
+
+from nanochat_jax import gpt, optim, sharding, train
+from nanochat_jax.config import parse_flags, print_config
+
+
+@dataclass(frozen=True)
+class BenchTrainConfig:
+    depth: int = 12
+    aspect_ratio: int = 64
+    head_dim: int = 128
+    n_kv_head: int = -1
+    max_seq_len: int = 2048
+    window_pattern: str = "SSSL"
+    vocab_size: int = 32768
+    device_batch_size: int = 16
+    grad_accum: int = 1
+    attention: str = "auto"
+    compute_dtype: str = "auto"
+    remat: bool = False
+    mesh: int = -1
+    fsdp: bool = True
+    steps: int = 10
+    warmup_steps: int = 3
+
+    def __post_init__(self):
+        if self.steps < 1 or self.warmup_steps < 1 or self.grad_accum < 1:
+            raise ValueError("--steps, --warmup-steps and --grad-accum must be >= 1")
+
+
+def main(argv=None) -> dict:
+    cfg = parse_flags(BenchTrainConfig, argv)
+    print_config(cfg)
+    mesh = sharding.make_mesh(cfg.mesh)
+    device = mesh.devices.flat[0]
+    pcfg = train.PretrainConfig(depth=cfg.depth, aspect_ratio=cfg.aspect_ratio, head_dim=cfg.head_dim,
+                                n_kv_head=cfg.n_kv_head, max_seq_len=cfg.max_seq_len, window_pattern=cfg.window_pattern,
+                                attention=cfg.attention, compute_dtype=cfg.compute_dtype, remat=cfg.remat)
+    model_cfg = train.build_model_config(pcfg, cfg.vocab_size, device.platform == "gpu")
+    shapes = gpt.param_shapes(model_cfg)
+    tx = optim.build_optimizer(shapes, optim.OptimConfig(num_iterations=1000, model_dim=model_cfg.n_embd))
+    state_shapes = jax.eval_shape(lambda k: train.init_state(model_cfg, tx, k), jax.random.key(0))
+    rows = cfg.device_batch_size * mesh.size
+    batch_shape = (cfg.grad_accum, rows, cfg.max_seq_len)
+    step_fn, shardings, info = train.compile_train_step(model_cfg, tx, mesh, state_shapes, batch_shape,
+                                                        shard_params=cfg.fsdp)
+    print(f"compiled in {info['compile_seconds']:.1f}s; memory {info.get('memory')}")
+    state = jax.jit(lambda k: train.init_state(model_cfg, tx, k), out_shardings=shardings)(jax.random.key(0))
+    rng = np.random.default_rng(0)
+    local_rows = sharding.local_batch_rows(rows, mesh)
+    tokens = rng.integers(0, cfg.vocab_size, (cfg.grad_accum, local_rows, cfg.max_seq_len + 1), dtype=np.int32)
+    batch = {"inputs": sharding.global_batch(tokens[..., :-1], mesh, batch_axis=1),
+             "targets": sharding.global_batch(tokens[..., 1:], mesh, batch_axis=1)}
+    for _ in range(cfg.warmup_steps):
+        state, metrics = step_fn(state, batch)
+    jax.block_until_ready(metrics)
+    t0 = time.perf_counter()
+    for _ in range(cfg.steps):
+        state, metrics = step_fn(state, batch)
+    jax.block_until_ready(metrics)
+    dt = (time.perf_counter() - t0) / cfg.steps
+    tokens_per_step = cfg.grad_accum * rows * cfg.max_seq_len
+    flops_tok = gpt.flops_per_token(model_cfg)
+    result = {"depth": cfg.depth, "devices": mesh.size, "device_kind": device.device_kind,
+              "attention": model_cfg.attn_backend, "compute_dtype": model_cfg.compute_dtype,
+              "params": gpt.num_params(model_cfg)["total"], "tokens_per_step": tokens_per_step,
+              "step_seconds": dt, "tokens_per_s": tokens_per_step / dt,
+              "mfu_percent": train.mfu_percent(flops_tok, tokens_per_step, dt, device.device_kind, mesh.size),
+              "compile_seconds": info["compile_seconds"], "loss": float(metrics["loss"]),
+              "config": dataclasses.asdict(cfg)}
+    print(f"{result['tokens_per_s']:,.0f} tokens/s, {dt * 1e3:.1f} ms/step, MFU {result['mfu_percent']:.1f}% "
+          f"({mesh.size} × {device.device_kind})")
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()
