@@ -29,10 +29,14 @@ fi
 export NANOCHAT_JAX_DATA_DIR="$DATA_DIR"
 
 SECONDS=0
-echo "[demo] 1/3 tokenizer training"
+echo "[demo] 1/4 tokenizer training"
 python scripts/tok_train.py --max-chars=20000000 --vocab-size=4096
-echo "[demo] 2/3 tokenizer evaluation"
+echo "[demo] 2/4 tokenizer evaluation"
 python scripts/tok_eval.py
-echo "[demo] 3/3 pretraining data loader throughput"
+echo "[demo] 3/4 pretraining data loader throughput"
 python scripts/bench_loader.py --num-batches=30
+echo "[demo] 4/4 pretraining a tiny model (d2) on CPU"
+python scripts/pretrain.py --depth=2 --head-dim=64 --max-seq-len=256 --device-batch-size=8 --total-batch-size=4096 \
+  --num-iterations=60 --warmup-steps=5 --eval-every=30 --eval-tokens=16384 --sample-every=60 --save-every=30 \
+  --matrix-lr=0.04 --embedding-lr=0.6 --unembedding-lr=0.016 --model-tag=demo_d2
 echo "[demo] done in ${SECONDS}s"
