@@ -385,11 +385,14 @@ def pretrain(cfg: PretrainConfig) -> LoopState:
         ckpt.save(step, params=state["params"], opt_state=state["opt_state"], meta=json_safe(meta), overwrite=True)
         print0(f"saved checkpoint {tag} step {step} to {ckpt.directory}")
 
-    def report(pending):
-        _report(pending, loop, log, cfg, opt_cfg, B, flops_tok, device.device_kind, mesh.size, loader.epoch)
+    # Step time = time between the completions of consecutive steps (each read one step late); restarted after
+    # evals, samples and saves so their time is not counted as training.
+    clock = {"last": time.perf_counter()}
 
-    pending = None  # (step, metrics on device, seconds since the previous dispatch): read one step late
-    t_last = time.perf_counter()
+    def report(pending):
+        _report(pending, loop, log, cfg, opt_cfg, B, flops_tok, device.device_kind, mesh.size, loader.epoch, clock)
+
+    pending = None  # (step, metrics still on device)
     loader_pos = loader.get_state()
     next_batch = put(stack_micro_batches(loader, grad_accum)) if start < n_iter else None
     try:
@@ -404,15 +407,15 @@ def pretrain(cfg: PretrainConfig) -> LoopState:
                 loop.min_val_bpb = min(loop.min_val_bpb, loop.val_bpb)
                 print0(f"step {step:05d} | validation bpb {loop.val_bpb:.4f}")
                 log(step, **{"val/bpb": loop.val_bpb})
-                t_last = time.perf_counter()  # eval time is not training time
+                clock["last"] = time.perf_counter()
             if (last or (cfg.sample_every > 0 and step % cfg.sample_every == 0)) and step > 0:
                 # every process joins (params may be sharded across processes); process 0 prints
                 for text in greedy_samples(state["params"], model_cfg, tokenizer, forward_fn=fwd_fn):
                     print0(f"  sample: {text!r}")
-                t_last = time.perf_counter()
+                clock["last"] = time.perf_counter()
             if step > start and (last or (cfg.save_every > 0 and step % cfg.save_every == 0)):
                 save(step)
-                t_last = time.perf_counter()
+                clock["last"] = time.perf_counter()
             if last:
                 break
             if profile and step == profile[0]:
@@ -429,9 +432,7 @@ def pretrain(cfg: PretrainConfig) -> LoopState:
                 loader_pos = loader.get_state()  # everything consumed
             if pending is not None:
                 report(pending)
-            now = time.perf_counter()
-            pending = (step, metrics, now - t_last)
-            t_last = now
+            pending = (step, metrics)
         if pending is not None:
             report(pending)
     finally:
@@ -444,9 +445,11 @@ def pretrain(cfg: PretrainConfig) -> LoopState:
     return loop
 
 
-def _report(pending, loop: LoopState, log, cfg, opt_cfg, B, flops_tok, device_kind, n_devices, epoch):
-    step, metrics, dt = pending
+def _report(pending, loop: LoopState, log, cfg, opt_cfg, B, flops_tok, device_kind, n_devices, epoch, clock):
+    step, metrics = pending
     loss = float(metrics["loss"])  # waits for that step only; the next one is already queued
+    now = time.perf_counter()
+    dt, clock["last"] = now - clock["last"], now
     beta = 0.9
     loop.smooth_loss = beta * loop.smooth_loss + (1 - beta) * loss
     smooth = loop.smooth_loss / (1 - beta ** (step + 1))
