@@ -147,3 +147,18 @@ def test_plan_horizon_and_validation():
             train.PretrainConfig(**kwargs)
     with pytest.raises(ValueError, match="--mesh=16"):
         sharding.make_mesh(16)
+
+
+def test_bench_train_script_runs():
+    import json
+    import subprocess
+    import sys
+
+    from conftest import REPO_ROOT
+
+    out = subprocess.run([sys.executable, str(REPO_ROOT / "scripts" / "bench_train.py"), "--depth=1", "--head-dim=32",
+                          "--aspect-ratio=64", "--max-seq-len=64", "--device-batch-size=2", "--vocab-size=512",
+                          "--steps=2", "--warmup-steps=1", "--mesh=2"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["devices"] == 2 and result["tokens_per_step"] == 2 * 2 * 64 and result["tokens_per_s"] > 0
