@@ -1,0 +1,325 @@
+"""Convert between nanochat's PyTorch checkpoints and our parameter pytree.
+
+nanochat writes `model_<step:06d>.pt` (a torch state dict) and `meta_<step:06d>.json` (with "model_config":
+sequence_len, vocab_size, n_layer, n_head, n_kv_head, n_embd and, since sliding windows, window_pattern);
+reference §6 "Checkpoint". Two layouts are understood:
+
+  HEAD     transformer.wte.weight (Vp, D) with the vocab padded to 64, transformer.h.{i}.attn.c_{q,k,v,proj}.weight,
+           transformer.h.{i}.mlp.c_{fc,proj}.weight, transformer.h.{i}.attn.ve_gate.weight (K, 12) on VE layers,
+           value_embeds.{i}.weight (Vp, K*hd), resid_lambdas (L,), x0_lambdas (L,), smear_gate.weight (1, 24),
+           smear_lambda (1,), backout_lambda (1,), lm_head.weight (Vp, D)
+  classic  (October 2025) the same block keys, wte/lm_head with exactly vocab_size rows, none of the extras
+
+torch Linear weights are (out, in); ours are (in, out), blocks stacked on a leading layer axis (gpt.py docstring).
+Everything here is NumPy; torch is imported only by the two file I/O functions (it is an optional dependency).
+Intermediate nanochat versions (some extras but not all, e.g. the Feb 2026 model without smear/backout) differ
+in ways the keys do not show (RoPE base, gate widths), so they are refused rather than guessed.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from nanochat_jax import gpt
+from nanochat_jax.common import atomic_write
+from nanochat_jax.gpt import GPTConfig
+
+NANOCHAT_PAD_VOCAB = 64       # nanochat HEAD pads wte/lm_head/value_embeds rows to a multiple of this
+COMPILE_PREFIX = "_orig_mod."  # torch.compile'd modules save their keys with this prefix
+_EXTRA_KEYS = ("resid_lambdas", "x0_lambdas", "smear_gate.weight", "smear_lambda", "backout_lambda")
+_BLOCK_MATS = {"attn.c_q": ("attn", "wq"), "attn.c_k": ("attn", "wk"), "attn.c_v": ("attn", "wv"),
+               "attn.c_proj": ("attn", "wo"), "mlp.c_fc": ("mlp", "w_fc"), "mlp.c_proj": ("mlp", "w_proj")}
+_TORCH_HINT = "pip install torch (CPU build is enough)"
+
+
+# ----------------------------------------------------------------------------------------------
+# Config
+
+def strip_compile_prefix(sd: dict[str, Any]) -> dict[str, Any]:
+    return {k.removeprefix(COMPILE_PREFIX): v for k, v in sd.items()}
+
+
+def nanochat_format(keys) -> str:
+    """'head' or 'classic' from the state-dict key names; ValueError for an in-between architecture."""
+    keys = {k.removeprefix(COMPILE_PREFIX) for k in keys}
+    features = {"value_embeds": any(k.startswith("value_embeds.") for k in keys),
+                **{k: k in keys for k in _EXTRA_KEYS}}
+    if all(features.values()):
+        return "head"
+    if not any(features.values()):
+        return "classic"
+    have = sorted(k for k, v in features.items() if v)
+    lack = sorted(k for k, v in features.items() if not v)
+    raise ValueError(f"nanochat state dict is neither the HEAD nor the classic (Oct 2025) model: it has {have} but "
+                     f"lacks {lack}. Intermediate nanochat architectures are not supported (their RoPE base and "
+                     f"gate widths cannot be read from the keys); convert with the nanochat version that wrote it "
+                     f"to HEAD first")
+
+
+def config_from_nanochat(meta: dict[str, Any], keys, **overrides) -> GPTConfig:
+    """GPTConfig for a nanochat checkpoint. meta is the meta JSON (or just its "model_config"); keys are the state
+    dict's key names, which decide HEAD vs classic. overrides set runtime fields (compute_dtype, attn_backend...)."""
+    mc = meta.get("model_config", meta)
+    required = ("sequence_len", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd")
+    missing = [k for k in required if k not in mc]
+    if missing:
+        raise ValueError(f"nanochat model_config lacks {missing} (got keys {sorted(mc)}); is this a nanochat "
+                         f"meta_<step>.json?")
+    dims = {k: int(mc[k]) for k in required}
+    if dims["n_embd"] % dims["n_head"]:
+        raise ValueError(f"nanochat model_config: n_embd {dims['n_embd']} is not divisible by n_head {dims['n_head']}")
+    dims["head_dim"] = dims["n_embd"] // dims["n_head"]
+    fmt = nanochat_format(keys)
+    if fmt == "head":
+        # GPTConfig's defaults are the HEAD architecture (RoPE 100k, QK x1.2, all extras, reference init).
+        fields = dict(dims, window_pattern=str(mc.get("window_pattern", "L")).upper())
+    else:
+        fields = dict(dims, **gpt._CLASSIC_FEATURES)
+        fields["window_pattern"] = str(mc.get("window_pattern", "L")).upper()  # nanochat patches a missing one to L
+    fields.update(overrides)
+    return GPTConfig(**fields)
+
+
+def config_from_nanochat_meta(meta: dict[str, Any], keys=None, **overrides) -> GPTConfig:
+    """Like config_from_nanochat; without keys, HEAD iff the meta has a window_pattern (OCT metas lack it)."""
+    if keys is None:
+        mc = meta.get("model_config", meta)
+        keys = ["value_embeds.0.weight", *_EXTRA_KEYS] if "window_pattern" in mc else []
+    return config_from_nanochat(meta, keys, **overrides)
+
+
+def _format_of_config(cfg: GPTConfig) -> str:
+    """Which nanochat layout cfg can be written as; ValueError when nanochat has no such model."""
+    flags = (cfg.use_value_embeds, cfg.use_lambdas, cfg.use_smear, cfg.use_backout)
+    if all(flags):
+        fmt, want = "head", dict(rope_base=100_000.0, qk_scale=1.2)
+    elif not any(flags):
+        fmt, want = "classic", dict(rope_base=10_000.0, qk_scale=1.0)
+    else:
+        raise ValueError(f"config has use_value_embeds/use_lambdas/use_smear/use_backout = {flags}: nanochat has "
+                         f"only the all-on (HEAD) and all-off (classic) models")
+    if fmt == "classic" and set(cfg.window_pattern) != {"L"}:
+        raise ValueError(f"config cannot be expressed as a nanochat classic checkpoint: window_pattern "
+                         f"{cfg.window_pattern!r} (the Oct 2025 model has full attention only, 'L')")
+    want.update(softcap=15.0, short_window=None)
+    bad = {k: (getattr(cfg, k), v) for k, v in want.items() if getattr(cfg, k) != v}
+    if bad:
+        raise ValueError(f"config cannot be expressed as a nanochat {fmt} checkpoint: (ours, nanochat's) = {bad}")
+    if cfg.n_embd != cfg.n_head * cfg.head_dim:
+        raise ValueError("nanochat requires head_dim == n_embd // n_head")
+    return fmt
+
+
+def _vocab_rows(cfg: GPTConfig, fmt: str) -> int:
+    if fmt == "classic":
+        return cfg.vocab_size
+    return -(-cfg.vocab_size // NANOCHAT_PAD_VOCAB) * NANOCHAT_PAD_VOCAB
+
+
+# ----------------------------------------------------------------------------------------------
+# State dict <-> params
+
+def _np_dtype(name: str):
+    return np.dtype(gpt._DTYPES[name])  # jnp.bfloat16 is ml_dtypes.bfloat16, a NumPy dtype
+
+
+def params_from_state_dict(sd: dict[str, Any], cfg: GPTConfig) -> gpt.Params:
+    """Our params (NumPy arrays) from a nanochat state dict of NumPy arrays in torch layout. Matrices and scalars
+    become float32, wte/value_embeds cfg.embed_dtype; vocab rows are zero-padded to cfg.padded_vocab."""
+    sd = strip_compile_prefix(sd)
+    fmt = _format_of_config(cfg)
+    L, D, H, K, hd = cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.n_kv_head, cfg.head_dim
+    ve_layers = gpt.value_embed_layers(cfg)
+    f32, edt = np.float32, _np_dtype(cfg.embed_dtype)
+
+    # Every expected key with its torch shape.
+    expected: dict[str, tuple[int, ...]] = {}
+    for i in range(L):
+        for name, (o, n) in {"attn.c_q": (H * hd, D), "attn.c_k": (K * hd, D), "attn.c_v": (K * hd, D),
+                             "attn.c_proj": (D, H * hd), "mlp.c_fc": (4 * D, D), "mlp.c_proj": (D, 4 * D)}.items():
+            expected[f"transformer.h.{i}.{name}.weight"] = (o, n)
+    if fmt == "head":
+        for i in ve_layers:
+            expected[f"transformer.h.{i}.attn.ve_gate.weight"] = (K, gpt.VE_GATE_CHANNELS)
+        expected.update({"resid_lambdas": (L,), "x0_lambdas": (L,), "smear_gate.weight": (1, gpt.SMEAR_CHANNELS),
+                         "smear_lambda": (1,), "backout_lambda": (1,)})
+    vocab_keys = ["transformer.wte.weight", "lm_head.weight"] + [f"value_embeds.{i}.weight" for i in ve_layers]
+
+    missing = sorted(set(expected) - set(sd) | set(vocab_keys) - set(sd))
+    unexpected = sorted(set(sd) - set(expected) - set(vocab_keys))
+    if missing or unexpected:
+        raise ValueError(f"nanochat state dict does not match the {fmt} model of this config "
+                         f"(n_layer={L}, VE layers {ve_layers}): missing keys {missing}, unexpected keys {unexpected}")
+    for k, shape in expected.items():
+        if tuple(np.shape(sd[k])) != shape:
+            raise ValueError(f"nanochat state dict key {k!r} has shape {tuple(np.shape(sd[k]))}, expected {shape} "
+                             f"for this config")
+
+    def vocab_table(k: str, width: int, dtype) -> np.ndarray:
+        a = np.asarray(sd[k])
+        if a.ndim != 2 or a.shape[1] != width or not cfg.vocab_size <= a.shape[0] <= cfg.padded_vocab:
+            raise ValueError(f"nanochat state dict key {k!r} has shape {a.shape}, expected (rows, {width}) with "
+                             f"vocab_size {cfg.vocab_size} <= rows <= padded vocab {cfg.padded_vocab}")
+        out = np.zeros((cfg.padded_vocab, width), dtype)
+        out[:a.shape[0]] = a.astype(dtype)
+        return out
+
+    def mat(k: str) -> np.ndarray:
+        return np.asarray(sd[k]).astype(f32).T
+
+    blocks: dict[str, dict[str, np.ndarray]] = {"attn": {}, "mlp": {}}
+    for tname, (group, ours) in _BLOCK_MATS.items():
+        blocks[group][ours] = np.stack([mat(f"transformer.h.{i}.{tname}.weight") for i in range(L)])
+    params: gpt.Params = {
+        "wte": vocab_table("transformer.wte.weight", D, edt),
+        "lm_head": vocab_table("lm_head.weight", D, f32).T.copy(),
+        "blocks": blocks,
+    }
+    if fmt == "head":
+        params["value_embeds"] = np.stack([vocab_table(f"value_embeds.{i}.weight", K * hd, edt) for i in ve_layers])
+        params["ve_gate"] = np.stack([mat(f"transformer.h.{i}.attn.ve_gate.weight") for i in ve_layers])
+        params["resid_lambdas"] = np.asarray(sd["resid_lambdas"]).astype(f32)
+        params["x0_lambdas"] = np.asarray(sd["x0_lambdas"]).astype(f32)
+        params["smear_gate"] = mat("smear_gate.weight")
+        params["smear_lambda"] = np.asarray(sd["smear_lambda"]).astype(f32).reshape(())
+        params["backout_lambda"] = np.asarray(sd["backout_lambda"]).astype(f32).reshape(())
+    return params
+
+
+def state_dict_from_params(params: gpt.Params, cfg: GPTConfig) -> dict[str, np.ndarray]:
+    """Inverse of params_from_state_dict: NumPy arrays in torch layout with HEAD or classic key names (from the
+    config's feature flags). Vocab tables get nanochat's row count (padded to 64 for HEAD, exact for classic);
+    dtypes are kept (fp32 matrices, embed dtype tables)."""
+    fmt = _format_of_config(cfg)
+    want = gpt.param_shapes(cfg)
+    have_keys, want_keys = _leaf_paths(params), _leaf_paths(want)
+    if have_keys.keys() != want_keys.keys():
+        raise ValueError(f"params do not match the config: missing {sorted(want_keys.keys() - have_keys.keys())}, "
+                         f"unexpected {sorted(have_keys.keys() - want_keys.keys())}")
+    bad = {k: (have_keys[k], want_keys[k]) for k in want_keys if have_keys[k] != want_keys[k]}
+    if bad:
+        raise ValueError(f"param shapes (got, expected) do not match the config: {bad}")
+
+    rows = _vocab_rows(cfg, fmt)
+
+    def vocab_table(a) -> np.ndarray:
+        a = np.asarray(a)
+        if rows <= a.shape[0]:
+            return a[:rows].copy()  # rows past vocab_size are padding, never read
+        return np.concatenate([a, np.zeros((rows - a.shape[0], a.shape[1]), a.dtype)])
+
+    sd: dict[str, np.ndarray] = {"transformer.wte.weight": vocab_table(params["wte"])}
+    for tname, (group, ours) in _BLOCK_MATS.items():
+        stacked = np.asarray(params["blocks"][group][ours])
+        for i in range(cfg.n_layer):
+            sd[f"transformer.h.{i}.{tname}.weight"] = stacked[i].T.copy()
+    sd["lm_head.weight"] = vocab_table(np.asarray(params["lm_head"]).T)
+    if fmt == "head":
+        ve_layers = gpt.value_embed_layers(cfg)
+        for j, i in enumerate(ve_layers):
+            sd[f"transformer.h.{i}.attn.ve_gate.weight"] = np.asarray(params["ve_gate"])[j].T.copy()
+            sd[f"value_embeds.{i}.weight"] = vocab_table(np.asarray(params["value_embeds"])[j])
+        sd["resid_lambdas"] = np.asarray(params["resid_lambdas"]).copy()
+        sd["x0_lambdas"] = np.asarray(params["x0_lambdas"]).copy()
+        sd["smear_gate.weight"] = np.asarray(params["smear_gate"]).T.copy()
+        sd["smear_lambda"] = np.asarray(params["smear_lambda"]).reshape(1).copy()
+        sd["backout_lambda"] = np.asarray(params["backout_lambda"]).reshape(1).copy()
+    return sd
+
+
+def _leaf_paths(tree, prefix: str = "") -> dict[str, tuple[int, ...]]:
+    if isinstance(tree, dict):
+        out = {}
+        for k, v in tree.items():
+            out.update(_leaf_paths(v, f"{prefix}{k}/"))
+        return out
+    return {prefix.rstrip("/"): tuple(np.shape(tree))}
+
+
+def nanochat_model_config(cfg: GPTConfig) -> dict[str, Any]:
+    """The "model_config" nanochat's meta JSON holds for cfg (OCT's GPTConfig had no window_pattern)."""
+    mc = {k: getattr(cfg, k) for k in ("sequence_len", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd")}
+    if _format_of_config(cfg) == "head":
+        mc["window_pattern"] = cfg.window_pattern
+    return mc
+
+
+# ----------------------------------------------------------------------------------------------
+# Files (torch needed)
+
+def _import_torch():
+    try:
+        import torch
+    except ImportError as e:
+        raise ImportError(f"reading/writing nanochat .pt checkpoints needs PyTorch: {_TORCH_HINT}") from e
+    return torch
+
+
+def find_nanochat_steps(directory: str | Path) -> list[int]:
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    return sorted(int(m.group(1)) for p in directory.iterdir() if (m := re.fullmatch(r"model_(\d+)\.pt", p.name)))
+
+
+def read_nanochat_checkpoint(directory: str | Path, step: int | None = None):
+    """(state dict of NumPy arrays with the _orig_mod. prefix stripped, meta dict, step); step None: the largest."""
+    directory = Path(directory)
+    steps = find_nanochat_steps(directory)
+    if not steps:
+        raise FileNotFoundError(f"no nanochat checkpoint (model_<step>.pt) in {directory}")
+    if step is None:
+        step = steps[-1]
+    if step not in steps:
+        raise FileNotFoundError(f"no model_{step:06d}.pt in {directory}; steps there: {steps}")
+    meta_path = directory / f"meta_{step:06d}.json"
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"{meta_path} is missing (nanochat writes it next to model_{step:06d}.pt)")
+    torch = _import_torch()
+    import ml_dtypes
+
+    raw = torch.load(directory / f"model_{step:06d}.pt", map_location="cpu", weights_only=True)
+    sd = {}
+    for k, t in strip_compile_prefix(raw).items():
+        t = t.detach()
+        # NumPy has no bf16: go through fp32 (exact) and back to ml_dtypes' bfloat16.
+        sd[k] = t.float().numpy().astype(ml_dtypes.bfloat16) if t.dtype == torch.bfloat16 else t.numpy()
+    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    return sd, meta, step
+
+
+def load_nanochat_checkpoint(directory: str | Path, step: int | None = None, **config_overrides):
+    """(params, GPTConfig, nanochat meta) from a nanochat checkpoint directory; step None: the largest."""
+    sd, meta, step = read_nanochat_checkpoint(directory, step)
+    cfg = config_from_nanochat(meta, sd.keys(), **config_overrides)
+    return params_from_state_dict(sd, cfg), cfg, meta
+
+
+def save_nanochat_checkpoint(directory: str | Path, step: int, params: gpt.Params, cfg: GPTConfig,
+                             meta: dict[str, Any] | None = None) -> Path:
+    """Write model_<step>.pt and meta_<step>.json as nanochat does (meta gets step and model_config set)."""
+    torch = _import_torch()
+    sd = {}
+    for k, a in state_dict_from_params(params, cfg).items():
+        if a.dtype == np.dtype(gpt._DTYPES["bfloat16"]):
+            sd[k] = torch.from_numpy(a.astype(np.float32)).to(torch.bfloat16)
+        else:
+            sd[k] = torch.from_numpy(np.ascontiguousarray(a))
+    directory = Path(directory)
+    model_path = directory / f"model_{step:06d}.pt"
+    with atomic_write(model_path, "wb") as f:
+        torch.save(sd, f)
+    full_meta = {**(meta or {}), "step": int(step), "model_config": nanochat_model_config(cfg)}
+    with atomic_write(directory / f"meta_{step:06d}.json", "w") as f:
+        json.dump(full_meta, f, indent=2)
+    return model_path
+
+
+__all__ = ["config_from_nanochat", "config_from_nanochat_meta", "nanochat_format", "params_from_state_dict",
+           "state_dict_from_params", "nanochat_model_config", "read_nanochat_checkpoint", "load_nanochat_checkpoint",
+           "save_nanochat_checkpoint", "find_nanochat_steps", "strip_compile_prefix"]
