@@ -33,7 +33,7 @@ def _cfg(data, **kw):
 
 
 def test_tiny_pretraining_learns_and_checkpoints(data):
-    loop = train.pretrain(_cfg(data, num_iterations=30, eval_every=30, save_every=-1))
+    loop = train.pretrain(_cfg(data, num_iterations=30, eval_every=30, save_every=-1, profile_steps="2:4"))
     losses = [l for _, l in loop.history]
     assert len(losses) == 30 and losses[-1] < losses[0] - 1.0, losses
     assert loop.val_bpb is not None and loop.val_bpb < 10
@@ -41,6 +41,9 @@ def test_tiny_pretraining_learns_and_checkpoints(data):
         assert ckpt.latest_step() == 30
         meta = ckpt.read_meta()
     assert meta["model_config"]["n_layer"] == 2 and meta["num_iterations"] == 30 and "loader_state" in meta
+    run = train.run_dir("d2")
+    assert list(run.glob("events.out.tfevents.*")), "TensorBoard scalars"
+    assert list((run / "profile").rglob("*.xplane.pb")), "profiler trace of steps 2..3"
 
 
 def test_resume_is_exact(data):
