@@ -109,6 +109,12 @@ def parse_flags(cls: type[C], argv: Sequence[str] | None = None, *, description:
         parser.exit(2, f"{parser.prog}: error: {e}\n")
 
 
+def require(ok: bool, msg: str) -> None:
+    """The one config check: raise ValueError(msg) unless ok (parse_flags turns it into a clean exit)."""
+    if not ok:
+        raise ValueError(msg)
+
+
 def config_to_dict(cfg: Any) -> dict:
     return dataclasses.asdict(cfg)
 

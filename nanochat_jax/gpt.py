@@ -33,6 +33,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from nanochat_jax.config import require
+
 Params = dict[str, Any]
 
 _DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
@@ -75,8 +77,7 @@ class GPTConfig:
 
     def __post_init__(self):
         def need(ok: bool, msg: str):
-            if not ok:
-                raise ValueError(f"GPTConfig: {msg}")
+            require(ok, f"GPTConfig: {msg}")
 
         for name in ("sequence_len", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd", "head_dim",
                      "pad_vocab_to"):

@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import optax
 
 from nanochat_jax.common import path_str
+from nanochat_jax.config import require
 
 # ----------------------------------------------------------------------------------------------
 # Config
@@ -71,8 +72,7 @@ class OptimConfig:
 
     def __post_init__(self):
         def need(cond: bool, msg: str):
-            if not cond:
-                raise ValueError(f"OptimConfig: {msg}")
+            require(cond, f"OptimConfig: {msg}")
 
         need(self.num_iterations > 0,
              f"num_iterations must be > 0, got {self.num_iterations} (compute it with horizon())")

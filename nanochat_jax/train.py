@@ -14,7 +14,7 @@ import json
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Iterator
 
 import jax
 import jax.numpy as jnp
@@ -22,6 +22,7 @@ import numpy as np
 import optax
 
 from nanochat_jax import gpt, optim, sharding
+from nanochat_jax.config import require
 from nanochat_jax.common import format_duration, get_base_dir, get_peak_flops, print0
 
 SAMPLE_PROMPTS = ("The capital of France is", "The chemical symbol of gold is",
@@ -76,6 +77,11 @@ def state_shardings(state_shapes, mesh, shard: bool = True):
             "opt_state": sharding.tree_shardings(state_shapes["opt_state"], mesh, shard=shard)}
 
 
+def abstract_tree(shapes, shardings):
+    """ShapeDtypeStructs carrying their target shardings (for AOT lowering and checkpoint restores)."""
+    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
+
+
 def compile_train_step(model_cfg, tx, mesh, state_shapes, batch_shape, *, shard_params: bool = True):
     """jit with explicit shardings + donation, lowered and compiled ahead of time. Returns (compiled, shardings, info)."""
     shardings = state_shardings(state_shapes, mesh, shard_params)
@@ -83,7 +89,7 @@ def compile_train_step(model_cfg, tx, mesh, state_shapes, batch_shape, *, shard_
     step_fn = jax.jit(make_train_step(model_cfg, tx), in_shardings=(shardings, {"inputs": batch_sh, "targets": batch_sh}),
                       out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=(0,))
     batch_abstract = {k: jax.ShapeDtypeStruct(batch_shape, jnp.int32, sharding=batch_sh) for k in ("inputs", "targets")}
-    state_abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), state_shapes, shardings)
+    state_abstract = abstract_tree(state_shapes, shardings)
     t0 = time.perf_counter()
     compiled = step_fn.lower(state_abstract, batch_abstract).compile()
     info = {"compile_seconds": time.perf_counter() - t0}
@@ -174,10 +180,6 @@ def mfu_percent(flops_per_token: float, tokens: int, seconds: float, device_kind
     return 100.0 * flops_per_token * tokens / seconds / (peak * n_devices) if math.isfinite(peak) else 0.0
 
 
-def json_safe(obj: Any) -> Any:
-    return json.loads(json.dumps(obj, default=lambda o: dataclasses.asdict(o) if dataclasses.is_dataclass(o) else str(o)))
-
-
 def run_dir(model_tag: str):
     return get_base_dir() / "runs" / model_tag
 
@@ -233,14 +235,12 @@ class PretrainConfig:
     seed: int = 42
 
     def __post_init__(self):
-        def need(cond, msg):
-            if not cond:
-                raise ValueError(msg)
+        need = require
         need(self.depth >= 1, f"--depth must be >= 1, got {self.depth}")
         need(self.max_seq_len >= 2, f"--max-seq-len must be >= 2, got {self.max_seq_len}")
         need(self.device_batch_size >= 1, f"--device-batch-size must be >= 1, got {self.device_batch_size}")
         need(self.attention in ("auto", "xla", "cudnn", "pallas"), f"--attention must be auto|xla|cudnn|pallas, got {self.attention!r}")
-        need(self.compute_dtype in ("auto", "bfloat16", "float32"), f"--compute-dtype must be auto|bfloat16|float32")
+        need(self.compute_dtype in ("auto", "bfloat16", "float32"), "--compute-dtype must be auto|bfloat16|float32")
         need(self.num_iterations > 0 or self.target_flops > 0 or self.target_param_data_ratio > 0,
              "set one of --num-iterations, --target-flops or --target-param-data-ratio to a positive value")
         need(self.total_batch_size == -1 or self.total_batch_size > 0, "--total-batch-size must be > 0 or -1 (auto)")
@@ -263,8 +263,7 @@ def build_model_config(cfg: PretrainConfig, vocab_size: int, on_gpu: bool) -> gp
 def plan_horizon(cfg: PretrainConfig, model_cfg: gpt.GPTConfig, n_devices: int) -> dict:
     """Batch size, grad accumulation, iterations, LR/WD scaling (reference §5.1), validated."""
     counts = gpt.num_params(model_cfg)
-    ref = gpt.num_params(dataclasses.replace(gpt.GPTConfig.from_depth(12, vocab_size=model_cfg.vocab_size,
-                                                                      max_seq_len=model_cfg.sequence_len)))
+    ref = gpt.num_params(gpt.GPTConfig.from_depth(12, vocab_size=model_cfg.vocab_size, max_seq_len=model_cfg.sequence_len))
     ratio = cfg.target_param_data_ratio if cfg.target_param_data_ratio > 0 else 12.0
     target = optim.target_tokens(ratio, counts["scaling"])
     d_ref = ratio * ref["scaling"]
@@ -335,13 +334,13 @@ def pretrain(cfg: PretrainConfig) -> LoopState:
         raise FileNotFoundError(f"--resume: no checkpoint of {tag!r} in {ckpt.directory}; start without --resume")
     if resume_step is not None:
         meta = ckpt.read_meta(resume_step)
-        if meta["model_config"] != json_safe(model_cfg.to_dict()):
+        if gpt.GPTConfig.from_dict(meta["model_config"]) != model_cfg:
             raise ValueError(f"checkpoint {tag} step {resume_step} has model config {meta['model_config']}, but the "
                              f"flags give {model_cfg.to_dict()}: resume with the original flags")
         if meta.get("total_batch_size") != B or meta.get("num_iterations") != n_iter:
             raise ValueError(f"checkpoint was trained with total batch {meta.get('total_batch_size')} for "
                              f"{meta.get('num_iterations')} iterations; the flags give {B} for {n_iter}")
-        abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), state_shapes, shardings)
+        abstract = abstract_tree(state_shapes, shardings)
         params, opt_state, meta = ckpt.restore(resume_step, abstract_params=abstract["params"],
                                                abstract_opt_state=abstract["opt_state"])
         state = {"step": jax.device_put(jnp.asarray(resume_step, jnp.int32), shardings["step"]),
@@ -382,7 +381,7 @@ def pretrain(cfg: PretrainConfig) -> LoopState:
                 "total_batch_size": B, "num_iterations": n_iter, "val_bpb": loop.val_bpb,
                 "loader_state": loader_pos,  # where the batch of step `step` starts (it is already prefetched)
                 "loop_state": {k: v for k, v in dataclasses.asdict(loop).items() if k != "history"}}
-        ckpt.save(step, params=state["params"], opt_state=state["opt_state"], meta=json_safe(meta), overwrite=True)
+        ckpt.save(step, params=state["params"], opt_state=state["opt_state"], meta=meta, overwrite=True)
         print0(f"saved checkpoint {tag} step {step} to {ckpt.directory}")
 
     # Step time = time between the completions of consecutive steps (each read one step late); restarted after
@@ -425,11 +424,9 @@ def pretrain(cfg: PretrainConfig) -> LoopState:
                 jax.block_until_ready(metrics)
                 jax.profiler.stop_trace()
                 print0(f"wrote a profiler trace of steps {profile[0]}..{profile[1] - 1} to {run_dir(tag) / 'profile'}")
+            loader_pos = loader.get_state()  # where the next step's batch starts
             if step + 1 < n_iter:  # host work for the next step overlaps this one
-                loader_pos = loader.get_state()
                 next_batch = put(stack_micro_batches(loader, grad_accum))
-            else:
-                loader_pos = loader.get_state()  # everything consumed
             if pending is not None:
                 report(pending)
             pending = (step, metrics)
@@ -465,7 +462,3 @@ def _report(pending, loop: LoopState, log, cfg, opt_cfg, B, flops_tok, device_ki
                f"total time {format_duration(loop.total_training_time)} | eta {format_duration((n_iter - step - 1) * dt)}")
     log(step, **{"train/loss": smooth, "train/raw_loss": loss, "train/lrm": hp["lrm"], "train/tok_per_sec": tok_s,
                  "train/mfu": mfu, "train/dt": dt})
-
-
-__all__ = ["make_train_step", "init_state", "state_shardings", "compile_train_step", "greedy_samples", "ScalarLog",
-           "LoopState", "stack_micro_batches", "mfu_percent", "parse_profile_steps", "print0", "format_duration"]
