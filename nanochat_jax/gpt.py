@@ -285,6 +285,12 @@ def apply_rope(x_BTHD, cos_TD, sin_TD):
     return jnp.concatenate([x1 * cos + x2 * sin, x2 * cos - x1 * sin], axis=-1)
 
 
+def default_attn_backend() -> str:
+    """The attention backend `auto` resolves to: cuDNN's fused kernel on NVIDIA GPUs, XLA elsewhere.
+    (Our Pallas kernel is the alternative on GPU; see docs/benchmarks.md for how the two compare.)"""
+    return "cudnn" if jax.default_backend() == "gpu" else "xla"
+
+
 def attention(q_BTHD, k_BSKD, v_BSKD, *, causal: bool = True, window=None, backend: str = "xla", q_offset=0):
     """Scaled dot-product attention (scale 1/sqrt(hd)), layout (batch, time, heads, head_dim), GQA when
     K < H (query head h uses kv head h // (H/K)).
@@ -327,8 +333,14 @@ def attention(q_BTHD, k_BSKD, v_BSKD, *, causal: bool = True, window=None, backe
         return jax.nn.dot_product_attention(q_BTHD, k_BSKD, v_BSKD, scale=scale, is_causal=causal,
                                             local_window_size=local, implementation="cudnn")
     if backend == "pallas":
-        raise NotImplementedError("attn_backend='pallas': kernels/flash_attention.py not written yet; "
-                                  "use 'xla' or 'cudnn'")
+        if not (isinstance(q_offset, int) and q_offset == 0):
+            raise NotImplementedError("attn_backend='pallas' supports q_offset=0 only; use 'xla' for decoding")
+        if window is not None and not isinstance(window, int):
+            raise ValueError("attn_backend='pallas' needs a static (Python int) window")
+        from kernels.flash_attention import flash_attention  # lazy: keeps Pallas out of CPU-only imports
+        # Off the GPU the kernel runs in Pallas' interpreter: slow, but the same code path (used by tests).
+        return flash_attention(q_BTHD, k_BSKD, v_BSKD, causal=causal, window=window, scale=scale,
+                               interpret=jax.default_backend() != "gpu")
     raise ValueError(f"unknown attention backend {backend!r}; use one of {_BACKENDS}")
 
 
