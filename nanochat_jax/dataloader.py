@@ -281,3 +281,111 @@ class ShardedLoader:
     def __exit__(self, *exc):
         self.close()
         return False
+
+
+# ----------------------------------------------------------------------------------------------
+# Conversations (midtraining and SFT)
+
+class ConversationTokenizer(Protocol):
+    bos_id: int
+
+    def render_conversation(self, conversation: dict, max_tokens: int = 2048) -> tuple[list[int], list[int]]: ...
+
+
+class ConversationPacker:
+    """Packs rendered conversations from an indexable dataset (a task mixture) into (B, T) rows, best fit.
+
+    mode "sft": whole conversations only; when none in the buffer fits the space left, the rest of the row is
+        BOS padding (nanochat HEAD's `sft_data_generator_bos_bestfit`: never crop).
+    mode "mid": like pretraining, when none fits the shortest is cropped to fill the row (no padding).
+    Targets are the next tokens, and −1 where the render mask of the predicted token is 0 (user turns, tool output,
+    the BOS) when `mask_targets` (SFT), and always −1 on padding. Midtraining in the reference trains on all tokens
+    (mask_targets=False).
+
+    This process reads indices shard, shard + num_shards, ... of `dataset` (epoch after epoch, the dataset's own
+    order: TaskMixture already shuffles). A conversation longer than T+1 tokens is cut by render_conversation.
+    Exact resume: the state holds the cursor and the dataset indices still in the buffer (re-rendered on restore).
+    `progress` (0→1 over the first epoch) drives the schedules; `epoch` says when the data has been seen once.
+    """
+
+    def __init__(self, dataset, tokenizer: ConversationTokenizer, batch_size: int, seq_len: int, *,
+                 mode: str = "sft", mask_targets: bool | None = None, shard: int = 0, num_shards: int = 1,
+                 buffer_size: int = 100, state: dict | None = None):
+        if mode not in ("sft", "mid"):
+            raise ValueError(f"mode must be 'sft' or 'mid', got {mode!r}")
+        if not 0 <= shard < num_shards:
+            raise ValueError(f"shard {shard} out of range for num_shards {num_shards}")
+        if len(dataset) < num_shards:
+            raise ValueError(f"the dataset has {len(dataset)} conversations, fewer than the {num_shards} shards "
+                             f"reading it: use a bigger dataset or fewer processes")
+        self.dataset, self.tokenizer = dataset, tokenizer
+        self.B, self.T, self.mode = batch_size, seq_len, mode
+        self.mask_targets = (mode == "sft") if mask_targets is None else mask_targets
+        self.shard, self.num_shards, self.buffer_size = shard, num_shards, buffer_size
+        self.shard_len = len(range(shard, len(dataset), num_shards))
+        self.epoch, self.cursor = 0, 0      # position in this shard's index sequence
+        self.buffer: list[tuple[int, list[int], list[int]]] = []  # (dataset index, ids, mask) in arrival order
+        self.tokens_padded = self.tokens_cropped = self.tokens_packed = 0
+        if state is not None:
+            self.set_state(state)
+
+    @property
+    def progress(self) -> float:
+        """Fraction of the first epoch consumed by this shard (1.0 from the second epoch on)."""
+        return 1.0 if self.epoch > 0 else self.cursor / self.shard_len
+
+    def _render(self, index: int) -> tuple[list[int], list[int]]:
+        return self.tokenizer.render_conversation(self.dataset[index], max_tokens=self.T + 1)
+
+    def _refill(self) -> None:
+        while len(self.buffer) < self.buffer_size:
+            index = self.shard + self.cursor * self.num_shards
+            ids, mask = self._render(index)
+            self.buffer.append((index, ids, mask))
+            self.cursor += 1
+            if self.cursor == self.shard_len:
+                self.epoch, self.cursor = self.epoch + 1, 0
+
+    def _fill_row(self, ids_row: np.ndarray, mask_row: np.ndarray) -> None:
+        filled, cap = 0, len(ids_row)
+        while filled < cap:
+            self._refill()
+            remaining = cap - filled
+            fits = [i for i, (_, ids, _) in enumerate(self.buffer) if len(ids) <= remaining]
+            if fits:
+                pick = max(fits, key=lambda i: len(self.buffer[i][1]))  # largest that fits (first on ties)
+                _, ids, mask = self.buffer.pop(pick)
+            elif self.mode == "sft":  # pad the rest with BOS, masked out
+                ids_row[filled:] = self.tokenizer.bos_id
+                mask_row[filled:] = -1
+                self.tokens_padded += remaining
+                break
+            else:  # crop the shortest
+                pick = min(range(len(self.buffer)), key=lambda i: len(self.buffer[i][1]))
+                _, ids, mask = self.buffer.pop(pick)
+                self.tokens_cropped += len(ids) - remaining
+                ids, mask = ids[:remaining], mask[:remaining]
+            ids_row[filled:filled + len(ids)] = ids
+            mask_row[filled:filled + len(ids)] = mask
+            filled += len(ids)
+        self.tokens_packed += cap
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        ids = np.empty((self.B, self.T + 1), np.int32)
+        mask = np.empty((self.B, self.T + 1), np.int32)  # 1 train, 0 render-masked, -1 padding
+        for b in range(self.B):
+            self._fill_row(ids[b], mask[b])
+        targets = ids[:, 1:].copy()
+        drop = (mask[:, 1:] < 0) | ((mask[:, 1:] == 0) if self.mask_targets else False)
+        targets[drop] = -1
+        return {"inputs": ids[:, :-1], "targets": targets}
+
+    def get_state(self) -> dict:
+        return {"epoch": self.epoch, "cursor": self.cursor, "buffer": [i for i, _, _ in self.buffer]}
+
+    def set_state(self, state: dict) -> None:
+        self.epoch, self.cursor = int(state["epoch"]), int(state["cursor"])
+        self.buffer = [(i, *self._render(i)) for i in state["buffer"]]
