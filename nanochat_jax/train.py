@@ -14,7 +14,7 @@ import json
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Callable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -33,11 +33,15 @@ SAMPLE_PROMPTS = ("The capital of France is", "The chemical symbol of gold is",
 # ----------------------------------------------------------------------------------------------
 # The step
 
-def make_train_step(model_cfg: gpt.GPTConfig, tx: optax.GradientTransformation):
+def make_train_step(model_cfg: gpt.GPTConfig, tx: optax.GradientTransformation, *, lr_input: bool = False):
     """state = {"step", "params", "opt_state"}; batch = {"inputs", "targets"} of shape (A, B, T) = A micro-batches.
 
     The loss of each micro-batch is its mean over valid targets; the step's gradient and loss are the average
     over micro-batches (nanochat's `loss / grad_accum`). Gradients accumulate in fp32.
+
+    lr_input: the batch also carries "lrm", a scalar multiplying this step's update. Every update of our
+    optimizer (AdamW and Muon, weight decay included) is linear in its lr, so this is exactly lr × lrm: it is
+    how midtraining/SFT apply the reference's schedules on data progress, which only the host knows.
     """
 
     def loss_fn(params, inputs_BT, targets_BT):
@@ -58,6 +62,8 @@ def make_train_step(model_cfg: gpt.GPTConfig, tx: optax.GradientTransformation):
                                         (batch["inputs"], batch["targets"]))
         grads = jax.tree.map(lambda g: g / n_micro, grads)
         updates, opt_state = tx.update(grads, state["opt_state"], params)
+        if lr_input:
+            updates = jax.tree.map(lambda u: u * batch["lrm"].astype(u.dtype), updates)
         params = optax.apply_updates(params, updates)
         new_state = {"step": state["step"] + 1, "params": params, "opt_state": opt_state}
         return new_state, {"loss": loss / n_micro}
@@ -82,13 +88,18 @@ def abstract_tree(shapes, shardings):
     return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
 
 
-def compile_train_step(model_cfg, tx, mesh, state_shapes, batch_shape, *, shard_params: bool = True):
+def compile_train_step(model_cfg, tx, mesh, state_shapes, batch_shape, *, shard_params: bool = True,
+                       lr_input: bool = False):
     """jit with explicit shardings + donation, lowered and compiled ahead of time. Returns (compiled, shardings, info)."""
     shardings = state_shardings(state_shapes, mesh, shard_params)
     batch_sh = sharding.batch_sharding(mesh, batch_axis=1, ndim=3)
-    step_fn = jax.jit(make_train_step(model_cfg, tx), in_shardings=(shardings, {"inputs": batch_sh, "targets": batch_sh}),
-                      out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=(0,))
+    batch_shardings = {"inputs": batch_sh, "targets": batch_sh}
     batch_abstract = {k: jax.ShapeDtypeStruct(batch_shape, jnp.int32, sharding=batch_sh) for k in ("inputs", "targets")}
+    if lr_input:
+        batch_shardings["lrm"] = sharding.replicated(mesh)
+        batch_abstract["lrm"] = jax.ShapeDtypeStruct((), jnp.float32, sharding=sharding.replicated(mesh))
+    step_fn = jax.jit(make_train_step(model_cfg, tx, lr_input=lr_input), in_shardings=(shardings, batch_shardings),
+                      out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=(0,))
     state_abstract = abstract_tree(state_shapes, shardings)
     t0 = time.perf_counter()
     compiled = step_fn.lower(state_abstract, batch_abstract).compile()
@@ -182,6 +193,69 @@ def mfu_percent(flops_per_token: float, tokens: int, seconds: float, device_kind
 
 def run_dir(model_tag: str):
     return get_base_dir() / "runs" / model_tag
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop (pretraining, midtraining and SFT all run this)
+
+@dataclass
+class Periodic:
+    """Something the loop does between train steps: at steps that are multiples of `every` (-1: never) and at
+    the last step. fn(step, state, loader_state): `step` steps are done; `loader_state` is where the batch of
+    step `step` starts (what a checkpoint must store to resume exactly)."""
+    every: int
+    fn: Callable[[int, dict, object], None]
+    after_start: bool = False  # skip the first step of this run (saves, samples)
+
+    def due(self, step: int, start: int, last: bool) -> bool:
+        if self.after_start and step == start:
+            return False
+        return last or (self.every > 0 and step % self.every == 0)
+
+
+def fit(step_fn, state, batches: Iterator, *, start: int, n_iter: int | None, report: Callable[[int, dict], None],
+        periodic: Sequence[Periodic] = (), profile: tuple[int, int] | None = None, profile_dir=None):
+    """Run `step_fn` from step `start` until step `n_iter` or until `batches` runs out (the data-driven horizon of
+    midtraining/SFT: the step that consumed the last batch is the last), whichever comes first.
+
+    `batches` yields (device batch, loader state before that batch). The next batch is prepared while the
+    current step runs, and each step's metrics are read one step late (`report(step, metrics)`), so the host
+    never waits for the device except at the periodic actions. Returns the final state.
+    """
+    pending = None  # (step, metrics still on device)
+
+    def pull():
+        if n_iter is not None and step >= n_iter:
+            return None
+        return next(batches, None)
+
+    step = start
+    item = pull()
+    while True:
+        last = item is None
+        due = [p for p in periodic if p.due(step, start, last)]
+        if pending is not None and due:
+            report(*pending)  # log the previous step before this step's eval/sample/save lines
+            pending = None
+        for p in due:
+            p.fn(step, state, None if last else item[1])
+        if last:
+            break
+        if profile and step == profile[0]:
+            jax.profiler.start_trace(str(profile_dir))
+        state, metrics = step_fn(state, item[0])
+        if profile and step == profile[1] - 1:
+            jax.block_until_ready(metrics)
+            jax.profiler.stop_trace()
+            print0(f"wrote a profiler trace of steps {profile[0]}..{profile[1] - 1} to {profile_dir}")
+        step += 1
+        item = pull()  # host work for the next step overlaps this one
+        if pending is not None:
+            report(*pending)
+        pending = (step - 1, metrics)
+    if pending is not None:
+        report(*pending)
+    return state
 
 
 # ----------------------------------------------------------------------------------------------
@@ -369,17 +443,30 @@ def pretrain(cfg: PretrainConfig) -> LoopState:
                 yield {k: sharding.global_batch(v, mesh) for k, v in b.items()}
 
     log = ScalarLog(run_dir(tag))
-    profile = parse_profile_steps(cfg.profile_steps)
     flops_tok = plan["flops_per_token"]
 
-    def put(batch):
-        return {k: sharding.global_batch(v, mesh, batch_axis=1) for k, v in batch.items()}
+    def batches():
+        while True:
+            pos = loader.get_state()  # where this batch starts: what a checkpoint taken before its step stores
+            host = stack_micro_batches(loader, grad_accum)
+            yield {k: sharding.global_batch(v, mesh, batch_axis=1) for k, v in host.items()}, pos
 
-    def save(step):
+    def evaluate(step, state, _):
+        loop.val_bpb = evaluate_bpb(bpb_fn, state["params"], val_batches(), token_bytes, eval_steps)
+        loop.min_val_bpb = min(loop.min_val_bpb, loop.val_bpb)
+        print0(f"step {step:05d} | validation bpb {loop.val_bpb:.4f}")
+        log(step, **{"val/bpb": loop.val_bpb})
+
+    def sample(step, state, _):
+        # every process joins (params may be sharded across processes); process 0 prints
+        for text in greedy_samples(state["params"], model_cfg, tokenizer, forward_fn=fwd_fn):
+            print0(f"  sample: {text!r}")
+
+    def save(step, state, loader_state):
         meta = {"step": step, "model_config": model_cfg.to_dict(), "user_config": dataclasses.asdict(cfg),
                 "device_batch_size": cfg.device_batch_size, "max_seq_len": cfg.max_seq_len,
                 "total_batch_size": B, "num_iterations": n_iter, "val_bpb": loop.val_bpb,
-                "loader_state": loader_pos,  # where the batch of step `step` starts (it is already prefetched)
+                "loader_state": loader.get_state() if loader_state is None else loader_state,
                 "loop_state": {k: v for k, v in dataclasses.asdict(loop).items() if k != "history"}}
         ckpt.save(step, params=state["params"], opt_state=state["opt_state"], meta=meta, overwrite=True)
         print0(f"saved checkpoint {tag} step {step} to {ckpt.directory}")
@@ -388,50 +475,23 @@ def pretrain(cfg: PretrainConfig) -> LoopState:
     # evals, samples and saves so their time is not counted as training.
     clock = {"last": time.perf_counter()}
 
-    def report(pending):
-        _report(pending, loop, log, cfg, opt_cfg, B, flops_tok, device.device_kind, mesh.size, loader.epoch, clock)
+    def timed(fn):
+        def run(*args):
+            fn(*args)
+            clock["last"] = time.perf_counter()
+        return run
 
-    pending = None  # (step, metrics still on device)
-    loader_pos = loader.get_state()
-    next_batch = put(stack_micro_batches(loader, grad_accum)) if start < n_iter else None
+    def report(step, metrics):
+        hp = optim.current_hyperparams(opt_cfg, step)
+        _report(step, metrics, loop, log, n_iter, hp["lrm"], B, flops_tok, device.device_kind, mesh.size,
+                f"epoch {loader.epoch}", clock, cfg.log_every)
+
+    periodic = [Periodic(cfg.eval_every, timed(evaluate)),
+                Periodic(cfg.sample_every, timed(sample), after_start=True),
+                Periodic(cfg.save_every, timed(save), after_start=True)]
     try:
-        for step in range(start, n_iter + 1):
-            last = step == n_iter
-            if pending is not None and (last or any(e > 0 and step % e == 0 for e in
-                                                    (cfg.eval_every, cfg.sample_every, cfg.save_every))):
-                report(pending)  # log the previous step before this step's eval/sample/save lines
-                pending = None
-            if last or (cfg.eval_every > 0 and step % cfg.eval_every == 0):
-                loop.val_bpb = evaluate_bpb(bpb_fn, state["params"], val_batches(), token_bytes, eval_steps)
-                loop.min_val_bpb = min(loop.min_val_bpb, loop.val_bpb)
-                print0(f"step {step:05d} | validation bpb {loop.val_bpb:.4f}")
-                log(step, **{"val/bpb": loop.val_bpb})
-                clock["last"] = time.perf_counter()
-            if (last or (cfg.sample_every > 0 and step % cfg.sample_every == 0)) and step > 0:
-                # every process joins (params may be sharded across processes); process 0 prints
-                for text in greedy_samples(state["params"], model_cfg, tokenizer, forward_fn=fwd_fn):
-                    print0(f"  sample: {text!r}")
-                clock["last"] = time.perf_counter()
-            if step > start and (last or (cfg.save_every > 0 and step % cfg.save_every == 0)):
-                save(step)
-                clock["last"] = time.perf_counter()
-            if last:
-                break
-            if profile and step == profile[0]:
-                jax.profiler.start_trace(str(run_dir(tag) / "profile"))
-            state, metrics = step_fn(state, next_batch)
-            if profile and step == profile[1] - 1:
-                jax.block_until_ready(metrics)
-                jax.profiler.stop_trace()
-                print0(f"wrote a profiler trace of steps {profile[0]}..{profile[1] - 1} to {run_dir(tag) / 'profile'}")
-            loader_pos = loader.get_state()  # where the next step's batch starts
-            if step + 1 < n_iter:  # host work for the next step overlaps this one
-                next_batch = put(stack_micro_batches(loader, grad_accum))
-            if pending is not None:
-                report(pending)
-            pending = (step, metrics)
-        if pending is not None:
-            report(pending)
+        fit(step_fn, state, batches(), start=start, n_iter=n_iter, report=report, periodic=periodic,
+            profile=parse_profile_steps(cfg.profile_steps), profile_dir=run_dir(tag) / "profile")
     finally:
         ckpt.close()
         loader.close()
@@ -442,8 +502,9 @@ def pretrain(cfg: PretrainConfig) -> LoopState:
     return loop
 
 
-def _report(pending, loop: LoopState, log, cfg, opt_cfg, B, flops_tok, device_kind, n_devices, epoch, clock):
-    step, metrics = pending
+def _report(step, metrics, loop: LoopState, log, n_iter, lrm, B, flops_tok, device_kind, n_devices, where: str,
+            clock, log_every: int = 1):
+    """One step's log line and TensorBoard scalars (n_iter: planned steps, an estimate for data-driven stages)."""
     loss = float(metrics["loss"])  # waits for that step only; the next one is already queued
     now = time.perf_counter()
     dt, clock["last"] = now - clock["last"], now
@@ -453,12 +514,10 @@ def _report(pending, loop: LoopState, log, cfg, opt_cfg, B, flops_tok, device_ki
     if step > 10:  # like nanochat: the first steps (compilation, warm-up) do not count
         loop.total_training_time += dt
     loop.history.append((step, loss))
-    n_iter = opt_cfg.num_iterations
-    hp = optim.current_hyperparams(opt_cfg, step)
     tok_s, mfu = B / dt, mfu_percent(flops_tok, B, dt, device_kind, n_devices)
-    if step % cfg.log_every == 0 or step + 1 == n_iter:
-        print0(f"step {step:05d}/{n_iter} ({100 * (step + 1) / n_iter:.1f}%) | loss {smooth:.6f} | lrm {hp['lrm']:.2f} | "
-               f"dt {dt * 1e3:.0f}ms | tok/s {tok_s:,.0f} | mfu {mfu:.2f} | epoch {epoch} | "
-               f"total time {format_duration(loop.total_training_time)} | eta {format_duration((n_iter - step - 1) * dt)}")
-    log(step, **{"train/loss": smooth, "train/raw_loss": loss, "train/lrm": hp["lrm"], "train/tok_per_sec": tok_s,
+    if step % log_every == 0 or step + 1 == n_iter:
+        print0(f"step {step:05d}/{n_iter} ({100 * (step + 1) / n_iter:.1f}%) | loss {smooth:.6f} | lrm {lrm:.2f} | "
+               f"dt {dt * 1e3:.0f}ms | tok/s {tok_s:,.0f} | mfu {mfu:.2f} | {where} | "
+               f"total time {format_duration(loop.total_training_time)} | eta {format_duration(max(n_iter - step - 1, 0) * dt)}")
+    log(step, **{"train/loss": smooth, "train/raw_loss": loss, "train/lrm": lrm, "train/tok_per_sec": tok_s,
                  "train/mfu": mfu, "train/dt": dt})
