@@ -1,0 +1,52 @@
+"""ARC (AI2 Reasoning Challenge) multiple choice: ARC-Easy / ARC-Challenge, splits train/validation/test.
+HF allenai/ai2_arc; locally arc/<subset>-<split>.jsonl in the same schema."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from nanochat_jax.tasks.common import Task, check_letter_answer, load_hub_dataset, read_jsonl, render_mc, require_file
+
+SUBSETS = ("ARC-Easy", "ARC-Challenge")
+SPLITS = ("train", "validation", "test")
+
+
+def read_local(root: Path, subset: str, split: str) -> list[dict]:
+    return read_jsonl(require_file(root, "arc", f"{subset}-{split}.jsonl"))
+
+
+class ARC(Task):
+    """Categorical: the assistant answers with the bare letter; `letters` holds this question's labels
+    (mostly A-D, sometimes 1-4 or 3/5 choices)."""
+
+    def __init__(self, subset: str, split: str, data_dir=None, **kwargs):
+        super().__init__(**kwargs)
+        if subset not in SUBSETS:
+            raise ValueError(f"ARC subset must be one of {SUBSETS}, got {subset!r}")
+        if split not in SPLITS:
+            raise ValueError(f"ARC split must be one of {SPLITS}, got {split!r}")
+        self.subset, self.split = subset, split
+        self.ds = load_hub_dataset("allenai/ai2_arc", subset, split, data_dir=data_dir,
+                                   local_reader=read_local).shuffle(seed=42)
+
+    @property
+    def eval_type(self) -> str:
+        return "categorical"
+
+    def num_examples(self) -> int:
+        return len(self.ds)
+
+    def get_example(self, index: int) -> dict:
+        row = self.ds[index]
+        letters, choices, answer = row["choices"]["label"], row["choices"]["text"], row["answerKey"]
+        if answer not in letters:
+            raise ValueError(f"ARC row {row.get('id')}: answer {answer!r} is not one of its labels {letters}")
+        return {
+            "messages": [{"role": "user", "content": render_mc(row["question"], letters, choices)},
+                         {"role": "assistant", "content": answer}],
+            "letters": letters,  # categorical eval compares only these letters' logits
+        }
+
+    def evaluate(self, conversation: dict, completion: str) -> bool:
+        check_letter_answer(conversation["letters"], completion, "ARC")
+        return completion == conversation["messages"][-1]["content"]

@@ -1,0 +1,316 @@
+"""Task base class, mixtures, and where task data comes from.
+
+A Task is a list of conversations, `task[i] -> {"messages": [...], ...extra keys}`, plus how to grade a model's
+answer (`eval_type`, `evaluate`). start/stop/step give a cheap view of a slice, as in nanochat.
+
+Data comes from, in this order:
+  1. a local folder in the layout of shared/data (arc/, mmlu/, gsm8k/, humaneval/, english_words/, chat/),
+     given as `data_dir=` or $NANOCHAT_JAX_TASK_DATA. Each task knows its files there.
+  2. the HuggingFace parquet export of the dataset, cached under <base dir>/task_data/<repo>/<subset>/<split>/
+     (shards written atomically, manifest.json last, so a cache with a manifest is complete).
+Rows come out in the dataset's own order; tasks then shuffle with np.random.default_rng(42).permutation, as
+nanochat does (the same order as HF `datasets.shuffle(seed=42)`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from nanochat_jax.common import atomic_write, get_base_dir, print0
+
+TASK_DATA_ENV = "NANOCHAT_JAX_TASK_DATA"
+HF_ENDPOINT_ENV = "HF_ENDPOINT"  # the usual HuggingFace variable, e.g. for a mirror
+DOWNLOAD_ATTEMPTS = 3
+
+
+# ----------------------------------------------------------------------------------------------
+# Task, slicing, mixtures
+
+class Task:
+    """A dataset of conversations, optionally viewed as [start:stop:step] of the underlying examples."""
+
+    def __init__(self, start: int = 0, stop: int | None = None, step: int = 1):
+        if start < 0:
+            raise ValueError(f"start must be >= 0, got {start}")
+        if stop is not None and stop < start:
+            raise ValueError(f"stop must be >= start, got start={start} stop={stop}")
+        if step < 1:
+            raise ValueError(f"step must be >= 1, got {step}")
+        self.start, self.stop, self.step = start, stop, step
+
+    @property
+    def eval_type(self) -> str:
+        """'categorical' (score the answer letter's logits) or 'generative' (sample, then evaluate)."""
+        raise NotImplementedError(f"{type(self).__name__} is a training-only task: it has no eval_type")
+
+    def num_examples(self) -> int:
+        raise NotImplementedError
+
+    def get_example(self, index: int) -> dict:
+        raise NotImplementedError
+
+    def evaluate(self, conversation: dict, completion: str):
+        raise NotImplementedError(f"{type(self).__name__} has no evaluate()")
+
+    def __len__(self) -> int:
+        n = self.num_examples()
+        stop = n if self.stop is None else min(self.stop, n)
+        return max(0, -(-(stop - self.start) // self.step))  # ceil division
+
+    def __getitem__(self, index: int) -> dict:
+        if isinstance(index, bool) or not isinstance(index, (int, np.integer)):
+            raise TypeError(f"task index must be an int, got {type(index).__name__}")
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} out of range for {type(self).__name__} of length {len(self)}")
+        return self.get_example(self.start + int(index) * self.step)
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
+
+def _expand(tasks: Sequence) -> list[Task]:
+    """Tasks, where (task, n) means the task n times in a row (n epochs of it), as nanochat lists it n times."""
+    out = []
+    for item in tasks:
+        task, repeats = item if isinstance(item, tuple) else (item, 1)
+        if int(repeats) != repeats or repeats < 0:
+            raise ValueError(f"repeat count must be an int >= 0, got {repeats!r}")
+        out.extend([task] * int(repeats))
+    return out
+
+
+class TaskMixture(Task):
+    """All examples of several tasks, in one deterministic shuffle (random.Random(42) over every (task, index)).
+
+    `tasks` items are Tasks or (task, epochs) pairs; passing a task twice is the same as (task, 2), as in nanochat.
+    """
+
+    def __init__(self, tasks: Sequence, seed: int = 42, **kwargs):
+        super().__init__(**kwargs)
+        self.tasks = _expand(tasks)
+        self.lengths = [len(t) for t in self.tasks]
+        self.offsets = np.cumsum([0] + self.lengths)
+        # nanochat shuffles a list of (task_idx, local_idx) pairs; shuffle() only looks at the length, so shuffling
+        # flat indices gives the same permutation in a fraction of the memory.
+        order = list(range(int(self.offsets[-1])))
+        random.Random(seed).shuffle(order)
+        self.order = np.asarray(order, dtype=np.int64)
+
+    def num_examples(self) -> int:
+        return int(self.offsets[-1])
+
+    def locate(self, index: int) -> tuple[int, int]:
+        """(task number, index within that task) of mixture example `index` (before any slicing)."""
+        flat = int(self.order[index])
+        task_idx = int(np.searchsorted(self.offsets, flat, side="right")) - 1
+        return task_idx, flat - int(self.offsets[task_idx])
+
+    def get_example(self, index: int) -> dict:
+        task_idx, local = self.locate(index)
+        return self.tasks[task_idx][local]
+
+
+class TaskSequence(Task):
+    """Tasks one after another, unshuffled (a curriculum)."""
+
+    def __init__(self, tasks: Sequence, **kwargs):
+        super().__init__(**kwargs)
+        self.tasks = _expand(tasks)
+        self.lengths = [len(t) for t in self.tasks]
+        self.offsets = np.cumsum([0] + self.lengths)
+
+    def num_examples(self) -> int:
+        return int(self.offsets[-1])
+
+    def get_example(self, index: int) -> dict:
+        task_idx = int(np.searchsorted(self.offsets, index, side="right")) - 1
+        return self.tasks[task_idx][index - int(self.offsets[task_idx])]
+
+
+def render_mc(question: str, letters: Sequence[str], choices: Sequence[str]) -> str:
+    """nanochat's multiple-choice prompt. The letter comes after its choice and with no space before it ("=A"),
+    because the answer is the bare token "A" and " A" would be a different token."""
+    lines = "".join(f"- {choice}={letter}\n" for letter, choice in zip(letters, choices))
+    return f"Multiple Choice question: {question}\n{lines}\nRespond only with the letter of the correct answer."
+
+
+def check_letter_answer(letters: Sequence[str], response: str, task_name: str) -> None:
+    if response not in letters:
+        raise ValueError(f"{task_name}: the answer must be one of the letters {list(letters)}, got {response!r} "
+                         f"(categorical evaluation picks among the allowed letters' logits)")
+
+
+def validate_messages(messages, where: str) -> None:
+    """Roles alternate user/assistant starting with user (after an optional system message); contents are str;
+    there is at least one user and one assistant message."""
+    if not isinstance(messages, list) or not messages:
+        raise ValueError(f"{where}: messages must be a non-empty list, got {type(messages).__name__}")
+    rest = messages[1:] if isinstance(messages[0], dict) and messages[0].get("role") == "system" else messages
+    if len(rest) < 2:
+        raise ValueError(f"{where}: a conversation needs at least a user and an assistant message, got {len(rest)}")
+    for i, m in enumerate(rest):
+        expected = "user" if i % 2 == 0 else "assistant"
+        if not isinstance(m, dict) or m.get("role") != expected:
+            raise ValueError(f"{where}: message {i} should have role {expected!r}, got {m!r:.100}")
+        if not isinstance(m.get("content"), str):
+            raise ValueError(f"{where}: message {i} content must be a str, got {type(m.get('content')).__name__}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Rows: a table or list of dict rows, with nanochat's seeded shuffle
+
+class Rows:
+    """Dataset rows (a pyarrow Table, read lazily, or a list of dicts) seen through an optional permutation."""
+
+    def __init__(self, data, permutation: np.ndarray | None = None):
+        self.data, self.permutation = data, permutation
+
+    def __len__(self) -> int:
+        return len(self.data) if isinstance(self.data, list) else self.data.num_rows
+
+    def shuffle(self, seed: int) -> "Rows":
+        """np.random.default_rng(seed).permutation: the order HF datasets' .shuffle(seed=seed) gives."""
+        return Rows(self.data, np.random.default_rng(seed).permutation(len(self)))
+
+    def __getitem__(self, index: int) -> dict:
+        i = int(index if self.permutation is None else self.permutation[index])
+        if isinstance(self.data, list):
+            return self.data[i]
+        return {name: self.data.column(name)[i].as_py() for name in self.data.column_names}
+
+
+# ----------------------------------------------------------------------------------------------
+# Where the data is
+
+def task_data_dir(data_dir: str | os.PathLike | None = None) -> Path | None:
+    """The local task-data folder: `data_dir`, else $NANOCHAT_JAX_TASK_DATA, else None (use HuggingFace)."""
+    value = data_dir if data_dir else os.environ.get(TASK_DATA_ENV)
+    return Path(value).expanduser() if value else None
+
+
+def require_file(root: Path, *parts: str) -> Path:
+    path = root.joinpath(*parts)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found (expected the shared/data layout under {root})")
+    return path
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    import gzip
+
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+LocalReader = Callable[[Path, str, str], list]
+
+
+def load_hub_dataset(repo_id: str, subset: str = "default", split: str = "train", *,
+                     data_dir: str | os.PathLike | None = None, local_reader: LocalReader | None = None) -> Rows:
+    """Rows of an HF dataset (HF schema), from the local task-data folder if it has them, else the HF parquet
+    export (downloaded once into <base dir>/task_data)."""
+    local = task_data_dir(data_dir)
+    local_error = None
+    if local is not None and local_reader is not None:
+        try:
+            return Rows(local_reader(local, subset, split))
+        except FileNotFoundError as e:
+            local_error = e
+    try:
+        return Rows(_read_parquet_export(repo_id, subset, split))
+    except DownloadError as e:
+        where = (f"The local task-data folder {local} does not have it ({local_error}). " if local_error else
+                 f"No local task-data folder has it (${TASK_DATA_ENV} is {'unset' if local is None else local}). ")
+        raise DownloadError(
+            f"{repo_id} ({subset}/{split}) is unavailable. {where}Downloading from HuggingFace failed: {e}. Fix: "
+            f"set ${TASK_DATA_ENV} (or data_dir=) to a folder in the shared/data layout that has it, or go online "
+            f"once (or set ${HF_ENDPOINT_ENV} to a mirror) to fill the cache "
+            f"{_export_dir(repo_id, subset, split)}") from None
+
+
+class DownloadError(RuntimeError):
+    """Task data could not be found locally nor downloaded."""
+
+
+def _export_dir(repo_id: str, subset: str, split: str) -> Path:
+    return get_base_dir() / "task_data" / repo_id.replace("/", "--") / subset / split
+
+
+def _read_parquet_export(repo_id: str, subset: str, split: str):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    out = _export_dir(repo_id, subset, split)
+    manifest = out / "manifest.json"
+    if not manifest.is_file():
+        endpoint = os.environ.get(HF_ENDPOINT_ENV, "https://huggingface.co").rstrip("/")
+        urls = json.loads(http_get(f"{endpoint}/api/datasets/{repo_id}/parquet/{subset}/{split}"))
+        if not isinstance(urls, list) or not urls:
+            raise DownloadError(f"the parquet listing of {repo_id} {subset}/{split} is empty or malformed: "
+                                f"{urls!r:.200}")
+        names = []
+        for i, url in enumerate(urls):
+            name = f"{i:05d}.parquet"
+            print0(f"Downloading {url} -> {out / name}")
+            download_to(url, out / name)
+            names.append(name)
+        with atomic_write(manifest, "w") as f:  # last: its presence means every shard is complete
+            json.dump(names, f)
+    names = json.loads(manifest.read_text())
+    return pa.concat_tables([pq.read_table(out / name) for name in names])
+
+
+def http_get(url: str, timeout: float = 60.0) -> bytes:
+    """GET with a few retries (backoff 1 s, 2 s, ...); 4xx errors other than 408/429 fail at once."""
+    import requests
+
+    last = None
+    for attempt in range(DOWNLOAD_ATTEMPTS):
+        if attempt:
+            time.sleep(2 ** (attempt - 1))
+        try:
+            r = requests.get(url, timeout=timeout)
+            if r.status_code == 200:
+                return r.content
+            last = f"HTTP {r.status_code} for {url}"
+            if 400 <= r.status_code < 500 and r.status_code not in (408, 429):
+                break
+        except requests.RequestException as e:
+            last = f"{type(e).__name__}: {e}"
+    raise DownloadError(last)
+
+
+def download_to(url: str, path: Path) -> Path:
+    """Fetch `url` into `path` atomically (a complete file or none)."""
+    content = http_get(url)
+    with atomic_write(path, "wb") as f:
+        f.write(content)
+    return path
+
+
+def fetch_file(url: str, filename: str) -> Path:
+    """<base dir>/<filename>, downloaded from `url` the first time (nanochat's download_file_with_lock)."""
+    path = get_base_dir() / filename
+    if not path.is_file():
+        print0(f"Downloading {url} -> {path}")
+        download_to(url, path)
+    return path
+
+
+HASH_ANSWER_RE = re.compile(r"#### (\-?[0-9\.\,]+)")
+
+
+def extract_hash_answer(completion: str) -> str | None:
+    """The number after '#### ' (GSM8K's convention, as its official grader normalises it), commas removed;
+    None when absent."""
+    match = HASH_ANSWER_RE.search(completion)
+    return match.group(1).strip().replace(",", "") if match else None

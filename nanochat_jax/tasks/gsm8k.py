@@ -1,0 +1,76 @@
+"""GSM8K grade-school math, with calculator tool use. HF openai/gsm8k (subset main|socratic, split train|test);
+locally gsm8k/<split>.jsonl (main) and gsm8k/<split>_socratic.jsonl.
+
+The reference solutions mark calculator steps as <<expr=result>>: each becomes a python part (expr, trained on)
+followed by a python_output part (result, written by the tool, not trained on), exactly as nanochat splits them.
+The answer is the number after '#### '.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from nanochat_jax.tasks.common import Task, extract_hash_answer, load_hub_dataset, read_jsonl, require_file
+
+extract_answer = extract_hash_answer  # the name nanochat uses
+_CALC_RE = re.compile(r"(<<[^>]+>>)")
+
+
+def read_local(root: Path, subset: str, split: str) -> list[dict]:
+    name = f"{split}.jsonl" if subset == "main" else f"{split}_socratic.jsonl"
+    return read_jsonl(require_file(root, "gsm8k", name))
+
+
+def answer_to_parts(answer: str) -> list[dict]:
+    """A GSM8K solution as assistant parts: text, then python + python_output for each <<expr=result>>."""
+    parts = []
+    for piece in _CALC_RE.split(answer):
+        if piece.startswith("<<") and piece.endswith(">>"):
+            inner = piece[2:-2]
+            expr, result = inner.rsplit("=", 1) if "=" in inner else (inner, "")
+            parts.append({"type": "python", "text": expr})
+            parts.append({"type": "python_output", "text": result})
+        else:
+            parts.append({"type": "text", "text": piece})  # may be "" (nanochat keeps those too)
+    return parts
+
+
+class GSM8K(Task):
+    def __init__(self, subset: str = "main", split: str = "test", data_dir=None, **kwargs):
+        super().__init__(**kwargs)
+        if subset not in ("main", "socratic"):
+            raise ValueError(f"GSM8K subset must be 'main' or 'socratic', got {subset!r}")
+        if split not in ("train", "test"):
+            raise ValueError(f"GSM8K split must be 'train' or 'test', got {split!r}")
+        self.subset, self.split = subset, split
+        self.ds = load_hub_dataset("openai/gsm8k", subset, split, data_dir=data_dir,
+                                   local_reader=read_local).shuffle(seed=42)
+
+    @property
+    def eval_type(self) -> str:
+        return "generative"
+
+    def num_examples(self) -> int:
+        return len(self.ds)
+
+    def get_example(self, index: int) -> dict:
+        row = self.ds[index]
+        return {"messages": [{"role": "user", "content": row["question"]},
+                             {"role": "assistant", "content": answer_to_parts(row["answer"])}]}
+
+    def evaluate(self, conversation: dict, completion: str) -> int:
+        """1 if the '#### number' in the completion equals the reference's (as strings, commas removed), else 0."""
+        return int(_reference_answer(conversation) == extract_answer(completion))
+
+    def reward(self, conversation: dict, completion: str) -> float:
+        """RL reward: the 0/1 evaluation as a float."""
+        return float(self.evaluate(conversation, completion))
+
+
+def _reference_answer(conversation: dict) -> str | None:
+    last = conversation["messages"][-1]
+    if last["role"] != "assistant" or not isinstance(last["content"], list):
+        raise ValueError("the conversation's last message must be the assistant's reference solution, as a list "
+                         "of parts")
+    return extract_answer(last["content"][-1]["text"])

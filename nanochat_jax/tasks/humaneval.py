@@ -1,0 +1,79 @@
+"""HumanEval: 164 Python functions to complete, graded by running their unit tests in the sandbox.
+HF openai/openai_humaneval; locally humaneval/HumanEval.jsonl.gz (same rows and order)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from nanochat_jax.execution import execute_code
+from nanochat_jax.tasks.common import Task, load_hub_dataset, read_jsonl, require_file
+
+_CODE_BLOCK_RE = re.compile(r"```(?:python)?\s*\n(.*?)\n```", re.DOTALL)
+
+
+def read_local(root: Path, subset: str, split: str) -> list[dict]:
+    return read_jsonl(require_file(root, "humaneval", "HumanEval.jsonl.gz"))
+
+
+def extract_imports(prompt: str) -> str:
+    """The prompt's module-level import statements, so a completion that only repeats the function body still
+    sees them (HumanEval prompts import e.g. `from typing import List` before the signature)."""
+    import ast
+
+    try:
+        tree = ast.parse(prompt)
+    except SyntaxError:  # prompts end mid-function (a docstring, no body): parse the lines before the first def
+        head = prompt.split("\ndef ", 1)[0]
+        try:
+            tree = ast.parse(head)
+        except SyntaxError:
+            return ""
+    return "\n".join(ast.unparse(node) for node in tree.body if isinstance(node, (ast.Import, ast.ImportFrom)))
+
+
+def extract_program(completion: str) -> str:
+    """The first ``` or ```python block of a completion, else the whole completion (stripped)."""
+    blocks = _CODE_BLOCK_RE.findall(completion)
+    return (blocks[0] if blocks else completion).strip()
+
+
+def build_program(conversation: dict, completion: str) -> str:
+    """imports of the prompt + the completion's code + the tests + check(entry_point), as nanochat runs it."""
+    imports = extract_imports(conversation["messages"][0]["content"])
+    return (f"{imports}\n\n{extract_program(completion)}\n\n{conversation['test']}\n"
+            f"check({conversation['entry_point']})")
+
+
+class HumanEval(Task):
+    """Generative. The user message is the prompt (signature + docstring); the reference reply is prompt +
+    canonical solution. evaluate() runs the completion against the tests with execute_code."""
+
+    def __init__(self, data_dir=None, timeout_s: float = 5.0, memory_mb: int | None = 256, **kwargs):
+        super().__init__(**kwargs)
+        self.timeout_s, self.memory_mb = timeout_s, memory_mb
+        # HF's parquet export names this dataset's single config "openai_humaneval"
+        self.ds = load_hub_dataset("openai/openai_humaneval", "openai_humaneval", "test", data_dir=data_dir,
+                                   local_reader=read_local).shuffle(seed=42)
+
+    @property
+    def eval_type(self) -> str:
+        return "generative"
+
+    def num_examples(self) -> int:
+        return len(self.ds)
+
+    def get_example(self, index: int) -> dict:
+        row = self.ds[index]
+        return {
+            "messages": [{"role": "user", "content": row["prompt"]},
+                         {"role": "assistant", "content": f"{row['prompt']}\n{row['canonical_solution']}"}],
+            "entry_point": row["entry_point"],
+            "test": row["test"],
+            "task_id": row["task_id"],
+        }
+
+    def evaluate(self, conversation: dict, completion: str) -> bool:
+        result = execute_code(build_program(conversation, completion), timeout_s=self.timeout_s,
+                              memory_mb=self.memory_mb)
+        return result.success
