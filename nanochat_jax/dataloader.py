@@ -305,7 +305,8 @@ class ConversationPacker:
     This process reads indices shard, shard + num_shards, ... of `dataset` (epoch after epoch, the dataset's own
     order: TaskMixture already shuffles). A conversation longer than T+1 tokens is cut by render_conversation.
     Exact resume: the state holds the cursor and the dataset indices still in the buffer (re-rendered on restore).
-    `progress` (0→1 over the first epoch) drives the schedules; `epoch` says when the data has been seen once.
+    `progress` (conversations emitted into rows / shard size, capped at 1) drives the schedules; `epochs_done`
+    counts complete passes (`epoch` is the read cursor's, which runs ahead by up to a buffer).
     """
 
     def __init__(self, dataset, tokenizer: ConversationTokenizer, batch_size: int, seq_len: int, *,
@@ -323,7 +324,8 @@ class ConversationPacker:
         self.mask_targets = (mode == "sft") if mask_targets is None else mask_targets
         self.shard, self.num_shards, self.buffer_size = shard, num_shards, buffer_size
         self.shard_len = len(range(shard, len(dataset), num_shards))
-        self.epoch, self.cursor = 0, 0      # position in this shard's index sequence
+        self.epoch, self.cursor = 0, 0      # read position in this shard's index sequence
+        self.emitted = 0                    # conversations placed into rows so far (all epochs)
         self.buffer: list[tuple[int, list[int], list[int]]] = []  # (dataset index, ids, mask) in arrival order
         self.tokens_padded = self.tokens_cropped = self.tokens_packed = 0
         if state is not None:
@@ -331,8 +333,12 @@ class ConversationPacker:
 
     @property
     def progress(self) -> float:
-        """Fraction of the first epoch consumed by this shard (1.0 from the second epoch on)."""
-        return 1.0 if self.epoch > 0 else self.cursor / self.shard_len
+        """Fraction of the first epoch emitted by this shard (1.0 from then on)."""
+        return min(1.0, self.emitted / self.shard_len)
+
+    @property
+    def epochs_done(self) -> int:
+        return self.emitted // self.shard_len
 
     def _render(self, index: int) -> tuple[list[int], list[int]]:
         return self.tokenizer.render_conversation(self.dataset[index], max_tokens=self.T + 1)
@@ -355,6 +361,7 @@ class ConversationPacker:
             if fits:
                 pick = max(fits, key=lambda i: len(self.buffer[i][1]))  # largest that fits (first on ties)
                 _, ids, mask = self.buffer.pop(pick)
+                self.emitted += 1
             elif self.mode == "sft":  # pad the rest with BOS, masked out
                 ids_row[filled:] = self.tokenizer.bos_id
                 mask_row[filled:] = -1
@@ -363,6 +370,7 @@ class ConversationPacker:
             else:  # crop the shortest
                 pick = min(range(len(self.buffer)), key=lambda i: len(self.buffer[i][1]))
                 _, ids, mask = self.buffer.pop(pick)
+                self.emitted += 1
                 self.tokens_cropped += len(ids) - remaining
                 ids, mask = ids[:remaining], mask[:remaining]
             ids_row[filled:filled + len(ids)] = ids
@@ -384,8 +392,9 @@ class ConversationPacker:
         return {"inputs": ids[:, :-1], "targets": targets}
 
     def get_state(self) -> dict:
-        return {"epoch": self.epoch, "cursor": self.cursor, "buffer": [i for i, _, _ in self.buffer]}
+        return {"epoch": self.epoch, "cursor": self.cursor, "emitted": self.emitted,
+                "buffer": [i for i, _, _ in self.buffer]}
 
     def set_state(self, state: dict) -> None:
-        self.epoch, self.cursor = int(state["epoch"]), int(state["cursor"])
+        self.epoch, self.cursor, self.emitted = int(state["epoch"]), int(state["cursor"]), int(state["emitted"])
         self.buffer = [(i, *self._render(i)) for i in state["buffer"]]

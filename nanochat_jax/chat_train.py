@@ -1,0 +1,322 @@
+"""Midtraining and SFT: the base model learns the chat format, tool use and multiple choice.
+
+Both stages are the pretraining machinery fed by a different loader: the same train step (`make_train_step`,
+with the lr multiplier fed from the host because the reference's schedules run on data progress), the same
+`fit` loop, optimizer, sharding, checkpointing and logging. What differs is only data and hyperparameters:
+
+    stage  reads   data (TaskMixture → ConversationPacker)                    loss on          lr schedule
+    mid    base    best fit with crop, like pretraining                       every token      flat, last 20% → 0
+    sft    mid     best fit of whole conversations, BOS padding, never crops  assistant tokens  flat, last 50% → 0
+
+Each stage trains one epoch of its mixture (or --num-iterations steps), evaluates validation bits per byte (on the
+tokens the stage trains on) every --eval-every steps, and saves `mid_checkpoints/<tag>` or
+`chatsft_checkpoints/<tag>` with the loader position, so `--resume` continues exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from nanochat_jax import gpt, optim, sharding
+from nanochat_jax.common import format_duration, print0
+from nanochat_jax.config import require
+from nanochat_jax.train import (LoopState, Periodic, ScalarLog, _report, abstract_tree, compile_train_step, fit,
+                                init_state, run_dir)
+
+SOURCE_OF = {"mid": "base", "sft": "mid"}
+
+
+@dataclass(frozen=True)
+class ChatTrainConfig:
+    """Flags shared by scripts/midtrain.py and scripts/sft.py (-1 / None: inherit from the source checkpoint)."""
+    stage: str = "sft"                    # mid | sft (set by the script)
+    source: str = ""                      # checkpoint phase to start from: "" = base for mid, mid for sft
+    model_tag: str | None = None          # source model tag (default: the largest); the output uses the same tag
+    model_step: int | None = None         # source step (default: latest)
+    load_optimizer: bool = False          # start from the source's optimizer state (momentum buffers)
+    # data
+    mixture: str = "default"              # default (the reference's) | local (offline: tasks from --task-data)
+    task_data: str | None = None          # a shared/data-style folder for the task files ($NANOCHAT_JAX_TASK_DATA)
+    identity_file: str | None = None      # a JSONL of identity conversations (CustomJSON), trained twice
+    max_seq_len: int = -1
+    device_batch_size: int = -1
+    total_batch_size: int = -1            # tokens per step
+    num_iterations: int = -1              # -1: one epoch of the mixture
+    max_conversations: int = -1           # cap the train mixture (quick runs)
+    # optimizer (LRs: -1 = the base run's; then × init_lr_frac; no batch-size scaling, Muon wd 0, as the reference)
+    embedding_lr: float = -1.0
+    unembedding_lr: float = -1.0
+    matrix_lr: float = -1.0
+    scalar_lr: float = -1.0
+    init_lr_frac: float = -1.0            # -1: 1.0 (mid) / 0.8 (sft)
+    warmdown_ratio: float = -1.0          # -1: 0.2 (mid) / 0.5 (sft)
+    final_lr_frac: float = 0.0
+    # eval, checkpoints
+    eval_every: int = 150
+    eval_tokens: int = 20 * 524288
+    save_every: int = -1
+    keep_checkpoints: int = 2
+    resume: bool = False
+    log_every: int = 1
+    # where and how
+    mesh: int = -1
+    distributed: bool | None = None
+    fsdp: bool = True
+    attention: str = "auto"
+    compute_dtype: str = "auto"
+    tokenizer_dir: str | None = None
+    seed: int = 42
+
+    def __post_init__(self):
+        need = require
+        need(self.stage in SOURCE_OF, f"stage must be mid or sft, got {self.stage!r}")
+        need(self.source in ("", "base", "mid", "sft"), f"--source must be base|mid|sft, got {self.source!r}")
+        need(self.mixture in ("default", "local"), f"--mixture must be default|local, got {self.mixture!r}")
+        need(self.attention in ("auto", "xla", "cudnn", "pallas"), "--attention must be auto|xla|cudnn|pallas")
+        need(self.compute_dtype in ("auto", "bfloat16", "float32"), "--compute-dtype must be auto|bfloat16|float32")
+        need(self.eval_every != 0 and self.save_every != 0, "--eval-every/--save-every must be > 0 or -1 (off)")
+        need(self.final_lr_frac >= 0 and (self.warmdown_ratio == -1 or 0 <= self.warmdown_ratio <= 1),
+             "--warmdown-ratio must be in [0, 1] and --final-lr-frac >= 0")
+
+    @property
+    def source_phase(self) -> str:
+        return self.source or SOURCE_OF[self.stage]
+
+
+def lr_multiplier(progress: float, warmdown_ratio: float, final_lr_frac: float = 0.0) -> float:
+    """The reference's chat schedules on data progress p ∈ [0, 1]: 1 until 1 − warmdown, then linear to final.
+    (OCT midtraining ramped *up*, issue #68; we use the fixed, decaying schedule.)"""
+    if warmdown_ratio <= 0 or progress < 1 - warmdown_ratio:
+        return 1.0
+    frac = min(max((1 - progress) / warmdown_ratio, 0.0), 1.0)
+    return frac + (1 - frac) * final_lr_frac
+
+
+def build_mixture(cfg: ChatTrainConfig, split: str):
+    """The stage's TaskMixture (train) or its validation mixture, from HF (default) or a local folder (local)."""
+    from nanochat_jax import tasks as T
+
+    data = cfg.task_data
+    if cfg.mixture == "default":
+        if split == "train":
+            parts = [T.SmolTalk("train", data_dir=data)]
+            if cfg.stage == "mid":
+                parts += [T.MMLU("auxiliary_train", "train", data_dir=data), T.GSM8K("main", "train", data_dir=data),
+                          T.SimpleSpelling(200_000, "train", data_dir=data), T.SpellingBee(80_000, "train", data_dir=data)]
+            else:  # HEAD SFT: 3 epochs of MMLU aux, 4 of GSM8K
+                parts += [T.MMLU("auxiliary_train", "train", data_dir=data)] * 3 + \
+                         [T.GSM8K("main", "train", data_dir=data)] * 4
+        else:
+            parts = [T.SmolTalk("test", data_dir=data), T.MMLU("all", "test", data_dir=data, stop=5200),
+                     T.GSM8K("main", "test", data_dir=data, stop=420)]
+    else:  # offline: real conversations and the task files of a shared/data-style folder
+        if split == "train":
+            parts = [T.LocalChat("train", data_dir=data), T.ARC("ARC-Easy", "train", data_dir=data),
+                     T.ARC("ARC-Challenge", "train", data_dir=data), T.GSM8K("main", "train", data_dir=data),
+                     T.SimpleSpelling(300, "train", data_dir=data), T.SpellingBee(300, "train", data_dir=data)]
+        else:
+            parts = [T.LocalChat("test", data_dir=data), T.ARC("ARC-Easy", "validation", data_dir=data, stop=200),
+                     T.GSM8K("main", "test", data_dir=data, stop=200)]
+    if split == "train" and cfg.identity_file:
+        parts += [T.CustomJSON(cfg.identity_file)] * 2
+    mixture = T.TaskMixture(parts)
+    if split == "train" and cfg.max_conversations > 0 and len(mixture) > cfg.max_conversations:
+        mixture = _Head(mixture, cfg.max_conversations)
+    return mixture
+
+
+class _Head:
+    """The first n conversations of a (shuffled) mixture."""
+
+    def __init__(self, dataset, n: int):
+        self.dataset, self.n = dataset, n
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        if not 0 <= i < self.n:
+            raise IndexError(i)
+        return self.dataset[i]
+
+
+def chat_train(cfg: ChatTrainConfig, *, train_data=None, val_data=None) -> LoopState:
+    """Run midtraining or SFT. train_data/val_data (indexable conversation datasets) replace the mixtures (tests)."""
+    from nanochat_jax.checkpoint import Checkpointer, checkpoint_dir, find_largest_model, _phase_dir
+    from nanochat_jax.dataloader import ConversationPacker
+    from nanochat_jax.loss_eval import evaluate_bpb, make_bpb_fn
+    from nanochat_jax.tokenizer import get_tokenizer
+
+    sharding.maybe_initialize_distributed(cfg.distributed)
+    mesh = sharding.make_mesh(cfg.mesh)
+    device = mesh.devices.flat[0]
+    on_gpu = device.platform == "gpu"
+    stage, src_phase = cfg.stage, cfg.source_phase
+    tokenizer = get_tokenizer(cfg.tokenizer_dir)
+    token_bytes = jnp.asarray(tokenizer.token_bytes(), jnp.int32)
+
+    # --- the source checkpoint: model config and the base run's settings ---
+    tag = cfg.model_tag or find_largest_model(_phase_dir(src_phase))
+    src = Checkpointer(checkpoint_dir(src_phase, tag), async_save=False)
+    src_step = src._resolve_step(cfg.model_step)
+    src_meta = src.read_meta(src_step)
+    overrides = {"compute_dtype": cfg.compute_dtype if cfg.compute_dtype != "auto" else
+                 ("bfloat16" if on_gpu else "float32"),
+                 "attn_backend": cfg.attention if cfg.attention != "auto" else ("cudnn" if on_gpu else "xla")}
+    model_cfg = gpt.GPTConfig.from_dict({**src_meta["model_config"], **overrides})
+    if model_cfg.vocab_size != tokenizer.vocab_size:
+        raise ValueError(f"the {src_phase} checkpoint {tag} has vocab {model_cfg.vocab_size} but the tokenizer has "
+                         f"{tokenizer.vocab_size}: use the tokenizer it was trained with (--tokenizer-dir)")
+    base_user = src_meta.get("user_config", {})
+    pick = lambda v, key, default: v if v != -1 else src_meta.get(key, base_user.get(key, default))  # noqa: E731
+    T_len = pick(cfg.max_seq_len, "max_seq_len", model_cfg.sequence_len)
+    dev_B = pick(cfg.device_batch_size, "device_batch_size", 16)
+    B = pick(cfg.total_batch_size, "total_batch_size", dev_B * T_len * mesh.size)
+    micro_tokens = dev_B * T_len * mesh.size
+    require(B % micro_tokens == 0, f"total batch {B} tokens is not a multiple of device_batch_size × max_seq_len × "
+                                   f"devices = {dev_B} × {T_len} × {mesh.size}; set --total-batch-size")
+    grad_accum = B // micro_tokens
+
+    # --- data: this process reads every process_count-th conversation ---
+    train_data = build_mixture(cfg, "train") if train_data is None else train_data
+    val_data = build_mixture(cfg, "val") if val_data is None else val_data
+    local_rows = sharding.local_batch_rows(dev_B * mesh.size, mesh)
+    mode = "mid" if stage == "mid" else "sft"
+    pi, pc = jax.process_index(), jax.process_count()
+    packer = ConversationPacker(train_data, tokenizer, local_rows, T_len, mode=mode, shard=pi, num_shards=pc)
+    # Steps of one epoch, estimated from a sample of rendered lengths (only for the schedule's ETA and Muon's
+    # horizon; the loop itself stops when the data is consumed).
+    rng = np.random.default_rng(0)
+    sample = rng.choice(len(train_data), size=min(256, len(train_data)), replace=False)
+    mean_len = np.mean([len(tokenizer.render_conversation(train_data[int(i)], T_len + 1)[0]) for i in sample])
+    est_steps = max(1, math.ceil(len(train_data) * mean_len / B))
+    n_iter = cfg.num_iterations if cfg.num_iterations > 0 else None
+    planned = n_iter or est_steps
+
+    init_lr_frac = cfg.init_lr_frac if cfg.init_lr_frac >= 0 else (1.0 if stage == "mid" else 0.8)
+    warmdown = cfg.warmdown_ratio if cfg.warmdown_ratio >= 0 else (0.2 if stage == "mid" else 0.5)
+    # LRs: the flag, else what the source stage used (before its init_lr_frac), else the pretraining default
+    src_lrs = src_meta.get("lrs", base_user)
+    lrs = {k: v if v >= 0 else float(src_lrs.get(k, d)) for (k, d), v in zip(
+        (("matrix_lr", 0.02), ("embedding_lr", 0.3), ("unembedding_lr", 0.008), ("scalar_lr", 0.5)),
+        (cfg.matrix_lr, cfg.embedding_lr, cfg.unembedding_lr, cfg.scalar_lr))}
+    opt_cfg = optim.OptimConfig(
+        num_iterations=planned, model_dim=model_cfg.n_embd, **lrs,
+        weight_decay=0.0, batch_lr_scale=1.0, init_lr_frac=init_lr_frac, warmup_steps=0,
+        # Muon momentum 0.85 → 0.95 over 300 steps, then flat (reference chat_sft/mid_train)
+        muon_momentum_start=0.85, muon_momentum_peak=0.95, muon_momentum_warmup_steps=300,
+        muon_momentum_final=0.95)
+    tx = optim.build_optimizer(gpt.param_shapes(model_cfg), opt_cfg, lr_schedule=lambda it: jnp.float32(1.0))
+    state_shapes = jax.eval_shape(lambda k: init_state(model_cfg, tx, k), jax.random.key(0))
+    step_fn, shardings, info = compile_train_step(model_cfg, tx, mesh, state_shapes, (grad_accum, dev_B * mesh.size, T_len),
+                                                  shard_params=cfg.fsdp, lr_input=True)
+    abstract = abstract_tree(state_shapes, shardings)
+    print0(f"{stage}: from {src_phase}/{tag} step {src_step}; devices {mesh.size} × {device.device_kind}; "
+           f"{len(train_data):,} train / {len(val_data):,} val conversations; batch {B:,} tokens = {grad_accum} × "
+           f"{dev_B} × {T_len} × {mesh.size}; ~{est_steps:,} steps per epoch (mean {mean_len:.0f} tokens/conversation); "
+           f"compiled in {info['compile_seconds']:.1f}s")
+
+    # --- state: resume this stage, or start from the source ---
+    ckpt = Checkpointer(checkpoint_dir(stage, tag), keep=cfg.keep_checkpoints)
+    loop = LoopState()
+    start = 0
+    if cfg.resume:
+        resume_step = ckpt.latest_step()
+        if resume_step is None:
+            raise FileNotFoundError(f"--resume: no {stage} checkpoint of {tag!r} in {ckpt.directory}; drop --resume")
+        params, opt_state, meta = ckpt.restore(resume_step, abstract_params=abstract["params"],
+                                               abstract_opt_state=abstract["opt_state"])
+        packer.set_state(meta["loader_state"][str(pi)])
+        loop = LoopState(**{k: v for k, v in meta["loop_state"].items() if k != "history"})
+        start = resume_step
+        print0(f"resumed {stage}/{tag} from step {resume_step}")
+    else:
+        opt_abstract = abstract["opt_state"] if cfg.load_optimizer else None
+        params, opt_state, _ = src.restore(src_step, abstract_params=abstract["params"], abstract_opt_state=opt_abstract)
+        if opt_state is None:
+            opt_state = jax.jit(tx.init, out_shardings=shardings["opt_state"])(params)
+    src.close()
+    state = {"step": jax.device_put(jnp.asarray(start, jnp.int32), shardings["step"]), "params": params,
+             "opt_state": opt_state}
+
+    # --- loop pieces ---
+    def agree_any(flag: bool) -> bool:
+        if pc == 1:
+            return flag
+        from jax.experimental import multihost_utils
+        return bool(np.max(multihost_utils.process_allgather(np.asarray([flag]))))
+
+    def batches():
+        done = False
+        while not done:
+            pos = {str(pi): packer.get_state()}
+            lrm = lr_multiplier(packer.progress if n_iter is None else state_step[0] / n_iter, warmdown,
+                                cfg.final_lr_frac)
+            rows = [next(packer) for _ in range(grad_accum)]
+            host = {k: np.stack([r[k] for r in rows]) for k in ("inputs", "targets")}
+            batch = {k: sharding.global_batch(v, mesh, batch_axis=1) for k, v in host.items()}
+            batch["lrm"] = jax.device_put(jnp.float32(lrm), sharding.replicated(mesh))
+            lrms[0] = lrm
+            state_step[0] += 1
+            # one epoch: the batch that wraps the data is the last (every process agrees)
+            done = n_iter is None and agree_any(packer.epochs_done > 0)
+            yield batch, pos
+
+    state_step, lrms = [start], [1.0]
+    bpb_fn = jax.jit(make_bpb_fn(model_cfg), in_shardings=(shardings["params"], sharding.batch_sharding(mesh),
+                                                            sharding.batch_sharding(mesh), sharding.replicated(mesh)))
+    eval_steps = max(1, cfg.eval_tokens // (dev_B * T_len * mesh.size))
+
+    def val_batches():
+        val = ConversationPacker(val_data, tokenizer, local_rows, T_len, mode=mode, shard=pi, num_shards=pc)
+        while True:
+            yield {k: sharding.global_batch(v, mesh) for k, v in next(val).items()}
+
+    log = ScalarLog(run_dir(f"{stage}_{tag}"))
+    clock = {"last": time.perf_counter()}
+
+    def timed(fn):
+        def run(*args):
+            fn(*args)
+            clock["last"] = time.perf_counter()
+        return run
+
+    def evaluate(step, state, _):
+        loop.val_bpb = evaluate_bpb(bpb_fn, state["params"], val_batches(), token_bytes, eval_steps)
+        loop.min_val_bpb = min(loop.min_val_bpb, loop.val_bpb)
+        print0(f"step {step:05d} | validation bpb {loop.val_bpb:.4f}")
+        log(step, **{"val/bpb": loop.val_bpb})
+
+    def save(step, state, loader_state):
+        meta = {"step": step, "stage": stage, "source": f"{src_phase}/{tag}/{src_step}",
+                "model_config": model_cfg.to_dict(), "user_config": dataclasses.asdict(cfg), "lrs": lrs,
+                "device_batch_size": dev_B, "max_seq_len": T_len, "total_batch_size": B, "val_bpb": loop.val_bpb,
+                "loader_state": loader_state or {str(pi): packer.get_state()},
+                "loop_state": {k: v for k, v in dataclasses.asdict(loop).items() if k != "history"}}
+        ckpt.save(step, params=state["params"], opt_state=state["opt_state"], meta=meta, overwrite=True)
+        print0(f"saved {stage} checkpoint {tag} step {step} to {ckpt.directory}")
+
+    def report(step, metrics):
+        _report(step, metrics, loop, log, planned, lrms[0], B, gpt.flops_per_token(model_cfg), device.device_kind,
+                mesh.size, f"progress {packer.progress:.3f}", clock, cfg.log_every)
+
+    periodic = [Periodic(cfg.eval_every, timed(evaluate)), Periodic(cfg.save_every, timed(save), after_start=True)]
+    t0 = time.perf_counter()
+    try:
+        fit(step_fn, state, batches(), start=start, n_iter=n_iter, report=report, periodic=periodic)
+    finally:
+        ckpt.close()
+        log.close()
+    final_step = loop.history[-1][0] + 1 if loop.history else start
+    print0(f"{stage} done: {final_step} steps, val bpb {loop.val_bpb:.4f}, wall time {format_duration(time.perf_counter() - t0)}")
+    print0(json.dumps({"stage": stage, "final_step": final_step, "val_bpb": loop.val_bpb,
+                       "losses": [[s_, l_] for s_, l_ in loop.history]}))
+    return loop
