@@ -1,0 +1,654 @@
+"""CORE: the DCLM in-context-learning benchmark that scores base models (reference §7.1, nanochat's core_eval).
+
+The eval bundle (core.yaml, eval_meta_data.csv, eval_data/<category>/<task>.jsonl) lists 22 tasks of three kinds:
+
+    multiple_choice    one prompt per choice, same context; the choice whose own tokens have the lowest mean
+                       loss is the prediction
+    schema             one prompt per context option, same continuation; lowest mean loss over the continuation
+    language_modeling  context + continuation; correct iff greedy argmax reproduces every continuation token
+
+Accuracy is centered against the task's random baseline (percent, from eval_meta_data.csv):
+(acc - rb/100) / (1 - rb/100). CORE is the mean of the centered accuracies.
+
+What matches nanochat exactly, so numbers are comparable: the random.Random(1337) shuffle before --max-per-task,
+few-shot examples drawn with random.Random(1234 + idx) from the other examples, the prompt templates ("\\n\\n"
+between shots, the task's continuation delimiter, default " "), BOS-prepended prompts, and the scored token span
+(common prefix for MC, common suffix for schema, the with/without-continuation difference for LM).
+
+What differs is how the model runs. nanochat does one padded forward per example. Here every sequence of a task
+is a *row* (tokens, start, end) whose targets tokens[start:end] are scored; rows are right-padded into a few
+fixed length buckets (powers of two up to max_len, by default the model's sequence_len) and fixed-size batches,
+sharded over the mesh, and scored by one jitted function, so there is one compilation per bucket. Right padding
+cannot change a causal model's outputs at the real positions, so the scores are those of the unpadded sequences.
+Rows longer than max_len: nanochat crops from the left only for models that declare a maximum length; its own
+GPT never does (sliding windows and RoPE run past the training length, as ours do). So by default such rows get
+further power-of-two buckets (4096, ...) and are scored whole; crop=True crops them instead. At sequence_len 2048
+this matters: roughly 9 in 10 10-shot squad prompts and 1 in 10 boolq prompts are longer.
+
+    scorer = make_model_scorer(params, model_cfg, mesh, pad_id=tokenizer.bos_id)
+    out = evaluate_core(scorer, tokenizer, ensure_eval_bundle())
+    out["core_metric"], out["results"][label], out["centered_results"][label]
+
+A scorer is any callable `rows -> (mean_loss[n], all_correct[n])` (see `ScoreFn`), so tests and other evals can
+plug in their own model or logits.
+"""
+
+from __future__ import annotations
+
+import bisect
+import collections
+import collections.abc
+import csv
+import json
+import os
+import random
+import shutil
+import tempfile
+import time
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Protocol, Sequence
+
+import numpy as np
+
+from nanochat_jax.common import atomic_write, get_base_dir, print0
+
+EVAL_BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
+TASK_TYPES = ("multiple_choice", "schema", "language_modeling")
+SHUFFLE_SEED = 1337   # random.Random(SHUFFLE_SEED).shuffle(data) before truncating to max_per_task
+FEWSHOT_SEED = 1234   # example idx draws its shots with random.Random(FEWSHOT_SEED + idx)
+
+Row = tuple[Sequence[int], int, int]  # (tokens, start, end): score the targets tokens[start:end]
+
+
+class ScoreFn(Protocol):
+    def __call__(self, rows: Sequence[Row]) -> tuple[np.ndarray, np.ndarray]:
+        """For each row: the mean cross-entropy (nats) of predicting tokens[start:end] from the tokens before them,
+        and whether the argmax prediction equals every one of those tokens (an empty span: inf and False)."""
+        ...
+
+
+# ----------------------------------------------------------------------------------------------
+# The bundle: task list, baselines, data
+
+@dataclass(frozen=True)
+class CoreTask:
+    label: str
+    dataset_uri: str                   # path under eval_data/
+    task_type: str                     # one of TASK_TYPES
+    num_fewshot: int = 0
+    continuation_delimiter: str = " "
+    random_baseline: float = 0.0       # percent (eval_meta_data.csv "Random baseline")
+
+
+def load_core_tasks(bundle_dir: str | os.PathLike) -> list[CoreTask]:
+    """The tasks of core.yaml, in order, each with its random baseline from eval_meta_data.csv."""
+    import yaml  # PyYAML: present through flax/orbax; only CORE needs it
+
+    bundle_dir = Path(bundle_dir)
+    with open(bundle_dir / "core.yaml", encoding="utf-8") as f:
+        config = yaml.safe_load(f)
+    baselines = {}
+    with open(bundle_dir / "eval_meta_data.csv", encoding="utf-8", newline="") as f:
+        for row in csv.DictReader(f):
+            baselines[row["Eval Task"]] = float(row["Random baseline"])
+    tasks = []
+    for t in config["icl_tasks"]:
+        label, shots = t["label"], t["num_fewshot"]
+        if t["icl_task_type"] not in TASK_TYPES:
+            raise ValueError(f"{bundle_dir / 'core.yaml'}: task {label!r} has type {t['icl_task_type']!r}; "
+                             f"supported types are {TASK_TYPES}")
+        if label not in baselines:
+            raise ValueError(f"{bundle_dir / 'eval_meta_data.csv'} has no 'Random baseline' for task {label!r}, so "
+                             f"its accuracy cannot be centered; is the bundle complete?")
+        tasks.append(CoreTask(label=label, dataset_uri=t["dataset_uri"], task_type=t["icl_task_type"],
+                              num_fewshot=int(shots[0] if isinstance(shots, list) else shots),
+                              continuation_delimiter=t.get("continuation_delimiter", " "),
+                              random_baseline=baselines[label]))
+    return tasks
+
+
+def task_data_path(bundle_dir: str | os.PathLike, task: CoreTask) -> Path:
+    return Path(bundle_dir) / "eval_data" / task.dataset_uri
+
+
+def load_task_data(bundle_dir: str | os.PathLike, task: CoreTask, max_per_task: int = -1) -> list[dict]:
+    """The task's examples, shuffled with random.Random(1337), then the first max_per_task (all if <= 0)."""
+    with open(task_data_path(bundle_dir, task), encoding="utf-8") as f:
+        data = [json.loads(line) for line in f if line.strip()]
+    return shuffle_and_truncate(data, max_per_task)
+
+
+def shuffle_and_truncate(data: list[dict], max_per_task: int = -1) -> list[dict]:
+    data = list(data)
+    random.Random(SHUFFLE_SEED).shuffle(data)
+    return data[:max_per_task] if max_per_task > 0 else data
+
+
+class _AllBut(collections.abc.Sequence):
+    """range(n) without `skip`, lazily: random.sample only calls len() and [], so drawing from this gives the same
+    sample as drawing from the materialised list (which would cost O(n) per example, O(n²) per task)."""
+
+    def __init__(self, n: int, skip: int):
+        self.n, self.skip = n, skip
+
+    def __len__(self) -> int:
+        return self.n - 1
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        if i < 0:
+            i += len(self)
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        return i if i < self.skip else i + 1
+
+
+def fewshot_indices(n: int, idx: int, k: int) -> list[int]:
+    """Indices of example idx's k shots: random.Random(1234 + idx).sample(all indices but idx, k). nanochat fails
+    when fewer than k others exist (tiny --max-per-task); we take them all instead."""
+    if k <= 0 or n <= 1:
+        return []
+    return random.Random(FEWSHOT_SEED + idx).sample(_AllBut(n, idx), min(k, n - 1))
+
+
+# ----------------------------------------------------------------------------------------------
+# Prompts (nanochat's Jinja templates written out: shots end with "\n\n", then the example itself)
+
+def render_prompts_mc(item: dict, delimiter: str, fewshot: Sequence[dict] = ()) -> list[str]:
+    """One prompt per choice: shots "query<delim>gold choice", then "query<delim>choice"."""
+    shots = "".join(f"{ex['query']}{delimiter}{ex['choices'][ex['gold']]}\n\n" for ex in fewshot)
+    return [f"{shots}{item['query']}{delimiter}{choice}" for choice in item["choices"]]
+
+
+def render_prompts_schema(item: dict, delimiter: str, fewshot: Sequence[dict] = ()) -> list[str]:
+    """One prompt per context option: shots "gold context<delim>continuation", then "option<delim>continuation"."""
+    shots = "".join(f"{ex['context_options'][ex['gold']]}{delimiter}{ex['continuation']}\n\n" for ex in fewshot)
+    return [f"{shots}{option}{delimiter}{item['continuation']}" for option in item["context_options"]]
+
+
+def render_prompts_lm(item: dict, delimiter: str, fewshot: Sequence[dict] = ()) -> list[str]:
+    """[prompt without the continuation (whitespace-stripped), prompt with it]. Contexts are stripped (some carry
+    trailing spaces); stripping the first prompt keeps it a clean token prefix of the second."""
+    shots = "".join(f"{ex['context'].strip()}{delimiter}{ex['continuation']}\n\n" for ex in fewshot)
+    without = f"{shots}{item['context'].strip()}{delimiter}"
+    return [without.strip(), without + item["continuation"]]
+
+
+RENDERERS: dict[str, Callable[..., list[str]]] = {
+    "multiple_choice": render_prompts_mc, "schema": render_prompts_schema, "language_modeling": render_prompts_lm}
+
+
+def render_prompts(task_type: str, item: dict, delimiter: str, fewshot: Sequence[dict] = ()) -> list[str]:
+    if task_type not in RENDERERS:
+        raise ValueError(f"unknown CORE task type {task_type!r}; expected one of {TASK_TYPES}")
+    return RENDERERS[task_type](item, delimiter, fewshot)
+
+
+# ----------------------------------------------------------------------------------------------
+# Token spans
+
+def find_common_length(seqs: Sequence[Sequence[int]], direction: str = "left") -> int:
+    """Length of the common prefix ('left') or suffix ('right') of all sequences."""
+    if direction not in ("left", "right"):
+        raise ValueError(f"direction must be 'left' or 'right', got {direction!r}")
+    shortest = min(len(s) for s in seqs)
+    for i in range(shortest):
+        pos = i if direction == "left" else -1 - i
+        if any(s[pos] != seqs[0][pos] for s in seqs):
+            return i
+    return shortest
+
+
+def example_rows(task_type: str, token_lists: Sequence[Sequence[int]]) -> list[Row]:
+    """Rows of one example from its BOS-prepended prompt tokens (in render order).
+
+    MC: the span is everything after the choices' common prefix. Schema: the options' common suffix.
+    LM: the tokens the continuation adds (one row: the prompt with it)."""
+    if task_type == "multiple_choice":
+        start = find_common_length(token_lists, "left")
+        return [(t, start, len(t)) for t in token_lists]
+    if task_type == "schema":
+        suffix = find_common_length(token_lists, "right")
+        return [(t, len(t) - suffix, len(t)) for t in token_lists]
+    if task_type == "language_modeling":
+        without, with_ = token_lists
+        start = len(without)
+        if list(with_[:start]) != list(without):
+            # nanochat asserts here; a tokenizer that merges across the boundary would end the whole eval, so score
+            # from where the two diverge instead
+            start = find_common_length([without, with_], "left")
+        return [(with_, start, len(with_))]
+    raise ValueError(f"unknown CORE task type {task_type!r}; expected one of {TASK_TYPES}")
+
+
+def crop_row(row: Row, max_len: int) -> Row:
+    """Keep the last max_len tokens, shifting the span (nanochat's crop for models with a max length). The span
+    keeps at least one token of context: its first target needs a prediction from the position before it."""
+    tokens, start, end = row
+    cut = len(tokens) - max_len
+    if cut <= 0:
+        return row
+    start = max(start - cut, 1)
+    return tokens[cut:], start, max(end - cut, start)
+
+
+# ----------------------------------------------------------------------------------------------
+# Scoring: buckets, fixed batches, one jitted function
+
+def bucket_lengths(max_len: int, min_bucket: int = 64) -> tuple[int, ...]:
+    """Powers of two from min_bucket up to max_len, and max_len itself."""
+    if max_len < 2:
+        raise ValueError(f"max_len must be >= 2, got {max_len}")
+    out, b = [], max(2, min(min_bucket, max_len))
+    while b < max_len:
+        out.append(b)
+        b *= 2
+    return tuple(out) + (max_len,)
+
+
+class Scorer:
+    """A ScoreFn over `logits_fn(params, tokens_BT) -> logits_BTV` (fp32).
+
+    Rows are grouped by bucket (the smallest bucket length that holds them; a row longer than max_len is cropped
+    to it when crop=True, else goes to the next power of two, added to `buckets`) and packed into batches of a
+    fixed number of rows per bucket (a multiple of the mesh size; unused rows are padding with an empty span), so
+    the jitted function sees at most len(buckets) shapes. Batches are sharded over the mesh's
+    "data" axis and dispatched as they fill; results are read at the end (see ScoringSession). `traces` counts
+    compilations (each new shape traces once); `stats` accumulates rows, cropped rows, batches and real vs padded
+    tokens.
+
+    Every process of a multi-process run must call it with the same rows (each builds the full global batch)."""
+
+    def __init__(self, logits_fn: Callable, params: Any, *, max_len: int, pad_id: int, mesh=None, crop: bool = False,
+                 min_bucket: int = 64, batch_tokens: int = 16384, place_params: bool = True):
+        import jax
+
+        from nanochat_jax import sharding
+
+        if batch_tokens < 1:
+            raise ValueError(f"batch_tokens must be >= 1, got {batch_tokens}")
+        self.mesh = mesh if mesh is not None else sharding.make_mesh(1)
+        self.n_devices = self.mesh.size
+        self.max_len, self.pad_id, self.batch_tokens = int(max_len), int(pad_id), int(batch_tokens)
+        self.crop = bool(crop)
+        self.buckets = bucket_lengths(self.max_len, min_bucket)
+        self._replicated = sharding.replicated(self.mesh)
+        self._batch_sharding = {nd: sharding.batch_sharding(self.mesh, 0, nd) for nd in (1, 2)}
+        self.traces = 0
+        self.stats = {"rows": 0, "cropped": 0, "long": 0, "batches": 0, "tokens": 0, "padded_tokens": 0}
+        self.params = jax.device_put(params, self._replicated) if place_params else params
+        self._fn = jax.jit(self._score_batch, out_shardings=self._replicated)
+        self._logits_fn = logits_fn
+
+    def set_params(self, params, place: bool = True) -> None:
+        """New weights, same compiled functions (e.g. CORE every N training steps)."""
+        import jax
+
+        self.params = jax.device_put(params, self._replicated) if place else params
+
+    def bucket_for(self, n_tokens: int) -> int:
+        i = bisect.bisect_left(self.buckets, n_tokens)
+        if i < len(self.buckets):
+            return self.buckets[i]
+        length = 1 << (n_tokens - 1).bit_length()  # past max_len (crop=False): the next power of two
+        self.buckets = tuple(sorted(set(self.buckets) | {length}))
+        return length
+
+    def rows_per_batch(self, length: int) -> int:
+        """batch_tokens per device, rounded down to whole rows (at least one), times the device count."""
+        return self.n_devices * max(1, self.batch_tokens // length)
+
+    def _score_batch(self, params, tokens_BT, start_B, end_B):
+        import jax.numpy as jnp
+
+        from nanochat_jax import gpt
+
+        self.traces += 1  # Python side effect: runs once per trace, i.e. per compiled shape
+        logits_BTV = self._logits_fn(params, tokens_BT).astype(jnp.float32)
+        targets_BT = jnp.roll(tokens_BT, -1, axis=1)  # position t predicts token t+1 (the last column is unused)
+        nll_BT = gpt.cross_entropy(logits_BTV, targets_BT, reduction="none")
+        hit_BT = jnp.argmax(logits_BTV, axis=-1) == targets_BT
+        pos_T = jnp.arange(tokens_BT.shape[1])
+        # targets tokens[start:end] are predicted at positions start-1 .. end-2
+        span_BT = (pos_T[None] >= start_B[:, None] - 1) & (pos_T[None] < end_B[:, None] - 1)
+        count_B = span_BT.sum(axis=1)
+        total_B = jnp.where(span_BT, nll_BT, 0.0).sum(axis=1)
+        mean_B = jnp.where(count_B > 0, total_B / jnp.maximum(count_B, 1), jnp.inf)
+        correct_B = jnp.all(hit_BT | ~span_BT, axis=1) & (count_B > 0)  # nothing to predict is not a success
+        return mean_B, correct_B
+
+    def _put(self, x: np.ndarray):
+        import jax
+
+        return jax.make_array_from_callback(x.shape, self._batch_sharding[x.ndim], lambda index: x[index])
+
+    def _dispatch(self, length: int, members: list[tuple[int, Row]]):
+        """One padded batch of rows of this bucket → (row ids, (mean_B, correct_B) still on device)."""
+        rows_b = self.rows_per_batch(length)
+        tokens_BT = np.full((rows_b, length), self.pad_id, np.int32)
+        start_B, end_B = np.zeros(rows_b, np.int32), np.zeros(rows_b, np.int32)  # padding rows: empty span
+        for j, (_, (tokens, start, end)) in enumerate(members):
+            tokens_BT[j, :len(tokens)] = tokens
+            start_B[j], end_B[j] = start, end
+            self.stats["tokens"] += len(tokens)
+        self.stats["padded_tokens"] += tokens_BT.size
+        self.stats["batches"] += 1
+        out = self._fn(self.params, self._put(tokens_BT), self._put(start_B), self._put(end_B))
+        return [i for i, _ in members], out
+
+    def session(self) -> "ScoringSession":
+        """Stream rows in with add(); finish() returns the scores of all of them, in order."""
+        return ScoringSession(self)
+
+    def __call__(self, rows: Sequence[Row]) -> tuple[np.ndarray, np.ndarray]:
+        session = self.session()
+        session.add(rows)
+        return session.finish()
+
+
+class ScoringSession:
+    """Rows wait in their bucket until it holds a full batch, which is then dispatched (asynchronously), so a task
+    can be fed in chunks without holding all its tokens and with at most one partial batch per bucket, sent by
+    finish(). Results are read only in finish()."""
+
+    def __init__(self, scorer: Scorer):
+        self.scorer = scorer
+        self.waiting: dict[int, list[tuple[int, Row]]] = {}
+        self.pending: list = []
+        self.n = 0
+
+    def add(self, rows: Sequence[Row]) -> None:
+        sc = self.scorer
+        for row in rows:
+            tokens, start, end = cropped = crop_row(row, sc.max_len) if sc.crop else row
+            if not 0 <= start <= end <= len(tokens):
+                raise ValueError(f"row {self.n}: span [{start}, {end}) does not fit its {len(tokens)} tokens")
+            sc.stats["cropped"] += len(tokens) < len(row[0])
+            sc.stats["long"] += len(row[0]) > sc.max_len
+            length = sc.bucket_for(len(tokens))
+            bucket = self.waiting.setdefault(length, [])
+            bucket.append((self.n, cropped))
+            self.n += 1
+            if len(bucket) == sc.rows_per_batch(length):
+                self.pending.append(sc._dispatch(length, bucket))
+                self.waiting[length] = []
+
+    def finish(self) -> tuple[np.ndarray, np.ndarray]:
+        for length, bucket in sorted(self.waiting.items()):
+            if bucket:
+                self.pending.append(self.scorer._dispatch(length, bucket))
+        self.waiting = {}
+        mean_loss, correct = np.full(self.n, np.inf, np.float64), np.zeros(self.n, bool)
+        for ids, (mean_B, correct_B) in self.pending:
+            mean_loss[ids] = np.asarray(mean_B)[:len(ids)]
+            correct[ids] = np.asarray(correct_B)[:len(ids)]
+        self.scorer.stats["rows"] += self.n
+        self.pending = []
+        return mean_loss, correct
+
+
+def make_model_scorer(params, model_cfg, mesh=None, *, pad_id: int, max_len: int | None = None, crop: bool = False,
+                      min_bucket: int = 64, batch_tokens: int = 16384, place_params: bool = True) -> Scorer:
+    """A Scorer for a GPT (gpt.forward). max_len defaults to the model's sequence_len; longer rows are scored whole
+    in larger buckets (nanochat's behaviour for its GPT) unless crop=True. place_params=False keeps params as given
+    (e.g. FSDP-sharded training state) instead of replicating them over the mesh."""
+    from nanochat_jax import gpt
+
+    return Scorer(lambda p, x: gpt.forward(p, x, model_cfg), params, mesh=mesh, pad_id=pad_id,
+                  max_len=max_len or model_cfg.sequence_len, crop=crop, min_bucket=min_bucket,
+                  batch_tokens=batch_tokens, place_params=place_params)
+
+
+# ----------------------------------------------------------------------------------------------
+# Tasks and the benchmark
+
+def centered_accuracy(accuracy: float, random_baseline: float) -> float:
+    """(acc - rb) / (1 - rb) with the baseline rb given in percent."""
+    rb = 0.01 * random_baseline
+    return (accuracy - rb) / (1.0 - rb)
+
+
+def prepare_task(tokenizer, data: Sequence[dict], task: CoreTask,
+                 indices: Sequence[int] | None = None) -> tuple[list[Row], list[tuple[int, int]]]:
+    """Rows of the examples `indices` (default all; shots are drawn from all of `data`) and, per example, its
+    (first row, number of rows)."""
+    prompts, counts = [], []
+    for idx in range(len(data)) if indices is None else indices:
+        shots = [data[i] for i in fewshot_indices(len(data), idx, task.num_fewshot)]
+        ps = render_prompts(task.task_type, data[idx], task.continuation_delimiter, shots)
+        prompts.extend(ps)
+        counts.append(len(ps))
+    token_lists = tokenizer.encode(prompts, prepend=tokenizer.bos_id) if prompts else []
+    rows, spans, offset = [], [], 0
+    for count in counts:
+        ex_rows = example_rows(task.task_type, token_lists[offset:offset + count])
+        spans.append((len(rows), len(ex_rows)))
+        rows.extend(ex_rows)
+        offset += count
+    return rows, spans
+
+
+def evaluate_task(score_fn: ScoreFn, tokenizer, data: Sequence[dict], task: CoreTask, *,
+                  chunk_examples: int = 2048) -> dict:
+    """{"accuracy", "correct" (per example), "examples", "rows", "seconds"} of one task over `data` (already shuffled
+    and truncated, as load_task_data gives it). With a Scorer, examples are tokenized and fed chunk by chunk (the
+    device works on one chunk while the host prepares the next); any other ScoreFn gets all rows in one call."""
+    t0 = time.perf_counter()
+    session = score_fn.session() if hasattr(score_fn, "session") else None
+    all_rows, spans, n_rows = [], [], 0
+    for lo in range(0, len(data), chunk_examples):
+        rows, chunk_spans = prepare_task(tokenizer, data, task, range(lo, min(lo + chunk_examples, len(data))))
+        spans.extend((n_rows + first, count) for first, count in chunk_spans)
+        n_rows += len(rows)
+        if session is not None:
+            session.add(rows)
+        else:
+            all_rows.extend(rows)
+    if session is not None:
+        mean_loss, all_correct = session.finish()
+    else:
+        mean_loss, all_correct = score_fn(all_rows) if all_rows else (np.zeros(0), np.zeros(0, bool))
+    correct = []
+    for (first, count), item in zip(spans, data):
+        if task.task_type == "language_modeling":
+            correct.append(bool(all_correct[first]))
+        else:  # lowest mean loss wins; ties go to the first option, like list.index(min(...))
+            correct.append(int(np.argmin(mean_loss[first:first + count])) == int(item["gold"]))
+    return {"accuracy": float(np.mean(correct)) if correct else 0.0, "correct": correct, "examples": len(correct),
+            "rows": n_rows, "seconds": time.perf_counter() - t0}
+
+
+def evaluate_core(score_fn: ScoreFn, tokenizer, bundle_dir: str | os.PathLike, *, max_per_task: int = -1,
+                  tasks: Sequence[str] | None = None, require_all: bool = False, log=print0) -> dict:
+    """Every task of the bundle (or the labels in `tasks`). A task whose data file is missing is skipped with a
+    warning and CORE is the mean over the tasks present, reported as such ("missing" lists them); with
+    require_all=True a missing file is an error instead.
+
+    Returns {"results": {label: accuracy}, "centered_results": {label: centered}, "core_metric", "missing",
+    "num_tasks", "details": {label: {...}}, "examples", "seconds", "examples_per_second", "compilations"}."""
+    bundle_dir = Path(bundle_dir)
+    all_tasks = load_core_tasks(bundle_dir)
+    if tasks:
+        known = {t.label for t in all_tasks}
+        unknown = [t for t in tasks if t not in known]
+        if unknown:
+            raise ValueError(f"unknown CORE task(s) {unknown}; the bundle has {[t.label for t in all_tasks]}")
+        all_tasks = [t for t in all_tasks if t.label in set(tasks)]
+    missing = [t.label for t in all_tasks if not task_data_path(bundle_dir, t).is_file()]
+    if missing and require_all:
+        paths = [str(task_data_path(bundle_dir, t)) for t in all_tasks if t.label in missing]
+        raise FileNotFoundError(f"CORE task data missing: {paths}. Use a complete eval bundle, or allow a partial "
+                                f"CORE over the tasks present (require_all=False / --require-all=0)")
+    for task in all_tasks:
+        if task.label in missing:
+            log(f"WARNING: CORE task {task.label!r}: no data file {task_data_path(bundle_dir, task)}; skipping it, so "
+                f"CORE is the mean over the {len(all_tasks) - len(missing)} tasks present")
+    present = [t for t in all_tasks if t.label not in missing]
+    if not present:
+        raise FileNotFoundError(f"none of the CORE task files exist under {bundle_dir / 'eval_data'}")
+
+    results, centered, details = {}, {}, {}
+    cache: dict[str, list[dict]] = {}  # hellaswag is used twice (0- and 10-shot); dropped after its last use
+    uses = collections.Counter(t.dataset_uri for t in present)
+    traces0 = getattr(score_fn, "traces", None)
+    stats0 = dict(getattr(score_fn, "stats", None) or {})
+    t_all = time.perf_counter()
+    for task in present:
+        if task.dataset_uri not in cache:
+            with open(task_data_path(bundle_dir, task), encoding="utf-8") as f:
+                cache[task.dataset_uri] = [json.loads(line) for line in f if line.strip()]
+        data = shuffle_and_truncate(cache[task.dataset_uri], max_per_task)
+        uses[task.dataset_uri] -= 1
+        if not uses[task.dataset_uri]:
+            del cache[task.dataset_uri]
+        out = evaluate_task(score_fn, tokenizer, data, task)
+        results[task.label] = out["accuracy"]
+        centered[task.label] = centered_accuracy(out["accuracy"], task.random_baseline)
+        details[task.label] = {k: out[k] for k in ("examples", "rows", "seconds")}
+        log(f"{task.label:<33} {task.num_fewshot:>2}-shot {task.task_type:<17} | n {out['examples']:>6} | "
+            f"accuracy {out['accuracy']:.4f} | centered {centered[task.label]:+.4f} | {out['seconds']:6.1f}s | "
+            f"{out['examples'] / max(out['seconds'], 1e-9):8.1f} ex/s")
+    seconds = time.perf_counter() - t_all
+    n_examples = sum(d["examples"] for d in details.values())
+    core = sum(centered.values()) / len(centered)
+    compilations = None if traces0 is None else score_fn.traces - traces0
+    summary = f"CORE {core:.4f} over {len(present)}/{len(all_tasks)} tasks"
+    if missing:
+        summary += f" (missing: {', '.join(missing)}; not comparable to a full CORE)"
+    stats = {k: v - stats0.get(k, 0) for k, v in (getattr(score_fn, "stats", None) or {}).items()}
+    extra = ""
+    if stats.get("padded_tokens"):
+        max_len = getattr(score_fn, "max_len", "?")
+        extra = (f"; {stats['batches']} batches, {100 * stats['tokens'] / stats['padded_tokens']:.0f}% of padded "
+                 f"tokens real, {stats['long']} rows longer than {max_len} tokens "
+                 + ("(cropped)" if getattr(score_fn, "crop", False) else "(scored whole)"))
+    log(f"{summary} | {n_examples} examples in {seconds:.1f}s ({n_examples / max(seconds, 1e-9):.1f} ex/s)"
+        + (f" | {compilations} compilation(s)" if compilations is not None else "") + extra)
+    return {"results": results, "centered_results": centered, "core_metric": core, "missing": missing,
+            "num_tasks": len(all_tasks), "details": details, "examples": n_examples, "seconds": seconds,
+            "examples_per_second": n_examples / max(seconds, 1e-9), "compilations": compilations}
+
+
+# ----------------------------------------------------------------------------------------------
+# Output
+
+def format_core_table(out: dict) -> str:
+    lines = [f"{'Task':<35} {'Accuracy':>10} {'Centered':>10}"]
+    for label, acc in out["results"].items():
+        lines.append(f"{label:<35} {acc:>10.4f} {out['centered_results'][label]:>10.4f}")
+    for label in out.get("missing", []):
+        lines.append(f"{label:<35} {'missing':>10} {'missing':>10}")
+    name = "CORE"
+    if out.get("missing"):
+        name += f" ({len(out['results'])}/{out.get('num_tasks', '?')} tasks)"
+    lines.append(f"{name:<35} {'':>10} {out['core_metric']:>10.4f}")
+    return "\n".join(lines)
+
+
+def write_core_csv(path: str | os.PathLike, out: dict) -> Path:
+    """nanochat's base_eval CSV (Task, Accuracy, Centered; last row CORE), written atomically. A missing task gets
+    a row with empty values, so a partial CORE is visible in the file."""
+    path = Path(path)
+    with atomic_write(path, "w") as f:
+        f.write(f"{'Task':<35}, {'Accuracy':<10}, {'Centered':<10}\n")
+        for label, acc in out["results"].items():
+            f.write(f"{label:<35}, {acc:<10.6f}, {out['centered_results'][label]:<10.6f}\n")
+        for label in out.get("missing", []):
+            f.write(f"{label:<35}, {'':<10}, {'':<10}\n")
+        f.write(f"{'CORE':<35}, {'':<10}, {out['core_metric']:<10.6f}\n")
+    return path
+
+
+def read_core_csv(path: str | os.PathLike) -> dict[str, tuple[float | None, float | None]]:
+    """{task: (accuracy, centered)} from a CORE CSV (ours or nanochat's reference results); empty cells are None."""
+    out = {}
+    with open(path, encoding="utf-8") as f:
+        next(f)
+        for line in f:
+            if line.strip():
+                label, acc, cen = (c.strip() for c in line.split(","))
+                out[label] = (float(acc) if acc else None, float(cen) if cen else None)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# The bundle on disk: a local directory, or downloaded once into the base dir
+
+def ensure_eval_bundle(eval_bundle: str | os.PathLike | None = None, *, url: str = EVAL_BUNDLE_URL,
+                       max_attempts: int = 5, backoff: float = 2.0, timeout: float = 60.0) -> Path:
+    """The eval bundle directory: `eval_bundle` if given (it must hold core.yaml), else <base dir>/eval_bundle,
+    downloaded from `url` and extracted on first use. Concurrent callers (processes, ranks) serialise on a file
+    lock and the directory appears by one rename, so nobody sees a half-extracted bundle."""
+    if eval_bundle is not None:
+        path = Path(eval_bundle).expanduser()
+        if not (path / "core.yaml").is_file():
+            raise FileNotFoundError(f"--eval-bundle={path}: no core.yaml there; point it at a directory holding "
+                                    f"core.yaml, eval_meta_data.csv and eval_data/ (an unzipped eval_bundle.zip)")
+        return path
+    base = get_base_dir()
+    target = base / "eval_bundle"
+    if (target / "core.yaml").is_file():
+        return target
+    import fcntl
+
+    with open(base / "eval_bundle.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if (target / "core.yaml").is_file():  # another process finished it while we waited
+            return target
+        with tempfile.TemporaryDirectory(prefix=".eval_bundle.", dir=base) as tmp:
+            zip_path = Path(tmp) / "eval_bundle.zip"
+            _download(url, zip_path, max_attempts=max_attempts, backoff=backoff, timeout=timeout)
+            extracted = Path(tmp) / "x"
+            with zipfile.ZipFile(zip_path) as zf:
+                zf.extractall(extracted)
+            found = sorted(extracted.rglob("core.yaml"), key=lambda p: len(p.parts))
+            if not found:
+                raise RuntimeError(f"{url}: the zip has no core.yaml; is it an eval bundle?")
+            if target.exists():  # a directory without core.yaml: an earlier, broken attempt
+                shutil.rmtree(target)
+            os.replace(found[0].parent, target)
+    print0(f"placed the eval bundle at {target}")
+    return target
+
+
+def _download(url: str, dest: Path, *, max_attempts: int, backoff: float, timeout: float) -> None:
+    """Stream url to dest, retrying connection errors, timeouts, 408/429/5xx and short reads."""
+    import requests
+
+    last = None
+    for attempt in range(1, max_attempts + 1):
+        try:
+            print0(f"downloading {url} (attempt {attempt}/{max_attempts})")
+            with requests.get(url, stream=True, timeout=timeout) as r:
+                if r.status_code != 200:
+                    if r.status_code in (408, 429) or r.status_code >= 500:
+                        raise requests.HTTPError(f"HTTP {r.status_code} {r.reason}")
+                    raise RuntimeError(f"{url}: HTTP {r.status_code} {r.reason} (not retried)")
+                n = 0
+                with open(dest, "wb") as f:
+                    for chunk in r.iter_content(1 << 20):
+                        f.write(chunk)
+                        n += len(chunk)
+                expected = r.headers.get("Content-Length")
+                if expected is not None and r.headers.get("Content-Encoding", "identity") == "identity" \
+                        and n != int(expected):
+                    raise requests.ConnectionError(f"connection closed after {n} of {expected} bytes")
+            return
+        except requests.RequestException as e:
+            last = f"{type(e).__name__}: {e}"
+        if attempt < max_attempts:
+            delay = backoff ** attempt
+            print0(f"  failed ({last}); retrying in {delay:.1f}s")
+            time.sleep(delay)
+    raise RuntimeError(f"could not download {url} after {max_attempts} attempts (last error: {last}); without "
+                       f"internet, pass --eval-bundle=<a local eval_bundle directory>")
+
+
+__all__ = ["EVAL_BUNDLE_URL", "TASK_TYPES", "CoreTask", "Row", "ScoreFn", "Scorer", "ScoringSession",
+           "bucket_lengths", "centered_accuracy", "crop_row", "ensure_eval_bundle", "evaluate_core", "evaluate_task", "example_rows",
+           "fewshot_indices", "find_common_length", "format_core_table", "load_core_tasks", "load_task_data",
+           "make_model_scorer", "prepare_task", "read_core_csv", "render_prompts", "render_prompts_lm",
+           "render_prompts_mc", "render_prompts_schema", "shuffle_and_truncate", "write_core_csv"]

@@ -1,0 +1,106 @@
+"""CORE evaluation of a base-model checkpoint (nanochat's scripts/base_eval.py, CORE part; bpb and samples are in
+scripts/base_loss.py).
+
+    python scripts/base_eval.py                                   # largest base model, latest step, all examples
+    python scripts/base_eval.py --model-tag=d20 --step=5000 --max-per-task=100
+    python scripts/base_eval.py --eval-bundle=../shared/data/core_eval --tasks=copa,winograd
+
+The eval bundle is --eval-bundle, else <base dir>/eval_bundle (downloaded from nanochat's URL on first use).
+A task whose data file is missing (e.g. coqa in the local bundle) is skipped with a warning and CORE is the mean
+over the tasks present, labelled "k/22 tasks" everywhere; --require-all=1 makes that an error instead.
+Prompts longer than the model's sequence_len (most 10-shot squad prompts at 2048) are scored whole, like nanochat
+does; --crop=1 crops them from the left instead (fewer, smaller buckets; different squad/boolq numbers).
+
+Writes <base dir>/base_eval/base_model_<tag>_<step:06d>.csv (Task, Accuracy, Centered, last row CORE; atomically)
+and prints a table, the CORE metric and a final JSON line.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+from nanochat_jax.config import parse_flags, print_config, require
+
+
+@dataclass(frozen=True)
+class BaseEvalConfig:
+    """CORE metric of a base checkpoint."""
+    model_tag: str | None = None        # default: the largest d<N> under base_checkpoints
+    step: int | None = None             # default: the latest step
+    max_per_task: int = -1              # examples per task after the seed-1337 shuffle; -1 = all
+    eval_bundle: str | None = None      # a local eval bundle directory (core.yaml, eval_meta_data.csv, eval_data/)
+    tasks: str = ""                     # comma-separated task labels; empty = all of core.yaml
+    require_all: bool = False           # fail if a task's data file is missing (default: CORE over those present)
+    batch_tokens: int = 16384           # tokens per device in one scoring batch
+    max_len: int = -1                   # top length bucket; -1 = the model's sequence_len
+    crop: bool = False                  # crop longer prompts from the left to max_len (default: score them whole in
+                                        # larger power-of-two buckets, as nanochat does for its own GPT)
+    min_bucket: int = 64                # shortest length bucket (buckets: powers of two up to max_len)
+    attention: str = "auto"             # auto (cudnn on GPU, xla elsewhere) | xla | cudnn | pallas
+    mesh: int = -1                      # devices in the ("data",) mesh; -1 = all
+    distributed: bool | None = None     # None: auto-detect a multi-process launcher
+    tokenizer_dir: str | None = None
+
+    def __post_init__(self):
+        require(self.max_per_task == -1 or self.max_per_task > 0, "--max-per-task must be > 0 or -1 (all)")
+        require(self.batch_tokens >= 1, "--batch-tokens must be >= 1")
+        require(self.max_len == -1 or self.max_len >= 2, "--max-len must be >= 2 or -1 (the model's sequence_len)")
+        require(self.min_bucket >= 2, "--min-bucket must be >= 2")
+        require(self.attention in ("auto", "xla", "cudnn", "pallas"), "--attention must be auto|xla|cudnn|pallas")
+
+
+def main(cfg: BaseEvalConfig) -> dict:
+    import jax
+
+    from nanochat_jax import core_eval, sharding
+    from nanochat_jax.checkpoint import PHASE_DIRS, find_largest_model, load_model
+    from nanochat_jax.common import get_base_dir, print0
+    from nanochat_jax.tokenizer import get_tokenizer
+
+    sharding.maybe_initialize_distributed(cfg.distributed)
+    mesh = sharding.make_mesh(cfg.mesh)
+    bundle = core_eval.ensure_eval_bundle(cfg.eval_bundle)
+    tokenizer = get_tokenizer(cfg.tokenizer_dir)
+    tag, phase_dir = cfg.model_tag, get_base_dir() / PHASE_DIRS["base"]
+    if tag is None and phase_dir.is_dir() and any(p.is_dir() for p in phase_dir.iterdir()):
+        tag = find_largest_model(phase_dir)  # resolved here too: the CSV is named after it
+    backend = cfg.attention if cfg.attention != "auto" else ("cudnn" if jax.default_backend() == "gpu" else "xla")
+    params, model_cfg, meta = load_model("base", tag, cfg.step, mesh_or_sharding=mesh,
+                                         config_overrides={"attn_backend": backend})
+    if model_cfg.vocab_size != tokenizer.vocab_size:
+        raise ValueError(f"checkpoint {tag} has vocab_size {model_cfg.vocab_size} but the tokenizer has "
+                         f"{tokenizer.vocab_size}: pass the tokenizer it was trained with (--tokenizer-dir)")
+    step = int(meta["step"])
+    print0(f"evaluating base model {tag} step {step} on {mesh.size} × {mesh.devices.flat[0].device_kind}; "
+           f"bundle {bundle}")
+    scorer = core_eval.make_model_scorer(params, model_cfg, mesh, pad_id=tokenizer.bos_id,
+                                         max_len=None if cfg.max_len == -1 else cfg.max_len, crop=cfg.crop,
+                                         min_bucket=cfg.min_bucket, batch_tokens=cfg.batch_tokens)
+    print0(f"length buckets {scorer.buckets} ({'longer rows cropped' if cfg.crop else 'more added for longer rows'});"
+           f" rows per batch {[scorer.rows_per_batch(b) for b in scorer.buckets]}")
+    tasks = [t.strip() for t in cfg.tasks.split(",") if t.strip()] or None
+    out = core_eval.evaluate_core(scorer, tokenizer, bundle, max_per_task=cfg.max_per_task, tasks=tasks,
+                                  require_all=cfg.require_all)
+    csv_path = get_base_dir() / "base_eval" / f"base_model_{tag}_{step:06d}.csv"
+    if jax.process_index() == 0:
+        core_eval.write_core_csv(csv_path, out)
+    print0("\n" + core_eval.format_core_table(out))
+    n_present = len(out["results"])
+    partial = ""
+    if out["missing"]:
+        partial = f" over {n_present}/{out['num_tasks']} tasks (missing: {', '.join(out['missing'])})"
+    print0(f"\nresults written to {csv_path}")
+    print0(f"CORE metric: {out['core_metric']:.4f}{partial}")
+    summary = {"model_tag": tag, "step": step, "core_metric": out["core_metric"], "tasks": n_present,
+               "missing": out["missing"], "max_per_task": cfg.max_per_task, "examples": out["examples"],
+               "examples_per_second": round(out["examples_per_second"], 2), "compilations": out["compilations"],
+               "buckets": list(scorer.buckets), "csv": str(csv_path)}
+    print0(json.dumps(summary))
+    return out
+
+
+if __name__ == "__main__":
+    config = parse_flags(BaseEvalConfig)
+    print_config(config)
+    main(config)

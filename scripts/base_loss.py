@@ -1,0 +1,180 @@
+"""Bits per byte of a base-model checkpoint on the train and validation splits, and samples (nanochat's
+scripts/base_loss.py; HEAD folds it into base_eval --eval=bpb,sample).
+
+    python scripts/base_loss.py                                   # largest base model, latest step
+    python scripts/base_loss.py --model-tag=d20 --split-tokens=524288 --device-batch-size=16
+    python scripts/base_loss.py --eval=sample --num-samples=4 --temperature=0.8
+
+bpb: --split-tokens tokens of each split (rounded down to whole steps of device_batch_size × sequence_len ×
+devices) from the pretraining loader (same BOS-aligned best-fit packing; train = every shard but the last, val =
+the last one), through loss_eval.evaluate_bpb. Samples: greedy 16-token continuations of nanochat's 7 prompts, and
+--num-samples unconditioned samples (from BOS alone, stopped at the next BOS) of --sample-tokens tokens at
+--temperature. There is no KV cache here: each new token is one fixed-shape forward, plenty for a few samples.
+
+Writes <base dir>/base_eval/base_loss_<tag>_<step:06d>.json atomically and prints a final JSON line.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from nanochat_jax.config import parse_flags, print_config, require
+
+EVALS = ("bpb", "sample")
+
+
+@dataclass(frozen=True)
+class BaseLossConfig:
+    """Train/val bits per byte and samples of a base checkpoint."""
+    model_tag: str | None = None        # default: the largest d<N> under base_checkpoints
+    step: int | None = None             # default: the latest step
+    eval: str = "bpb,sample"            # any of bpb, sample (comma-separated)
+    device_batch_size: int = 32         # rows per device per bpb step (each of the model's sequence_len)
+    split_tokens: int = 40 * 524288     # tokens per split
+    num_samples: int = 8                # unconditioned samples
+    sample_tokens: int = 128            # tokens per unconditioned sample
+    temperature: float = 1.0            # for the unconditioned samples (0 = greedy)
+    seed: int = 42
+    attention: str = "auto"             # auto (cudnn on GPU, xla elsewhere) | xla | cudnn | pallas
+    mesh: int = -1                      # devices in the ("data",) mesh; -1 = all
+    distributed: bool | None = None     # None: auto-detect a multi-process launcher
+    data_dir: str | None = None         # pretraining shards (default: $NANOCHAT_JAX_DATA_DIR or the base dir's)
+    tokenizer_dir: str | None = None
+
+    def __post_init__(self):
+        evals = [e.strip() for e in self.eval.split(",") if e.strip()]
+        require(evals and set(evals) <= set(EVALS),
+                f"--eval must be a comma-separated subset of {EVALS}, got {self.eval!r}")
+        require(self.device_batch_size >= 1, "--device-batch-size must be >= 1")
+        require(self.split_tokens >= 1, "--split-tokens must be >= 1")
+        require(self.num_samples >= 0 and self.sample_tokens >= 1, "--num-samples >= 0 and --sample-tokens >= 1")
+        require(self.temperature >= 0, "--temperature must be >= 0")
+        require(self.attention in ("auto", "xla", "cudnn", "pallas"), "--attention must be auto|xla|cudnn|pallas")
+
+
+def sample_unconditioned(step_fn, params, bos_id: int, num_samples: int, max_tokens: int, seed: int) -> list[list[int]]:
+    """Token lists [BOS, ...] sampled from BOS alone; step_fn(params, buf_BT, pos, key) -> next tokens (B,) for
+    position pos. Each row ends before the first BOS it generates (the end of a document)."""
+    import jax
+
+    buf = np.full((num_samples, max_tokens + 1), bos_id, np.int32)
+    key = jax.random.key(seed)
+    for pos in range(1, max_tokens + 1):
+        key, sub = jax.random.split(key)
+        buf[:, pos] = np.asarray(step_fn(params, buf, pos, sub))
+    out = []
+    for row in buf:
+        generated = row[1:].tolist()
+        if bos_id in generated:
+            generated = generated[:generated.index(bos_id)]
+        out.append([bos_id] + generated)
+    return out
+
+
+def main(cfg: BaseLossConfig) -> dict:
+    import jax
+    import jax.numpy as jnp
+
+    from nanochat_jax import gpt, sharding
+    from nanochat_jax.checkpoint import PHASE_DIRS, find_largest_model, load_model
+    from nanochat_jax.common import atomic_write, get_base_dir, print0
+    from nanochat_jax.dataloader import ShardedLoader
+    from nanochat_jax.dataset import list_parquet_files, resolve_data_dir, split_files
+    from nanochat_jax.loss_eval import evaluate_bpb, make_bpb_fn
+    from nanochat_jax.tokenizer import get_tokenizer
+    from nanochat_jax.train import greedy_samples
+
+    evals = [e.strip() for e in cfg.eval.split(",") if e.strip()]
+    sharding.maybe_initialize_distributed(cfg.distributed)
+    mesh = sharding.make_mesh(cfg.mesh)
+    replicated = sharding.replicated(mesh)
+    tokenizer = get_tokenizer(cfg.tokenizer_dir)
+    tag, phase_dir = cfg.model_tag, get_base_dir() / PHASE_DIRS["base"]
+    if tag is None and phase_dir.is_dir() and any(p.is_dir() for p in phase_dir.iterdir()):
+        tag = find_largest_model(phase_dir)  # resolved here too: the output is named after it
+    backend = cfg.attention if cfg.attention != "auto" else ("cudnn" if jax.default_backend() == "gpu" else "xla")
+    params, model_cfg, meta = load_model("base", tag, cfg.step, mesh_or_sharding=mesh,
+                                         config_overrides={"attn_backend": backend})
+    if model_cfg.vocab_size != tokenizer.vocab_size:
+        raise ValueError(f"checkpoint {tag} has vocab_size {model_cfg.vocab_size} but the tokenizer has "
+                         f"{tokenizer.vocab_size}: pass the tokenizer it was trained with (--tokenizer-dir)")
+    step = int(meta["step"])
+    T = model_cfg.sequence_len
+    print0(f"base model {tag} step {step} on {mesh.size} × {mesh.devices.flat[0].device_kind}")
+    result = {"model_tag": tag, "step": step}
+
+    if "bpb" in evals:
+        tokens_per_step = cfg.device_batch_size * T * mesh.size
+        steps = cfg.split_tokens // tokens_per_step
+        if steps == 0 or cfg.split_tokens % tokens_per_step:
+            steps = max(steps, 1)
+            print0(f"--split-tokens={cfg.split_tokens} is not a multiple of device_batch_size × sequence_len × "
+                   f"devices = {cfg.device_batch_size} × {T} × {mesh.size}; evaluating {steps * tokens_per_step} "
+                   f"tokens per split")
+        files = list_parquet_files(resolve_data_dir(cfg.data_dir))
+        # one reader per device, strided by its place in the mesh (as in pretraining)
+        shards = [i for i, d in enumerate(mesh.devices.flat) if d.process_index == jax.process_index()]
+        batch = sharding.batch_sharding(mesh)
+        bpb_fn = jax.jit(make_bpb_fn(model_cfg), in_shardings=(replicated, batch, batch, replicated))
+        token_bytes = jnp.asarray(tokenizer.token_bytes(), jnp.int32)
+        result["bpb"] = {}
+        for split in ("train", "val"):
+            t0 = time.perf_counter()
+            with ShardedLoader(tokenizer, cfg.device_batch_size, T, split, files=split_files(files, split),
+                               shard_indices=shards, num_shards=mesh.size) as loader:
+                batches = ({k: sharding.global_batch(v, mesh) for k, v in b.items()} for b in loader)
+                bpb = evaluate_bpb(bpb_fn, params, batches, token_bytes, steps)
+            dt = time.perf_counter() - t0
+            result["bpb"][split] = bpb
+            print0(f"{split} bpb: {bpb:.6f} ({steps * tokens_per_step:,} tokens in {dt:.1f}s, "
+                   f"{steps * tokens_per_step / dt:,.0f} tok/s)")
+
+    if "sample" in evals:
+        # every process runs the forwards (params live on the whole mesh); inputs and outputs are replicated
+        def put(x):
+            x = np.asarray(x)
+            return jax.make_array_from_callback(x.shape, replicated, lambda index: x[index])
+
+        fwd = jax.jit(lambda p, x: gpt.forward(p, x, model_cfg), out_shardings=replicated)
+        print0("\nconditioned samples (greedy):")
+        samples = greedy_samples(params, model_cfg, tokenizer, forward_fn=lambda p, x: fwd(p, put(x)))
+        for text in samples:
+            print0("-" * 80 + "\n" + text)
+
+        temperature = cfg.temperature
+
+        def next_token(p, buf_BT, pos, key):
+            logits_BV = jax.lax.dynamic_index_in_dim(gpt.forward(p, buf_BT, model_cfg), pos - 1, axis=1,
+                                                     keepdims=False)
+            if temperature == 0:
+                return jnp.argmax(logits_BV, axis=-1)
+            return jax.random.categorical(key, logits_BV / temperature, axis=-1)
+
+        step_fn = jax.jit(next_token, out_shardings=replicated)
+        uncond = []
+        if cfg.num_samples > 0:
+            print0(f"\nunconditioned samples (temperature {cfg.temperature}, {cfg.sample_tokens} tokens):")
+            rows = sample_unconditioned(lambda p, b, pos, k: step_fn(p, put(b), pos, k), params, tokenizer.bos_id,
+                                        cfg.num_samples, cfg.sample_tokens, cfg.seed)
+            uncond = [tokenizer.decode(r) for r in rows]
+            for text in uncond:
+                print0("-" * 80 + "\n" + text)
+        result["samples"], result["unconditioned_samples"] = samples, uncond
+
+    path = get_base_dir() / "base_eval" / f"base_loss_{tag}_{step:06d}.json"
+    if jax.process_index() == 0:
+        with atomic_write(path, "w") as f:
+            json.dump(result, f, indent=2)
+    print0(f"\nresults written to {path}")
+    print0(json.dumps({k: v for k, v in result.items() if k in ("model_tag", "step", "bpb")} | {"json": str(path)}))
+    return result
+
+
+if __name__ == "__main__":
+    config = parse_flags(BaseLossConfig)
+    print_config(config)
+    main(config)
