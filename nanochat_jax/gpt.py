@@ -11,6 +11,9 @@ leading axis and run with `jax.lax.scan`, so compile time does not grow with dep
 fp32 (wte/value_embeds are stored in `embed_dtype`, bf16 like the reference); every matmul casts its
 weight to `compute_dtype` at use.
 
+KV-cache aware: `forward_cached` runs the same blocks (one `_blocks` scan, only the attention step differs)
+against a preallocated `KVCache`, for prefill and decode in nanochat_jax/engine.py.
+
     params = {
       "wte": (Vp, D), "lm_head": (D, Vp),
       "blocks": {"attn": {"wq": (L, D, H*hd), "wk": (L, D, K*hd), "wv": (L, D, K*hd), "wo": (L, H*hd, D)},
@@ -28,7 +31,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -291,13 +294,16 @@ def default_attn_backend() -> str:
     return "cudnn" if jax.default_backend() == "gpu" else "xla"
 
 
-def attention(q_BTHD, k_BSKD, v_BSKD, *, causal: bool = True, window=None, backend: str = "xla", q_offset=0):
+def attention(q_BTHD, k_BSKD, v_BSKD, *, causal: bool = True, window=None, backend: str = "xla", q_offset=0,
+              k_offset=0):
     """Scaled dot-product attention (scale 1/sqrt(hd)), layout (batch, time, heads, head_dim), GQA when
     K < H (query head h uses kv head h // (H/K)).
 
     window: left window w (query at position p sees keys p-w..p) or None for no window. For "xla" it may
     be a traced int (per-layer windows inside the scan); "cudnn" needs a Python int.
-    q_offset: absolute position of the first query (keys start at 0), for chunked prefill / decoding.
+    q_offset, k_offset: absolute positions of the first query and the first key, for chunked prefill /
+    decoding. "xla" also takes traced scalars or per-row (B,) arrays (KV-cache decoding, where each row
+    has its own position and a window-sized slice of the cache starts at its own offset).
     """
     B, T, H, D = q_BTHD.shape
     S, K = k_BSKD.shape[1], k_BSKD.shape[2]
@@ -306,8 +312,12 @@ def attention(q_BTHD, k_BSKD, v_BSKD, *, causal: bool = True, window=None, backe
         # GQA without repeating K/V: group the H query heads as (K, H/K).
         q = q_BTHD.reshape(B, T, K, H // K, D)
         s = jnp.einsum("btkgd,bskd->bkgts", q, k_BSKD, preferred_element_type=jnp.float32) * scale
-        q_pos = q_offset + jnp.arange(T)[:, None]
-        k_pos = jnp.arange(S)[None, :]
+        if isinstance(q_offset, int) and isinstance(k_offset, int) and k_offset == 0:
+            q_pos = q_offset + jnp.arange(T)[:, None]  # (T, 1)
+            k_pos = jnp.arange(S)[None, :]             # (1, S)
+        else:  # traced or per-row offsets: positions broadcast against the scores (B, K, G, T, S)
+            q_pos = jnp.reshape(q_offset, (-1, 1, 1, 1, 1)) + jnp.arange(T)[:, None]
+            k_pos = jnp.reshape(k_offset, (-1, 1, 1, 1, 1)) + jnp.arange(S)[None, :]
         mask = jnp.ones((T, S), bool)
         if causal:
             mask = mask & (k_pos <= q_pos)
@@ -325,16 +335,16 @@ def attention(q_BTHD, k_BSKD, v_BSKD, *, causal: bool = True, window=None, backe
         if q_BTHD.dtype not in (jnp.bfloat16, jnp.float16):
             raise ValueError(f"attn_backend='cudnn' needs bf16/fp16 inputs, got {q_BTHD.dtype}; "
                              f"use compute_dtype='bfloat16' or attn_backend='xla'")
-        if not (isinstance(q_offset, int) and q_offset == 0):
-            raise NotImplementedError("attn_backend='cudnn' supports q_offset=0 only; use 'xla' for decoding")
+        if not (isinstance(q_offset, int) and q_offset == 0 and isinstance(k_offset, int) and k_offset == 0):
+            raise NotImplementedError("attn_backend='cudnn' supports q_offset=k_offset=0 only; use 'xla' for decoding")
         if window is not None and not isinstance(window, int):
             raise ValueError("attn_backend='cudnn' needs a static (Python int) window")
         local = None if window is None or window >= S - 1 else (window, 0)  # w >= S-1 is plain causal
         return jax.nn.dot_product_attention(q_BTHD, k_BSKD, v_BSKD, scale=scale, is_causal=causal,
                                             local_window_size=local, implementation="cudnn")
     if backend == "pallas":
-        if not (isinstance(q_offset, int) and q_offset == 0):
-            raise NotImplementedError("attn_backend='pallas' supports q_offset=0 only; use 'xla' for decoding")
+        if not (isinstance(q_offset, int) and q_offset == 0 and isinstance(k_offset, int) and k_offset == 0):
+            raise NotImplementedError("attn_backend='pallas' supports q_offset=k_offset=0 only; use 'xla' for decoding")
         if window is not None and not isinstance(window, int):
             raise ValueError("attn_backend='pallas' needs a static (Python int) window")
         from kernels.flash_attention import flash_attention  # lazy: keeps Pallas out of CPU-only imports
@@ -352,10 +362,15 @@ def _mm(x, w):
 # ----------------------------------------------------------------------------------------------
 # Forward
 
+def token_embedding(params: Params, idx_BT, cfg: GPTConfig):
+    """The normed token embedding before smear (what smear mixes in from the previous token)."""
+    return rms_norm(jnp.take(params["wte"], idx_BT, axis=0).astype(cfg.dtype))
+
+
 def embed(params: Params, idx_BT, cfg: GPTConfig, *, x_prev_B1D=None):
     """Token embedding → compute dtype → RMSNorm → smear. `x_prev_B1D` is the normed embedding of the token
     before idx_BT[:, 0] (KV-cache decoding); without it position 0 gets no smear, as in training."""
-    x = rms_norm(jnp.take(params["wte"], idx_BT, axis=0).astype(cfg.dtype))
+    x = token_embedding(params, idx_BT, cfg)
     if cfg.use_smear:
         prev = x[:, :-1] if x_prev_B1D is None else jnp.concatenate([x_prev_B1D.astype(x.dtype), x[:, :-1]], 1)
         cur = x[:, x.shape[1] - prev.shape[1]:]
@@ -390,9 +405,87 @@ def mlp(h_BTD, lp_mlp):
 
 def trunk(params: Params, x_BTD, idx_BT, cfg: GPTConfig, *, pos_offset=0):
     """The L blocks (one lax.scan), backout and the final norm. Returns the normed (B, T, D) activations."""
+    T = x_BTD.shape[1]
+    cos, sin = rope_tables(pos_offset + jnp.arange(T), cfg.head_dim, cfg.rope_base, cfg.dtype)
+    distinct = sorted(set(layer_windows(cfg)))
+
+    def attend(q, k, v, layer_xs, kv):
+        if cfg.attn_backend == "xla":
+            return attention(q, k, v, window=layer_xs["window"], backend="xla"), kv
+        # Kernels need a static window: switch between one branch per distinct window (at most S and L).
+        branches = [partial(attention, window=w, backend=cfg.attn_backend) for w in distinct]
+        if len(branches) == 1:
+            return branches[0](q, k, v), kv
+        return jax.lax.switch(layer_xs["window_kind"], branches, q, k, v), kv
+
+    return _blocks(params, x_BTD, idx_BT, cfg, cos, sin, attend)[0]
+
+
+class KVCache(NamedTuple):
+    """Keys/values of every layer for B rows of up to S tokens, preallocated (static shapes for jit).
+
+    k, v: (L, B, S, K, hd) in the compute dtype; entry [l, b, p] holds layer l's (RoPE'd, QK-normed) key and
+    value of row b's token at absolute position p. pos: int32 (B,), how many tokens row b has cached, which
+    is also the position of its next token. Rows advance independently (prompts of different lengths).
+    Entries at positions >= pos[b] may hold garbage (right padding of a batched prefill); attention never
+    reads them, because a query at position p only sees keys at positions <= p, and every position <= p
+    has been written by then.
+    """
+    k: jax.Array
+    v: jax.Array
+    pos: jax.Array
+
+
+def init_cache(cfg: GPTConfig, batch: int, max_len: int) -> KVCache:
+    """An empty cache for `batch` rows of up to `max_len` tokens."""
+    shape = (cfg.n_layer, batch, max_len, cfg.n_kv_head, cfg.head_dim)
+    return KVCache(jnp.zeros(shape, cfg.dtype), jnp.zeros(shape, cfg.dtype), jnp.zeros((batch,), jnp.int32))
+
+
+def trunk_cached(params: Params, x_BTD, idx_BT, cfg: GPTConfig, cache: KVCache):
+    """The same blocks with a KV cache (see KVCache): row b's T tokens sit at positions cache.pos[b] + t. Each
+    layer writes its k/v there (the cache is carried through the scan, so the update is in place) and the
+    queries attend over the cached keys within their causal window, always with the "xla" attention (per-row
+    offsets). A layer whose window w is shorter than the cache reads only the w + T keys the chunk can see.
+    Returns (normed activations, cache with the new k/v; pos not advanced)."""
+    B, T, _ = x_BTD.shape
+    S = cache.k.shape[2]
+    pos_B = cache.pos
+    pos_BT = pos_B[:, None] + jnp.arange(T)
+    cos, sin = rope_tables(pos_BT, cfg.head_dim, cfg.rope_base, cfg.dtype)
+
+    def attend_window(w: int, q, k_BSKd, v_BSKd):
+        if w + T >= S:  # the window spans the whole cache
+            return attention(q, k_BSKd, v_BSKd, window=w, q_offset=pos_B)
+        start_B = jnp.clip(pos_B - w, 0, S - (w + T))
+        take = jax.vmap(lambda a, s: jax.lax.dynamic_slice_in_dim(a, s, w + T, axis=0))
+        return attention(q, take(k_BSKd, start_B), take(v_BSKd, start_B), window=w, q_offset=pos_B,
+                         k_offset=start_B)
+
+    branches = [partial(attend_window, w) for w in sorted(set(layer_windows(cfg)))]
+    rows_B1 = jnp.arange(B)[:, None]
+
+    def attend(q, k, v, layer_xs, kv):
+        k_cache, v_cache = kv
+        layer = layer_xs["layer"]
+        # Writes past the end of the cache are dropped (never clamped onto the last slot).
+        k_cache = k_cache.at[layer, rows_B1, pos_BT].set(k.astype(k_cache.dtype), mode="drop")
+        v_cache = v_cache.at[layer, rows_B1, pos_BT].set(v.astype(v_cache.dtype), mode="drop")
+        args = (q, k_cache[layer], v_cache[layer])
+        y = branches[0](*args) if len(branches) == 1 else jax.lax.switch(layer_xs["window_kind"], branches, *args)
+        return y, (k_cache, v_cache)
+
+    x, (k, v) = _blocks(params, x_BTD, idx_BT, cfg, cos, sin, attend, kv=(cache.k, cache.v))
+    return x, cache._replace(k=k, v=v)
+
+
+def _blocks(params: Params, x_BTD, idx_BT, cfg: GPTConfig, cos, sin, attend, kv=None):
+    """The one copy of the block stack, shared by training and cached decoding: the L blocks as one lax.scan,
+    then backout and the final norm. `attend(q, k, v, layer_xs, kv) -> (y, kv)` is what differs: training
+    attends within the chunk (kv is None); decoding writes into and reads from the cache `kv`, which rides
+    in the scan carry. Returns (normed (B, T, D) activations, kv)."""
     B, T, D = x_BTD.shape
     L, cdt = cfg.n_layer, cfg.dtype
-    cos, sin = rope_tables(pos_offset + jnp.arange(T), cfg.head_dim, cfg.rope_base, cdt)
     x0 = x_BTD
 
     # Per-layer static structure becomes scanned arrays.
@@ -407,33 +500,25 @@ def trunk(params: Params, x_BTD, idx_BT, cfg: GPTConfig, *, pos_offset=0):
     if cfg.use_lambdas:
         xs["resid"], xs["x0"] = params["resid_lambdas"], params["x0_lambdas"]
 
-    def attend(q, k, v, layer_xs):
-        if cfg.attn_backend == "xla":
-            return attention(q, k, v, window=layer_xs["window"], backend="xla")
-        # Kernels need a static window: switch between one branch per distinct window (at most S and L).
-        branches = [partial(attention, window=w, backend=cfg.attn_backend) for w in distinct]
-        if len(branches) == 1:
-            return branches[0](q, k, v)
-        return jax.lax.switch(layer_xs["window_kind"], branches, q, k, v)
-
     def block(carry, layer_xs, ve_table=None, ve_gate=None):
-        x, x_backout = carry
+        x, x_backout, kv = carry
         if cfg.use_lambdas:
             x = layer_xs["resid"].astype(cdt) * x + layer_xs["x0"].astype(cdt) * x0
         ve = None if ve_table is None else (jnp.take(ve_table, idx_BT, axis=0), ve_gate)
         lp = layer_xs["blocks"]
         q, k, v = attn_qkv(rms_norm(x), lp["attn"], cos, sin, cfg, ve)
-        y = attend(q, k, v, layer_xs).reshape(B, T, cfg.n_head * cfg.head_dim)
+        y, kv = attend(q, k, v, layer_xs, kv)
+        y = y.reshape(B, T, cfg.n_head * cfg.head_dim)
         x = x + _mm(y, lp["attn"]["wo"])
         x = x + mlp(rms_norm(x), lp["mlp"])
         if cfg.use_backout:  # keep the residual after block L//2
             x_backout = jnp.where(layer_xs["layer"] == L // 2, x, x_backout)
-        return x, x_backout
+        return x, x_backout, kv
 
-    if cfg.remat:
+    if cfg.remat and kv is None:  # remat only matters under a gradient
         block = jax.checkpoint(block, prevent_cse=False)
     layer_i = lambda tree, i: jax.tree.map(lambda a: a[i], tree)  # noqa: E731
-    carry = (x_BTD, jnp.zeros_like(x_BTD) if cfg.use_backout else None)
+    carry = (x_BTD, jnp.zeros_like(x_BTD) if cfg.use_backout else None, kv)
     if not cfg.use_value_embeds:
         carry, _ = jax.lax.scan(lambda c, lx: (block(c, lx), None), carry, xs)
     else:
@@ -455,10 +540,10 @@ def trunk(params: Params, x_BTD, idx_BT, cfg: GPTConfig, *, pos_offset=0):
             return block(c, layer_i(lx, 1), table, gate), None
 
         carry, _ = jax.lax.scan(pair, carry, (pairs, tables))
-    x, x_backout = carry
+    x, x_backout, kv = carry
     if cfg.use_backout:
         x = x - params["backout_lambda"].astype(cdt) * x_backout
-    return rms_norm(x)
+    return rms_norm(x), kv
 
 
 def logits_from_hidden(params: Params, x_BTD, cfg: GPTConfig):
@@ -490,14 +575,29 @@ def cross_entropy(logits_BTV, targets_BT, reduction: str = "mean"):
 def forward(params: Params, idx_BT, cfg: GPTConfig, *, targets_BT=None, loss_reduction: str = "mean",
             pos_offset=0):
     """Logits (B, T, vocab_size) in fp32, or the loss when targets_BT is given. pos_offset shifts the RoPE
-    positions (attention still sees only this chunk; the engine composes embed/attn_qkv/attention itself
-    for cached decoding)."""
+    positions (attention still sees only this chunk; forward_cached is the KV-cache version)."""
     x = embed(params, idx_BT, cfg)
     x = trunk(params, x, idx_BT, cfg, pos_offset=pos_offset)
     logits = logits_from_hidden(params, x, cfg)
     if targets_BT is None:
         return logits
     return cross_entropy(logits, targets_BT, loss_reduction)
+
+
+def forward_cached(params: Params, idx_BT, cfg: GPTConfig, cache: KVCache, *, lengths_B=None, prev_idx_B=None):
+    """A chunk of tokens through the model with a KV cache: a prefill (empty cache, right-padded prompts) or a
+    decode step (T = 1). Row b's tokens idx_BT[b, :lengths_B[b]] (all T when lengths_B is None) take positions
+    cache.pos[b] + t. prev_idx_B is the token just before idx_BT[:, 0], for smear; None when the cache is empty
+    (position 0 has no previous token). Returns fp32 logits (B, vocab_size) of each row's last valid token and
+    the cache with pos advanced by the row's length. Padding tokens are written to the cache too, past the
+    row's new pos, where they are overwritten before anything reads them."""
+    B, T = idx_BT.shape
+    x_prev = token_embedding(params, prev_idx_B[:, None], cfg) if prev_idx_B is not None and cfg.use_smear else None
+    x = embed(params, idx_BT, cfg, x_prev_B1D=x_prev)
+    x, cache = trunk_cached(params, x, idx_BT, cfg, cache)
+    n_B = jnp.full((B,), T, jnp.int32) if lengths_B is None else jnp.asarray(lengths_B, jnp.int32)
+    logits = logits_from_hidden(params, x[jnp.arange(B), n_B - 1], cfg)
+    return logits, cache._replace(pos=cache.pos + n_B)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -293,7 +293,7 @@ def test_kernel_backend_gets_static_windows_per_layer(monkeypatch):
 
 def test_attention_backend_errors():
     x = jnp.zeros((1, 4, 2, 8), jnp.bfloat16)
-    with pytest.raises(NotImplementedError, match="q_offset=0 only"):
+    with pytest.raises(NotImplementedError, match="q_offset=k_offset=0 only"):
         gpt.attention(x, x, x, backend="pallas", q_offset=3)
     if jax.default_backend() != "gpu":
         with pytest.raises(RuntimeError, match="needs an NVIDIA GPU"):

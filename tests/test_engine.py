@@ -1,0 +1,285 @@
+"""Tests for nanochat_jax/engine.py and the KV-cache path of gpt.py: cached prefill/decode against the full forward
+(logits in fp32, greedy tokens) with sliding windows, value embeds, smear and backout, for prompts of different
+lengths in one batch; sampling statistics, seeds and top-k; calculator tool use and stop tokens with a scripted
+model; compilation caching and device pinning; and the bench_infer / chat_cli scripts end to end."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import REPO_ROOT
+from nanochat_jax import execution, gpt
+from nanochat_jax.engine import Engine, bucket, sample_tokens
+from nanochat_jax.tokenizer import train_tokenizer
+from test_gpt import TINY, random_params
+
+# TINY (test_gpt): 4 layers "SSSL" with short_window=8, GQA 4/2, VE on layers 1 and 3, smear, backout, fp32.
+
+
+def full_forward_greedy(params, cfg, prompts, n_new):
+    """Independent of the cache: re-run the whole sequence every step (fixed-size buffer, causal, so the padding
+    after each row's end never matters) and take the argmax at the row's last position."""
+    f = jax.jit(lambda p, x: gpt.forward(p, x, cfg))
+    length = max(map(len, prompts)) + n_new
+    buf = np.zeros((len(prompts), length), np.int32)
+    pos = np.array([len(p) for p in prompts])
+    for i, p in enumerate(prompts):
+        buf[i, :len(p)] = p
+    rows = np.arange(len(prompts))
+    for _ in range(n_new):
+        buf[rows, pos] = np.asarray(jnp.argmax(f(params, jnp.asarray(buf))[rows, pos - 1], axis=-1))
+        pos += 1
+    return [buf[i, :pos[i]].tolist() for i in rows]
+
+
+# ----------------------------------------------------------------------------------------------
+# gpt.forward_cached
+
+@pytest.mark.parametrize("overrides, cache_len", [
+    ({}, 40),                                       # S layers read a window slice of the cache, L layers all of it
+    (dict(n_layer=3, short_window=16, window_pattern="SL"), 28),  # lone VE layer; prefill window spans the cache
+])
+def test_cached_prefill_and_decode_match_full_forward(overrides, cache_len):
+    cfg = gpt.GPTConfig(**{**TINY, **overrides})
+    params = random_params(cfg, seed=11)
+    rng = np.random.default_rng(12)
+    seq = rng.integers(0, cfg.vocab_size, (3, cache_len))
+    want = np.asarray(jax.jit(lambda p, x: gpt.forward(p, x, cfg))(params, jnp.asarray(seq)))
+    # Prefill three right-padded prompts of different lengths, then decode each row past the short window.
+    lens = np.array([5, 12, 1])
+    padded = np.where(np.arange(12) < lens[:, None], seq[:, :12], rng.integers(0, cfg.vocab_size, (3, 12)))
+    prefill = jax.jit(lambda p, x, n: gpt.forward_cached(p, x, cfg, gpt.init_cache(cfg, 3, cache_len), lengths_B=n))
+    logits, cache = prefill(params, jnp.asarray(padded), jnp.asarray(lens))
+    assert cache.k.shape == (cfg.n_layer, 3, cache_len, cfg.n_kv_head, cfg.head_dim)
+    np.testing.assert_array_equal(np.asarray(cache.pos), lens)
+    rows = np.arange(3)
+    np.testing.assert_allclose(np.asarray(logits), want[rows, lens - 1], rtol=1e-4, atol=1e-4)
+    step = jax.jit(lambda p, c, tok, prev: gpt.forward_cached(p, tok[:, None], cfg, c, prev_idx_B=prev))
+    pos = lens.copy()
+    for _ in range(cache_len - 12):
+        logits, cache = step(params, cache, jnp.asarray(seq[rows, pos]), jnp.asarray(seq[rows, pos - 1]))
+        np.testing.assert_allclose(np.asarray(logits), want[rows, pos], rtol=1e-4, atol=1e-4)
+        pos += 1
+    np.testing.assert_array_equal(np.asarray(cache.pos), pos)
+
+
+# ----------------------------------------------------------------------------------------------
+# Engine: greedy equivalence, batching, compilation cache, device pinning, seeds
+
+@pytest.fixture(scope="module")
+def tiny_engine():
+    """An Engine pinned to the second device, three prompts of different lengths and their greedy continuations by
+    the full forward. Every Engine call below uses the same shapes (3 prompts × 2 samples, lengths <= 16, cache
+    32), so prefill and decode compile once."""
+    cfg = gpt.GPTConfig(**TINY)
+    params = random_params(cfg, seed=21)
+    prompts = [np.random.default_rng(22).integers(0, cfg.vocab_size, n).tolist() for n in (3, 11, 6)]
+    n_new = 20  # well past the short window (8)
+    return cfg, params, Engine(params, cfg, device=jax.devices()[1]), prompts, full_forward_greedy(params, cfg,
+                                                                                                   prompts, n_new)
+
+
+def test_greedy_decode_equals_full_forward_for_mixed_lengths(tiny_engine):
+    cfg, params, engine, prompts, want = tiny_engine
+    assert {d for leaf in jax.tree.leaves(engine.params) for d in leaf.devices()} == {jax.devices()[1]}
+    seqs, masks = engine.generate_batch(prompts, num_samples=2, max_tokens=20, temperature=0.0)
+    assert seqs == [w for w in want for _ in range(2)]
+    assert masks == [[0] * len(p) + [1] * 20 for p in prompts for _ in range(2)]
+    assert [key[0] for key in engine.compilations] == ["prefill", "decode"]
+    # Other prompts in the same length buckets reuse the compiled prefill and decode.
+    prompts2 = [np.random.default_rng(23).integers(0, cfg.vocab_size, n).tolist() for n in (9, 2, 12)]
+    seqs2, _ = engine.generate_batch(prompts2, num_samples=2, max_tokens=20, temperature=0.0)
+    assert len(engine.compilations) == 2
+    assert seqs2[::2] == full_forward_greedy(params, cfg, prompts2, 20)
+    assert bucket(16) == 16 and bucket(17) == 32 and bucket(3) == 16
+
+
+def test_seeds_rows_and_top_k(tiny_engine):
+    cfg, params, engine, prompts, greedy = tiny_engine
+    run = lambda **kw: engine.generate_batch(prompts, **{"num_samples": 2, "max_tokens": 20, **kw})[0]  # noqa: E731
+    a, again, other = run(temperature=1.0, seed=1), run(temperature=1.0, seed=1), run(temperature=1.0, seed=2)
+    assert a == again and a != other
+    # Each row samples its own tokens, the first one included: the two samples of a prompt differ.
+    for p, r0, r1 in zip(prompts, a[::2], a[1::2]):
+        assert r0[:len(p)] == r1[:len(p)] == p and r0 != r1
+    assert len({row[len(p)] for row, p in zip(a, [p for p in prompts for _ in range(2)])}) > 2
+    assert len(engine.compilations) == 2  # temperature and seed are runtime values
+    # top_k=1 at any temperature is greedy.
+    assert run(temperature=1.0, top_k=1, seed=3) == [g for g in greedy for _ in range(2)]
+
+
+def test_engine_params_cast_to_compute_dtype_change_nothing():
+    """The engine stores fp32 weights in the compute dtype once; every use casts to it anyway, so bf16 logits are
+    bit-identical while decode reads half the weight bytes."""
+    cfg = gpt.GPTConfig(**{**TINY, "n_layer": 2, "compute_dtype": "bfloat16", "embed_dtype": "bfloat16"})
+    params = random_params(cfg, seed=25)
+    engine = Engine(params, cfg)
+    assert {leaf.dtype for leaf in jax.tree.leaves(engine.params)} == {jnp.dtype(jnp.bfloat16)}
+    idx = jnp.asarray(np.random.default_rng(26).integers(0, cfg.vocab_size, (2, 12)))
+    fwd = jax.jit(lambda p, x: gpt.forward(p, x, cfg))
+    np.testing.assert_array_equal(np.asarray(fwd(engine.params, idx)), np.asarray(fwd(params, idx)))
+
+
+def test_sample_tokens_distribution():
+    """Empirical frequencies over many independent rows vs softmax(logits / T) restricted to the top k."""
+    rng = np.random.default_rng(24)
+    logits = rng.normal(0, 1.5, 12).astype(np.float32)
+    n = 20000
+    batch = jnp.asarray(np.tile(logits, (n, 1)))
+    for temperature, top_k, kmax in [(1.0, 0, 0), (0.7, 5, 8)]:
+        toks = np.asarray(sample_tokens(batch, jax.random.key(5), jnp.float32(temperature), jnp.int32(top_k),
+                                        kmax=kmax))
+        z = logits.astype(np.float64) / temperature
+        if top_k:
+            z = np.where(logits >= np.sort(logits)[-top_k], z, -np.inf)
+        p = np.exp(z - z.max())
+        p /= p.sum()
+        freq = np.bincount(toks, minlength=12) / n
+        assert np.all(freq[p == 0] == 0)
+        assert np.all(np.abs(freq - p) <= 5 * np.sqrt(p * (1 - p) / n) + 1e-9), (freq, p)
+    greedy = np.asarray(sample_tokens(batch[:3], jax.random.key(0), jnp.float32(0.0), jnp.int32(0), kmax=0))
+    assert (greedy == np.argmax(logits)).all()
+
+
+# ----------------------------------------------------------------------------------------------
+# A scripted model: greedy output follows a fixed bigram table, so tool use and stops can be checked exactly
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    texts = ["hello there, 3*4 is 12 and 7*6 is 42. hi! " * 3, "Yes. Zebra. " * 5]
+    return train_tokenizer(texts, vocab_size=280)
+
+
+def scripted_params(tokenizer, bigram: dict[int, int]):
+    """A fresh reference-init model has zero attention/MLP output projections and smear_lambda 0, so its final
+    hidden state is a positive multiple of rms_norm(wte[token]): logits depend on the current token only. Give
+    each source token an orthogonal embedding and point lm_head from it at its successor."""
+    cfg = gpt.GPTConfig(sequence_len=64, vocab_size=tokenizer.vocab_size, n_layer=2, n_head=4, n_kv_head=2, n_embd=64,
+                        head_dim=16, compute_dtype="float32", embed_dtype="float32")
+    params = gpt.init_params(cfg, jax.random.key(0))
+    D = cfg.n_embd
+    wte = np.random.default_rng(0).normal(0, 1, params["wte"].shape).astype(np.float32)
+    lm_head = np.zeros(params["lm_head"].shape, np.float32)
+    for i, (src, dst) in enumerate(bigram.items()):
+        wte[src] = 0.0
+        wte[src, i] = math.sqrt(D)
+        lm_head[i, dst] = 1.0
+    return cfg, {**params, "wte": jnp.asarray(wte), "lm_head": jnp.asarray(lm_head)}
+
+
+def single(tokenizer, text):
+    ids = tokenizer.encode(text)
+    assert len(ids) == 1, (text, ids)
+    return ids[0]
+
+
+def test_calculator_output_is_forced_with_mask_zero(tokenizer, monkeypatch):
+    sp = tokenizer.encode_special
+    three, times, four, y, z = (single(tokenizer, c) for c in "3*4YZ")
+    bigram = {sp("<|assistant_start|>"): sp("<|python_start|>"), sp("<|python_start|>"): three, three: times,
+              times: four, four: sp("<|python_end|>"), sp("<|python_end|>"): y, y: sp("<|assistant_end|>"),
+              sp("<|output_end|>"): z, z: sp("<|assistant_end|>")}
+    cfg, params = scripted_params(tokenizer, bigram)
+    engine = Engine(params, cfg, tokenizer)
+    # 27 prompt tokens: with max_tokens 7 or 30 the cache bucket is 64 either way, so all calls share compilations.
+    prompt = [tokenizer.bos_id, sp("<|user_start|>"), *tokenizer.encode("what is 3*4? " * 4)[:23], sp("<|user_end|>"),
+              sp("<|assistant_start|>")]
+    calls = []
+    real = execution.use_calculator
+    monkeypatch.setattr(execution, "use_calculator", lambda expr: calls.append(expr) or real(expr))
+    columns = list(engine.generate(prompt, num_samples=2, max_tokens=30, temperature=0.0))
+    assert calls == ["3*4", "3*4"]  # once per row
+    code = [sp("<|python_start|>"), three, times, four, sp("<|python_end|>")]
+    output = [sp("<|output_start|>"), *tokenizer.encode("12"), sp("<|output_end|>")]
+    # The forced <|output_end|> is fed through the model: its successor Z follows, then the stop token.
+    want = code + output + [z, sp("<|assistant_end|>")]
+    want_mask = [1] * len(code) + [0] * len(output) + [1, 1]
+    assert [tokens for tokens, _ in columns] == [[t, t] for t in want]  # streamed columns, both rows
+    assert [masks for _, masks in columns] == [[m, m] for m in want_mask]
+    seqs, masks = engine.generate_batch(prompt, num_samples=2, max_tokens=30, temperature=0.0)
+    assert seqs == [prompt + want[:-1]] * 2 and masks == [[0] * len(prompt) + want_mask[:-1]] * 2
+    # max_tokens counts forced tokens too.
+    seqs, _ = engine.generate_batch(prompt, num_samples=2, max_tokens=7, temperature=0.0)
+    assert seqs == [prompt + (code + output)[:7]] * 2
+    # A refused expression forces nothing: the model's own successor of <|python_end|> (Y) follows.
+    monkeypatch.setattr(execution, "use_calculator", lambda expr: None)
+    seqs, masks = engine.generate_batch(prompt, num_samples=2, max_tokens=30, temperature=0.0)
+    assert seqs == [prompt + code + [y]] * 2 and masks == [[0] * len(prompt) + [1] * (len(code) + 1)] * 2
+    assert len(engine.compilations) == 2
+
+
+# ----------------------------------------------------------------------------------------------
+# Scripts
+
+def _run(args, **env):
+    return subprocess.run([sys.executable, *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "JAX_PLATFORMS": "cpu", **env})
+
+
+def test_bench_infer_runs_on_cpu_without_grain_or_flask():
+    code = ("import runpy, sys; sys.argv = ['bench_infer.py'] + sys.argv[1:]; "
+            "runpy.run_path('scripts/bench_infer.py', run_name='__main__'); "
+            "heavy = [m for m in ('grain', 'flask') if m in sys.modules]; assert not heavy, heavy")
+    out = _run(["-c", code, "--depth=2", "--max-new-tokens=4", "--batch-sizes=3", "--prompt-len=5",
+                "--max-seq-len=64", "--vocab-size=256", "--head-dim=32"])
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert [r["batch"] for r in result["results"]] == [3]
+    for r in result["results"]:
+        assert r["ttft_ms"] > 0 and r["tpot_ms"] > 0 and r["bytes_per_step"] > 0
+        assert r["compilations"] == 2 and r["bandwidth_util_percent"] is None  # no peak bandwidth for CPU
+
+
+def save_hi_model(tokenizer):
+    """A base checkpoint (tag d2, step 5) of a scripted model that answers every user turn with "hi!", and the
+    tokenizer in <base dir>/tokenizer, where chat_cli looks by default."""
+    from nanochat_jax.checkpoint import Checkpointer, checkpoint_dir
+
+    sp = tokenizer.encode_special
+    h, i, bang = (single(tokenizer, c) for c in "hi!")
+    cfg, params = scripted_params(tokenizer, {sp("<|assistant_start|>"): h, h: i, i: bang,
+                                              bang: sp("<|assistant_end|>")})
+    tokenizer.save()
+    with Checkpointer(checkpoint_dir("base", "d2"), async_save=False) as ckpt:
+        ckpt.save(5, params=params, meta={"step": 5, "model_config": cfg.to_dict()})
+    return [h, i, bang, sp("<|assistant_end|>")]
+
+
+def test_chat_cli_one_shot_from_base_checkpoint(tokenizer):
+    save_hi_model(tokenizer)
+    out = _run(["scripts/chat_cli.py", "-p", "hello", "-i", "base", "-t", "0", "--max-tokens=16"])
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    assert "User: hello" in out.stdout and "Assistant: hi!\n" in out.stdout, out.stdout[-1000:]
+
+
+@pytest.mark.slow
+def test_chat_cli_interactive_turns_clear_and_quit(tokenizer, monkeypatch, capsys):
+    import importlib.util
+
+    reply = save_hi_model(tokenizer)
+    spec = importlib.util.spec_from_file_location("chat_cli", REPO_ROOT / "scripts" / "chat_cli.py")
+    chat_cli = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "chat_cli", chat_cli)  # dataclasses look their module up there
+    spec.loader.exec_module(chat_cli)
+    lines = iter(["hello", "  ", "and you?", "clear", "hello", "quit", "never read"])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    prompts = []
+    real_generate = Engine.generate
+    monkeypatch.setattr(Engine, "generate", lambda self, tokens, **kw: prompts.append(list(tokens)) or
+                        real_generate(self, tokens, **kw))
+    chat_cli.main(["-i", "base", "-t", "0", "--max-tokens=16"])
+    out = capsys.readouterr().out
+    assert out.count("Assistant: hi!\n") == 3 and "(conversation cleared)" in out
+    sp = tokenizer.encode_special
+    turn = lambda text: [sp("<|user_start|>"), *tokenizer.encode(text), sp("<|user_end|>"),  # noqa: E731
+                         sp("<|assistant_start|>")]
+    first = [tokenizer.bos_id, *turn("hello")]
+    assert prompts == [first, first + reply + turn("and you?"), first]
+    assert next(lines) == "never read"
