@@ -1,0 +1,86 @@
+"""Evaluate a chat model: ARC-Easy/Challenge and MMLU (letter logits), GSM8K, HumanEval, SpellingBee (sampled),
+and ChatCORE when all of them ran.
+
+    python scripts/chat_eval.py -i sft                                  # every task, the latest SFT model
+    python scripts/chat_eval.py -i mid -a "ARC-Easy|GSM8K" -x 100        # some tasks, first 100 problems
+    python scripts/chat_eval.py -i sft -a GSM8K -n 8 -t 1.0              # pass@8 with sampling
+    python scripts/chat_eval.py -i sft --task-data=../shared/data        # offline task files
+"""
+
+import json
+from dataclasses import dataclass
+
+from nanochat_jax.config import parse_flags, print_config, require
+
+
+@dataclass(frozen=True)
+class ChatEvalConfig:
+    source: str = "sft"                  # -i: base | mid | sft | rl
+    tasks: str = ""                      # -a: "ARC-Easy|MMLU|..." ("" = all)
+    max_problems: int = -1               # -x: per task (-1 = all)
+    num_samples: int = 1                 # -n: pass@n for generative tasks
+    temperature: float = 0.0             # -t
+    top_k: int = 50                      # -k
+    max_new_tokens: int = 512
+    batch_size: int = 8                  # problems per engine call / categorical rows (rounded to the mesh)
+    model_tag: str | None = None         # -g
+    step: int | None = None              # -s
+    task_data: str | None = None         # a shared/data-style folder ($NANOCHAT_JAX_TASK_DATA)
+    mesh: int = -1
+    distributed: bool | None = None
+    tokenizer_dir: str | None = None
+    seed: int = 0
+
+    def __post_init__(self):
+        require(self.source in ("base", "mid", "sft", "rl"), f"-i/--source must be base|mid|sft|rl, got {self.source!r}")
+        require(self.num_samples >= 1 and self.max_new_tokens >= 1 and self.batch_size >= 1,
+                "-n, --max-new-tokens and --batch-size must be >= 1")
+        require(0 <= self.temperature <= 2 and self.top_k >= 0, "-t must be in [0, 2] and -k >= 0")
+
+
+def main(argv=None):
+    cfg = parse_flags(ChatEvalConfig, argv, aliases={"-i": "source", "-a": "tasks", "-x": "max_problems",
+                                                     "-n": "num_samples", "-t": "temperature", "-k": "top_k",
+                                                     "-g": "model_tag", "-s": "step"})
+    print_config(cfg)
+    import jax
+
+    from nanochat_jax import sharding
+    from nanochat_jax.chat_eval import ALL_TASKS, evaluate_chat_model
+    from nanochat_jax.checkpoint import checkpoint_dir, find_largest_model, load_model
+    from nanochat_jax.common import print0
+    from nanochat_jax.report import get_report
+    from nanochat_jax.tokenizer import get_tokenizer
+    from nanochat_jax.train import ScalarLog, run_dir
+
+    names = [t.strip() for t in cfg.tasks.split("|") if t.strip()] or list(ALL_TASKS)
+    bad = [t for t in names if t not in ALL_TASKS]
+    require(not bad, f"-a: unknown task(s) {bad}; choose from {'|'.join(ALL_TASKS)}")
+    sharding.maybe_initialize_distributed(cfg.distributed)
+    mesh = sharding.make_mesh(cfg.mesh)
+    phase_dir = checkpoint_dir(cfg.source, "_").parent
+    tag = cfg.model_tag or (find_largest_model(phase_dir) if phase_dir.is_dir() and any(phase_dir.iterdir()) else None)
+    params, model_cfg, meta = load_model(cfg.source, tag, cfg.step, mesh_or_sharding=mesh)
+    tokenizer = get_tokenizer(cfg.tokenizer_dir)
+    step = meta.get("step")
+    print0(f"evaluating {cfg.source}/{tag} step {step} on {names} ({mesh.size} device(s))")
+    out = evaluate_chat_model(params, model_cfg, tokenizer, mesh, names, data_dir=cfg.task_data,
+                              max_problems=None if cfg.max_problems < 0 else cfg.max_problems,
+                              num_samples=cfg.num_samples, max_new_tokens=cfg.max_new_tokens,
+                              temperature=cfg.temperature, top_k=cfg.top_k, batch_size=cfg.batch_size, seed=cfg.seed)
+    details = out.pop("details")
+    for name, acc in out.items():
+        print0(f"{name}: {acc:.4f}" + (f" ({details[name]['passed']}/{details[name]['total']})" if name in details else ""))
+    if jax.process_index() == 0:
+        log = ScalarLog(run_dir(f"chat_eval_{cfg.source}_{tag}"))
+        log(step or 0, **{f"chat_eval/{k}": v for k, v in out.items()})
+        log.close()
+        get_report().log(f"Chat evaluation {cfg.source}", [
+            {"source": f"{cfg.source}/{tag}/{step}", "max_problems": cfg.max_problems, "num_samples": cfg.num_samples,
+             "temperature": cfg.temperature, "top_k": cfg.top_k}, out])
+    print0(json.dumps({"source": cfg.source, "results": out}))
+    return out
+
+
+if __name__ == "__main__":
+    main()
