@@ -316,6 +316,15 @@ def chat_train(cfg: ChatTrainConfig, *, train_data=None, val_data=None) -> LoopS
         ckpt.close()
         log.close()
     final_step = loop.history[-1][0] + 1 if loop.history else start
+    if pi == 0:
+        from nanochat_jax.report import get_report
+
+        get_report().log("Midtraining" if stage == "mid" else "Chat SFT", {
+            "source": f"{src_phase}/{tag}/{src_step}", "train conversations": len(train_data),
+            "steps": final_step, "total batch size": B, "max seq len": T_len,
+            **{k: v * init_lr_frac for k, v in lrs.items()}, "init_lr_frac": init_lr_frac,
+            "min val bpb": loop.min_val_bpb, "final val bpb": loop.val_bpb if loop.val_bpb is not None else float("nan"),
+            "wall time": format_duration(time.perf_counter() - t0)}, run_dir=run_dir(f"{stage}_{tag}"))
     print0(f"{stage} done: {final_step} steps, val bpb {loop.val_bpb:.4f}, wall time {format_duration(time.perf_counter() - t0)}")
     print0(json.dumps({"stage": stage, "final_step": final_step, "val_bpb": loop.val_bpb,
                        "losses": [[s_, l_] for s_, l_ in loop.history]}))

@@ -51,7 +51,7 @@ GPU_HOURLY_RATE = {"H100": 3.00, "H200": 3.00, "A100": 1.79, "A800": 1.79, "V100
 DEFAULT_HOURLY_RATE = 2.00
 
 # Scalars plotted from each training section's TensorBoard run dir (tag → plot title).
-PLOT_TAGS = {"train/loss": "training loss", "val/bpb": "validation bits per byte"}
+PLOT_TAGS = {"train/loss": "training loss", "val/bpb": "validation bits per byte", "rl/reward": "mean reward"}
 
 
 def slugify(section: str) -> str:

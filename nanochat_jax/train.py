@@ -33,40 +33,48 @@ SAMPLE_PROMPTS = ("The capital of France is", "The chemical symbol of gold is",
 # ----------------------------------------------------------------------------------------------
 # The step
 
-def make_train_step(model_cfg: gpt.GPTConfig, tx: optax.GradientTransformation, *, lr_input: bool = False):
-    """state = {"step", "params", "opt_state"}; batch = {"inputs", "targets"} of shape (A, B, T) = A micro-batches.
+def make_train_step(model_cfg: gpt.GPTConfig, tx: optax.GradientTransformation, *, lr_input: bool = False,
+                    loss_fn=None, micro_reduce: str = "mean"):
+    """state = {"step", "params", "opt_state"}; batch = {"inputs", "targets", ...} of shape (A, B, ...) = A
+    micro-batches.
 
-    The loss of each micro-batch is its mean over valid targets; the step's gradient and loss are the average
+    Default loss: each micro-batch's mean CE over valid targets; the step's gradient and loss are the average
     over micro-batches (nanochat's `loss / grad_accum`). Gradients accumulate in fp32.
+
+    loss_fn(params, micro_batch) -> scalar replaces it (RL's policy-gradient loss); micro_reduce="sum" adds the
+    micro-batch losses instead of averaging them (for losses already normalised over the whole batch).
 
     lr_input: the batch also carries "lrm", a scalar multiplying this step's update. Every update of our
     optimizer (AdamW and Muon, weight decay included) is linear in its lr, so this is exactly lr × lrm: it is
     how midtraining/SFT apply the reference's schedules on data progress, which only the host knows.
     """
-
-    def loss_fn(params, inputs_BT, targets_BT):
-        return gpt.forward(params, inputs_BT, model_cfg, targets_BT=targets_BT)
+    if micro_reduce not in ("mean", "sum"):
+        raise ValueError(f"micro_reduce must be 'mean' or 'sum', got {micro_reduce!r}")
+    if loss_fn is None:
+        def loss_fn(params, micro):
+            return gpt.forward(params, micro["inputs"], model_cfg, targets_BT=micro["targets"])
 
     def train_step(state, batch):
         params = state["params"]
+        micro_batches = {k: v for k, v in batch.items() if k != "lrm"}
         n_micro = batch["inputs"].shape[0]
+        scale = 1.0 / n_micro if micro_reduce == "mean" else 1.0
 
-        def micro(carry, xy):
+        def micro(carry, mb):
             grads_acc, loss_acc = carry
-            loss, grads = jax.value_and_grad(loss_fn)(params, *xy)
+            loss, grads = jax.value_and_grad(loss_fn)(params, mb)
             grads_acc = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), grads_acc, grads)
             return (grads_acc, loss_acc + loss), None
 
         zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
-        (grads, loss), _ = jax.lax.scan(micro, (zeros, jnp.zeros((), jnp.float32)),
-                                        (batch["inputs"], batch["targets"]))
-        grads = jax.tree.map(lambda g: g / n_micro, grads)
+        (grads, loss), _ = jax.lax.scan(micro, (zeros, jnp.zeros((), jnp.float32)), micro_batches)
+        grads = jax.tree.map(lambda g: g * scale, grads)
         updates, opt_state = tx.update(grads, state["opt_state"], params)
         if lr_input:
             updates = jax.tree.map(lambda u: u * batch["lrm"].astype(u.dtype), updates)
         params = optax.apply_updates(params, updates)
         new_state = {"step": state["step"] + 1, "params": params, "opt_state": opt_state}
-        return new_state, {"loss": loss / n_micro}
+        return new_state, {"loss": loss * scale}
 
     return train_step
 
@@ -89,17 +97,24 @@ def abstract_tree(shapes, shardings):
 
 
 def compile_train_step(model_cfg, tx, mesh, state_shapes, batch_shape, *, shard_params: bool = True,
-                       lr_input: bool = False):
-    """jit with explicit shardings + donation, lowered and compiled ahead of time. Returns (compiled, shardings, info)."""
+                       lr_input: bool = False, loss_fn=None, micro_reduce: str = "mean", extra_inputs=None):
+    """jit with explicit shardings + donation, lowered and compiled ahead of time. Returns (compiled, shardings, info).
+    batch_shape = (micro-batches, rows, T) of "inputs"/"targets"; extra_inputs {name: (shape, dtype)} adds per-row
+    arrays (shape starting with (micro-batches, rows)), sharded like the rows."""
     shardings = state_shardings(state_shapes, mesh, shard_params)
     batch_sh = sharding.batch_sharding(mesh, batch_axis=1, ndim=3)
     batch_shardings = {"inputs": batch_sh, "targets": batch_sh}
     batch_abstract = {k: jax.ShapeDtypeStruct(batch_shape, jnp.int32, sharding=batch_sh) for k in ("inputs", "targets")}
+    for name, (shape, dtype) in (extra_inputs or {}).items():
+        sh = sharding.batch_sharding(mesh, batch_axis=1, ndim=len(shape))
+        batch_shardings[name] = sh
+        batch_abstract[name] = jax.ShapeDtypeStruct(shape, dtype, sharding=sh)
     if lr_input:
         batch_shardings["lrm"] = sharding.replicated(mesh)
         batch_abstract["lrm"] = jax.ShapeDtypeStruct((), jnp.float32, sharding=sharding.replicated(mesh))
-    step_fn = jax.jit(make_train_step(model_cfg, tx, lr_input=lr_input), in_shardings=(shardings, batch_shardings),
-                      out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=(0,))
+    step_fn = jax.jit(make_train_step(model_cfg, tx, lr_input=lr_input, loss_fn=loss_fn, micro_reduce=micro_reduce),
+                      in_shardings=(shardings, batch_shardings), out_shardings=(shardings, sharding.replicated(mesh)),
+                      donate_argnums=(0,))
     state_abstract = abstract_tree(state_shapes, shardings)
     t0 = time.perf_counter()
     compiled = step_fn.lower(state_abstract, batch_abstract).compile()
@@ -496,6 +511,22 @@ def pretrain(cfg: PretrainConfig) -> LoopState:
         ckpt.close()
         loader.close()
         log.close()
+    if jax.process_index() == 0:
+        from nanochat_jax.report import get_report
+
+        dts = clock.get("dts", [])
+        steady = dts[10:] or dts  # like the log: the first steps include compilation
+        get_report().log("Base model training", [
+            {"model_tag": tag, "depth": cfg.depth, "parameters": plan["params"]["total"],
+             "scaling parameters": plan["params"]["scaling"], "FLOPs per token": f"{flops_tok:.6e}",
+             "iterations": n_iter, "total batch size": B, "tokens": n_iter * B,
+             "tokens per scaling parameter": n_iter * B / plan["params"]["scaling"],
+             "devices": f"{mesh.size} × {device.device_kind}", "attention": model_cfg.attn_backend,
+             "compute dtype": model_cfg.compute_dtype,
+             "min val bpb": loop.min_val_bpb, "final val bpb": loop.val_bpb if loop.val_bpb is not None else float("nan"),
+             "MFU %": mfu_percent(flops_tok, B, float(np.median(steady)), device.device_kind, mesh.size) if steady else 0.0,
+             "total training FLOPs": f"{n_iter * B * flops_tok:.4e}",
+             "training time": format_duration(loop.total_training_time)}], run_dir=run_dir(tag))
     print0(f"done: {n_iter} steps, min val bpb {loop.min_val_bpb:.4f}, training time {format_duration(loop.total_training_time)}")
     print0(json.dumps({"final_step": n_iter, "val_bpb": loop.val_bpb, "min_val_bpb": loop.min_val_bpb,
                        "losses": [[s_, l_] for s_, l_ in loop.history]}))
@@ -508,6 +539,7 @@ def _report(step, metrics, loop: LoopState, log, n_iter, lrm, B, flops_tok, devi
     loss = float(metrics["loss"])  # waits for that step only; the next one is already queued
     now = time.perf_counter()
     dt, clock["last"] = now - clock["last"], now
+    clock.setdefault("dts", []).append(dt)  # step times, for the report's steady-state MFU
     beta = 0.9
     loop.smooth_loss = beta * loop.smooth_loss + (1 - beta) * loss
     smooth = loop.smooth_loss / (1 - beta ** (step + 1))

@@ -97,6 +97,12 @@ def main(cfg: BaseEvalConfig) -> dict:
                "examples_per_second": round(out["examples_per_second"], 2), "compilations": out["compilations"],
                "buckets": list(scorer.buckets), "csv": str(csv_path)}
     print0(json.dumps(summary))
+    if jax.process_index() == 0:
+        from nanochat_jax.report import get_report
+
+        get_report().log("Base model evaluation", [
+            {"model": f"{tag} step {step}", "tasks": n_present, "missing": ", ".join(out["missing"]) or "none",
+             "max_per_task": cfg.max_per_task, "CORE": out["core_metric"]}, dict(out["centered_results"])])
     return out
 
 

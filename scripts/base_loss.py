@@ -171,6 +171,13 @@ def main(cfg: BaseLossConfig) -> dict:
             json.dump(result, f, indent=2)
     print0(f"\nresults written to {path}")
     print0(json.dumps({k: v for k, v in result.items() if k in ("model_tag", "step", "bpb")} | {"json": str(path)}))
+    if jax.process_index() == 0:
+        from nanochat_jax.report import get_report
+
+        bpb = result.get("bpb", {})
+        get_report().log("Base model loss", [{"model": f"{tag} step {step}",
+                                              **{f"{split} bpb": v for split, v in bpb.items()}},
+                                             *[f"sample: {s}" for s in result.get("samples", [])]])
     return result
 
 

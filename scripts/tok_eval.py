@@ -114,6 +114,10 @@ def main(argv=None) -> None:
     print(f"{'text':<12} {'bytes':>9} {'tokens':>9} {'ratio':>7}")
     for name, (n_bytes, n_tokens, ratio) in results.items():
         print(f"{name:<12} {n_bytes:>9,} {n_tokens:>9,} {ratio:>7.2f}")
+    from nanochat_jax.report import get_report
+
+    get_report().log("Tokenizer evaluation", {"vocab_size": ours.vocab_size,
+                                              **{f"{name} bytes/token": ratio for name, (_, _, ratio) in results.items()}})
 
     for label, enc_name in BASELINES.items():
         try:

@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from nanochat_jax import dataset
 from nanochat_jax.common import Timer, print0
 from nanochat_jax.config import parse_flags, print_config
-from nanochat_jax.tokenizer import (MIN_VOCAB_SIZE, default_tokenizer_dir, iter_training_texts, token_bytes_stats,
-                                    train_tokenizer)
+from nanochat_jax.tokenizer import (MIN_VOCAB_SIZE, SPECIAL_TOKENS, default_tokenizer_dir, iter_training_texts,
+                                    token_bytes_stats, train_tokenizer)
 
 
 @dataclass(frozen=True)
@@ -58,6 +58,13 @@ def main(argv=None) -> None:
     tb = token_bytes_stats(tokenizer.token_bytes())
     print0(f"token_bytes over {tb['count']:,} non-special tokens: mean {tb['mean']:.4f}, std {tb['std']:.4f}, "
            f"max {tb['max']}")
+    from nanochat_jax.report import get_report
+
+    get_report().log("Tokenizer training", {"vocab_size": tokenizer.vocab_size, "max_chars": cfg.max_chars,
+                                            "chars_used": stats["chars"], "docs": stats["docs"],
+                                            "train_time_s": t.seconds, "num_special_tokens": len(SPECIAL_TOKENS),
+                                            "token_bytes_max": tb["max"],
+                                            "token_bytes_mean": tb["mean"], "token_bytes_std": tb["std"]})
 
 
 if __name__ == "__main__":

@@ -81,6 +81,9 @@ def test_sft_loss_drops_on_real_conversations(chats, tok_dir):
     with Checkpointer(checkpoint_dir("sft", "d2")) as ck:
         assert ck.latest_step() == 30
         assert ck.read_meta()["source"] == "base/d2/0"
+    from nanochat_jax.report import get_report
+    [sft] = [get_report().metrics(s) for s in get_report().sections() if s["section"] == "Chat SFT"]
+    assert sft["steps"] == 30 and sft["final val bpb"] == loop.val_bpb
 
 
 def test_mid_runs_one_epoch_then_sft_resumes_exactly(chats, tok_dir):

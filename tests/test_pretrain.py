@@ -44,6 +44,8 @@ def test_tiny_pretraining_learns_and_checkpoints(data):
     run = train.run_dir("d2")
     assert list(run.glob("events.out.tfevents.*")), "TensorBoard scalars"
     assert list((run / "profile").rglob("*.xplane.pb")), "profiler trace of steps 2..3"
+    section = json.loads((run.parent.parent / "report" / "base-model-training.json").read_text())["items"][0]
+    assert section["iterations"] == 30 and section["min val bpb"] == loop.min_val_bpb
 
 
 def test_resume_is_exact(data):

@@ -1,0 +1,340 @@
+"""Reinforcement learning on GSM8K: REINFORCE with a group-mean baseline, on-policy (reference §10).
+
+Each step takes `examples_per_step` training problems, samples `num_samples` completions of each with the engine
+(temperature 1.0, top-k 50, tool use on), grades them (reward 0/1), and takes one optimizer step on
+
+    loss = Σ_groups Σ_samples Σ_tokens  −log p(token) · A_sample / (n_tokens(group) · n_groups),
+    A_sample = reward − mean(reward of its group)
+
+over sampled tokens only: the prompt, tool-forced tokens (engine mask 0) and padding have target −1. This is the
+reference's token-level normalisation within a group (its "num_passes" is 1 here because a group is one batch);
+there is no KL term and no ratio (each step samples from the current policy).
+
+Sampling runs on one Engine per local device in threads (examples split over devices and processes); the gradient
+step is the shared train step (`make_train_step` with this loss and micro_reduce="sum"), sharded over the mesh.
+Every --eval-every steps: pass@1..k on held-out test problems. Rollouts are seeded by (step, example), so a resumed
+run (params, optimizer state and step restored) continues exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import queue
+import threading
+import time
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from nanochat_jax import gpt, optim, sharding
+from nanochat_jax.common import format_duration, print0
+from nanochat_jax.config import require
+
+
+@dataclass(frozen=True)
+class RLConfig:
+    source: str = "sft"                   # checkpoint phase to start from
+    model_tag: str | None = None
+    model_step: int | None = None
+    num_epochs: int = 1
+    num_steps: int = -1                   # -1: len(train) // examples_per_step × epochs
+    examples_per_step: int = 16           # problems per step (over all devices)
+    num_samples: int = 16                 # completions per problem
+    max_new_tokens: int = 256
+    temperature: float = 1.0
+    top_k: int = 50
+    train_seq_len: int = 512              # rollouts are padded to this (longer ones are cut)
+    device_batch_size: int = 8            # rows per device per micro-batch
+    embedding_lr: float = -1.0            # -1: the source's (then × init_lr_frac)
+    unembedding_lr: float = -1.0
+    matrix_lr: float = -1.0
+    scalar_lr: float = -1.0
+    init_lr_frac: float = 0.05
+    eval_every: int = 60
+    eval_examples: int = 400
+    eval_samples: int = 8                 # pass@1..eval_samples
+    save_every: int = 60
+    resume: bool = False
+    task_data: str | None = None
+    mesh: int = -1
+    distributed: bool | None = None
+    fsdp: bool = True
+    attention: str = "auto"
+    compute_dtype: str = "auto"
+    tokenizer_dir: str | None = None
+    seed: int = 0
+
+    def __post_init__(self):
+        require(self.source in ("base", "mid", "sft", "rl"), f"--source must be base|mid|sft|rl, got {self.source!r}")
+        require(self.examples_per_step >= 1 and self.num_samples >= 1, "--examples-per-step and --num-samples >= 1")
+        require(self.max_new_tokens >= 1 and self.train_seq_len >= 2, "--max-new-tokens >= 1, --train-seq-len >= 2")
+        require(self.eval_every != 0 and self.save_every != 0, "--eval-every/--save-every must be > 0 or -1 (off)")
+
+
+# ----------------------------------------------------------------------------------------------
+# The loss and the batch
+
+def pg_loss_fn(model_cfg: gpt.GPTConfig):
+    """(params, micro-batch {"inputs", "targets", "weights"}) → Σ_rows Σ_tokens CE · weight_row, i.e. −Σ logp·A/N."""
+
+    def loss(params, micro):
+        ce_BT = gpt.forward(params, micro["inputs"], model_cfg, targets_BT=micro["targets"], loss_reduction="none")
+        return jnp.sum(ce_BT * micro["weights"][:, None])
+
+    return loss
+
+
+def group_advantages(rewards: np.ndarray) -> np.ndarray:
+    """(groups, samples) rewards → reward − group mean (no division by the std, as the reference)."""
+    return rewards - rewards.mean(axis=1, keepdims=True)
+
+
+def rollout_batch(prompt_lens, seqs, masks, rewards, *, seq_len: int, pad_id: int, n_groups_total: int):
+    """Training rows from one process's rollouts.
+
+    prompt_lens (G,), seqs/masks: G × S lists (prompt + completion ids / engine masks, prompt part 0), rewards (G, S).
+    Returns inputs/targets (G·S, seq_len) with target −1 where the token was not sampled (prompt, forced, padding or
+    cut), weights (G·S,) = A / (sampled tokens in the group · n_groups_total), and stats.
+    """
+    G, S = rewards.shape
+    inputs = np.full((G * S, seq_len), pad_id, np.int32)
+    targets = np.full((G * S, seq_len), -1, np.int32)
+    cut = 0
+    counts = np.zeros((G, S), np.int64)
+    for g in range(G):
+        for s in range(S):
+            r, seq, mask = g * S + s, seqs[g][s], masks[g][s]
+            n = min(len(seq), seq_len + 1)
+            cut += len(seq) > seq_len + 1
+            inputs[r, :n - 1] = seq[:n - 1]
+            tgt = np.asarray(seq[1:n], np.int32)
+            sampled = np.asarray(mask[1:n], bool)
+            targets[r, :n - 1] = np.where(sampled, tgt, -1)
+            counts[g, s] = sampled.sum()
+    adv = group_advantages(rewards)
+    per_group = np.maximum(counts.sum(axis=1, keepdims=True), 1)
+    weights = (adv / (per_group * n_groups_total)).reshape(-1).astype(np.float32)
+    stats = {"cut": cut, "sampled_tokens": int(counts.sum()),
+             "mean_completion_len": float(np.mean([len(seqs[g][s]) - prompt_lens[g] for g in range(G)
+                                                   for s in range(S)]))}
+    return {"inputs": inputs, "targets": targets, "weights": weights}, stats
+
+
+def pass_at_k(correct: np.ndarray) -> np.ndarray:
+    """correct (problems, samples) bool → pass@k for k = 1..samples: any of the first k samples correct."""
+    return np.cumsum(correct, axis=1).clip(0, 1).mean(axis=0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Sampling with one engine per device
+
+def sample_groups(engines, tokenizer, task, example_ids, *, num_samples, max_new_tokens, temperature, top_k,
+                  seed_of, reward_fn=None):
+    """For each example: its prompt ids, num_samples (prompt + completion) sequences, engine masks and rewards.
+    Engines in threads, one example per engine call."""
+    reward_fn = reward_fn or task.reward
+    out: dict[int, tuple] = {}
+    work: queue.Queue = queue.Queue()
+    for pos, ex in enumerate(example_ids):
+        work.put((pos, ex))
+    errors: list[BaseException] = []
+
+    def worker(engine):
+        try:
+            while True:
+                try:
+                    pos, ex = work.get_nowait()
+                except queue.Empty:
+                    return
+                conv = task[ex]
+                prompt = tokenizer.render_for_completion(conv)
+                seqs, masks = engine.generate_batch(prompt, num_samples=num_samples, max_tokens=max_new_tokens,
+                                                    temperature=temperature, top_k=top_k, seed=seed_of(ex))
+                rewards = [float(reward_fn(conv, tokenizer.decode(s[len(prompt):]))) for s in seqs]
+                out[pos] = (len(prompt), seqs, masks, rewards)
+        except BaseException as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(e,), daemon=True) for e in engines]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return [out[i] for i in range(len(example_ids))]
+
+
+def _allsum(x: np.ndarray) -> np.ndarray:
+    if jax.process_count() == 1:
+        return x
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.process_allgather(x)).sum(0)
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop
+
+def rl_train(cfg: RLConfig, *, train_task=None, eval_task=None, reward_fn=None) -> dict:
+    """Run RL. train_task/eval_task (tasks with `reward(conversation, completion)`) replace GSM8K (tests)."""
+    from nanochat_jax.checkpoint import Checkpointer, checkpoint_dir, find_largest_model, _phase_dir
+    from nanochat_jax.engine import Engine
+    from nanochat_jax.tokenizer import get_tokenizer
+    from nanochat_jax.train import LoopState, ScalarLog, abstract_tree, compile_train_step, init_state, run_dir
+
+    sharding.maybe_initialize_distributed(cfg.distributed)
+    mesh = sharding.make_mesh(cfg.mesh)
+    device = mesh.devices.flat[0]
+    on_gpu = device.platform == "gpu"
+    pi, pc = jax.process_index(), jax.process_count()
+    tokenizer = get_tokenizer(cfg.tokenizer_dir)
+    if train_task is None or eval_task is None:
+        from nanochat_jax.tasks import GSM8K
+        train_task = train_task or GSM8K("main", "train", data_dir=cfg.task_data)
+        eval_task = eval_task or GSM8K("main", "test", data_dir=cfg.task_data)
+
+    tag = cfg.model_tag or find_largest_model(_phase_dir(cfg.source))
+    src = Checkpointer(checkpoint_dir(cfg.source, tag), async_save=False)
+    src_step = src._resolve_step(cfg.model_step)
+    src_meta = src.read_meta(src_step)
+    overrides = {"compute_dtype": cfg.compute_dtype if cfg.compute_dtype != "auto" else
+                 ("bfloat16" if on_gpu else "float32"),
+                 "attn_backend": cfg.attention if cfg.attention != "auto" else ("cudnn" if on_gpu else "xla")}
+    model_cfg = gpt.GPTConfig.from_dict({**src_meta["model_config"], **overrides})
+
+    E, S = cfg.examples_per_step, cfg.num_samples
+    require(E % pc == 0, f"--examples-per-step={E} must be a multiple of the {pc} processes")
+    rows = E * S
+    micro_rows = cfg.device_batch_size * mesh.size
+    require(rows % micro_rows == 0, f"examples_per_step × num_samples = {rows} rows must be a multiple of "
+                                    f"device_batch_size × devices = {micro_rows}; change one of them")
+    grad_accum = rows // micro_rows
+    num_steps = cfg.num_steps if cfg.num_steps > 0 else (len(train_task) // E) * cfg.num_epochs
+    require(num_steps >= 1, f"no RL steps: {len(train_task)} problems < --examples-per-step={E}")
+
+    src_lrs = src_meta.get("lrs", src_meta.get("user_config", {}))
+    lrs = {k: v if v >= 0 else float(src_lrs.get(k, d)) for (k, d), v in zip(
+        (("matrix_lr", 0.02), ("embedding_lr", 0.3), ("unembedding_lr", 0.008), ("scalar_lr", 0.5)),
+        (cfg.matrix_lr, cfg.embedding_lr, cfg.unembedding_lr, cfg.scalar_lr))}
+    opt_cfg = optim.OptimConfig(num_iterations=num_steps, model_dim=model_cfg.n_embd, **lrs, weight_decay=0.0,
+                                init_lr_frac=cfg.init_lr_frac, warmup_steps=0, muon_momentum_start=0.95,
+                                muon_momentum_peak=0.95, muon_momentum_final=0.95)
+    tx = optim.build_optimizer(gpt.param_shapes(model_cfg), opt_cfg,
+                               lr_schedule=lambda it: 1.0 - it.astype(jnp.float32) / num_steps)  # reference: 1 − step/N
+    state_shapes = jax.eval_shape(lambda k: init_state(model_cfg, tx, k), jax.random.key(0))
+    T = cfg.train_seq_len
+    A, R = grad_accum, micro_rows
+    step_fn, shardings, info = compile_train_step(
+        model_cfg, tx, mesh, state_shapes, (A, R, T), shard_params=cfg.fsdp, loss_fn=pg_loss_fn(model_cfg),
+        micro_reduce="sum", extra_inputs={"weights": ((A, R), jnp.float32)})
+    abstract = abstract_tree(state_shapes, shardings)
+
+    ckpt = Checkpointer(checkpoint_dir("rl", tag), keep=2)
+    loop = LoopState()
+    start = 0
+    if cfg.resume and ckpt.latest_step() is not None:
+        start = ckpt.latest_step()
+        params, opt_state, meta = ckpt.restore(start, abstract_params=abstract["params"],
+                                               abstract_opt_state=abstract["opt_state"])
+        print0(f"resumed rl/{tag} from step {start}")
+    else:
+        require(not cfg.resume, f"--resume: no rl checkpoint of {tag!r} in {ckpt.directory}; drop --resume")
+        params, _, _ = src.restore(src_step, abstract_params=abstract["params"])
+        opt_state = jax.jit(tx.init, out_shardings=shardings["opt_state"])(params)
+    src.close()
+    state = {"step": jax.device_put(jnp.asarray(start, jnp.int32), shardings["step"]), "params": params,
+             "opt_state": opt_state}
+    local_devices = [d for d in mesh.devices.flat if d.process_index == pi]
+    engines = [Engine(state["params"], model_cfg, tokenizer, device=d) for d in local_devices]
+    print0(f"rl: from {cfg.source}/{tag} step {src_step}; {num_steps} steps × {E} problems × {S} samples "
+           f"({rows} rows = {A} × {R} × {T} tokens); {len(engines)} engine(s) on this process; "
+           f"train step compiled in {info['compile_seconds']:.1f}s")
+
+    log = ScalarLog(run_dir(f"rl_{tag}"))
+    pad_id = tokenizer.encode_special("<|assistant_end|>")
+    history = {"reward": [], "pass@k": []}
+
+    def put(host: dict) -> dict:
+        arrs = {k: v.reshape(A, -1, *v.shape[1:]) for k, v in host.items()}
+        return {k: sharding.global_batch(v, mesh, batch_axis=1) for k, v in arrs.items()}
+
+    def refresh_engines(params):
+        for e in engines:
+            e.set_params(params)
+
+    def evaluate(step):
+        n = min(cfg.eval_examples, len(eval_task))
+        mine = list(range(pi, n, pc))
+        groups = sample_groups(engines, tokenizer, eval_task, mine, num_samples=cfg.eval_samples,
+                               max_new_tokens=cfg.max_new_tokens, temperature=1.0, top_k=50,
+                               seed_of=lambda ex: hash(("eval", step, ex)) & 0x7FFFFFFF, reward_fn=reward_fn)
+        correct = np.array([[r > 0 for r in g[3]] for g in groups], bool).reshape(len(mine), cfg.eval_samples)
+        sums = _allsum(np.concatenate([np.cumsum(correct, 1).clip(0, 1).sum(0), [len(mine)]]).astype(np.float64))
+        passk = sums[:-1] / max(sums[-1], 1)
+        print0(f"step {step:05d} | " + " | ".join(f"pass@{k + 1} {v:.4f}" for k, v in enumerate(passk)))
+        log(step, **{f"eval/pass@{k + 1}": float(v) for k, v in enumerate(passk)})
+        history["pass@k"].append((step, passk.tolist()))
+
+    def save(step):
+        meta = {"step": step, "model_config": model_cfg.to_dict(), "user_config": dataclasses.asdict(cfg),
+                "source": f"{cfg.source}/{tag}/{src_step}", "lrs": lrs, "num_steps": num_steps}
+        ckpt.save(step, params=state["params"], opt_state=state["opt_state"], meta=meta, overwrite=True)
+        print0(f"saved rl checkpoint {tag} step {step}")
+
+    t_start = time.perf_counter()
+    try:
+        for step in range(start, num_steps + 1):
+            last = step == num_steps
+            if cfg.eval_every > 0 and (step % cfg.eval_every == 0 or last):
+                evaluate(step)
+            if step > start and (last or (cfg.save_every > 0 and step % cfg.save_every == 0)):
+                save(step)
+            if last:
+                break
+            t0 = time.perf_counter()
+            first = (step * E) % len(train_task)
+            examples = [(first + i) % len(train_task) for i in range(E)][pi::pc]
+            groups = sample_groups(engines, tokenizer, train_task, examples, num_samples=S,
+                                   max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
+                                   seed_of=lambda ex: hash((step, ex)) & 0x7FFFFFFF, reward_fn=reward_fn)
+            t_sample = time.perf_counter() - t0
+            rewards = np.array([g[3] for g in groups], np.float64)
+            host, stats = rollout_batch([g[0] for g in groups], [g[1] for g in groups], [g[2] for g in groups],
+                                        rewards, seq_len=T, pad_id=pad_id, n_groups_total=E)
+            state, metrics = step_fn(state, put(host))
+            refresh_engines(state["params"])
+            loss = float(metrics["loss"])
+            tot = _allsum(np.array([rewards.sum(), stats["mean_completion_len"] * rewards.size, rewards.size]))
+            mean_reward, mean_len = tot[0] / tot[2], tot[1] / tot[2]
+            dt = time.perf_counter() - t0
+            loop.history.append((step, loss))
+            history["reward"].append((step, float(mean_reward)))
+            lrm = 1.0 - step / num_steps
+            print0(f"step {step:05d}/{num_steps} | reward {mean_reward:.4f} | completion length {mean_len:.1f} | "
+                   f"loss {loss:+.6f} | lrm {lrm:.3f} | sampling {t_sample:.1f}s | step {dt:.1f}s"
+                   + (f" | {stats['cut']} rollouts cut at {T}" if stats["cut"] else ""))
+            log(step, **{"rl/reward": mean_reward, "rl/sequence_length": mean_len, "rl/lrm": lrm, "rl/loss": loss,
+                         "rl/step_seconds": dt})
+    finally:
+        ckpt.close()
+        log.close()
+    summary = {"stage": "rl", "steps": num_steps, "wall_seconds": time.perf_counter() - t_start,
+               "reward": history["reward"], "pass@k": history["pass@k"],
+               "losses": [[s, l] for s, l in loop.history]}
+    print0(f"rl done: {num_steps} steps in {format_duration(summary['wall_seconds'])}")
+    if pi == 0:
+        from nanochat_jax.report import get_report
+
+        last_pass = history["pass@k"][-1][1] if history["pass@k"] else []
+        get_report().log("Chat RL", {
+            "source": f"{cfg.source}/{tag}/{src_step}", "steps": num_steps, "examples per step": E,
+            "samples per example": S, "first reward": history["reward"][0][1] if history["reward"] else float("nan"),
+            "last reward": history["reward"][-1][1] if history["reward"] else float("nan"),
+            **{f"pass@{k + 1}": v for k, v in enumerate(last_pass)},
+            "wall time": format_duration(summary["wall_seconds"])}, run_dir=run_dir(f"rl_{tag}"))
+    print0(json.dumps(summary))
+    return summary
