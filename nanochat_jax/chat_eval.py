@@ -100,6 +100,9 @@ class CategoricalEvaluator:
         self.fn = jax.jit(letter_logits, in_shardings=(rep, rows, rows1, rows), out_shardings=rep)
         self.shapes_seen: set[int] = set()
 
+    def set_params(self, params) -> None:
+        self.params = jax.device_put(params, sharding.replicated(self.mesh))
+
     def predict(self, prompts: Sequence[Sequence[int]], letter_ids: Sequence[Sequence[int]]) -> np.ndarray:
         """Index (into each prompt's letters) of the highest-logit letter, for every prompt."""
         order = np.argsort([len(p) for p in prompts], kind="stable")  # similar lengths share a bucket
@@ -208,18 +211,33 @@ def run_generative(task, engines: Sequence, tokenizer, *, num_samples: int = 1, 
 def evaluate_chat_model(params, model_cfg: gpt.GPTConfig, tokenizer, mesh, task_names: Sequence[str], *,
                         data_dir=None, max_problems: int | None = None, num_samples: int = 1,
                         max_new_tokens: int = 512, temperature: float = 0.0, top_k: int = 50,
-                        batch_size: int = 8, seed: int = 0, tasks: dict | None = None) -> dict:
-    """{task: accuracy, ..., "ChatCORE": ... (when every task ran)} plus "details"."""
+                        batch_size: int = 8, seed: int = 0, tasks: dict | None = None,
+                        cache: dict | None = None) -> dict:
+    """{task: accuracy, ..., "ChatCORE": ... (when every task ran)} plus "details".
+
+    tasks: already-loaded tasks by name (else loaded here); cache: a dict kept between calls (periodic evals during
+    training) so the evaluator, the engines, their compilations and the loaded tasks are reused."""
     results, details = {}, {}
-    evaluator, engines = None, None
+    cache = {} if cache is None else cache
+    tasks = cache.setdefault("tasks", dict(tasks or {}))
+    if "evaluator" in cache:
+        cache["evaluator"].set_params(params)
+    for e in cache.get("engines", []):
+        e.set_params(params)
     for name in task_names:
-        task = (tasks or {}).get(name) or load_task(name, data_dir)
+        if name not in tasks:
+            tasks[name] = load_task(name, data_dir)
+        task = tasks[name]
         if task.eval_type == "categorical":
-            evaluator = evaluator or CategoricalEvaluator(params, model_cfg, mesh, rows_per_batch=max(batch_size, 8))
+            if "evaluator" not in cache:
+                cache["evaluator"] = CategoricalEvaluator(params, model_cfg, mesh, rows_per_batch=max(batch_size, 8))
+            evaluator = cache["evaluator"]
             out = run_categorical(task, evaluator, tokenizer, max_problems=max_problems, name=name)
         else:
-            engines = engines or make_engines(params, model_cfg, tokenizer,
-                                              [d for d in mesh.devices.flat if d.process_index == jax.process_index()])
+            if "engines" not in cache:
+                cache["engines"] = make_engines(params, model_cfg, tokenizer,
+                                                [d for d in mesh.devices.flat if d.process_index == jax.process_index()])
+            engines = cache["engines"]
             out = run_generative(task, engines, tokenizer, num_samples=num_samples, max_new_tokens=max_new_tokens,
                                  temperature=temperature, top_k=top_k, max_problems=max_problems,
                                  batch_problems=batch_size, seed=seed, name=name)

@@ -62,6 +62,9 @@ class ChatTrainConfig:
     # eval, checkpoints
     eval_every: int = 150
     eval_tokens: int = 20 * 524288
+    chatcore_tasks: str = "ARC-Easy|ARC-Challenge|MMLU|GSM8K|HumanEval|SpellingBee"  # SFT evals ("" = off)
+    chatcore_max_problems: int = 24       # problems per task in the periodic ChatCORE (-1: all)
+    chatcore_max_new_tokens: int = 256
     save_every: int = -1
     keep_checkpoints: int = 2
     resume: bool = False
@@ -295,6 +298,22 @@ def chat_train(cfg: ChatTrainConfig, *, train_data=None, val_data=None) -> LoopS
         print0(f"step {step:05d} | validation bpb {loop.val_bpb:.4f}")
         log(step, **{"val/bpb": loop.val_bpb})
 
+    chat_names = [t for t in cfg.chatcore_tasks.split("|") if t.strip()] if stage == "sft" else []
+    chat_cache: dict = {}
+
+    def chat_evals(step, state, _):
+        from nanochat_jax.chat_eval import evaluate_chat_model
+
+        out = evaluate_chat_model(state["params"], model_cfg, tokenizer, mesh, chat_names, data_dir=cfg.task_data,
+                                  max_problems=None if cfg.chatcore_max_problems < 0 else cfg.chatcore_max_problems,
+                                  max_new_tokens=cfg.chatcore_max_new_tokens, cache=chat_cache)
+        out.pop("details")
+        loop_chat.update(out)
+        print0(f"step {step:05d} | " + " | ".join(f"{k} {v:.4f}" for k, v in out.items()))
+        log(step, **{f"chat_eval/{k}": v for k, v in out.items()})
+
+    loop_chat: dict = {}
+
     def save(step, state, loader_state):
         meta = {"step": step, "stage": stage, "source": f"{src_phase}/{tag}/{src_step}",
                 "model_config": model_cfg.to_dict(), "user_config": dataclasses.asdict(cfg), "lrs": lrs,
@@ -309,6 +328,8 @@ def chat_train(cfg: ChatTrainConfig, *, train_data=None, val_data=None) -> LoopS
                 mesh.size, f"progress {packer.progress:.3f}", clock, cfg.log_every)
 
     periodic = [Periodic(cfg.eval_every, timed(evaluate)), Periodic(cfg.save_every, timed(save), after_start=True)]
+    if chat_names:
+        periodic.insert(1, Periodic(cfg.eval_every, timed(chat_evals)))
     t0 = time.perf_counter()
     try:
         fit(step_fn, state, batches(), start=start, n_iter=n_iter, report=report, periodic=periodic)
@@ -324,6 +345,7 @@ def chat_train(cfg: ChatTrainConfig, *, train_data=None, val_data=None) -> LoopS
             "steps": final_step, "total batch size": B, "max seq len": T_len,
             **{k: v * init_lr_frac for k, v in lrs.items()}, "init_lr_frac": init_lr_frac,
             "min val bpb": loop.min_val_bpb, "final val bpb": loop.val_bpb if loop.val_bpb is not None else float("nan"),
+            **{f"last eval {k}": v for k, v in loop_chat.items()},
             "wall time": format_duration(time.perf_counter() - t0)}, run_dir=run_dir(f"{stage}_{tag}"))
     print0(f"{stage} done: {final_step} steps, val bpb {loop.val_bpb:.4f}, wall time {format_duration(time.perf_counter() - t0)}")
     print0(json.dumps({"stage": stage, "final_step": final_step, "val_bpb": loop.val_bpb,

@@ -58,7 +58,8 @@ def make_base_checkpoint(tag="d2", vocab=512):
 
 
 def cfg_for(tok_dir, **kw):
-    base = dict(tokenizer_dir=tok_dir, mesh=2, eval_every=-1, eval_tokens=2 * T_LEN * 2, log_every=10)
+    base = dict(tokenizer_dir=tok_dir, mesh=2, eval_every=-1, eval_tokens=2 * T_LEN * 2, log_every=10,
+                chatcore_tasks="")
     return ChatTrainConfig(**{**base, **kw})
 
 
@@ -72,7 +73,8 @@ def test_sft_loss_drops_on_real_conversations(chats, tok_dir):
     make_base_checkpoint()
     train, val = chats
     loop = chat_train(cfg_for(tok_dir, stage="sft", source="base", num_iterations=30, eval_every=30,
-                              init_lr_frac=1.0, total_batch_size=4 * T_LEN * 2),
+                              init_lr_frac=1.0, total_batch_size=4 * T_LEN * 2, chatcore_tasks="ARC-Easy|GSM8K",
+                              chatcore_max_problems=4, chatcore_max_new_tokens=8, task_data=str(shared_data())),
                       train_data=Subset(train, 400), val_data=Subset(val, 40))
     losses = [l for _, l in loop.history]
     assert len(losses) == 30
@@ -84,6 +86,7 @@ def test_sft_loss_drops_on_real_conversations(chats, tok_dir):
     from nanochat_jax.report import get_report
     [sft] = [get_report().metrics(s) for s in get_report().sections() if s["section"] == "Chat SFT"]
     assert sft["steps"] == 30 and sft["final val bpb"] == loop.val_bpb
+    assert 0 <= sft["last eval ARC-Easy"] <= 1 and "last eval ChatCORE_cat" in sft  # the periodic ChatCORE subset
 
 
 def test_mid_runs_one_epoch_then_sft_resumes_exactly(chats, tok_dir):
