@@ -1,0 +1,300 @@
+"""Attention kernel benchmark: our Pallas flash attention vs cuDNN vs plain XLA, forward and forward+backward.
+
+    python kernels/bench_attention.py                                  # GPU: T in {1024, 2048, 4096}, B*T = 16k
+    python kernels/bench_attention.py --block-q=64 --num-warps=4        # try one Pallas tuning
+    python kernels/bench_attention.py --sweep --seq-lens=2048           # search Pallas block configs per shape
+    python kernels/bench_attention.py --tiny                            # CPU smoke run (interpret mode, tiny sizes)
+    python kernels/bench_attention.py --out=docs/attention_bench.md     # also write the table
+
+Every shape is causal, bf16, layout (B, T, H, D), run once with full attention and once with each window in
+--windows (left window w: query p sees keys p-w..p, as the model's short layers). FLOPs count only the visible
+(query, key) pairs: forward = 2 matmuls x 2*D per pair (half the square for causal), forward+backward = 3.5x
+forward (the backward's 5 matmuls, the FlashAttention-paper convention; recomputation is not counted). Times
+are medians over --iters runs after --warmup runs, each ended by block_until_ready. The error columns compare
+the output and the gradients (dq, dk, dv for a random cotangent) with the XLA backend's, as max |diff| / max
+|xla| (bf16: expect ~1e-2), a cheap guard against a mis-compiled kernel.
+
+Imports only jax/numpy and the project's config/gpt modules (no grain, no flask).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import itertools
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the repo root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kernels.flash_attention import attention_flops, flash_attention
+from nanochat_jax.config import parse_flags, print_config, require
+
+BACKENDS = ("pallas", "cudnn", "xla")
+_KERNEL = {name: p.default for name, p in inspect.signature(flash_attention).parameters.items()
+           if p.kind == p.KEYWORD_ONLY}  # flash_attention's default tuning
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """Attention benchmark: Pallas flash attention vs cuDNN vs XLA (see kernels/bench_attention.py)."""
+    tokens: int = 16384                 # B*T for every sequence length
+    seq_lens: str = "1024,2048,4096"
+    n_head: int = 16
+    n_kv_head: int = 0                  # 0: same as n_head
+    head_dim: int = 128
+    windows: str = "512"                # windows benchmarked besides full causal ('' for none)
+    backends: str = "pallas,cudnn,xla"
+    dtype: str = "bfloat16"
+    warmup: int = 2
+    iters: int = 10
+    # Pallas tuning (see flash_attention's docstring); defaults are the kernel's, num_warps 0 = auto.
+    block_q: int = _KERNEL["block_q"]
+    block_k: int = _KERNEL["block_k"]
+    block_q_dkv: int = _KERNEL["block_q_dkv"]
+    block_k_dkv: int = _KERNEL["block_k_dkv"]
+    block_q_dq: int = _KERNEL["block_q_dq"]
+    block_k_dq: int = _KERNEL["block_k_dq"]
+    num_warps: int = 0
+    num_stages: int = _KERNEL["num_stages"]
+    num_warps_bwd: int = 0
+    num_stages_bwd: int = _KERNEL["num_stages_bwd"]
+    sweep: bool = False                 # search a few Pallas configs per shape and report the best
+    tiny: bool = False                  # CPU smoke run: overrides shapes/blocks/iters with TINY below
+    out: str = ""                       # also write the markdown table here
+
+    def __post_init__(self):
+        require(self.tokens >= 1 and self.n_head >= 1 and self.head_dim >= 1, "tokens/n_head/head_dim must be >= 1")
+        require(self.n_kv_head >= 0 and (self.n_kv_head == 0 or self.n_head % self.n_kv_head == 0),
+                f"--n-kv-head ({self.n_kv_head}) must divide --n-head ({self.n_head}) (0 = same as n_head)")
+        require(self.warmup >= 1 and self.iters >= 1, "--warmup and --iters must be >= 1")
+        require(self.dtype in ("bfloat16", "float16", "float32"),
+                f"--dtype must be bfloat16/float16/float32, got {self.dtype!r}")
+        unknown = set(_split(self.backends)) - set(BACKENDS)
+        require(not unknown, f"--backends: unknown {sorted(unknown)}; choose from {BACKENDS}")
+        for T in self.seq_lens_list:
+            require(self.tokens % T == 0, f"--tokens ({self.tokens}) must be a multiple of every seq len ({T})")
+
+    @property
+    def seq_lens_list(self) -> list[int]:
+        return [int(x) for x in _split(self.seq_lens)]
+
+    @property
+    def window_list(self) -> list[int | None]:
+        return [None] + [int(x) for x in _split(self.windows)]
+
+    def pallas_kwargs(self) -> dict:
+        return dict(block_q=self.block_q, block_k=self.block_k, block_q_dkv=self.block_q_dkv,
+                    block_k_dkv=self.block_k_dkv, block_q_dq=self.block_q_dq, block_k_dq=self.block_k_dq,
+                    num_warps=self.num_warps or None, num_stages=self.num_stages,
+                    num_warps_bwd=self.num_warps_bwd or None, num_stages_bwd=self.num_stages_bwd)
+
+
+TINY = dict(tokens=128, seq_lens="64", n_head=2, head_dim=64, windows="16", warmup=1, iters=3,
+            block_q=32, block_k=32, block_q_dkv=32, block_k_dkv=32, block_q_dq=32, block_k_dq=32)
+
+# --sweep candidates (a GPU session can afford ~16 compiles per shape; narrow --seq-lens/--windows to sweep
+# one shape). Forward: (block_q, block_k, num_warps, num_stages). Backward, timed as forward+backward with the
+# best forward: (block_q_dkv, block_k_dkv, block_q_dq, block_k_dq, num_warps_bwd, num_stages_bwd).
+SWEEP_FWD = [(64, 64, 4, 3), (64, 128, 4, 3), (128, 32, 4, 3), (128, 32, 8, 3),
+             (128, 64, 4, 3), (128, 64, 8, 3), (128, 64, 8, 2), (128, 128, 8, 2)]
+SWEEP_BWD = [(32, 64, 64, 32, 4, 2), (32, 64, 64, 32, 8, 2), (64, 64, 64, 64, 4, 2), (64, 64, 64, 64, 8, 2),
+             (32, 128, 128, 32, 4, 2), (32, 128, 128, 32, 8, 1), (64, 128, 128, 64, 8, 2), (16, 64, 64, 16, 4, 3)]
+SWEEP_TINY_FWD = [(32, 32, 4, 2), (16, 32, 4, 2)]
+SWEEP_TINY_BWD = [(32, 32, 32, 32, 4, 2), (16, 32, 32, 16, 4, 2)]
+
+
+def _split(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+# ----------------------------------------------------------------------------------------------
+# Timing
+
+def time_fn(fn, args, warmup: int, iters: int) -> float:
+    """Median seconds per call (compile + warmup first; every call waited for with block_until_ready)."""
+    for _ in range(warmup):
+        jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def make_attention(backend: str, window: int | None, interpret: bool, pallas_kwargs: dict):
+    """attn(q, k, v) for one backend. cudnn and xla go through the model's own gpt.attention."""
+    if backend == "pallas":
+        return lambda q, k, v: flash_attention(q, k, v, causal=True, window=window, interpret=interpret,
+                                               **pallas_kwargs)
+    from nanochat_jax import gpt
+    return lambda q, k, v: gpt.attention(q, k, v, causal=True, window=window, backend=backend)
+
+
+def fwd_and_fwd_bwd(attn):
+    """Jitted forward, and forward+backward (the VJP with a given output cotangent)."""
+    def fwd_bwd(q, k, v, do):
+        _, vjp = jax.vjp(attn, q, k, v)
+        return vjp(do)
+    return jax.jit(attn), jax.jit(fwd_bwd)
+
+
+def measure(backend, window, arrays, cfg: BenchConfig, interpret, pallas_kwargs, *, backward=True):
+    """(forward seconds, forward+backward seconds or None, (o, dq, dk, dv) or (o,) for comparisons)."""
+    q, k, v, do = arrays
+    fwd, fwd_bwd = fwd_and_fwd_bwd(make_attention(backend, window, interpret, pallas_kwargs))
+    t_fwd = time_fn(fwd, (q, k, v), cfg.warmup, cfg.iters)
+    if not backward:
+        return t_fwd, None, (fwd(q, k, v),)
+    t_fb = time_fn(fwd_bwd, (q, k, v, do), cfg.warmup, cfg.iters)
+    return t_fwd, t_fb, (fwd(q, k, v), *fwd_bwd(q, k, v, do))
+
+
+def rel_err(got, want) -> float:
+    """max |got - want| / max |want|, in fp32."""
+    got, want = got.astype(jnp.float32), want.astype(jnp.float32)
+    return float(jnp.max(jnp.abs(got - want)) / jnp.maximum(jnp.max(jnp.abs(want)), 1e-30))
+
+
+def sweep_pallas(window, arrays, cfg: BenchConfig, interpret, log) -> tuple[dict, list[str]]:
+    """Best Pallas kwargs for one shape: forward configs by forward time, then backward configs by
+    forward+backward time. Configs that fail to compile (e.g. out of shared memory) are reported and skipped."""
+    fwd_list, bwd_list = (SWEEP_TINY_FWD, SWEEP_TINY_BWD) if cfg.tiny else (SWEEP_FWD, SWEEP_BWD)
+    best = cfg.pallas_kwargs()
+    notes = []
+
+    def try_config(kwargs, backward):
+        try:
+            t_fwd, t_fb, _ = measure("pallas", window, arrays, cfg, interpret, kwargs, backward=backward)
+            return t_fb if backward else t_fwd
+        except Exception as e:  # noqa: BLE001 - a config the compiler rejects is a result, not a crash
+            notes.append(f"{kwargs}: {type(e).__name__}: {str(e).splitlines()[0][:120]}")
+            return float("inf")
+
+    results = []
+    for bq, bk, w, s in fwd_list:
+        kwargs = {**best, "block_q": bq, "block_k": bk, "num_warps": w, "num_stages": s}
+        results.append((try_config(kwargs, backward=False), kwargs))
+        log(f"  sweep fwd {bq}x{bk} warps={w} stages={s}: {results[-1][0] * 1e3:.3f} ms")
+    best = min(results, key=lambda r: r[0])[1]
+    results = []
+    for bq, bk, bq2, bk2, w, s in bwd_list:
+        kwargs = {**best, "block_q_dkv": bq, "block_k_dkv": bk, "block_q_dq": bq2, "block_k_dq": bk2,
+                  "num_warps_bwd": w, "num_stages_bwd": s}
+        results.append((try_config(kwargs, backward=True), kwargs))
+        log(f"  sweep bwd dkdv {bq}x{bk} dq {bq2}x{bk2} warps={w} stages={s}: {results[-1][0] * 1e3:.3f} ms")
+    return min(results, key=lambda r: r[0])[1], notes
+
+
+# ----------------------------------------------------------------------------------------------
+
+def _fmt_tflops(x: float) -> str:
+    return f"{x:.1f}" if x >= 1 else f"{x:.2g}"  # CPU smoke runs are far below 1 TFLOP/s
+
+
+def markdown_table(rows: list[dict], title: str) -> str:
+    head = ["backend", "T", "B", "window", "fwd ms", "fwd TFLOP/s", "fwd+bwd ms", "fwd+bwd TFLOP/s",
+            "o rel err", "grad rel err", "pallas config"]
+    lines = [title, "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r["backend"], str(r["T"]), str(r["B"]), str(r["window"] or "full"),
+                 f"{r['fwd_ms']:.3f}", _fmt_tflops(r["fwd_tflops"]),
+                 "-" if r["fb_ms"] is None else f"{r['fb_ms']:.3f}",
+                 "-" if r["fb_tflops"] is None else _fmt_tflops(r["fb_tflops"]),
+                 "-" if r["err"] is None else f"{r['err']:.1e}",
+                 "-" if r["grad_err"] is None else f"{r['grad_err']:.1e}", r.get("config", "")]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> list[dict]:
+    cfg = parse_flags(BenchConfig, argv)
+    if cfg.tiny:
+        cfg = dataclasses.replace(cfg, **TINY)
+    print_config(cfg)
+    on_gpu = jax.default_backend() == "gpu"
+    interpret = not on_gpu
+    device = jax.devices()[0]
+    dtype = jnp.dtype(cfg.dtype)
+    H, D = cfg.n_head, cfg.head_dim
+    K = cfg.n_kv_head or H
+    log = lambda msg: print(msg, flush=True)  # noqa: E731
+    if not on_gpu and not cfg.tiny:
+        log("warning: no GPU; Pallas runs in interpret mode (very slow). Use --tiny for a CPU smoke run.")
+
+    backends = _split(cfg.backends)
+    if "cudnn" in backends and not on_gpu:
+        log(f"cudnn: skipped (needs an NVIDIA GPU; JAX runs on {jax.default_backend()!r})")
+        backends.remove("cudnn")
+
+    rows, notes = [], []
+    rng = np.random.default_rng(0)
+    for T, window in itertools.product(cfg.seq_lens_list, cfg.window_list):
+        if window is not None and window >= T - 1:
+            continue  # same as full
+        B = cfg.tokens // T
+        arrays = [jnp.asarray(rng.standard_normal(shape), dtype)
+                  for shape in ((B, T, H, D), (B, T, K, D), (B, T, K, D), (B, T, H, D))]
+        flops_fwd = attention_flops(B, T, T, H, D, causal=True, window=window)
+        log(f"T={T} B={B} window={window or 'full'}: {flops_fwd / 1e12:.3f} TFLOP forward")
+        reference = None
+        if "xla" in backends:  # first, so the others can be compared against it
+            backends = ["xla"] + [b for b in backends if b != "xla"]
+        for backend in backends:
+            pallas_kwargs, config_str = cfg.pallas_kwargs(), ""
+            if backend == "pallas":
+                if cfg.sweep:
+                    pallas_kwargs, failed = sweep_pallas(window, arrays, cfg, interpret, log)
+                    notes += [f"T={T} window={window}: {n}" for n in failed]
+                config_str = ("q{block_q}k{block_k} w{num_warps} s{num_stages} / dkdv q{block_q_dkv}k{block_k_dkv} "
+                              "dq q{block_q_dq}k{block_k_dq} w{num_warps_bwd} s{num_stages_bwd}").format(
+                                  **{k: ("auto" if v is None else v) for k, v in pallas_kwargs.items()})
+            try:
+                t_fwd, t_fb, outs = measure(backend, window, arrays, cfg, interpret, pallas_kwargs)
+            except Exception as e:  # noqa: BLE001 - report and keep benchmarking the others
+                log(f"  {backend}: FAILED {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+                notes.append(f"{backend} T={T} window={window}: {type(e).__name__}")
+                continue
+            err = grad_err = None
+            if backend == "xla":
+                reference = outs
+            elif reference is not None:
+                err = rel_err(outs[0], reference[0])
+                grad_err = max(rel_err(g, r) for g, r in zip(outs[1:], reference[1:]))
+                if max(err, grad_err) > 5e-2:  # far beyond bf16 rounding: something is wrong
+                    notes.append(f"CHECK {backend} T={T} window={window}: rel err vs xla o {err:.1e}, "
+                                 f"grads {grad_err:.1e}")
+            row = dict(backend=backend, T=T, B=B, window=window, fwd_ms=t_fwd * 1e3,
+                       fwd_tflops=flops_fwd / t_fwd / 1e12, fb_ms=t_fb * 1e3,
+                       fb_tflops=3.5 * flops_fwd / t_fb / 1e12, err=err, grad_err=grad_err, config=config_str)
+            rows.append(row)
+            log(f"  {backend}: fwd {row['fwd_ms']:.3f} ms ({_fmt_tflops(row['fwd_tflops'])} TFLOP/s), "
+                f"fwd+bwd {row['fb_ms']:.3f} ms ({_fmt_tflops(row['fb_tflops'])} TFLOP/s)"
+                + ("" if err is None else f", rel err vs xla: o {err:.1e}, grads {grad_err:.1e}"))
+
+    mode = jax.default_backend() + (", Pallas interpreted" if interpret else "")
+    title = (f"Attention benchmark on {device.device_kind} ({mode}): {cfg.dtype}, causal, H={H}, H_kv={K}, D={D}, "
+             f"B*T={cfg.tokens}, median of {cfg.iters}")
+    table = markdown_table(rows, title)
+    if notes:
+        table += "\nNotes:\n" + "".join(f"- {n}\n" for n in notes)
+    print("\n" + table)
+    if cfg.out:
+        from nanochat_jax.common import atomic_write
+        with atomic_write(cfg.out, "w") as f:
+            f.write(table)
+        log(f"wrote {cfg.out}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
