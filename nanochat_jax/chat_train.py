@@ -329,7 +329,7 @@ def chat_train(cfg: ChatTrainConfig, *, train_data=None, val_data=None) -> LoopS
 
     periodic = [Periodic(cfg.eval_every, timed(evaluate)), Periodic(cfg.save_every, timed(save), after_start=True)]
     if chat_names:
-        periodic.insert(1, Periodic(cfg.eval_every, timed(chat_evals)))
+        periodic.insert(1, Periodic(cfg.eval_every, timed(chat_evals), at_end=cfg.eval_every > 0))
     t0 = time.perf_counter()
     try:
         fit(step_fn, state, batches(), start=start, n_iter=n_iter, report=report, periodic=periodic)

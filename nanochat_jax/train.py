@@ -221,11 +221,12 @@ class Periodic:
     every: int
     fn: Callable[[int, dict, object], None]
     after_start: bool = False  # skip the first step of this run (saves, samples)
+    at_end: bool = True        # also after the last step, even when every = -1 (final eval, final checkpoint)
 
     def due(self, step: int, start: int, last: bool) -> bool:
         if self.after_start and step == start:
             return False
-        return last or (self.every > 0 and step % self.every == 0)
+        return (last and self.at_end) or (self.every > 0 and step % self.every == 0)
 
 
 def fit(step_fn, state, batches: Iterator, *, start: int, n_iter: int | None, report: Callable[[int, dict], None],

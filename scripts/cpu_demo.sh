@@ -1,42 +1,90 @@
 #!/usr/bin/env bash
-# The main command: the pipeline end to end at a tiny size on CPU (grows stage by stage as stages land).
+# The main command: the whole pipeline end to end on CPU at a tiny size (about 20-30 minutes on 2 cores):
+# tokenizer → pretraining → base loss + CORE → midtraining → chat eval → SFT → chat eval → RL → chat eval → report,
+# ending with the report card and a one-shot answer from the chat model. (The model is tiny: expect fluent-ish
+# nonsense, not answers. The point is that every stage runs, on your machine, in minutes.)
 #
-#   bash scripts/cpu_demo.sh [--data-dir=DIR]
+#   bash scripts/cpu_demo.sh [--data-dir=DIR] [--task-data=DIR] [--smoke] [--fresh]
 #
-# Data: --data-dir=DIR or $NANOCHAT_JAX_DATA_DIR (a folder of *.parquet with a `text` column; the last file is
-# validation), else ../shared/data/gutenberg when it exists beside the repo, else it downloads 2 ClimbMix shards.
-# Outputs go under $NANOCHAT_JAX_BASE_DIR (default ~/.cache/nanochat_jax).
+# Pretraining text: --data-dir=DIR or $NANOCHAT_JAX_DATA_DIR (a folder of *.parquet files with a `text` column; the
+#   last file is validation), else ../shared/data/gutenberg beside the repo, else it downloads 2 ClimbMix shards.
+# Chat/eval task files: --task-data=DIR or $NANOCHAT_JAX_TASK_DATA (a folder laid out like ../shared/data: arc/,
+#   mmlu/, gsm8k/, humaneval/, english_words/, chat/, core_eval/), else ../shared/data beside the repo, else the
+#   HuggingFace downloads (SmolTalk etc.) and the CORE eval bundle.
+# --smoke: the smallest settings (a few minutes; what CI runs). --fresh: forget finished stages and start over.
+# Outputs go under $NANOCHAT_JAX_BASE_DIR (default ~/.cache/nanochat_jax); finished stages are skipped on a rerun.
 source "$(dirname "$0")/_env.sh"
+source "$(dirname "$0")/_stages.sh"
 cd "$REPO_ROOT"
 export JAX_PLATFORMS="${JAX_PLATFORMS:-cpu}"
+PIPELINE=demo
 
 DATA_DIR="${NANOCHAT_JAX_DATA_DIR:-}"
+TASK_DATA="${NANOCHAT_JAX_TASK_DATA:-}"
+SMOKE=0
+FRESH=0
 for arg in "$@"; do
   case "$arg" in
     --data-dir=*) DATA_DIR="${arg#--data-dir=}" ;;
-    *) echo "unknown argument: $arg (usage: bash scripts/cpu_demo.sh [--data-dir=DIR])" >&2; exit 2 ;;
+    --task-data=*) TASK_DATA="${arg#--task-data=}" ;;
+    --smoke) SMOKE=1 ;;
+    --fresh) FRESH=1 ;;
+    *) echo "unknown argument: $arg (usage: bash scripts/cpu_demo.sh [--data-dir=DIR] [--task-data=DIR] [--smoke] [--fresh])" >&2; exit 2 ;;
   esac
 done
-if [ -z "$DATA_DIR" ] && [ -d "$REPO_ROOT/../shared/data/gutenberg" ]; then
-  DATA_DIR="$(cd "$REPO_ROOT/../shared/data/gutenberg" && pwd)"
-  echo "[demo] using the local Gutenberg shards in $DATA_DIR"
-fi
+SHARED="$REPO_ROOT/../shared/data"
+if [ -z "$DATA_DIR" ] && [ -d "$SHARED/gutenberg" ]; then DATA_DIR="$(cd "$SHARED/gutenberg" && pwd)"; fi
+if [ -z "$TASK_DATA" ] && [ -d "$SHARED/gsm8k" ]; then TASK_DATA="$(cd "$SHARED" && pwd)"; fi
+BASE_DIR="$(python -c 'from nanochat_jax.common import get_base_dir; print(get_base_dir())')"
+STATE_DIR="$BASE_DIR/pipeline_state/demo"
+[ "$FRESH" = 1 ] && rm -rf "$STATE_DIR"
+echo "[demo] base dir $BASE_DIR; pretraining text ${DATA_DIR:-<download>}; task data ${TASK_DATA:-<HuggingFace>}"
+
 if [ -z "$DATA_DIR" ]; then
-  echo "[demo] downloading 1 train shard + the validation shard"
-  python -m nanochat_jax.dataset -n 1
+  stage download python -m nanochat_jax.dataset -n 1
   DATA_DIR="$(python -c 'from nanochat_jax.dataset import resolve_data_dir; print(resolve_data_dir())')"
 fi
 export NANOCHAT_JAX_DATA_DIR="$DATA_DIR"
+if [ -n "$TASK_DATA" ]; then
+  export NANOCHAT_JAX_TASK_DATA="$TASK_DATA"
+  MIXTURE=(--mixture=local "--task-data=$TASK_DATA")
+  BUNDLE=("--eval-bundle=$TASK_DATA/core_eval")
+else
+  MIXTURE=(--mixture=default)
+  BUNDLE=()
+fi
+
+# Sizes: a d4 model (a d2 one with --smoke) on 256-token rows, batches of 4,096 tokens.
+if [ "$SMOKE" = 1 ]; then
+  DEPTH=2; PRE_ITERS=20; CONVS=64; MAXTASK=2; XPROB=4; RL_STEPS=2; NEW_TOK=16; CHARS=2000000
+else
+  DEPTH=4; PRE_ITERS=300; CONVS=1200; MAXTASK=16; XPROB=24; RL_STEPS=6; NEW_TOK=64; CHARS=20000000
+fi
+TAG="demo_d$DEPTH"
+SEQ=256
+CHAT=(--model-tag="$TAG" --max-seq-len=$SEQ --device-batch-size=8 --total-batch-size=4096 --eval-tokens=16384
+      --max-conversations=$CONVS "${MIXTURE[@]}")
 
 SECONDS=0
-echo "[demo] 1/4 tokenizer training"
-python scripts/tok_train.py --max-chars=20000000 --vocab-size=4096
-echo "[demo] 2/4 tokenizer evaluation"
-python scripts/tok_eval.py
-echo "[demo] 3/4 pretraining data loader throughput"
-python scripts/bench_loader.py --num-batches=30
-echo "[demo] 4/4 pretraining a tiny model (d2) on CPU"
-python scripts/pretrain.py --depth=2 --head-dim=64 --max-seq-len=256 --device-batch-size=8 --total-batch-size=4096 \
-  --num-iterations=60 --warmup-steps=5 --eval-every=30 --eval-tokens=16384 --sample-every=60 --save-every=30 \
-  --matrix-lr=0.04 --embedding-lr=0.6 --unembedding-lr=0.016 --model-tag=demo_d2
-echo "[demo] done in ${SECONDS}s"
+[ -f "$STATE_DIR/report-reset.done" ] || python -m nanochat_jax.report reset
+mkdir -p "$STATE_DIR" && touch "$STATE_DIR/report-reset.done"
+stage tokenizer python scripts/tok_train.py --max-chars=$CHARS --vocab-size=4096
+stage tok_eval python scripts/tok_eval.py
+stage pretrain python scripts/pretrain.py --depth=$DEPTH --head-dim=64 --max-seq-len=$SEQ --device-batch-size=8 \
+  --total-batch-size=4096 --num-iterations=$PRE_ITERS --warmup-steps=10 --eval-every=100 --eval-tokens=16384 \
+  --sample-every=-1 --save-every=-1 --matrix-lr=0.04 --embedding-lr=0.6 --unembedding-lr=0.016 --model-tag="$TAG"
+stage base_loss python scripts/base_loss.py --model-tag="$TAG" --device-batch-size=8 --split-tokens=16384 \
+  --num-samples=2 --sample-tokens=32
+stage base_eval python scripts/base_eval.py --model-tag="$TAG" --max-per-task=$MAXTASK --batch-tokens=4096 "${BUNDLE[@]}"
+stage midtrain python scripts/midtrain.py "${CHAT[@]}" --eval-every=50
+stage chat_eval_mid python scripts/chat_eval.py -i mid -g "$TAG" -x $XPROB --max-new-tokens=$NEW_TOK
+stage sft python scripts/sft.py "${CHAT[@]}" --eval-every=-1
+stage chat_eval_sft python scripts/chat_eval.py -i sft -g "$TAG" -x $XPROB --max-new-tokens=$NEW_TOK
+stage rl python scripts/rl.py --model-tag="$TAG" --examples-per-step=2 --num-samples=4 --max-new-tokens=$NEW_TOK \
+  --device-batch-size=8 --train-seq-len=512 --num-steps=$RL_STEPS --eval-every=$RL_STEPS --eval-examples=4 \
+  --eval-samples=2 --save-every=$RL_STEPS
+stage chat_eval_rl python scripts/chat_eval.py -i rl -g "$TAG" -a GSM8K -x $XPROB --max-new-tokens=$NEW_TOK
+python -m nanochat_jax.report generate --copy-to=""
+echo "[demo] one-shot chat with the RL model:"
+python scripts/chat_cli.py -i rl --model-tag="$TAG" -p "Why is the sky blue?" -t 0.6 --max-tokens=48
+echo "[demo] done in ${SECONDS}s; report: $BASE_DIR/report/report.md"

@@ -1,0 +1,18 @@
+# Sourced by speedrun.sh and cpu_demo.sh: run pipeline stages once each, so a crashed run restarts where it stopped.
+#   STATE_DIR=...; stage NAME command args...   runs the command unless $STATE_DIR/NAME.done exists, then marks it.
+# Delete $STATE_DIR (or pass --fresh to the pipeline script) to run everything again.
+
+stage() {
+  local name="$1"; shift
+  if [ -f "$STATE_DIR/$name.done" ]; then
+    echo "[$PIPELINE] skip $name (done $(cat "$STATE_DIR/$name.done"))"
+    return 0
+  fi
+  echo "[$PIPELINE] ==> $name"
+  echo "[$PIPELINE]     $*"
+  local t0=$SECONDS
+  "$@"
+  mkdir -p "$STATE_DIR"
+  echo "$(date -u +%Y-%m-%dT%H:%M:%SZ) in $((SECONDS - t0))s" > "$STATE_DIR/$name.done"
+  echo "[$PIPELINE] <== $name done in $((SECONDS - t0))s (total ${SECONDS}s)"
+}
