@@ -25,11 +25,12 @@ if [ ! -x "$VENV/bin/python" ] || ! _py_ok "$VENV/bin/python"; then
 fi
 
 STAMP="$VENV/.nanochat_jax_installed"
-WANT="$(cat "$REPO_ROOT/pyproject.toml" | sha256sum | cut -d' ' -f1)"
+EXTRAS="dev${NANOCHAT_JAX_EXTRAS:+,$NANOCHAT_JAX_EXTRAS}"  # e.g. NANOCHAT_JAX_EXTRAS=gpu (speedrun.sh sets it)
+WANT="$( (cat "$REPO_ROOT/pyproject.toml"; echo "$EXTRAS") | sha256sum | cut -d' ' -f1)"
 if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ]; then
   echo "[setup] installing nanochat-jax and its dependencies into $VENV"
   "$VENV/bin/python" -m pip install -q --disable-pip-version-check -U pip 2>&1 | grep -v "is ignored" || true
-  "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e "$REPO_ROOT[dev]" 2>&1 | grep -v "is ignored" || true
+  "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e "$REPO_ROOT[$EXTRAS]" 2>&1 | grep -v "is ignored" || true
   "$VENV/bin/python" -c "import nanochat_jax, jax, flax, optax, orbax.checkpoint, grain, tiktoken, rustbpe, pyarrow" \
     || { echo "error: installation into $VENV failed (see pip output above)" >&2; exit 1; }
   echo "$WANT" > "$STAMP"

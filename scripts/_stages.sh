@@ -4,6 +4,7 @@
 
 stage() {
   local name="$1"; shift
+  if [ "${DRY_RUN:-0}" = 1 ]; then echo "[$PIPELINE] $name: $*"; return 0; fi
   if [ -f "$STATE_DIR/$name.done" ]; then
     echo "[$PIPELINE] skip $name (done $(cat "$STATE_DIR/$name.done"))"
     return 0
