@@ -1,0 +1,588 @@
+"""Web chat server: a Flask app that streams replies from a pool of inference engines, one model replica per device.
+
+    app = create_app(params=params, cfg=cfg, tokenizer=tokenizer)       # one Engine per local device
+    app = create_app(engines=[Engine(params, cfg, tok, device=d) ...])  # or engines built by the caller
+    make_server(app, host="127.0.0.1", port=8000).run()                 # waitress: threaded production WSGI
+
+Endpoints
+    GET  /                     the chat page (static/: index.html, app.js, style.css)
+    POST /chat/completions     {"messages": [{"role", "content"}...], "temperature"?, "top_k"?, "max_tokens"?,
+                               "seed"?} → Server-Sent Events: `data: {"token": text, "worker": i}` per piece of
+                               text, then `data: {"done": true, "finish_reason": "stop"|"length", ...}`
+    POST /v1/chat/completions  OpenAI-compatible: "stream": true gives `data: {chat.completion.chunk}` ...
+                               `data: [DONE]`, otherwise one chat.completion JSON object. GET /v1/models.
+    GET  /health, GET /stats   readiness; workers busy/idle, queue length, requests served, tokens generated
+
+Workers. Each Engine (one per device) belongs to one Worker; a request leases a free worker for the whole reply
+and waits in a queue while all are busy (503 after queue_timeout). The lease ends exactly once: when the reply
+finishes, when streaming fails, or when the client disconnects (the WSGI server then closes the response, which
+closes the generator: GeneratorExit stops the engine's loop and the worker goes back to the pool).
+
+Text. Tokens are turned into bytes and fed through an incremental UTF-8 decoder, so only complete characters are
+ever sent: a character split over several tokens goes out when its last byte arrives (invalid bytes become
+U+FFFD, as decode does; an incomplete character cut off by max_tokens is dropped). Special tokens (tool calls)
+appear as their literal names, as in the reference UI.
+
+Requests are checked before a worker is taken; every problem is HTTP 400 with an OpenAI-style JSON error
+({"error": {"message", "type", "param"}}): bad JSON, missing/empty messages, roles other than user/assistant
+(leading system messages are folded into the first user turn), limits on counts and lengths, and the sampling
+ranges below. Any other failure is a JSON 500; the server keeps running.
+"""
+
+from __future__ import annotations
+
+import codecs
+import collections
+import json
+import random
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+from flask import Flask, Response, jsonify, request, send_from_directory
+from werkzeug.exceptions import HTTPException
+
+from nanochat_jax.common import get_logger
+
+STATIC_DIR = Path(__file__).resolve().parent / "static"
+
+# Request limits (the reference chat_web's), all answered with HTTP 400.
+MAX_MESSAGES = 500
+MAX_MESSAGE_CHARS = 8_000
+MAX_TOTAL_CHARS = 32_000
+TEMPERATURE_RANGE = (0.0, 2.0)
+TOP_K_RANGE = (0, 200)          # 0 = no top-k
+MAX_TOKENS_RANGE = (1, 4096)
+MAX_BODY_BYTES = 2 * 1024 * 1024  # 32,000 chars as JSON \u escapes fit with room to spare
+SEED_MAX = 2**31 - 1
+
+
+@dataclass(frozen=True)
+class SamplingDefaults:
+    """What a request gets for the fields it leaves out (the reference chat_web's defaults)."""
+    temperature: float = 0.8
+    top_k: int = 50
+    max_tokens: int = 512
+
+
+class RequestError(Exception):
+    """A request the server will not run: becomes a JSON error with `status` (400 unless said otherwise)."""
+
+    def __init__(self, message: str, param: str | None = None, status: int = 400,
+                 kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.message, self.param, self.status, self.kind = message, param, status, kind
+
+
+def error_body(message: str, kind: str, param: str | None = None) -> dict:
+    return {"error": {"message": message, "type": kind, "param": param, "code": None}}
+
+
+# ----------------------------------------------------------------------------------------------
+# Request parsing and validation
+
+@dataclass(frozen=True)
+class ChatRequest:
+    messages: tuple[tuple[str, str], ...]  # (role, content); roles user/assistant, system already folded in
+    temperature: float
+    top_k: int
+    max_tokens: int
+    seed: int
+    stream: bool
+
+
+def _content_text(content, i: int) -> str:
+    """A message's text: a string, or OpenAI's list of {"type": "text", "text": ...} parts."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        texts = []
+        for j, part in enumerate(content):
+            if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
+                raise RequestError(f"messages[{i}].content[{j}]: only text parts ({{'type': 'text', 'text': ...}}) "
+                                   f"are supported, got {str(part)[:80]}", "messages")
+            texts.append(part["text"])
+        return "".join(texts)
+    raise RequestError(f"messages[{i}].content must be a string, got {type(content).__name__}", "messages")
+
+
+def parse_messages(messages) -> tuple[tuple[str, str], ...]:
+    """Validated (role, content) pairs; system messages before the first user message are prepended to it."""
+    if messages is None:
+        raise RequestError("missing 'messages': send a list of {'role': 'user'|'assistant', 'content': str}",
+                           "messages")
+    if not isinstance(messages, list):
+        raise RequestError(f"'messages' must be a list, got {type(messages).__name__}", "messages")
+    if not messages:
+        raise RequestError("'messages' is empty: send at least one user message", "messages")
+    if len(messages) > MAX_MESSAGES:
+        raise RequestError(f"too many messages: {len(messages)} > {MAX_MESSAGES}; start a new chat", "messages")
+    out: list[tuple[str, str]] = []
+    system: list[str] = []
+    total = 0
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise RequestError(f"messages[{i}] must be an object with 'role' and 'content'", "messages")
+        role = m.get("role")
+        if role not in ("user", "assistant", "system"):
+            raise RequestError(f"messages[{i}].role must be 'user' or 'assistant' (or a leading 'system'), "
+                               f"got {str(role)[:40]!r}", "messages")
+        content = _content_text(m.get("content"), i)
+        if not content:
+            raise RequestError(f"messages[{i}].content is empty", "messages")
+        if len(content) > MAX_MESSAGE_CHARS:
+            raise RequestError(f"messages[{i}] is {len(content)} characters; the limit is {MAX_MESSAGE_CHARS}",
+                               "messages")
+        total += len(content)
+        if role == "system":
+            if out:
+                raise RequestError(f"messages[{i}]: a system message may only come before the first user message",
+                                   "messages")
+            system.append(content)
+            continue
+        if system:
+            if role != "user":
+                raise RequestError(f"messages[{i}]: system messages must be followed by a user message", "messages")
+            content, system = "\n\n".join(system + [content]), []
+        out.append((role, content))
+    if total > MAX_TOTAL_CHARS:
+        raise RequestError(f"the conversation is {total} characters; the limit is {MAX_TOTAL_CHARS}; "
+                           f"start a new chat", "messages")
+    if not out:
+        raise RequestError("only system messages: add a user message", "messages")
+    return tuple(out)
+
+
+def _number(body: dict, name: str, default, lo, hi, integer: bool):
+    value = body.get(name)
+    if value is None:
+        return default
+    kind = "an integer" if integer else "a number"
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (
+            integer and isinstance(value, float) and not value.is_integer()):
+        raise RequestError(f"'{name}' must be {kind} in [{lo}, {hi}], got {json.dumps(value)[:40]}", name)
+    if not (lo <= value <= hi):  # also rejects NaN
+        raise RequestError(f"'{name}' must be in [{lo}, {hi}], got {value}", name)
+    return int(value) if integer else float(value)
+
+
+def parse_chat_request(body, defaults: SamplingDefaults = SamplingDefaults(), *, openai: bool = False) -> ChatRequest:
+    """Validate a decoded JSON body (native or OpenAI format) → ChatRequest, or raise RequestError."""
+    if not isinstance(body, dict):
+        raise RequestError(f"the request body must be a JSON object, got {type(body).__name__}")
+    messages = parse_messages(body.get("messages"))
+    temperature = _number(body, "temperature", defaults.temperature, *TEMPERATURE_RANGE, integer=False)
+    top_k = _number(body, "top_k", defaults.top_k, *TOP_K_RANGE, integer=True)
+    max_name = "max_completion_tokens" if openai and body.get("max_completion_tokens") is not None else "max_tokens"
+    max_tokens = _number(body, max_name, defaults.max_tokens, *MAX_TOKENS_RANGE, integer=True)
+    seed = _number(body, "seed", None, 0, SEED_MAX, integer=True)
+    if seed is None:
+        seed = random.randint(0, SEED_MAX)  # a fresh sample per request, like the reference
+    stream = True
+    if openai:
+        stream = body.get("stream", False)
+        if not isinstance(stream, bool):
+            raise RequestError(f"'stream' must be true or false, got {json.dumps(stream)[:40]}", "stream")
+        if body.get("n", 1) != 1:
+            raise RequestError("only n=1 is supported", "n")
+    return ChatRequest(messages, temperature, top_k, max_tokens, seed, stream)
+
+
+def render_prompt(tokenizer, messages: Sequence[tuple[str, str]]) -> list[int]:
+    """<|bos|>, each turn in its special tokens, then <|assistant_start|> for the reply (chat_cli's format)."""
+    sp = tokenizer.encode_special
+    ids = [tokenizer.bos_id]
+    for role, content in messages:
+        ids += [sp(f"<|{role}_start|>"), *tokenizer.encode(content), sp(f"<|{role}_end|>")]
+    return ids + [sp("<|assistant_start|>")]
+
+
+# ----------------------------------------------------------------------------------------------
+# Worker pool
+
+class Worker:
+    """One Engine (one device) and its counters; serves one request at a time."""
+
+    def __init__(self, index: int, engine):
+        self.index, self.engine = index, engine
+        self.busy = False
+        self.requests = 0
+        self.tokens = 0
+
+
+class WorkerPool:
+    """Free workers handed out in turn; callers wait while all are busy. Thread-safe."""
+
+    def __init__(self, engines: Sequence):
+        if not engines:
+            raise ValueError("WorkerPool needs at least one engine")
+        self.workers = [Worker(i, e) for i, e in enumerate(engines)]
+        self._free = collections.deque(self.workers)
+        self._cond = threading.Condition()
+        self.waiting = 0
+        self.max_waiting = 0
+        self.requests_served = 0
+        self.requests_cancelled = 0
+        self.tokens_generated = 0
+        self.started = time.time()
+
+    def acquire(self, timeout: float | None = None) -> Worker | None:
+        """A free worker, waiting up to `timeout` seconds (None: forever); None if none came free in time."""
+        with self._cond:
+            if not self._free:
+                self.waiting += 1
+                self.max_waiting = max(self.max_waiting, self.waiting)
+                try:
+                    if not self._cond.wait_for(lambda: self._free, timeout):
+                        return None
+                finally:
+                    self.waiting -= 1
+            worker = self._free.popleft()
+            worker.busy = True
+            return worker
+
+    def count_tokens(self, worker: Worker, n: int = 1) -> None:
+        with self._cond:
+            worker.tokens += n
+            self.tokens_generated += n
+
+    def release(self, worker: Worker, *, cancelled: bool = False) -> None:
+        with self._cond:
+            if not worker.busy:
+                raise RuntimeError(f"worker {worker.index} released twice")
+            worker.busy = False
+            worker.requests += 1
+            self.requests_served += 1
+            self.requests_cancelled += int(cancelled)
+            self._free.append(worker)
+            self._cond.notify()
+
+    def stats(self) -> dict:
+        with self._cond:
+            busy = sum(w.busy for w in self.workers)
+            return {
+                "total_workers": len(self.workers), "busy_workers": busy, "idle_workers": len(self.workers) - busy,
+                "queue_length": self.waiting, "max_queue_length": self.max_waiting,
+                "requests_served": self.requests_served, "requests_cancelled": self.requests_cancelled,
+                "tokens_generated": self.tokens_generated, "uptime_s": round(time.time() - self.started, 3),
+                "workers": [{"id": w.index, "device": str(w.engine.device), "busy": w.busy, "requests_served":
+                             w.requests, "tokens_generated": w.tokens} for w in self.workers],
+            }
+
+
+class Generation:
+    """One reply on a leased worker. Iterate it for text pieces (complete UTF-8 characters only); afterwards
+    finish_reason is "stop" (a stop token) or "length" (max_tokens). close() ends generation and returns the
+    worker to the pool, once, whatever called it first (the end of the stream, an error, a client disconnect)."""
+
+    def __init__(self, pool: WorkerPool, worker: Worker, tokenizer, prompt: list[int], req: ChatRequest,
+                 max_tokens: int):
+        self.pool, self.worker, self.tokenizer, self.request = pool, worker, tokenizer, req
+        self.prompt_tokens = len(prompt)
+        self.completion_tokens = 0
+        self.finish_reason: str | None = None
+        self._steps = worker.engine.generate(prompt, num_samples=1, max_tokens=max_tokens,
+                                             temperature=req.temperature, top_k=req.top_k, seed=req.seed)
+        self._pieces = self._run()
+        self._lock = threading.Lock()
+        self._closed = False
+        self._t0 = time.perf_counter()
+
+    def _run(self) -> Iterator[str]:
+        engine = self.worker.engine
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        try:
+            for column, _ in self._steps:
+                token = column[0]
+                if token in engine.stop_ids:
+                    self.finish_reason = "stop"
+                    return
+                self.completion_tokens += 1
+                self.pool.count_tokens(self.worker)
+                text = decoder.decode(self.tokenizer.id_to_bytes(token))
+                if text:
+                    yield text
+            self.finish_reason = "length"
+        finally:
+            self._steps.close()  # a no-op if it already ended
+
+    def __iter__(self) -> Iterator[str]:
+        return self._pieces
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        try:
+            self._pieces.close()  # GeneratorExit inside _run if it is mid-reply: the engine loop stops here
+        finally:
+            self.pool.release(self.worker, cancelled=self.finish_reason is None)
+            dt = time.perf_counter() - self._t0
+            get_logger().info(f"web: worker {self.worker.index}: {self.prompt_tokens} prompt + "
+                              f"{self.completion_tokens} reply tokens in {dt:.2f}s "
+                              f"({self.completion_tokens / max(dt, 1e-9):.1f} tok/s), "
+                              f"{self.finish_reason or 'cancelled'}")
+
+    def __enter__(self) -> "Generation":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+# ----------------------------------------------------------------------------------------------
+# Engines
+
+def make_engines(params, cfg, tokenizer, devices: Sequence | None = None, num_workers: int | None = None) -> list:
+    """One Engine (a full model replica) per device: `devices`, else the first num_workers local devices (all)."""
+    import jax
+
+    from nanochat_jax.engine import Engine
+
+    if devices is None:
+        devices = jax.local_devices()
+        if num_workers is not None:
+            if not 1 <= num_workers <= len(devices):
+                raise ValueError(f"num_workers={num_workers}, but there are {len(devices)} local devices")
+            devices = devices[:num_workers]
+    return [Engine(params, cfg, tokenizer, device=d) for d in devices]
+
+
+def warm_up(engines: Sequence, tokenizer, max_tokens: int, max_context: int | None = None) -> None:
+    """Compile every engine's prefill and decode for a short prompt and `max_tokens` (cut to max_context as
+    requests are), in parallel, so the first chats do not wait for compilation."""
+    prompt = render_prompt(tokenizer, [("user", "hi")])
+    if max_context:
+        max_tokens = max(1, min(max_tokens, max_context - len(prompt)))
+
+    def run(engine):
+        steps = engine.generate(prompt, max_tokens=max_tokens, temperature=0.0)
+        for i, _ in enumerate(steps):
+            if i == 1:  # prefill and one decode step have run
+                break
+        steps.close()
+
+    threads = [threading.Thread(target=run, args=(e,)) for e in engines]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+
+# ----------------------------------------------------------------------------------------------
+# The app
+
+def _sse(obj) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+def create_app(engines: Sequence | None = None, *, params=None, cfg=None, tokenizer=None, devices=None,
+               num_workers: int | None = None, defaults: SamplingDefaults = SamplingDefaults(),
+               max_context: int | None = None, queue_timeout: float | None = 300.0,
+               model_name: str = "nanochat-jax", cors_origin: str | None = None) -> Flask:
+    """The chat app over `engines`, or over one Engine per device built from (params, cfg, tokenizer).
+
+    max_context: prompt + reply tokens at most (default: the model's sequence_len); longer prompts are a 400, and
+    max_tokens is cut to what is left. queue_timeout: seconds a request waits for a free worker before a 503.
+    cors_origin: sent as Access-Control-Allow-Origin (e.g. "*") so pages on other origins may call the API."""
+    if engines is None:
+        if params is None or cfg is None or tokenizer is None:
+            raise ValueError("create_app needs engines, or params, cfg and tokenizer to build them")
+        engines = make_engines(params, cfg, tokenizer, devices=devices, num_workers=num_workers)
+    engines = list(engines)
+    if not engines:
+        raise ValueError("create_app: no engines")
+    tokenizer = tokenizer if tokenizer is not None else engines[0].tokenizer
+    if tokenizer is None or any(e.tokenizer is None for e in engines):
+        raise ValueError("create_app: the engines need a tokenizer (for stop tokens and decoding)")
+    max_context = max_context or engines[0].cfg.sequence_len
+    pool = WorkerPool(engines)
+    log = get_logger()
+
+    app = Flask(__name__, static_folder=str(STATIC_DIR), static_url_path="/static")
+    app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
+    app.extensions["nanochat_pool"] = pool
+
+    @app.errorhandler(RequestError)
+    def _request_error(e: RequestError):
+        resp = jsonify(error_body(e.message, e.kind, e.param))
+        if e.status == 503:
+            resp.headers["Retry-After"] = "5"
+        return resp, e.status
+
+    @app.errorhandler(HTTPException)
+    def _http_error(e: HTTPException):
+        return jsonify(error_body(e.description or e.name, e.name.lower().replace(" ", "_"))), e.code
+
+    @app.errorhandler(Exception)
+    def _server_error(e: Exception):
+        log.exception("web: unhandled error")
+        return jsonify(error_body(f"internal server error ({type(e).__name__}: {str(e)[:200]})",
+                                  "server_error")), 500
+
+    if cors_origin:
+        @app.after_request
+        def _cors(resp):
+            resp.headers["Access-Control-Allow-Origin"] = cors_origin
+            resp.headers["Access-Control-Allow-Headers"] = "Content-Type, Authorization"
+            resp.headers["Access-Control-Allow-Methods"] = "GET, POST, OPTIONS"
+            return resp
+
+    def json_body():
+        body = request.get_json(force=True, silent=True)
+        if body is None:
+            raise RequestError("the request body is not valid JSON")
+        return body
+
+    def start(body, openai: bool) -> Generation:
+        """Validate and tokenize, then lease a worker (waiting in the queue); the caller must close the result."""
+        req = parse_chat_request(body, defaults, openai=openai)
+        prompt = render_prompt(tokenizer, req.messages)
+        if len(prompt) >= max_context:
+            raise RequestError(f"the conversation is {len(prompt)} tokens; this model's context is {max_context} "
+                               f"tokens: shorten it or start a new chat", "messages")
+        worker = pool.acquire(queue_timeout)
+        if worker is None:
+            raise RequestError(f"all {len(pool.workers)} workers are busy; try again shortly", status=503,
+                               kind="server_busy")
+        try:
+            gen = Generation(pool, worker, tokenizer, prompt, req, min(req.max_tokens, max_context - len(prompt)))
+        except BaseException:
+            pool.release(worker, cancelled=True)
+            raise
+        return gen
+
+    def event_stream(gen: Generation, body: Iterator[str]) -> Response:
+        resp = Response(body, mimetype="text/event-stream",
+                        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        resp.call_on_close(gen.close)  # also frees the worker if the body was never iterated
+        return resp
+
+    @app.get("/")
+    def index():
+        return send_from_directory(STATIC_DIR, "index.html")
+
+    @app.get("/health")
+    def health():
+        s = pool.stats()
+        return jsonify({"status": "ok", "ready": True, "num_workers": s["total_workers"],
+                        "available_workers": s["idle_workers"], "model": model_name})
+
+    @app.get("/stats")
+    def stats():
+        return jsonify(pool.stats())
+
+    @app.post("/chat/completions")
+    def chat_completions():
+        gen = start(json_body(), openai=False)
+
+        def events():
+            try:
+                for text in gen:
+                    yield _sse({"token": text, "worker": gen.worker.index})
+                yield _sse({"done": True, "finish_reason": gen.finish_reason, "prompt_tokens": gen.prompt_tokens,
+                            "completion_tokens": gen.completion_tokens})
+            except Exception as e:  # headers are out: the error travels in the stream
+                log.exception("web: generation failed")
+                yield _sse({"error": f"generation failed ({type(e).__name__}: {str(e)[:200]})", "done": True})
+            finally:
+                gen.close()
+
+        return event_stream(gen, events())
+
+    @app.get("/v1/models")
+    def models():
+        return jsonify({"object": "list", "data": [{"id": model_name, "object": "model",
+                                                    "created": int(pool.started), "owned_by": "nanochat-jax"}]})
+
+    @app.post("/v1/chat/completions")
+    def openai_chat_completions():
+        body = json_body()
+        gen = start(body, openai=True)
+        rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        usage = lambda: {"prompt_tokens": gen.prompt_tokens, "completion_tokens": gen.completion_tokens,  # noqa: E731
+                         "total_tokens": gen.prompt_tokens + gen.completion_tokens}
+        if not gen.request.stream:
+            with gen:
+                text = "".join(gen)
+            return jsonify({"id": rid, "object": "chat.completion", "created": created, "model": model_name,
+                            "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                                         "finish_reason": gen.finish_reason}], "usage": usage()})
+        opts = body.get("stream_options")
+        include_usage = isinstance(opts, dict) and opts.get("include_usage") is True
+
+        def chunk(delta: dict, finish: str | None) -> str:
+            return _sse({"id": rid, "object": "chat.completion.chunk", "created": created, "model": model_name,
+                         "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
+
+        def events():
+            try:
+                yield chunk({"role": "assistant", "content": ""}, None)
+                for text in gen:
+                    yield chunk({"content": text}, None)
+                yield chunk({}, gen.finish_reason)
+                if include_usage:
+                    yield _sse({"id": rid, "object": "chat.completion.chunk", "created": created,
+                                "model": model_name, "choices": [], "usage": usage()})
+            except Exception as e:
+                log.exception("web: generation failed")
+                yield _sse(error_body(f"generation failed ({type(e).__name__}: {str(e)[:200]})", "server_error"))
+            finally:
+                gen.close()
+            yield "data: [DONE]\n\n"
+
+        return event_stream(gen, events())
+
+    return app
+
+
+def get_pool(app: Flask) -> WorkerPool:
+    return app.extensions["nanochat_pool"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Serving (waitress: a threaded production WSGI server)
+
+def make_server(app: Flask, host: str = "127.0.0.1", port: int = 8000, threads: int = 64):
+    """A waitress server for `app` (port 0: any free port; see .effective_port). Each streaming reply, and each
+    request waiting for a worker, holds one of `threads`, so keep it well above the number of workers: the
+    rest answer /health and /stats while every worker is busy."""
+    import waitress
+
+    # channel_request_lookahead: keep reading the socket during a reply, so a client that goes away is noticed
+    # (the next write then raises, waitress closes the response, and the worker is freed).
+    return waitress.create_server(app, host=host, port=port, threads=threads, channel_request_lookahead=1,
+                                  ident="nanochat-jax", clear_untrusted_proxy_headers=True)
+
+
+class BackgroundServer:
+    """make_server(...) running in a daemon thread (tests, notebooks): `.url`, `.stop()`; a context manager."""
+
+    def __init__(self, app: Flask, host: str = "127.0.0.1", port: int = 0, threads: int = 64):
+        self.server = make_server(app, host=host, port=port, threads=threads)
+        self.url = f"http://{host}:{self.server.effective_port}"
+        self._thread = threading.Thread(target=self.server.run, name="nanochat-web", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        from waitress import wasyncore
+
+        self.server.task_dispatcher.shutdown(timeout=timeout)
+        wasyncore.close_all(self.server._map)  # the loop ends once its socket map is empty
+        self._thread.join(timeout)
+
+    def __enter__(self) -> "BackgroundServer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+__all__ = ["create_app", "make_engines", "warm_up", "make_server", "BackgroundServer", "WorkerPool", "Worker",
+           "Generation", "ChatRequest", "RequestError", "SamplingDefaults", "parse_chat_request", "parse_messages",
+           "render_prompt", "get_pool", "MAX_MESSAGES", "MAX_MESSAGE_CHARS", "MAX_TOTAL_CHARS",
+           "TEMPERATURE_RANGE", "TOP_K_RANGE", "MAX_TOKENS_RANGE"]

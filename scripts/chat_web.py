@@ -1,0 +1,115 @@
+"""Serve a trained model as a ChatGPT-like web page and an OpenAI-compatible API.
+
+    python scripts/chat_web.py                                   # the largest SFT model on every local device
+    python scripts/chat_web.py -i rl --host=0.0.0.0 --port=8000  # reachable from other machines (e.g. a phone)
+    python scripts/chat_web.py -n 2 -t 0.6 -k 50 -m 1024 --cors='*'
+
+Then open http://<host>:<port>/ , or point an OpenAI client at http://<host>:<port>/v1 (any API key):
+    curl -N localhost:8000/chat/completions -d '{"messages": [{"role": "user", "content": "hi"}]}'
+
+One model replica per device (-n of them), each serving one chat at a time; more chats wait in a queue. The
+server is waitress (threaded); endpoints and limits are described in nanochat_jax/web/app.py.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from nanochat_jax.config import parse_flags, print_config, require
+
+PHASES = ("base", "mid", "sft", "rl")
+
+
+@dataclass(frozen=True)
+class WebConfig:
+    """Web chat server over a checkpoint (see the module docstring)."""
+    source: str = field(default="sft", metadata={"help": "checkpoint phase: base|mid|sft|rl (-i)"})
+    model_tag: str | None = field(default=None, metadata={"help": "default: the largest d<N> of the phase"})
+    step: int | None = field(default=None, metadata={"help": "default: the latest step"})
+    host: str = field(default="127.0.0.1", metadata={"help": "0.0.0.0 to accept connections from other machines"})
+    port: int = field(default=8000, metadata={"help": "0 = any free port (printed at start)"})
+    num_workers: int = field(default=0, metadata={"help": "model replicas, one per local device; 0 = all (-n)"})
+    temperature: float = field(default=0.8, metadata={"help": "default when a request gives none (-t)"})
+    top_k: int = field(default=50, metadata={"help": "default when a request gives none; 0 = off (-k)"})
+    max_tokens: int = field(default=512, metadata={"help": "default reply length when a request gives none (-m)"})
+    max_context: int = field(default=0, metadata={"help": "prompt + reply tokens at most; 0 = the model's "
+                                                          "sequence_len"})
+    threads: int = field(default=64, metadata={"help": "server threads: streams plus queued requests plus "
+                                                       "/health and /stats"})
+    queue_timeout: float = field(default=300.0, metadata={"help": "seconds a request waits for a free worker, "
+                                                                  "then 503"})
+    warmup: bool = field(default=True, metadata={"help": "compile every replica before serving"})
+    cors: str = field(default="", metadata={"help": "Access-Control-Allow-Origin to send, e.g. '*'; empty = none"})
+    tokenizer_dir: str | None = field(default=None, metadata={"help": "default: the one the checkpoint was trained "
+                                                                      "with, else <base dir>/tokenizer"})
+
+    def __post_init__(self):
+        require(self.source in PHASES, f"-i/--source must be one of {PHASES}, got {self.source!r}")
+        require(0 <= self.port <= 65535, f"--port must be in [0, 65535], got {self.port}")
+        require(self.num_workers >= 0, f"-n/--num-workers must be >= 0 (0 = all devices), got {self.num_workers}")
+        require(0 <= self.temperature <= 2, f"-t/--temperature must be in [0, 2], got {self.temperature}")
+        require(0 <= self.top_k <= 200, f"-k/--top-k must be in [0, 200] (0 = off), got {self.top_k}")
+        require(1 <= self.max_tokens <= 4096, f"-m/--max-tokens must be in [1, 4096], got {self.max_tokens}")
+        require(self.max_context >= 0, f"--max-context must be >= 0 (0 = the model's), got {self.max_context}")
+        require(self.threads >= 2, f"--threads must be >= 2, got {self.threads}")
+        require(self.queue_timeout > 0, f"--queue-timeout must be > 0, got {self.queue_timeout}")
+
+
+ALIASES = {"-i": "source", "-n": "num_workers", "-t": "temperature", "-k": "top_k", "-m": "max_tokens"}
+
+
+def load_tokenizer(cfg: WebConfig, meta: dict):
+    from nanochat_jax.tokenizer import get_tokenizer
+
+    if cfg.tokenizer_dir is not None:
+        return get_tokenizer(cfg.tokenizer_dir)
+    trained_with = (meta.get("user_config") or {}).get("tokenizer_dir")
+    if trained_with and Path(trained_with).is_dir():
+        return get_tokenizer(trained_with)
+    return get_tokenizer()
+
+
+def main(argv=None) -> None:
+    cfg = parse_flags(WebConfig, argv, aliases=ALIASES)
+    print_config(cfg)
+    import jax
+
+    from nanochat_jax.checkpoint import PHASE_DIRS, find_largest_model, load_model
+    from nanochat_jax.common import get_base_dir, print0
+    from nanochat_jax.web import SamplingDefaults, create_app, make_engines, make_server, warm_up
+
+    model_tag = cfg.model_tag
+    if model_tag is None and (get_base_dir() / PHASE_DIRS[cfg.source]).is_dir():
+        model_tag = find_largest_model(get_base_dir() / PHASE_DIRS[cfg.source])
+    params, model_cfg, meta = load_model(cfg.source, model_tag, cfg.step)
+    tokenizer = load_tokenizer(cfg, meta)
+    if tokenizer.vocab_size != model_cfg.vocab_size:
+        raise SystemExit(f"the tokenizer has {tokenizer.vocab_size} tokens but the model was trained with "
+                         f"{model_cfg.vocab_size}; pass the matching --tokenizer-dir")
+    devices = jax.local_devices()
+    if cfg.num_workers > len(devices):
+        raise SystemExit(f"-n/--num-workers={cfg.num_workers}, but there are only {len(devices)} local devices")
+    engines = make_engines(params, model_cfg, tokenizer, devices=devices[:cfg.num_workers or len(devices)])
+    del params
+    max_context = cfg.max_context or model_cfg.sequence_len
+    if cfg.warmup:
+        print0(f"compiling {len(engines)} replica(s)...")
+        warm_up(engines, tokenizer, cfg.max_tokens, max_context)
+    tag = f"{cfg.source}-{model_tag}-step{meta.get('step')}"
+    app = create_app(engines, defaults=SamplingDefaults(cfg.temperature, cfg.top_k, cfg.max_tokens),
+                     max_context=max_context, queue_timeout=cfg.queue_timeout, model_name=f"nanochat-jax-{tag}",
+                     cors_origin=cfg.cors or None)
+    server = make_server(app, host=cfg.host, port=cfg.port, threads=cfg.threads)
+    print0(f"nanochat-jax web chat ({tag}, {len(engines)} worker(s) on {devices[0].platform}) serving on "
+           f"http://{cfg.host}:{server.effective_port}/  (OpenAI API: /v1/chat/completions; Ctrl-C to stop)")
+    try:
+        server.run()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.close()
+
+
+if __name__ == "__main__":
+    main()
