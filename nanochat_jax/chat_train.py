@@ -114,9 +114,13 @@ def build_mixture(cfg: ChatTrainConfig, split: str):
             if cfg.stage == "mid":
                 parts += [T.MMLU("auxiliary_train", "train", data_dir=data), T.GSM8K("main", "train", data_dir=data),
                           T.SimpleSpelling(200_000, "train", data_dir=data), T.SpellingBee(80_000, "train", data_dir=data)]
-            else:  # HEAD SFT: 3 epochs of MMLU aux, 4 of GSM8K
+            elif cfg.source_phase == "base":  # HEAD's SFT straight from base: 3 epochs of MMLU aux, 4 of GSM8K
                 parts += [T.MMLU("auxiliary_train", "train", data_dir=data)] * 3 + \
                          [T.GSM8K("main", "train", data_dir=data)] * 4
+            else:  # after midtraining (the seed pipeline, nanochat NOV): a small, cleaner mixture
+                parts = [T.ARC("ARC-Easy", "train", data_dir=data), T.ARC("ARC-Challenge", "train", data_dir=data),
+                         T.GSM8K("main", "train", data_dir=data), T.SmolTalk("train", data_dir=data, stop=10_000),
+                         T.SimpleSpelling(300, "train", data_dir=data), T.SpellingBee(300, "train", data_dir=data)]
         else:
             parts = [T.SmolTalk("test", data_dir=data), T.MMLU("all", "test", data_dir=data, stop=5200),
                      T.GSM8K("main", "test", data_dir=data, stop=420)]

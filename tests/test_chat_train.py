@@ -152,3 +152,25 @@ def test_masked_loss_counts_only_assistant_tokens(chats, tok_dir):
     lse = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
     nll = lse - np.take_along_axis(logits, tgt[..., None], -1)[..., 0]
     assert loss == pytest.approx(nll[want_mask].mean(), rel=1e-5)
+
+
+def test_mixtures(monkeypatch):
+    from nanochat_jax.chat_train import build_mixture
+    from nanochat_jax.tasks import DownloadError
+
+    root = str(shared_data())
+    mid = build_mixture(ChatTrainConfig(stage="mid", mixture="local", task_data=root), "train")
+    sft = build_mixture(ChatTrainConfig(stage="sft", mixture="local", task_data=root), "train")
+    val = build_mixture(ChatTrainConfig(stage="sft", mixture="local", task_data=root), "val")
+    # local = LocalChat train + ARC-E/C train + GSM8K train + 300 SimpleSpelling + 300 SpellingBee
+    from nanochat_jax.tasks import ARC, GSM8K, LocalChat
+    want = (len(LocalChat("train", data_dir=root)) + len(ARC("ARC-Easy", "train", data_dir=root))
+            + len(ARC("ARC-Challenge", "train", data_dir=root)) + len(GSM8K("main", "train", data_dir=root)) + 600)
+    assert len(mid) == len(sft) == want
+    assert len(val) == len(LocalChat("test", data_dir=root)) + 200 + 200
+    capped = build_mixture(ChatTrainConfig(stage="sft", mixture="local", task_data=root, max_conversations=50), "train")
+    assert len(capped) == 50 and capped[7] == sft[7]
+    # The reference mixtures need SmolTalk from HuggingFace: offline that is a clear error, not a hang.
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    with pytest.raises(DownloadError):
+        build_mixture(ChatTrainConfig(stage="sft", mixture="default", task_data=root), "train")
