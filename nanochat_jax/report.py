@@ -287,7 +287,7 @@ class Report:
         if order:
             lines += ["| Metric | " + " | ".join(COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
             for m in order:
-                cells = [f"{table[m][c]:.4f}" if c in table[m] else "-" for c in COLUMNS]
+                cells = [f"{round(table[m][c], 4) + 0.0:.4f}" if c in table[m] else "-" for c in COLUMNS]  # no "-0.0000"
                 lines.append(f"| {m} | " + " | ".join(cells) + " |")
             lines.append("")
         secs = self.wall_clock_seconds()
