@@ -33,9 +33,21 @@ def server(tok, models):  # noqa: F811
         yield srv
 
 
+def slowed(engine_list, delay_s=0.005):
+    """Engines that pause after each step, so a 4000-token reply lasts ~20 s and Stop surely lands mid-stream
+    (unslowed, the tiny model can finish before the click on a fast machine)."""
+    for engine in engine_list:
+        def generate(*args, _orig=engine.generate, **kwargs):
+            for item in _orig(*args, **kwargs):
+                time.sleep(delay_s)
+                yield item
+        engine.generate = generate
+    return engine_list
+
+
 @pytest.fixture(scope="module")
 def loop_server(tok, models):  # noqa: F811
-    app = create_app(engines(tok, models["loop"]), defaults=GREEDY, max_context=8192)
+    app = create_app(slowed(engines(tok, models["loop"])), defaults=GREEDY, max_context=8192)
     with BackgroundServer(app, threads=16) as srv:
         srv.app = app
         yield srv
