@@ -565,15 +565,24 @@ class BackgroundServer:
     def __init__(self, app: Flask, host: str = "127.0.0.1", port: int = 0, threads: int = 64):
         self.server = make_server(app, host=host, port=port, threads=threads)
         self.url = f"http://{host}:{self.server.effective_port}"
-        self._thread = threading.Thread(target=self.server.run, name="nanochat-web", daemon=True)
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._serve, name="nanochat-web", daemon=True)
         self._thread.start()
 
-    def stop(self, timeout: float = 10.0) -> None:
+    def _serve(self) -> None:
+        """waitress's own loop, in short slices so stop() can end it; sockets are closed in this thread, never
+        under a select() that is still running (closing them from another thread races with it: EBADF)."""
         from waitress import wasyncore
 
-        self.server.task_dispatcher.shutdown(timeout=timeout)
-        wasyncore.close_all(self.server._map)  # the loop ends once its socket map is empty
-        self._thread.join(timeout)
+        while not self._stopping.is_set():
+            wasyncore.loop(timeout=0.05, map=self.server._map, use_poll=self.server.adj.asyncore_use_poll, count=1)
+        self.server.task_dispatcher.shutdown(timeout=self._timeout)
+        wasyncore.close_all(self.server._map)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._timeout = timeout
+        self._stopping.set()
+        self._thread.join(timeout + 1)
 
     def __enter__(self) -> "BackgroundServer":
         return self
