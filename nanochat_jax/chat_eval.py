@@ -17,7 +17,6 @@ ChatCORE = mean over tasks of (acc − baseline) / (1 − baseline): baseline 0.
 
 from __future__ import annotations
 
-import queue
 import sys
 import threading
 import time
@@ -28,7 +27,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from nanochat_jax import gpt, sharding
-from nanochat_jax.common import print0
 
 ALL_TASKS = ("ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "SpellingBee")
 BASELINES = {"ARC-Easy": 0.25, "ARC-Challenge": 0.25, "MMLU": 0.25, "GSM8K": 0.0, "HumanEval": 0.0,
@@ -162,47 +160,32 @@ def run_generative(task, engines: Sequence, tokenizer, *, num_samples: int = 1, 
                    batch_problems: int = 8, seed: int = 0, name: str = "task",
                    on_progress: Callable[[int, int], None] | None = None) -> dict:
     """pass@num_samples over the task's problems, sampled by `engines` in parallel threads."""
+    from nanochat_jax.engine import map_on_engines
+
     n = len(task) if max_problems is None else min(len(task), max_problems)
     mine = list(range(jax.process_index(), n, jax.process_count()))
-    work: queue.Queue = queue.Queue()
-    for s in range(0, len(mine), batch_problems):
-        work.put(mine[s:s + batch_problems])
+    chunks = [mine[s:s + batch_problems] for s in range(0, len(mine), batch_problems)]
     lock = threading.Lock()
     counts = {"passed": 0, "done": 0}
     progress = _Progress(name, n)
-    errors: list[BaseException] = []
     t0 = time.perf_counter()
 
-    def worker(engine):
-        try:
-            while True:
-                try:
-                    chunk = work.get_nowait()
-                except queue.Empty:
-                    return
-                convs = [task[i] for i in chunk]
-                prompts = [tokenizer.render_for_completion(c) for c in convs]
-                seqs, _ = engine.generate_batch(prompts, num_samples=num_samples, max_tokens=max_new_tokens,
-                                                temperature=temperature, top_k=top_k, seed=seed + chunk[0])
-                for j, (conv, prompt) in enumerate(zip(convs, prompts)):
-                    outs = [tokenizer.decode(seqs[j * num_samples + k][len(prompt):]) for k in range(num_samples)]
-                    ok = any(bool(task.evaluate(conv, out)) for out in outs)
-                    with lock:
-                        counts["passed"] += int(ok)
-                        counts["done"] += 1
-                        progress.update(counts["passed"], counts["done"])
-                        if on_progress:
-                            on_progress(counts["passed"], counts["done"])
-        except BaseException as e:  # surfaced in the calling thread
-            errors.append(e)
+    def solve(engine, chunk):
+        convs = [task[i] for i in chunk]
+        prompts = [tokenizer.render_for_completion(c) for c in convs]
+        seqs, _ = engine.generate_batch(prompts, num_samples=num_samples, max_tokens=max_new_tokens,
+                                        temperature=temperature, top_k=top_k, seed=seed + chunk[0])
+        for j, (conv, prompt) in enumerate(zip(convs, prompts)):
+            outs = [tokenizer.decode(seqs[j * num_samples + k][len(prompt):]) for k in range(num_samples)]
+            ok = any(bool(task.evaluate(conv, out)) for out in outs)
+            with lock:
+                counts["passed"] += int(ok)
+                counts["done"] += 1
+                progress.update(counts["passed"], counts["done"])
+                if on_progress:
+                    on_progress(counts["passed"], counts["done"])
 
-    threads = [threading.Thread(target=worker, args=(e,), daemon=True) for e in engines]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    if errors:
-        raise errors[0]
+    map_on_engines(engines, chunks, solve)
     passed, total = (int(v) for v in _sum_over_processes(np.array([counts["passed"], counts["done"]])))
     progress.update(passed, total, final=True)
     return {"accuracy": passed / max(total, 1), "passed": passed, "total": total, "seconds": time.perf_counter() - t0}

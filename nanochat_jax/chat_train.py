@@ -29,7 +29,7 @@ from nanochat_jax import gpt, optim, sharding
 from nanochat_jax.common import format_duration, print0
 from nanochat_jax.config import require
 from nanochat_jax.train import (LoopState, Periodic, ScalarLog, _report, abstract_tree, compile_train_step, fit,
-                                init_state, run_dir)
+                                init_state, open_source, run_dir, timed)
 
 SOURCE_OF = {"mid": "base", "sft": "mid"}
 
@@ -157,7 +157,7 @@ class _Head:
 
 def chat_train(cfg: ChatTrainConfig, *, train_data=None, val_data=None) -> LoopState:
     """Run midtraining or SFT. train_data/val_data (indexable conversation datasets) replace the mixtures (tests)."""
-    from nanochat_jax.checkpoint import Checkpointer, checkpoint_dir, find_largest_model, _phase_dir
+    from nanochat_jax.checkpoint import Checkpointer, checkpoint_dir
     from nanochat_jax.dataloader import ConversationPacker
     from nanochat_jax.loss_eval import evaluate_bpb, make_bpb_fn
     from nanochat_jax.tokenizer import get_tokenizer
@@ -171,14 +171,9 @@ def chat_train(cfg: ChatTrainConfig, *, train_data=None, val_data=None) -> LoopS
     token_bytes = jnp.asarray(tokenizer.token_bytes(), jnp.int32)
 
     # --- the source checkpoint: model config and the base run's settings ---
-    tag = cfg.model_tag or find_largest_model(_phase_dir(src_phase))
-    src = Checkpointer(checkpoint_dir(src_phase, tag), async_save=False)
-    src_step = src._resolve_step(cfg.model_step)
-    src_meta = src.read_meta(src_step)
-    overrides = {"compute_dtype": cfg.compute_dtype if cfg.compute_dtype != "auto" else
-                 ("bfloat16" if on_gpu else "float32"),
-                 "attn_backend": cfg.attention if cfg.attention != "auto" else ("cudnn" if on_gpu else "xla")}
-    model_cfg = gpt.GPTConfig.from_dict({**src_meta["model_config"], **overrides})
+    src = open_source(src_phase, cfg.model_tag, cfg.model_step, compute_dtype=cfg.compute_dtype,
+                      attention=cfg.attention, on_gpu=on_gpu)
+    tag, src_step, src_meta, model_cfg = src.tag, src.step, src.meta, src.model_cfg
     if model_cfg.vocab_size != tokenizer.vocab_size:
         raise ValueError(f"the {src_phase} checkpoint {tag} has vocab {model_cfg.vocab_size} but the tokenizer has "
                          f"{tokenizer.vocab_size}: use the tokenizer it was trained with (--tokenizer-dir)")
@@ -210,11 +205,8 @@ def chat_train(cfg: ChatTrainConfig, *, train_data=None, val_data=None) -> LoopS
 
     init_lr_frac = cfg.init_lr_frac if cfg.init_lr_frac >= 0 else (1.0 if stage == "mid" else 0.8)
     warmdown = cfg.warmdown_ratio if cfg.warmdown_ratio >= 0 else (0.2 if stage == "mid" else 0.5)
-    # LRs: the flag, else what the source stage used (before its init_lr_frac), else the pretraining default
-    src_lrs = src_meta.get("lrs", base_user)
-    lrs = {k: v if v >= 0 else float(src_lrs.get(k, d)) for (k, d), v in zip(
-        (("matrix_lr", 0.02), ("embedding_lr", 0.3), ("unembedding_lr", 0.008), ("scalar_lr", 0.5)),
-        (cfg.matrix_lr, cfg.embedding_lr, cfg.unembedding_lr, cfg.scalar_lr))}
+    lrs = src.lrs(matrix_lr=cfg.matrix_lr, embedding_lr=cfg.embedding_lr, unembedding_lr=cfg.unembedding_lr,
+                  scalar_lr=cfg.scalar_lr)
     opt_cfg = optim.OptimConfig(
         num_iterations=planned, model_dim=model_cfg.n_embd, **lrs,
         weight_decay=0.0, batch_lr_scale=1.0, init_lr_frac=init_lr_frac, warmup_steps=0,
@@ -247,10 +239,11 @@ def chat_train(cfg: ChatTrainConfig, *, train_data=None, val_data=None) -> LoopS
         print0(f"resumed {stage}/{tag} from step {resume_step}")
     else:
         opt_abstract = abstract["opt_state"] if cfg.load_optimizer else None
-        params, opt_state, _ = src.restore(src_step, abstract_params=abstract["params"], abstract_opt_state=opt_abstract)
+        params, opt_state, _ = src.ckpt.restore(src_step, abstract_params=abstract["params"],
+                                                abstract_opt_state=opt_abstract)
         if opt_state is None:
             opt_state = jax.jit(tx.init, out_shardings=shardings["opt_state"])(params)
-    src.close()
+    src.ckpt.close()
     state = {"step": jax.device_put(jnp.asarray(start, jnp.int32), shardings["step"]), "params": params,
              "opt_state": opt_state}
 
@@ -290,12 +283,6 @@ def chat_train(cfg: ChatTrainConfig, *, train_data=None, val_data=None) -> LoopS
     log = ScalarLog(run_dir(f"{stage}_{tag}"))
     clock = {"last": time.perf_counter()}
 
-    def timed(fn):
-        def run(*args):
-            fn(*args)
-            clock["last"] = time.perf_counter()
-        return run
-
     def evaluate(step, state, _):
         loop.val_bpb = evaluate_bpb(bpb_fn, state["params"], val_batches(), token_bytes, eval_steps)
         loop.min_val_bpb = min(loop.min_val_bpb, loop.val_bpb)
@@ -331,9 +318,9 @@ def chat_train(cfg: ChatTrainConfig, *, train_data=None, val_data=None) -> LoopS
         _report(step, metrics, loop, log, planned, lrms[0], B, gpt.flops_per_token(model_cfg), device.device_kind,
                 mesh.size, f"progress {packer.progress:.3f}", clock, cfg.log_every)
 
-    periodic = [Periodic(cfg.eval_every, timed(evaluate)), Periodic(cfg.save_every, timed(save), after_start=True)]
+    periodic = [Periodic(cfg.eval_every, timed(evaluate, clock)), Periodic(cfg.save_every, timed(save, clock), after_start=True)]
     if chat_names:
-        periodic.insert(1, Periodic(cfg.eval_every, timed(chat_evals), at_end=cfg.eval_every > 0))
+        periodic.insert(1, Periodic(cfg.eval_every, timed(chat_evals, clock), at_end=cfg.eval_every > 0))
     t0 = time.perf_counter()
     try:
         fit(step_fn, state, batches(), start=start, n_iter=n_iter, report=report, periodic=periodic)

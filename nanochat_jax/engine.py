@@ -275,6 +275,40 @@ class Engine:
         return seqs, masks
 
 
+def map_on_engines(engines: Sequence["Engine"], items: Sequence, fn) -> list:
+    """[fn(engine, item) for item in items], spread over the engines: one thread per engine, each taking the next
+    item from a shared queue (JAX releases the GIL while a device computes, so N devices work at once). Results
+    come back in item order; the first exception raised in a worker is re-raised here."""
+    import queue
+    import threading
+
+    work: queue.Queue = queue.Queue()
+    for i, item in enumerate(items):
+        work.put((i, item))
+    results: dict[int, object] = {}
+    errors: list[BaseException] = []
+
+    def worker(engine):
+        try:
+            while not errors:
+                try:
+                    i, item = work.get_nowait()
+                except queue.Empty:
+                    return
+                results[i] = fn(engine, item)
+        except BaseException as e:  # noqa: BLE001 (surfaced in the calling thread)
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(e,), daemon=True) for e in engines]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return [results[i] for i in range(len(items))]
+
+
 def _as_prompts(tokens, vocab_size: int) -> list[list[int]]:
     """One prompt (ids) or several (lists of ids) → a list of non-empty int lists, ids checked."""
     if len(tokens) == 0:
@@ -291,4 +325,4 @@ def _as_prompts(tokens, vocab_size: int) -> list[list[int]]:
     return prompts
 
 
-__all__ = ["Engine", "bucket", "sample_tokens", "STOP_TOKENS"]
+__all__ = ["Engine", "bucket", "map_on_engines", "sample_tokens", "STOP_TOKENS"]

@@ -20,9 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
-import queue
-import threading
 import time
 from dataclasses import dataclass
 
@@ -136,37 +133,19 @@ def sample_groups(engines, tokenizer, task, example_ids, *, num_samples, max_new
                   seed_of, reward_fn=None):
     """For each example: its prompt ids, num_samples (prompt + completion) sequences, engine masks and rewards.
     Engines in threads, one example per engine call."""
+    from nanochat_jax.engine import map_on_engines
+
     reward_fn = reward_fn or task.reward
-    out: dict[int, tuple] = {}
-    work: queue.Queue = queue.Queue()
-    for pos, ex in enumerate(example_ids):
-        work.put((pos, ex))
-    errors: list[BaseException] = []
 
-    def worker(engine):
-        try:
-            while True:
-                try:
-                    pos, ex = work.get_nowait()
-                except queue.Empty:
-                    return
-                conv = task[ex]
-                prompt = tokenizer.render_for_completion(conv)
-                seqs, masks = engine.generate_batch(prompt, num_samples=num_samples, max_tokens=max_new_tokens,
-                                                    temperature=temperature, top_k=top_k, seed=seed_of(ex))
-                rewards = [float(reward_fn(conv, tokenizer.decode(s[len(prompt):]))) for s in seqs]
-                out[pos] = (len(prompt), seqs, masks, rewards)
-        except BaseException as e:
-            errors.append(e)
+    def rollout(engine, ex):
+        conv = task[ex]
+        prompt = tokenizer.render_for_completion(conv)
+        seqs, masks = engine.generate_batch(prompt, num_samples=num_samples, max_tokens=max_new_tokens,
+                                            temperature=temperature, top_k=top_k, seed=seed_of(ex))
+        rewards = [float(reward_fn(conv, tokenizer.decode(s[len(prompt):]))) for s in seqs]
+        return len(prompt), seqs, masks, rewards
 
-    threads = [threading.Thread(target=worker, args=(e,), daemon=True) for e in engines]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    if errors:
-        raise errors[0]
-    return [out[i] for i in range(len(example_ids))]
+    return map_on_engines(engines, list(example_ids), rollout)
 
 
 def _allsum(x: np.ndarray) -> np.ndarray:
@@ -181,10 +160,11 @@ def _allsum(x: np.ndarray) -> np.ndarray:
 
 def rl_train(cfg: RLConfig, *, train_task=None, eval_task=None, reward_fn=None) -> dict:
     """Run RL. train_task/eval_task (tasks with `reward(conversation, completion)`) replace GSM8K (tests)."""
-    from nanochat_jax.checkpoint import Checkpointer, checkpoint_dir, find_largest_model, _phase_dir
+    from nanochat_jax.checkpoint import Checkpointer, checkpoint_dir
     from nanochat_jax.engine import Engine
     from nanochat_jax.tokenizer import get_tokenizer
-    from nanochat_jax.train import LoopState, ScalarLog, abstract_tree, compile_train_step, init_state, run_dir
+    from nanochat_jax.train import (LoopState, ScalarLog, abstract_tree, compile_train_step, init_state, open_source,
+                                    run_dir)
 
     sharding.maybe_initialize_distributed(cfg.distributed)
     mesh = sharding.make_mesh(cfg.mesh)
@@ -197,14 +177,9 @@ def rl_train(cfg: RLConfig, *, train_task=None, eval_task=None, reward_fn=None) 
         train_task = train_task or GSM8K("main", "train", data_dir=cfg.task_data)
         eval_task = eval_task or GSM8K("main", "test", data_dir=cfg.task_data)
 
-    tag = cfg.model_tag or find_largest_model(_phase_dir(cfg.source))
-    src = Checkpointer(checkpoint_dir(cfg.source, tag), async_save=False)
-    src_step = src._resolve_step(cfg.model_step)
-    src_meta = src.read_meta(src_step)
-    overrides = {"compute_dtype": cfg.compute_dtype if cfg.compute_dtype != "auto" else
-                 ("bfloat16" if on_gpu else "float32"),
-                 "attn_backend": cfg.attention if cfg.attention != "auto" else ("cudnn" if on_gpu else "xla")}
-    model_cfg = gpt.GPTConfig.from_dict({**src_meta["model_config"], **overrides})
+    src = open_source(cfg.source, cfg.model_tag, cfg.model_step, compute_dtype=cfg.compute_dtype,
+                      attention=cfg.attention, on_gpu=on_gpu)
+    tag, src_step, model_cfg = src.tag, src.step, src.model_cfg
 
     E, S = cfg.examples_per_step, cfg.num_samples
     require(E % pc == 0, f"--examples-per-step={E} must be a multiple of the {pc} processes")
@@ -216,10 +191,8 @@ def rl_train(cfg: RLConfig, *, train_task=None, eval_task=None, reward_fn=None) 
     num_steps = cfg.num_steps if cfg.num_steps > 0 else (len(train_task) // E) * cfg.num_epochs
     require(num_steps >= 1, f"no RL steps: {len(train_task)} problems < --examples-per-step={E}")
 
-    src_lrs = src_meta.get("lrs", src_meta.get("user_config", {}))
-    lrs = {k: v if v >= 0 else float(src_lrs.get(k, d)) for (k, d), v in zip(
-        (("matrix_lr", 0.02), ("embedding_lr", 0.3), ("unembedding_lr", 0.008), ("scalar_lr", 0.5)),
-        (cfg.matrix_lr, cfg.embedding_lr, cfg.unembedding_lr, cfg.scalar_lr))}
+    lrs = src.lrs(matrix_lr=cfg.matrix_lr, embedding_lr=cfg.embedding_lr, unembedding_lr=cfg.unembedding_lr,
+                  scalar_lr=cfg.scalar_lr)
     opt_cfg = optim.OptimConfig(num_iterations=num_steps, model_dim=model_cfg.n_embd, **lrs, weight_decay=0.0,
                                 init_lr_frac=cfg.init_lr_frac, warmup_steps=0, muon_momentum_start=0.95,
                                 muon_momentum_peak=0.95, muon_momentum_final=0.95)
@@ -243,9 +216,9 @@ def rl_train(cfg: RLConfig, *, train_task=None, eval_task=None, reward_fn=None) 
         print0(f"resumed rl/{tag} from step {start}")
     else:
         require(not cfg.resume, f"--resume: no rl checkpoint of {tag!r} in {ckpt.directory}; drop --resume")
-        params, _, _ = src.restore(src_step, abstract_params=abstract["params"])
+        params, _, _ = src.ckpt.restore(src_step, abstract_params=abstract["params"])
         opt_state = jax.jit(tx.init, out_shardings=shardings["opt_state"])(params)
-    src.close()
+    src.ckpt.close()
     state = {"step": jax.device_put(jnp.asarray(start, jnp.int32), shardings["step"]), "params": params,
              "opt_state": opt_state}
     local_devices = [d for d in mesh.devices.flat if d.process_index == pi]

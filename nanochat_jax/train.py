@@ -340,14 +340,57 @@ class PretrainConfig:
         parse_profile_steps(self.profile_steps)
 
 
+def runtime_settings(compute_dtype: str, attention: str, on_gpu: bool) -> dict:
+    """The `auto` flags resolved: bf16 + cuDNN attention on GPU, fp32 + XLA attention elsewhere."""
+    return {"compute_dtype": compute_dtype if compute_dtype != "auto" else ("bfloat16" if on_gpu else "float32"),
+            "attn_backend": attention if attention != "auto" else ("cudnn" if on_gpu else "xla")}
+
+
 def build_model_config(cfg: PretrainConfig, vocab_size: int, on_gpu: bool) -> gpt.GPTConfig:
-    dtype = cfg.compute_dtype if cfg.compute_dtype != "auto" else ("bfloat16" if on_gpu else "float32")
-    backend = cfg.attention if cfg.attention != "auto" else ("cudnn" if on_gpu else "xla")
     return gpt.GPTConfig.from_depth(cfg.depth, aspect_ratio=cfg.aspect_ratio, head_dim=cfg.head_dim,
                                     max_seq_len=cfg.max_seq_len, vocab_size=vocab_size,
                                     n_kv_head=None if cfg.n_kv_head == -1 else cfg.n_kv_head,
-                                    window_pattern=cfg.window_pattern, compute_dtype=dtype, attn_backend=backend,
-                                    remat=cfg.remat)
+                                    window_pattern=cfg.window_pattern, remat=cfg.remat,
+                                    **runtime_settings(cfg.compute_dtype, cfg.attention, on_gpu))
+
+
+@dataclass
+class Source:
+    """The checkpoint a later stage (mid, SFT, RL) starts from: its Checkpointer (close it when done), step,
+    metadata and model config (with this run's runtime settings)."""
+    phase: str
+    tag: str
+    step: int
+    meta: dict
+    model_cfg: gpt.GPTConfig
+    ckpt: object
+
+    def lrs(self, **flags: float) -> dict[str, float]:
+        """Learning rates: each flag if >= 0, else what the source stage used (before its init_lr_frac), else
+        the pretraining default."""
+        used = self.meta.get("lrs", self.meta.get("user_config", {}))
+        defaults = {"matrix_lr": 0.02, "embedding_lr": 0.3, "unembedding_lr": 0.008, "scalar_lr": 0.5}
+        return {k: flags[k] if flags.get(k, -1) >= 0 else float(used.get(k, d)) for k, d in defaults.items()}
+
+
+def open_source(phase: str, model_tag: str | None, step: int | None, *, compute_dtype: str = "auto",
+                attention: str = "auto", on_gpu: bool = False) -> Source:
+    from nanochat_jax.checkpoint import Checkpointer, checkpoint_dir, find_largest_model, _phase_dir
+
+    tag = model_tag or find_largest_model(_phase_dir(phase))
+    ckpt = Checkpointer(checkpoint_dir(phase, tag), async_save=False)
+    step = ckpt._resolve_step(step)
+    meta = ckpt.read_meta(step)
+    model_cfg = gpt.GPTConfig.from_dict({**meta["model_config"], **runtime_settings(compute_dtype, attention, on_gpu)})
+    return Source(phase, tag, step, meta, model_cfg, ckpt)
+
+
+def timed(fn, clock: dict):
+    """fn, restarting the step clock after it (evals, samples and saves do not count as step time)."""
+    def run(*args):
+        fn(*args)
+        clock["last"] = time.perf_counter()
+    return run
 
 
 def plan_horizon(cfg: PretrainConfig, model_cfg: gpt.GPTConfig, n_devices: int) -> dict:
@@ -491,20 +534,14 @@ def pretrain(cfg: PretrainConfig) -> LoopState:
     # evals, samples and saves so their time is not counted as training.
     clock = {"last": time.perf_counter()}
 
-    def timed(fn):
-        def run(*args):
-            fn(*args)
-            clock["last"] = time.perf_counter()
-        return run
-
     def report(step, metrics):
         hp = optim.current_hyperparams(opt_cfg, step)
         _report(step, metrics, loop, log, n_iter, hp["lrm"], B, flops_tok, device.device_kind, mesh.size,
                 f"epoch {loader.epoch}", clock, cfg.log_every)
 
-    periodic = [Periodic(cfg.eval_every, timed(evaluate)),
-                Periodic(cfg.sample_every, timed(sample), after_start=True),
-                Periodic(cfg.save_every, timed(save), after_start=True)]
+    periodic = [Periodic(cfg.eval_every, timed(evaluate, clock)),
+                Periodic(cfg.sample_every, timed(sample, clock), after_start=True),
+                Periodic(cfg.save_every, timed(save, clock), after_start=True)]
     try:
         fit(step_fn, state, batches(), start=start, n_iter=n_iter, report=report, periodic=periodic,
             profile=parse_profile_steps(cfg.profile_steps), profile_dir=run_dir(tag) / "profile")
