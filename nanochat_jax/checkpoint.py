@@ -272,4 +272,17 @@ def load_model(phase: str = "base", model_tag: str | None = None, step: int | No
     return params, cfg, meta
 
 
-__all__ = ["Checkpointer", "checkpoint_dir", "find_largest_model", "load_model", "with_sharding", "PHASE_DIRS"]
+def load_tokenizer(meta: dict, tokenizer_dir: str | os.PathLike | None = None):
+    """The tokenizer for a checkpoint: `tokenizer_dir` if given, else the one its run was trained with (recorded
+    in its meta) when that folder still exists, else the default <base dir>/tokenizer."""
+    from nanochat_jax.tokenizer import get_tokenizer
+
+    if tokenizer_dir is not None:
+        return get_tokenizer(tokenizer_dir)
+    trained_with = (meta.get("user_config") or {}).get("tokenizer_dir")
+    if trained_with and Path(trained_with).is_dir():
+        return get_tokenizer(trained_with)
+    return get_tokenizer()
+
+
+__all__ = ["Checkpointer", "load_tokenizer", "checkpoint_dir", "find_largest_model", "load_model", "with_sharding", "PHASE_DIRS"]

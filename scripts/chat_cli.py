@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from nanochat_jax.config import parse_flags, print_config, require
 
@@ -42,17 +41,6 @@ class ChatConfig:
 
 
 ALIASES = {"-i": "source", "-p": "prompt", "-t": "temperature", "-k": "top_k"}
-
-
-def load_tokenizer(cfg: ChatConfig, meta: dict):
-    from nanochat_jax.tokenizer import get_tokenizer
-
-    if cfg.tokenizer_dir is not None:
-        return get_tokenizer(cfg.tokenizer_dir)
-    trained_with = (meta.get("user_config") or {}).get("tokenizer_dir")
-    if trained_with and Path(trained_with).is_dir():
-        return get_tokenizer(trained_with)
-    return get_tokenizer()
 
 
 class StreamPrinter:
@@ -93,11 +81,11 @@ def reply(engine, tokenizer, conversation: list[int], cfg: ChatConfig, seed: int
 def main(argv=None) -> None:
     cfg = parse_flags(ChatConfig, argv, aliases=ALIASES)
     print_config(cfg)
-    from nanochat_jax.checkpoint import load_model
+    from nanochat_jax.checkpoint import load_model, load_tokenizer
     from nanochat_jax.engine import Engine
 
     params, model_cfg, meta = load_model(cfg.source, cfg.model_tag, cfg.step)
-    tokenizer = load_tokenizer(cfg, meta)
+    tokenizer = load_tokenizer(meta, cfg.tokenizer_dir)
     if tokenizer.vocab_size != model_cfg.vocab_size:
         raise SystemExit(f"the tokenizer has {tokenizer.vocab_size} tokens but the model was trained with "
                          f"{model_cfg.vocab_size}; pass the matching --tokenizer-dir")

@@ -47,10 +47,9 @@ def main(argv=None):
 
     from nanochat_jax import sharding
     from nanochat_jax.chat_eval import ALL_TASKS, evaluate_chat_model
-    from nanochat_jax.checkpoint import checkpoint_dir, find_largest_model, load_model
+    from nanochat_jax.checkpoint import checkpoint_dir, find_largest_model, load_model, load_tokenizer
     from nanochat_jax.common import print0
     from nanochat_jax.report import get_report
-    from nanochat_jax.tokenizer import get_tokenizer
     from nanochat_jax.train import ScalarLog, run_dir
 
     names = [t.strip() for t in cfg.tasks.split("|") if t.strip()] or list(ALL_TASKS)
@@ -61,7 +60,7 @@ def main(argv=None):
     phase_dir = checkpoint_dir(cfg.source, "_").parent
     tag = cfg.model_tag or (find_largest_model(phase_dir) if phase_dir.is_dir() and any(phase_dir.iterdir()) else None)
     params, model_cfg, meta = load_model(cfg.source, tag, cfg.step, mesh_or_sharding=mesh)
-    tokenizer = get_tokenizer(cfg.tokenizer_dir)
+    tokenizer = load_tokenizer(meta, cfg.tokenizer_dir)
     step = meta.get("step")
     print0(f"evaluating {cfg.source}/{tag} step {step} on {names} ({mesh.size} device(s))")
     out = evaluate_chat_model(params, model_cfg, tokenizer, mesh, names, data_dir=cfg.task_data,

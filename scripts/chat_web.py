@@ -14,7 +14,6 @@ server is waitress (threaded); endpoints and limits are described in nanochat_ja
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from nanochat_jax.config import parse_flags, print_config, require
 
@@ -59,23 +58,12 @@ class WebConfig:
 ALIASES = {"-i": "source", "-n": "num_workers", "-t": "temperature", "-k": "top_k", "-m": "max_tokens"}
 
 
-def load_tokenizer(cfg: WebConfig, meta: dict):
-    from nanochat_jax.tokenizer import get_tokenizer
-
-    if cfg.tokenizer_dir is not None:
-        return get_tokenizer(cfg.tokenizer_dir)
-    trained_with = (meta.get("user_config") or {}).get("tokenizer_dir")
-    if trained_with and Path(trained_with).is_dir():
-        return get_tokenizer(trained_with)
-    return get_tokenizer()
-
-
 def main(argv=None) -> None:
     cfg = parse_flags(WebConfig, argv, aliases=ALIASES)
     print_config(cfg)
     import jax
 
-    from nanochat_jax.checkpoint import PHASE_DIRS, find_largest_model, load_model
+    from nanochat_jax.checkpoint import PHASE_DIRS, find_largest_model, load_model, load_tokenizer
     from nanochat_jax.common import get_base_dir, print0
     from nanochat_jax.web import SamplingDefaults, create_app, make_engines, make_server, warm_up
 
@@ -83,7 +71,7 @@ def main(argv=None) -> None:
     if model_tag is None and (get_base_dir() / PHASE_DIRS[cfg.source]).is_dir():
         model_tag = find_largest_model(get_base_dir() / PHASE_DIRS[cfg.source])
     params, model_cfg, meta = load_model(cfg.source, model_tag, cfg.step)
-    tokenizer = load_tokenizer(cfg, meta)
+    tokenizer = load_tokenizer(meta, cfg.tokenizer_dir)
     if tokenizer.vocab_size != model_cfg.vocab_size:
         raise SystemExit(f"the tokenizer has {tokenizer.vocab_size} tokens but the model was trained with "
                          f"{model_cfg.vocab_size}; pass the matching --tokenizer-dir")
