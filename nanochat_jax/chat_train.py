@@ -309,7 +309,9 @@ def chat_train(cfg: ChatTrainConfig, *, train_data=None, val_data=None) -> LoopS
         meta = {"step": step, "stage": stage, "source": f"{src_phase}/{tag}/{src_step}",
                 "model_config": model_cfg.to_dict(), "user_config": dataclasses.asdict(cfg), "lrs": lrs,
                 "device_batch_size": dev_B, "max_seq_len": T_len, "total_batch_size": B, "val_bpb": loop.val_bpb,
-                "loader_state": loader_state or {str(pi): packer.get_state()},
+                # every process's packer position, merged: the meta is written by process 0 alone
+                "loader_state": {k: v for part in sharding.allgather_json(loader_state or {str(pi): packer.get_state()})
+                                 for k, v in part.items()},
                 "loop_state": {k: v for k, v in dataclasses.asdict(loop).items() if k != "history"}}
         ckpt.save(step, params=state["params"], opt_state=state["opt_state"], meta=meta, overwrite=True)
         print0(f"saved {stage} checkpoint {tag} step {step} to {ckpt.directory}")

@@ -111,3 +111,23 @@ def local_batch_rows(global_rows: int, mesh: Mesh) -> int:
     """How many rows of a global batch this process feeds (its share of the devices)."""
     n_local = sum(d.process_index == jax.process_index() for d in mesh.devices.flat)
     return global_rows * n_local // mesh.size
+
+
+def allgather_json(obj) -> list:
+    """Every process's `obj` (anything JSON can hold), in process order; a collective: all processes call it.
+    Checkpoint metadata is written by process 0 only, so per-process state (each process's loader position)
+    is gathered into it with this."""
+    if jax.process_count() == 1:
+        return [obj]
+    import json
+
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    data = np.frombuffer(json.dumps(obj).encode(), np.uint8)
+    sizes = np.asarray(multihost_utils.process_allgather(np.array([data.size], np.int64))).reshape(-1)
+    buf = np.zeros(int(sizes.max()), np.uint8)
+    buf[:data.size] = data
+    gathered = np.asarray(multihost_utils.process_allgather(buf)).reshape(len(sizes), -1)
+    return [json.loads(bytes(gathered[i, :sizes[i]]).decode()) for i in range(len(sizes))]
+

@@ -522,10 +522,13 @@ def pretrain(cfg: PretrainConfig) -> LoopState:
             print0(f"  sample: {text!r}")
 
     def save(step, state, loader_state):
+        # every process's readers, merged: the meta is written by process 0 alone
+        mine = (loader.get_state() if loader_state is None else loader_state)["shards"]
+        shards = {k: v for part in sharding.allgather_json(mine) for k, v in part.items()}
         meta = {"step": step, "model_config": model_cfg.to_dict(), "user_config": dataclasses.asdict(cfg),
                 "device_batch_size": cfg.device_batch_size, "max_seq_len": cfg.max_seq_len,
                 "total_batch_size": B, "num_iterations": n_iter, "val_bpb": loop.val_bpb,
-                "loader_state": loader.get_state() if loader_state is None else loader_state,
+                "loader_state": {"shards": shards},
                 "loop_state": {k: v for k, v in dataclasses.asdict(loop).items() if k != "history"}}
         ckpt.save(step, params=state["params"], opt_state=state["opt_state"], meta=meta, overwrite=True)
         print0(f"saved checkpoint {tag} step {step} to {ckpt.directory}")

@@ -77,7 +77,8 @@ def _losses(out: str):
 
 @pytest.mark.slow
 def test_two_processes_match_one(data, tmp_path):
-    """jax.distributed for real: 2 processes × 4 CPU devices on 127.0.0.1 give the losses of 1 process × 8."""
+    """jax.distributed for real: 2 processes × 4 CPU devices on 127.0.0.1 give the losses of 1 process × 8, and a
+    2-process run resumed from a checkpoint continues exactly (every process's loader position is in it)."""
     args = [f"--data-dir={data[0]}", f"--tokenizer-dir={data[1]}", "--depth=2", "--aspect-ratio=64", "--head-dim=32",
             "--max-seq-len=64", "--device-batch-size=2", f"--total-batch-size={2 * 64 * 8}", "--num-iterations=4",
             "--eval-every=-1", f"--eval-tokens={2 * 64 * 8}", "--sample-every=-1", "--warmup-steps=0", "--save-every=-1",
@@ -89,19 +90,24 @@ def test_two_processes_match_one(data, tmp_path):
         procs.append(one)
         out_one, _ = one.communicate(timeout=600)
         assert one.returncode == 0, out_one[-3000:]
-        two = [_run_script(args, {"XLA_FLAGS": "--xla_force_host_platform_device_count=4",
-                                  "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": "2",
-                                  "JAX_PROCESS_ID": str(i)}, tmp_path / "two") for i in range(2)]
-        procs += two
-        outs = [p.communicate(timeout=600)[0] for p in two]
+        def two_processes(extra, port):
+            run = [_run_script(args + extra, {"XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+                                              "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": "2",
+                                              "JAX_PROCESS_ID": str(i)}, tmp_path / "two") for i in range(2)]
+            procs.extend(run)
+            return run, [p.communicate(timeout=600)[0] for p in run]
+
+        two, outs = two_processes(["--save-every=2"], port)
+        resumed, resumed_outs = two_processes(["--resume-from-step=2"], _free_port())
     finally:
         for p in procs:
             if p.poll() is None:
                 p.kill()
-    for p, out in zip(two, outs):
+    for p, out in zip(two + resumed, outs + resumed_outs):
         assert p.returncode == 0, out[-3000:]
     assert "8 × cpu (2 process(es))" in outs[0]
     one_l, two_l = _losses(out_one), _losses(outs[0])
     assert [s for s, _ in one_l] == [s for s, _ in two_l] == [0, 1, 2, 3]
     for (_, a), (_, b) in zip(one_l, two_l):
         assert abs(a - b) <= 1e-5 * abs(a), (one_l, two_l)  # same batches; only cross-process reduction order differs
+    assert _losses(resumed_outs[0]) == [[s, l] for s, l in two_l if s >= 2]
