@@ -174,3 +174,38 @@ def test_mixtures(monkeypatch):
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
     with pytest.raises(DownloadError):
         build_mixture(ChatTrainConfig(stage="sft", mixture="default", task_data=root), "train")
+
+
+def test_sft_can_start_from_the_source_optimizer_state(chats, tok_dir):
+    """--load-optimizer: the base checkpoint's optimizer state (momentum buffers) is restored into SFT's optimizer."""
+    from nanochat_jax import optim
+
+    cfg = make_base_checkpoint(tag="opt")
+    params = gpt.init_params(cfg, jax.random.key(0))
+    tx = optim.build_optimizer(params, optim.OptimConfig(num_iterations=10, model_dim=cfg.n_embd))
+    opt_state = tx.init(params)
+    # give the momentum buffers recognisable values, then save them with the base checkpoint
+    opt_state = jax.tree.map(lambda a: jnp.full_like(a, 0.5) if a.ndim >= 2 else a, opt_state)
+    meta = {"step": 7, "model_config": cfg.to_dict(), "max_seq_len": T_LEN, "device_batch_size": 2}
+    with Checkpointer(checkpoint_dir("base", "opt"), async_save=False) as ck:
+        ck.save(7, params=params, opt_state=opt_state, meta=meta)
+    train, val = chats
+    kw = dict(stage="sft", source="base", model_tag="opt", num_iterations=1, eval_every=-1)
+    chat_train(cfg_for(tok_dir, **kw, load_optimizer=True), train_data=Subset(train, 30), val_data=Subset(val, 8))
+    with Checkpointer(checkpoint_dir("sft", "opt")) as ck:
+        with_state = ck.restore(1, abstract_params=jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype,
+                                sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0])), params))[0]
+    # the same step from a fresh optimizer state moves the matrices differently (the restored momentum counts)
+    with Checkpointer(checkpoint_dir("sft", "opt"), async_save=False) as ck:
+        ck._mngr.delete(1)
+    chat_train(cfg_for(tok_dir, **kw, load_optimizer=False), train_data=Subset(train, 30), val_data=Subset(val, 8))
+    with Checkpointer(checkpoint_dir("sft", "opt")) as ck:
+        fresh = ck.restore(1, abstract_params=jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype,
+                           sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0])), params))[0]
+    wq = lambda p: np.asarray(p["blocks"]["attn"]["wq"])  # noqa: E731
+    assert not np.allclose(wq(with_state), wq(fresh))
+    # without an optimizer state in the source, asking for it is a clear error
+    make_base_checkpoint(tag="noopt")
+    with pytest.raises(ValueError, match="has no optimizer state"):
+        chat_train(cfg_for(tok_dir, **{**kw, "model_tag": "noopt"}, load_optimizer=True),
+                   train_data=Subset(train, 30), val_data=Subset(val, 8))
