@@ -192,6 +192,7 @@ class LoopState:
     total_training_time: float = 0.0
     min_val_bpb: float = float("inf")
     val_bpb: float | None = None
+    core_metric: float | None = None
     history: list = field(default_factory=list)  # [(step, loss)] of this process, for tests/reports
 
 
@@ -309,6 +310,9 @@ class PretrainConfig:
     eval_every: int = 250
     eval_tokens: int = 80 * 524288
     sample_every: int = 2000
+    core_metric_every: int = -1           # CORE during training (the reference uses 2000; -1 = off)
+    core_metric_max_per_task: int = 500
+    eval_bundle: str | None = None        # CORE tasks folder (None: download nanochat's eval_bundle once)
     save_every: int = -1
     keep_checkpoints: int = 3
     model_tag: str | None = None          # default d<depth>
@@ -334,8 +338,9 @@ class PretrainConfig:
         need(self.num_iterations > 0 or self.target_flops > 0 or self.target_param_data_ratio > 0,
              "set one of --num-iterations, --target-flops or --target-param-data-ratio to a positive value")
         need(self.total_batch_size == -1 or self.total_batch_size > 0, "--total-batch-size must be > 0 or -1 (auto)")
-        need(self.eval_every != 0 and self.sample_every != 0 and self.save_every != 0 and self.log_every >= 1,
-             "--eval-every/--sample-every/--save-every must be > 0 or -1 (off); --log-every >= 1")
+        need(self.eval_every != 0 and self.sample_every != 0 and self.save_every != 0 and self.log_every >= 1
+             and self.core_metric_every != 0,
+             "--eval-every/--sample-every/--save-every/--core-metric-every must be > 0 or -1 (off); --log-every >= 1")
         need(self.keep_checkpoints >= 1, "--keep-checkpoints must be >= 1")
         parse_profile_steps(self.profile_steps)
 
@@ -521,6 +526,25 @@ def pretrain(cfg: PretrainConfig) -> LoopState:
         for text in greedy_samples(state["params"], model_cfg, tokenizer, forward_fn=fwd_fn):
             print0(f"  sample: {text!r}")
 
+    core = {}
+    if cfg.core_metric_every > 0:  # resolve the bundle now: a missing one fails here, not hours into the run
+        from nanochat_jax import core_eval
+        core["bundle"] = core_eval.ensure_eval_bundle(cfg.eval_bundle)
+
+    def core_metric(step, state, _):
+        from nanochat_jax import core_eval
+
+        if "scorer" not in core:  # one scorer (and its compilations) for the whole run; params as trained
+            core["scorer"] = core_eval.make_model_scorer(state["params"], model_cfg, mesh, pad_id=tokenizer.bos_id,
+                                                         place_params=False)
+        core["scorer"].set_params(state["params"], place=False)
+        out = core_eval.evaluate_core(core["scorer"], tokenizer, core["bundle"],
+                                      max_per_task=cfg.core_metric_max_per_task, log=lambda *a, **k: None)
+        loop.core_metric = out["core_metric"]
+        print0(f"step {step:05d} | CORE {out['core_metric']:.4f} over {len(out['results'])} tasks "
+               f"({out['examples']:,} examples, {out['seconds']:.0f}s)")
+        log(step, **{"eval/core_metric": out["core_metric"]})
+
     def save(step, state, loader_state):
         # every process's readers, merged: the meta is written by process 0 alone
         mine = (loader.get_state() if loader_state is None else loader_state)["shards"]
@@ -543,6 +567,7 @@ def pretrain(cfg: PretrainConfig) -> LoopState:
                 f"epoch {loader.epoch}", clock, cfg.log_every)
 
     periodic = [Periodic(cfg.eval_every, timed(evaluate, clock)),
+                Periodic(cfg.core_metric_every, timed(core_metric, clock), at_end=cfg.core_metric_every > 0),
                 Periodic(cfg.sample_every, timed(sample, clock), after_start=True),
                 Periodic(cfg.save_every, timed(save, clock), after_start=True)]
     try:
@@ -565,6 +590,7 @@ def pretrain(cfg: PretrainConfig) -> LoopState:
              "devices": f"{mesh.size} × {device.device_kind}", "attention": model_cfg.attn_backend,
              "compute dtype": model_cfg.compute_dtype,
              "min val bpb": loop.min_val_bpb, "final val bpb": loop.val_bpb if loop.val_bpb is not None else float("nan"),
+             **({"CORE estimate": loop.core_metric} if loop.core_metric is not None else {}),
              "MFU %": mfu_percent(flops_tok, B, float(np.median(steady)), device.device_kind, mesh.size) if steady else 0.0,
              "total training FLOPs": f"{n_iter * B * flops_tok:.4e}",
              "training time": format_duration(loop.total_training_time)}], run_dir=run_dir(tag))

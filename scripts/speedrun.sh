@@ -62,7 +62,7 @@ if [ -n "$DL_PID" ]; then
 fi
 
 stage pretrain python scripts/pretrain.py --mesh=$MESH --depth=$DEPTH --target-param-data-ratio=$RATIO \
-  --device-batch-size=$DBS --model-tag=$TAG --save-every=1000
+  --device-batch-size=$DBS --model-tag=$TAG --save-every=1000 --core-metric-every=2000
 stage base_loss python scripts/base_loss.py --mesh=$MESH --model-tag=$TAG --device-batch-size=$DBS
 stage base_eval python scripts/base_eval.py --mesh=$MESH --model-tag=$TAG
 # identity conversations (optional: trained without, with a note, when the download is unreachable)

@@ -111,3 +111,17 @@ def test_two_processes_match_one(data, tmp_path):
     for (_, a), (_, b) in zip(one_l, two_l):
         assert abs(a - b) <= 1e-5 * abs(a), (one_l, two_l)  # same batches; only cross-process reduction order differs
     assert _losses(resumed_outs[0]) == [[s, l] for s, l in two_l if s >= 2]
+
+
+@pytest.mark.slow
+def test_core_metric_during_training(data):
+    """--core-metric-every: CORE (2 examples of each of the 21 local tasks) at step 0 and at the end (~40-90 s: every
+    length bucket compiles once)."""
+    from conftest import shared_data
+
+    bundle = shared_data("core_eval")
+    loop = train.pretrain(_cfg(data, num_iterations=2, eval_every=-1, model_tag="core", core_metric_every=2,
+                               core_metric_max_per_task=2, eval_bundle=str(bundle)))
+    assert loop.core_metric is not None and -1.0 <= loop.core_metric <= 1.0
+    section = json.loads((train.run_dir("core").parent.parent / "report" / "base-model-training.json").read_text())
+    assert section["items"][0]["CORE estimate"] == loop.core_metric
