@@ -66,18 +66,20 @@ def _sum_over_processes(x: np.ndarray) -> np.ndarray:
 
 
 class _Progress:
-    """A live `task: passed/total (acc)` line on process 0."""
+    """A live `task: passed/done (acc) of total` line on process 0: rewritten in place on a terminal, and one line
+    per tenth of the problems when stdout is a log file."""
 
     def __init__(self, name: str, total: int):
         self.name, self.total, self.t0 = name, total, time.perf_counter()
         self.live = jax.process_index() == 0 and sys.stdout.isatty()
+        self.every = max(1, total // 10)
 
     def update(self, passed: int, done: int, final: bool = False) -> None:
-        if jax.process_index() != 0 or not (self.live or final):
+        if jax.process_index() != 0 or not (self.live or final or done % self.every == 0):
             return
         rate = done / max(time.perf_counter() - self.t0, 1e-9)
         line = f"{self.name}: {passed}/{done} ({100 * passed / max(done, 1):.2f}%) of {self.total} | {rate:.1f} problems/s"
-        print(("\r" if self.live else "") + line, end="\n" if final else "", flush=True)
+        print(("\r" if self.live else "") + line, end="\n" if final or not self.live else "", flush=True)
 
 
 class CategoricalEvaluator:
