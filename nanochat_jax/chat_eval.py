@@ -58,13 +58,6 @@ def _bucket(n: int, minimum: int = 64) -> int:
     return max(minimum, 1 << (n - 1).bit_length())
 
 
-def _sum_over_processes(x: np.ndarray) -> np.ndarray:
-    if jax.process_count() == 1:
-        return x
-    from jax.experimental import multihost_utils
-    return np.asarray(multihost_utils.process_allgather(x)).sum(0)
-
-
 class _Progress:
     """A live `task: passed/done (acc) of total` line on process 0: rewritten in place on a terminal, and one line
     per tenth of the problems when stdout is a log file."""
@@ -144,7 +137,7 @@ def run_categorical(task, evaluator: CategoricalEvaluator, tokenizer, *, max_pro
     t0 = time.perf_counter()
     pred = evaluator.predict(prompts, [letter_token_ids(tokenizer, ls) for ls in letters])
     passed = sum(int(task.evaluate(c, ls[p])) for c, ls, p in zip(convs, letters, pred))
-    passed, total = (int(v) for v in _sum_over_processes(np.array([passed, len(mine)])))
+    passed, total = (int(v) for v in sharding.process_sum(np.array([passed, len(mine)])))
     _Progress(name, n).update(passed, total, final=True)
     return {"accuracy": passed / max(total, 1), "passed": passed, "total": total, "seconds": time.perf_counter() - t0}
 
@@ -188,7 +181,7 @@ def run_generative(task, engines: Sequence, tokenizer, *, num_samples: int = 1, 
                     on_progress(counts["passed"], counts["done"])
 
     map_on_engines(engines, chunks, solve)
-    passed, total = (int(v) for v in _sum_over_processes(np.array([counts["passed"], counts["done"]])))
+    passed, total = (int(v) for v in sharding.process_sum(np.array([counts["passed"], counts["done"]])))
     progress.update(passed, total, final=True)
     return {"accuracy": passed / max(total, 1), "passed": passed, "total": total, "seconds": time.perf_counter() - t0}
 

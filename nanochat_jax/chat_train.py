@@ -157,7 +157,7 @@ class _Head:
 
 def chat_train(cfg: ChatTrainConfig, *, train_data=None, val_data=None) -> LoopState:
     """Run midtraining or SFT. train_data/val_data (indexable conversation datasets) replace the mixtures (tests)."""
-    from nanochat_jax.checkpoint import Checkpointer, checkpoint_dir
+    from nanochat_jax.checkpoint import Checkpointer, checkpoint_dir, require_same_vocab
     from nanochat_jax.dataloader import ConversationPacker
     from nanochat_jax.loss_eval import evaluate_bpb, make_bpb_fn
     from nanochat_jax.tokenizer import get_tokenizer
@@ -174,9 +174,7 @@ def chat_train(cfg: ChatTrainConfig, *, train_data=None, val_data=None) -> LoopS
     src = open_source(src_phase, cfg.model_tag, cfg.model_step, compute_dtype=cfg.compute_dtype,
                       attention=cfg.attention, on_gpu=on_gpu)
     tag, src_step, src_meta, model_cfg = src.tag, src.step, src.meta, src.model_cfg
-    if model_cfg.vocab_size != tokenizer.vocab_size:
-        raise ValueError(f"the {src_phase} checkpoint {tag} has vocab {model_cfg.vocab_size} but the tokenizer has "
-                         f"{tokenizer.vocab_size}: use the tokenizer it was trained with (--tokenizer-dir)")
+    require_same_vocab(model_cfg, tokenizer, f"the {src_phase} checkpoint {tag}")
     base_user = src_meta.get("user_config", {})
     pick = lambda v, key, default: v if v != -1 else src_meta.get(key, base_user.get(key, default))  # noqa: E731
     T_len = pick(cfg.max_seq_len, "max_seq_len", model_cfg.sequence_len)
@@ -248,29 +246,26 @@ def chat_train(cfg: ChatTrainConfig, *, train_data=None, val_data=None) -> LoopS
              "opt_state": opt_state}
 
     # --- loop pieces ---
-    def agree_any(flag: bool) -> bool:
-        if pc == 1:
-            return flag
-        from jax.experimental import multihost_utils
-        return bool(np.max(multihost_utils.process_allgather(np.asarray([flag]))))
+    lrm_of: dict[int, float] = {}  # step → the lr multiplier its batch carried (for the log line)
 
     def batches():
-        done = False
-        while not done:
+        step = start
+        while True:
             pos = {str(pi): packer.get_state()}
-            lrm = lr_multiplier(packer.progress if n_iter is None else state_step[0] / n_iter, warmdown,
-                                cfg.final_lr_frac)
+            # The lrm is a replicated input, so every process must compute the same one: average the progress.
+            progress = float(sharding.process_sum([packer.progress])[0]) / pc
+            lrm = lr_multiplier(progress if n_iter is None else step / n_iter, warmdown, cfg.final_lr_frac)
             rows = [next(packer) for _ in range(grad_accum)]
             host = {k: np.stack([r[k] for r in rows]) for k in ("inputs", "targets")}
             batch = {k: sharding.global_batch(v, mesh, batch_axis=1) for k, v in host.items()}
             batch["lrm"] = jax.device_put(jnp.float32(lrm), sharding.replicated(mesh))
-            lrms[0] = lrm
-            state_step[0] += 1
-            # one epoch: the batch that wraps the data is the last (every process agrees)
-            done = n_iter is None and agree_any(packer.epochs_done > 0)
+            lrm_of[step] = lrm
+            step += 1
             yield batch, pos
+            # one epoch: the batch that wrapped the data was the last (on any process: all stop together)
+            if n_iter is None and sharding.process_sum([packer.epochs_done > 0])[0]:
+                return
 
-    state_step, lrms = [start], [1.0]
     bpb_fn = jax.jit(make_bpb_fn(model_cfg), in_shardings=(shardings["params"], sharding.batch_sharding(mesh),
                                                             sharding.batch_sharding(mesh), sharding.replicated(mesh)))
     eval_steps = max(1, cfg.eval_tokens // (dev_B * T_len * mesh.size))
@@ -317,7 +312,7 @@ def chat_train(cfg: ChatTrainConfig, *, train_data=None, val_data=None) -> LoopS
         print0(f"saved {stage} checkpoint {tag} step {step} to {ckpt.directory}")
 
     def report(step, metrics):
-        _report(step, metrics, loop, log, planned, lrms[0], B, gpt.flops_per_token(model_cfg), device.device_kind,
+        _report(step, metrics, loop, log, planned, lrm_of.pop(step, 1.0), B, gpt.flops_per_token(model_cfg), device.device_kind,
                 mesh.size, f"progress {packer.progress:.3f}", clock, cfg.log_every)
 
     periodic = [Periodic(cfg.eval_every, timed(evaluate, clock)), Periodic(cfg.save_every, timed(save, clock), after_start=True)]

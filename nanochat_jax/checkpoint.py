@@ -239,6 +239,28 @@ def _as_sharding(mesh_or_sharding) -> jax.sharding.Sharding:
     raise TypeError(f"mesh_or_sharding must be None, a jax Mesh or a Sharding, got {type(mesh_or_sharding)}")
 
 
+def resolve_model_tag(phase: str, model_tag: str | None = None, *, required: bool = False) -> str | None:
+    """model_tag, else the largest d<N> (nanochat's rule) under the phase's checkpoint dir. With none there: None
+    (load_model then explains), or FileNotFoundError when required. Scripts that name outputs after the tag
+    resolve it with this before loading."""
+    if model_tag is not None:
+        return model_tag
+    phase_dir = _phase_dir(phase)
+    if phase_dir.is_dir() and any(p.is_dir() for p in phase_dir.iterdir()):
+        return find_largest_model(phase_dir)
+    if required:
+        raise FileNotFoundError(f"no {phase} checkpoints: {phase_dir} is missing or empty; "
+                                f"train one with `python {PHASE_SCRIPTS[phase]}`")
+    return None
+
+
+def require_same_vocab(model_cfg, tokenizer, what: str = "the checkpoint") -> None:
+    """A model and a tokenizer that disagree on the vocab would produce garbage: refuse, naming the fix."""
+    if model_cfg.vocab_size != tokenizer.vocab_size:
+        raise ValueError(f"{what} has vocab_size {model_cfg.vocab_size} but the tokenizer has {tokenizer.vocab_size}: "
+                         f"use the tokenizer it was trained with (--tokenizer-dir)")
+
+
 def load_model(phase: str = "base", model_tag: str | None = None, step: int | None = None, *,
                mesh_or_sharding=None, config_overrides: dict[str, Any] | None = None):
     """(params, GPTConfig, meta) for eval/inference. model_tag None: the largest d<N>; step None: latest. Params
@@ -246,10 +268,7 @@ def load_model(phase: str = "base", model_tag: str | None = None, step: int | No
     saved config, e.g. {"attn_backend": "cudnn"}; shapes must still match the checkpoint."""
     phase_dir = _phase_dir(phase)
     hint = f"train one with `python {PHASE_SCRIPTS[phase]}`"
-    if model_tag is None:
-        if not phase_dir.is_dir() or not any(p.is_dir() for p in phase_dir.iterdir()):
-            raise FileNotFoundError(f"no {phase} checkpoints: {phase_dir} is missing or empty; {hint}")
-        model_tag = find_largest_model(phase_dir)
+    model_tag = resolve_model_tag(phase, model_tag, required=True)
     directory = phase_dir / model_tag
     if not directory.is_dir():
         have = sorted(p.name for p in phase_dir.iterdir() if p.is_dir()) if phase_dir.is_dir() else []
@@ -285,4 +304,4 @@ def load_tokenizer(meta: dict, tokenizer_dir: str | os.PathLike | None = None):
     return get_tokenizer()
 
 
-__all__ = ["Checkpointer", "load_tokenizer", "checkpoint_dir", "find_largest_model", "load_model", "with_sharding", "PHASE_DIRS"]
+__all__ = ["Checkpointer", "load_tokenizer", "resolve_model_tag", "require_same_vocab", "checkpoint_dir", "find_largest_model", "load_model", "with_sharding", "PHASE_DIRS"]

@@ -148,13 +148,6 @@ def sample_groups(engines, tokenizer, task, example_ids, *, num_samples, max_new
     return map_on_engines(engines, list(example_ids), rollout)
 
 
-def _allsum(x: np.ndarray) -> np.ndarray:
-    if jax.process_count() == 1:
-        return x
-    from jax.experimental import multihost_utils
-    return np.asarray(multihost_utils.process_allgather(x)).sum(0)
-
-
 # ----------------------------------------------------------------------------------------------
 # The loop
 
@@ -246,7 +239,7 @@ def rl_train(cfg: RLConfig, *, train_task=None, eval_task=None, reward_fn=None) 
                                max_new_tokens=cfg.max_new_tokens, temperature=1.0, top_k=50,
                                seed_of=lambda ex: hash(("eval", step, ex)) & 0x7FFFFFFF, reward_fn=reward_fn)
         correct = np.array([[r > 0 for r in g[3]] for g in groups], bool).reshape(len(mine), cfg.eval_samples)
-        sums = _allsum(np.concatenate([np.cumsum(correct, 1).clip(0, 1).sum(0), [len(mine)]]).astype(np.float64))
+        sums = sharding.process_sum(np.concatenate([np.cumsum(correct, 1).clip(0, 1).sum(0), [len(mine)]]).astype(np.float64))
         passk = sums[:-1] / max(sums[-1], 1)
         print0(f"step {step:05d} | " + " | ".join(f"pass@{k + 1} {v:.4f}" for k, v in enumerate(passk)))
         log(step, **{f"eval/pass@{k + 1}": float(v) for k, v in enumerate(passk)})
@@ -281,7 +274,7 @@ def rl_train(cfg: RLConfig, *, train_task=None, eval_task=None, reward_fn=None) 
             state, metrics = step_fn(state, put(host))
             refresh_engines(state["params"])
             loss = float(metrics["loss"])
-            tot = _allsum(np.array([rewards.sum(), stats["mean_completion_len"] * rewards.size, rewards.size]))
+            tot = sharding.process_sum(np.array([rewards.sum(), stats["mean_completion_len"] * rewards.size, rewards.size]))
             mean_reward, mean_len = tot[0] / tot[2], tot[1] / tot[2]
             dt = time.perf_counter() - t0
             loop.history.append((step, loss))

@@ -113,6 +113,18 @@ def local_batch_rows(global_rows: int, mesh: Mesh) -> int:
     return global_rows * n_local // mesh.size
 
 
+def process_sum(x):
+    """Elementwise sum of a small host array over all processes (each passes its own); a collective."""
+    import numpy as np
+
+    x = np.asarray(x)
+    if jax.process_count() == 1:
+        return x
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x)).sum(0)
+
+
 def allgather_json(obj) -> list:
     """Every process's `obj` (anything JSON can hold), in process order; a collective: all processes call it.
     Checkpoint metadata is written by process 0 only, so per-process state (each process's loader position)

@@ -380,9 +380,9 @@ class Source:
 
 def open_source(phase: str, model_tag: str | None, step: int | None, *, compute_dtype: str = "auto",
                 attention: str = "auto", on_gpu: bool = False) -> Source:
-    from nanochat_jax.checkpoint import Checkpointer, checkpoint_dir, find_largest_model, _phase_dir
+    from nanochat_jax.checkpoint import Checkpointer, checkpoint_dir, resolve_model_tag
 
-    tag = model_tag or find_largest_model(_phase_dir(phase))
+    tag = resolve_model_tag(phase, model_tag, required=True)
     ckpt = Checkpointer(checkpoint_dir(phase, tag), async_save=False)
     step = ckpt._resolve_step(step)
     meta = ckpt.read_meta(step)

@@ -53,8 +53,8 @@ class BaseEvalConfig:
 def main(cfg: BaseEvalConfig) -> dict:
     import jax
 
-    from nanochat_jax import core_eval, sharding
-    from nanochat_jax.checkpoint import PHASE_DIRS, find_largest_model, load_model
+    from nanochat_jax import core_eval, gpt, sharding
+    from nanochat_jax.checkpoint import load_model, require_same_vocab, resolve_model_tag
     from nanochat_jax.common import get_base_dir, print0
     from nanochat_jax.tokenizer import get_tokenizer
 
@@ -62,15 +62,11 @@ def main(cfg: BaseEvalConfig) -> dict:
     mesh = sharding.make_mesh(cfg.mesh)
     bundle = core_eval.ensure_eval_bundle(cfg.eval_bundle)
     tokenizer = get_tokenizer(cfg.tokenizer_dir)
-    tag, phase_dir = cfg.model_tag, get_base_dir() / PHASE_DIRS["base"]
-    if tag is None and phase_dir.is_dir() and any(p.is_dir() for p in phase_dir.iterdir()):
-        tag = find_largest_model(phase_dir)  # resolved here too: the CSV is named after it
-    backend = cfg.attention if cfg.attention != "auto" else ("cudnn" if jax.default_backend() == "gpu" else "xla")
+    tag = resolve_model_tag("base", cfg.model_tag)  # resolved here: the CSV is named after it
+    backend = cfg.attention if cfg.attention != "auto" else gpt.default_attn_backend()
     params, model_cfg, meta = load_model("base", tag, cfg.step, mesh_or_sharding=mesh,
                                          config_overrides={"attn_backend": backend})
-    if model_cfg.vocab_size != tokenizer.vocab_size:
-        raise ValueError(f"checkpoint {tag} has vocab_size {model_cfg.vocab_size} but the tokenizer has "
-                         f"{tokenizer.vocab_size}: pass the tokenizer it was trained with (--tokenizer-dir)")
+    require_same_vocab(model_cfg, tokenizer, f"checkpoint {tag}")
     step = int(meta["step"])
     print0(f"evaluating base model {tag} step {step} on {mesh.size} × {mesh.devices.flat[0].device_kind}; "
            f"bundle {bundle}")

@@ -80,7 +80,7 @@ def main(cfg: BaseLossConfig) -> dict:
     import jax.numpy as jnp
 
     from nanochat_jax import gpt, sharding
-    from nanochat_jax.checkpoint import PHASE_DIRS, find_largest_model, load_model
+    from nanochat_jax.checkpoint import load_model, require_same_vocab, resolve_model_tag
     from nanochat_jax.common import atomic_write, get_base_dir, print0
     from nanochat_jax.dataloader import ShardedLoader
     from nanochat_jax.dataset import list_parquet_files, resolve_data_dir, split_files
@@ -93,15 +93,11 @@ def main(cfg: BaseLossConfig) -> dict:
     mesh = sharding.make_mesh(cfg.mesh)
     replicated = sharding.replicated(mesh)
     tokenizer = get_tokenizer(cfg.tokenizer_dir)
-    tag, phase_dir = cfg.model_tag, get_base_dir() / PHASE_DIRS["base"]
-    if tag is None and phase_dir.is_dir() and any(p.is_dir() for p in phase_dir.iterdir()):
-        tag = find_largest_model(phase_dir)  # resolved here too: the output is named after it
-    backend = cfg.attention if cfg.attention != "auto" else ("cudnn" if jax.default_backend() == "gpu" else "xla")
+    tag = resolve_model_tag("base", cfg.model_tag)  # resolved here: the output is named after it
+    backend = cfg.attention if cfg.attention != "auto" else gpt.default_attn_backend()
     params, model_cfg, meta = load_model("base", tag, cfg.step, mesh_or_sharding=mesh,
                                          config_overrides={"attn_backend": backend})
-    if model_cfg.vocab_size != tokenizer.vocab_size:
-        raise ValueError(f"checkpoint {tag} has vocab_size {model_cfg.vocab_size} but the tokenizer has "
-                         f"{tokenizer.vocab_size}: pass the tokenizer it was trained with (--tokenizer-dir)")
+    require_same_vocab(model_cfg, tokenizer, f"checkpoint {tag}")
     step = int(meta["step"])
     T = model_cfg.sequence_len
     print0(f"base model {tag} step {step} on {mesh.size} × {mesh.devices.flat[0].device_kind}")

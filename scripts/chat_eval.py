@@ -47,7 +47,7 @@ def main(argv=None):
 
     from nanochat_jax import sharding
     from nanochat_jax.chat_eval import ALL_TASKS, evaluate_chat_model
-    from nanochat_jax.checkpoint import checkpoint_dir, find_largest_model, load_model, load_tokenizer
+    from nanochat_jax.checkpoint import load_model, load_tokenizer, resolve_model_tag
     from nanochat_jax.common import print0
     from nanochat_jax.report import get_report
     from nanochat_jax.train import ScalarLog, run_dir
@@ -57,8 +57,7 @@ def main(argv=None):
     require(not bad, f"-a: unknown task(s) {bad}; choose from {'|'.join(ALL_TASKS)}")
     sharding.maybe_initialize_distributed(cfg.distributed)
     mesh = sharding.make_mesh(cfg.mesh)
-    phase_dir = checkpoint_dir(cfg.source, "_").parent
-    tag = cfg.model_tag or (find_largest_model(phase_dir) if phase_dir.is_dir() and any(phase_dir.iterdir()) else None)
+    tag = resolve_model_tag(cfg.source, cfg.model_tag)
     params, model_cfg, meta = load_model(cfg.source, tag, cfg.step, mesh_or_sharding=mesh)
     tokenizer = load_tokenizer(meta, cfg.tokenizer_dir)
     step = meta.get("step")

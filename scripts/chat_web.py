@@ -63,18 +63,17 @@ def main(argv=None) -> None:
     print_config(cfg)
     import jax
 
-    from nanochat_jax.checkpoint import PHASE_DIRS, find_largest_model, load_model, load_tokenizer
-    from nanochat_jax.common import get_base_dir, print0
+    from nanochat_jax.checkpoint import load_model, load_tokenizer, require_same_vocab, resolve_model_tag
+    from nanochat_jax.common import print0
     from nanochat_jax.web import SamplingDefaults, create_app, make_engines, make_server, warm_up
 
-    model_tag = cfg.model_tag
-    if model_tag is None and (get_base_dir() / PHASE_DIRS[cfg.source]).is_dir():
-        model_tag = find_largest_model(get_base_dir() / PHASE_DIRS[cfg.source])
+    model_tag = resolve_model_tag(cfg.source, cfg.model_tag)
     params, model_cfg, meta = load_model(cfg.source, model_tag, cfg.step)
     tokenizer = load_tokenizer(meta, cfg.tokenizer_dir)
-    if tokenizer.vocab_size != model_cfg.vocab_size:
-        raise SystemExit(f"the tokenizer has {tokenizer.vocab_size} tokens but the model was trained with "
-                         f"{model_cfg.vocab_size}; pass the matching --tokenizer-dir")
+    try:
+        require_same_vocab(model_cfg, tokenizer, f"the {cfg.source} model")
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
     devices = jax.local_devices()
     if cfg.num_workers > len(devices):
         raise SystemExit(f"-n/--num-workers={cfg.num_workers}, but there are only {len(devices)} local devices")
