@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from nanochat_jax import gpt, sharding
+from nanochat_jax.engine import make_engines, map_on_engines
 
 ALL_TASKS = ("ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "SpellingBee")
 BASELINES = {"ARC-Easy": 0.25, "ARC-Challenge": 0.25, "MMLU": 0.25, "GSM8K": 0.0, "HumanEval": 0.0,
@@ -142,21 +143,11 @@ def run_categorical(task, evaluator: CategoricalEvaluator, tokenizer, *, max_pro
     return {"accuracy": passed / max(total, 1), "passed": passed, "total": total, "seconds": time.perf_counter() - t0}
 
 
-def make_engines(params, model_cfg: gpt.GPTConfig, tokenizer, devices=None) -> list:
-    """One Engine per local device (params copied to each)."""
-    from nanochat_jax.engine import Engine
-
-    devices = devices or jax.local_devices()
-    return [Engine(params, model_cfg, tokenizer, device=d) for d in devices]
-
-
 def run_generative(task, engines: Sequence, tokenizer, *, num_samples: int = 1, max_new_tokens: int = 512,
                    temperature: float = 0.0, top_k: int = 50, max_problems: int | None = None,
                    batch_problems: int = 8, seed: int = 0, name: str = "task",
                    on_progress: Callable[[int, int], None] | None = None) -> dict:
     """pass@num_samples over the task's problems, sampled by `engines` in parallel threads."""
-    from nanochat_jax.engine import map_on_engines
-
     n = len(task) if max_problems is None else min(len(task), max_problems)
     mine = list(range(jax.process_index(), n, jax.process_count()))
     chunks = [mine[s:s + batch_problems] for s in range(0, len(mine), batch_problems)]

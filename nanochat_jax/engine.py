@@ -275,6 +275,18 @@ class Engine:
         return seqs, masks
 
 
+def make_engines(params, cfg: gpt.GPTConfig, tokenizer, devices: Sequence | None = None,
+                 num_workers: int | None = None) -> list["Engine"]:
+    """One Engine (a full model replica) per device: `devices`, else the first num_workers local devices (all)."""
+    if devices is None:
+        devices = jax.local_devices()
+        if num_workers is not None:
+            if not 1 <= num_workers <= len(devices):
+                raise ValueError(f"num_workers={num_workers}, but there are {len(devices)} local devices")
+            devices = devices[:num_workers]
+    return [Engine(params, cfg, tokenizer, device=d) for d in devices]
+
+
 def map_on_engines(engines: Sequence["Engine"], items: Sequence, fn) -> list:
     """[fn(engine, item) for item in items], spread over the engines: one thread per engine, each taking the next
     item from a shared queue (JAX releases the GIL while a device computes, so N devices work at once). Results
@@ -325,4 +337,4 @@ def _as_prompts(tokens, vocab_size: int) -> list[list[int]]:
     return prompts
 
 
-__all__ = ["Engine", "bucket", "map_on_engines", "sample_tokens", "STOP_TOKENS"]
+__all__ = ["Engine", "bucket", "make_engines", "map_on_engines", "sample_tokens", "STOP_TOKENS"]

@@ -154,7 +154,7 @@ def sample_groups(engines, tokenizer, task, example_ids, *, num_samples, max_new
 def rl_train(cfg: RLConfig, *, train_task=None, eval_task=None, reward_fn=None) -> dict:
     """Run RL. train_task/eval_task (tasks with `reward(conversation, completion)`) replace GSM8K (tests)."""
     from nanochat_jax.checkpoint import Checkpointer, checkpoint_dir
-    from nanochat_jax.engine import Engine
+    from nanochat_jax.engine import make_engines
     from nanochat_jax.tokenizer import get_tokenizer
     from nanochat_jax.train import (LoopState, ScalarLog, abstract_tree, compile_train_step, init_state, open_source,
                                     run_dir)
@@ -214,8 +214,7 @@ def rl_train(cfg: RLConfig, *, train_task=None, eval_task=None, reward_fn=None) 
     src.ckpt.close()
     state = {"step": jax.device_put(jnp.asarray(start, jnp.int32), shardings["step"]), "params": params,
              "opt_state": opt_state}
-    local_devices = [d for d in mesh.devices.flat if d.process_index == pi]
-    engines = [Engine(state["params"], model_cfg, tokenizer, device=d) for d in local_devices]
+    engines = make_engines(state["params"], model_cfg, tokenizer, [d for d in mesh.devices.flat if d.process_index == pi])
     print0(f"rl: from {cfg.source}/{tag} step {src_step}; {num_steps} steps × {E} problems × {S} samples "
            f"({rows} rows = {A} × {R} × {T} tokens); {len(engines)} engine(s) on this process; "
            f"train step compiled in {info['compile_seconds']:.1f}s")

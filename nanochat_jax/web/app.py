@@ -46,6 +46,7 @@ from flask import Flask, Response, jsonify, request, send_from_directory
 from werkzeug.exceptions import HTTPException
 
 from nanochat_jax.common import get_logger
+from nanochat_jax.engine import make_engines  # noqa: F401 (part of this module's API)
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 
@@ -336,21 +337,6 @@ class Generation:
 
 # ----------------------------------------------------------------------------------------------
 # Engines
-
-def make_engines(params, cfg, tokenizer, devices: Sequence | None = None, num_workers: int | None = None) -> list:
-    """One Engine (a full model replica) per device: `devices`, else the first num_workers local devices (all)."""
-    import jax
-
-    from nanochat_jax.engine import Engine
-
-    if devices is None:
-        devices = jax.local_devices()
-        if num_workers is not None:
-            if not 1 <= num_workers <= len(devices):
-                raise ValueError(f"num_workers={num_workers}, but there are {len(devices)} local devices")
-            devices = devices[:num_workers]
-    return [Engine(params, cfg, tokenizer, device=d) for d in devices]
-
 
 def warm_up(engines: Sequence, tokenizer, max_tokens: int, max_context: int | None = None) -> None:
     """Compile every engine's prefill and decode for a short prompt and `max_tokens` (cut to max_context as
