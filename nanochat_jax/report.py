@@ -6,11 +6,13 @@
 
 Layout under `<base_dir>/report/`: `header.json`/`header.md`, one `<slug>.json` + `<slug>.md` per section, and
 `report.md` plus `plots/*.png`. The JSON files are the source of truth (the summary table reads numbers from
-them, not from markdown); the .md files are for humans. Every file is written atomically.
+them, not from markdown); the .md files are for humans. Every file is written atomically, with the mode a plain
+open() would give it (0o666 less the umask).
 
 Sections follow the reference's names and order; the summary table is Metric × {BASE, MID, SFT, RL} with CORE
 first, ChatCORE last, the rest alphabetical, and the total wall clock from the header's start to the last
-non-RL section (as the reference counts it).
+non-RL section (as the reference counts it), then the estimated cost: a $ figure at the header's GPU hourly rate,
+else "n/a" and why (no rate is recorded for CPUs).
 """
 
 from __future__ import annotations
@@ -44,7 +46,9 @@ SECTIONS = [
 ]
 COLUMNS = ("BASE", "MID", "SFT", "RL")
 # Metric name in the table → key in a section's data (chat evals log task names as keys).
-TABLE_METRICS = ["CORE", "ARC-Challenge", "ARC-Easy", "GSM8K", "HumanEval", "MMLU", "ChatCORE"]
+TABLE_METRICS = ["CORE", "ARC-Challenge", "ARC-Easy", "GSM8K", "HumanEval", "MMLU", "SpellingBee", "ChatCORE"]
+# Tasks in the full CORE benchmark (the eval bundle's core.yaml); a CORE over fewer is labelled "CORE (k/22 tasks)".
+CORE_TASKS = 22
 
 # $ per GPU-hour used for the cost estimate (the reference's rates; H200 is our assumption, same as H100).
 GPU_HOURLY_RATE = {"H100": 3.00, "H200": 3.00, "A100": 1.79, "A800": 1.79, "V100": 0.55}
@@ -76,9 +80,22 @@ def _json_default(o):
         return str(o)
 
 
-def _write_text(path: Path, text: str) -> None:
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _write_bytes(path: Path, write) -> None:
+    """atomic_write, then the temp file's mode set to what open() would create (mkstemp makes it 0600) before the
+    rename, so the report and its plots are readable like any other file."""
     with atomic_write(path) as f:
-        f.write(text.encode("utf-8"))
+        write(f)
+        os.fchmod(f.fileno(), 0o666 & ~_umask())
+
+
+def _write_text(path: Path, text: str) -> None:
+    _write_bytes(path, lambda f: f.write(text.encode("utf-8")))
 
 
 def _run(cmd: list[str]) -> str:
@@ -215,6 +232,18 @@ class Report:
         order = [m for m in ["CORE"] + middle + ["ChatCORE"] if m in table]
         return order, table
 
+    def row_label(self, metric: str) -> str:
+        """The summary row's name: CORE says how many tasks it covers when the base eval scored fewer than all 22
+        (scripts/base_eval.py logs "tasks", e.g. 21 when the bundle lacks coqa)."""
+        if metric != "CORE":
+            return metric
+        for rec in self.sections():
+            if dict(SECTIONS).get(rec["section"]) == "BASE":
+                n = self.metrics(rec).get("tasks")
+                if isinstance(n, int) and n < CORE_TASKS:
+                    return f"CORE ({n}/{CORE_TASKS} tasks)"
+        return metric
+
     def wall_clock_seconds(self) -> float | None:
         """Header start → last non-RL section (the reference leaves RL out of the headline time)."""
         head = self.header()
@@ -288,17 +317,21 @@ class Report:
             lines += ["| Metric | " + " | ".join(COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
             for m in order:
                 cells = [f"{round(table[m][c], 4) + 0.0:.4f}" if c in table[m] else "-" for c in COLUMNS]  # no "-0.0000"
-                lines.append(f"| {m} | " + " | ".join(cells) + " |")
+                lines.append(f"| {self.row_label(m)} | " + " | ".join(cells) + " |")
             lines.append("")
         secs = self.wall_clock_seconds()
+        env = (head or {}).get("env", {})
         if secs is not None:
             h, m = int(secs // 3600), int(secs % 3600 // 60)
             lines.append(f"Total wall clock time: {h}h{m}m")
-            env = (head or {}).get("env", {})
-            if "gpu_hourly_rate" in env:
-                cost = secs / 3600 * env["gpu_hourly_rate"] * env["device_count"]
-                lines.append(f"Estimated cost: ${cost:.2f} ({format_duration(secs)} at "
-                             f"${env['gpu_hourly_rate'] * env['device_count']:.2f}/hour)")
+        # always a cost line (the README promises one): a $ figure needs both the time and an hourly rate
+        if "gpu_hourly_rate" not in env:
+            lines.append(f"Estimated cost: n/a (no hourly rate for {env.get('device_kind', 'unknown devices')})")
+        elif secs is None:
+            lines.append("Estimated cost: n/a (no wall clock time: no sections logged after the header)")
+        else:
+            rate = env["gpu_hourly_rate"] * env.get("device_count", 1)
+            lines.append(f"Estimated cost: ${secs / 3600 * rate:.2f} ({format_duration(secs)} at ${rate:.2f}/hour)")
         return "\n".join(lines) + "\n"
 
     def _plot(self, rec: dict) -> list[str]:
@@ -326,8 +359,7 @@ class Report:
             ax.grid(alpha=0.3)
             fig.tight_layout()
             rel = f"plots/{slugify(rec['section'])}-{slugify(tag)}.png"
-            with atomic_write(self.dir / rel) as f:
-                fig.savefig(f, format="png", dpi=120)
+            _write_bytes(self.dir / rel, lambda f: fig.savefig(f, format="png", dpi=120))
             plt.close(fig)
             out.append(rel)
         return out
@@ -388,4 +420,6 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from nanochat_jax.common import run_main
+
+    run_main(main)

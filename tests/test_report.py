@@ -1,6 +1,8 @@
 """Report card: sections in, report.md with the Metric × {BASE, MID, SFT, RL} table and plots out."""
 
 import json
+import os
+import stat
 import subprocess
 import sys
 
@@ -24,7 +26,8 @@ def fixture_report(tmp_path, start_offset_s=3 * 3600 + 51 * 60):
     r.log("Chat evaluation mid", {"ARC-Easy": 0.3561, "ARC-Challenge": 0.2875, "MMLU": 0.3111, "GSM8K": 0.025,
                                   "HumanEval": 0.0671, "ChatCORE": 0.0730})
     r.log("Chat evaluation sft", [{"ARC-Easy": 0.3876, "ARC-Challenge": 0.2807, "MMLU": 0.3151, "GSM8K": 0.0455,
-                                   "HumanEval": 0.0854, "ChatCORE": 0.0884}, "a sample: 2+2=4"])
+                                   "HumanEval": 0.0854, "SpellingBee": 0.9844, "ChatCORE": 0.0884},
+                                  "a sample: 2+2=4"])
     r.log("Chat evaluation rl", {"GSM8K": 0.0758})
     return r
 
@@ -36,8 +39,9 @@ def test_summary_table_matches_the_reference_layout(tmp_path):
     assert rows[0] == "| Metric | BASE | MID | SFT | RL |"
     # CORE first, ChatCORE last, the others alphabetical; '-' where a stage did not measure the metric.
     assert [row.split(" | ")[0][2:] for row in rows[1:]] == [
-        "CORE", "ARC-Challenge", "ARC-Easy", "GSM8K", "HumanEval", "MMLU", "ChatCORE"]
+        "CORE", "ARC-Challenge", "ARC-Easy", "GSM8K", "HumanEval", "MMLU", "SpellingBee", "ChatCORE"]
     assert "| CORE | 0.2219 | - | - | - |" in rows
+    assert "| SpellingBee | - | - | 0.9844 | - |" in rows  # chat_eval's task name, as for the others
     assert "| GSM8K | - | 0.0250 | 0.0455 | 0.0758 |" in rows
     assert "| ChatCORE | - | 0.0730 | 0.0884 | - |" in rows
     # Sections in pipeline order, formatted like the reference; strings kept as paragraphs.
@@ -49,6 +53,41 @@ def test_summary_table_matches_the_reference_layout(tmp_path):
     assert "Total wall clock time: 3h51m" in text
     assert "Estimated cost: $92." in text  # 3.85 h × $24/h = $92.4 (the reference's own number)
     assert "- Commit: " in text and "Devices: 8 × NVIDIA H100" in text
+
+
+def test_partial_core_is_labelled_with_its_task_count(tmp_path):
+    r = fixture_report(tmp_path)
+    # what scripts/base_eval.py logs when the bundle lacks coqa
+    r.log("Base model evaluation", [{"model": "d20 step 21400", "tasks": 21, "missing": "coqa", "CORE": 0.2219},
+                                    {"hellaswag": 0.31}])
+    rows = [line for line in r.generate(plots=False).read_text().splitlines() if line.startswith("| ")]
+    assert "| CORE (21/22 tasks) | 0.2219 | - | - | - |" in rows
+    r.log("Base model evaluation", [{"tasks": 22, "missing": "none", "CORE": 0.2219}])
+    assert "| CORE | 0.2219 | - | - | - |" in r.generate(plots=False).read_text().splitlines()
+
+
+def test_summary_always_has_a_cost_line(tmp_path):
+    cpu = {k: v for k, v in FAKE_ENV.items() if k != "gpu_hourly_rate"} | {"backend": "cpu", "device_kind": "cpu",
+                                                                          "device_count": 1}
+    r = Report(tmp_path / "report")
+    r.reset(env=cpu)
+    text = r.generate(plots=False).read_text()  # no sections yet: no wall clock either
+    assert "Estimated cost: n/a (no hourly rate for cpu)" in text
+    r.log("Base model evaluation", {"CORE": 0.1})
+    summary = r.generate(plots=False).read_text().split("## Summary")[1]
+    assert "Total wall clock time: 0h0m" in summary and "Estimated cost: n/a (no hourly rate for cpu)" in summary
+    r.reset(env=FAKE_ENV)  # a known rate but nothing logged yet
+    assert "Estimated cost: n/a (no wall clock time" in r.generate(plots=False).read_text()
+
+
+def test_cli_report_on_cpu_has_a_cost_line(tmp_path):
+    """`reset` records the real (CPU) environment, which has no hourly rate; report.md still says so."""
+    env = dict(os.environ, NANOCHAT_JAX_BASE_DIR=str(tmp_path / "base"), JAX_PLATFORMS="cpu")
+    cmd = [sys.executable, "-m", "nanochat_jax.report"]
+    subprocess.run(cmd + ["reset"], check=True, capture_output=True, env=env)
+    subprocess.run(cmd + ["generate", "--copy-to="], check=True, capture_output=True, env=env)
+    text = (tmp_path / "base" / "report" / "report.md").read_text()
+    assert "Estimated cost: n/a (no hourly rate for cpu)" in text.split("## Summary")[1]
 
 
 def test_relogging_a_section_replaces_it_and_reset_clears(tmp_path):
@@ -86,12 +125,29 @@ def test_plots_from_tensorboard_scalars(tmp_path):
     r = Report(tmp_path / "report")
     r.reset(env=FAKE_ENV)
     r.log("Base model training", {"depth": 2}, run_dir=run)
-    text = r.generate(copy_to=tmp_path).read_text()
+    old_umask = os.umask(0o022)
+    try:
+        text = r.generate(copy_to=tmp_path).read_text()
+    finally:
+        os.umask(old_umask)
     for name in ("base-model-training-train-loss.png", "base-model-training-val-bpb.png"):
         png = r.dir / "plots" / name
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert f"(plots/{name})" in text
+        assert stat.S_IMODE(png.stat().st_mode) == 0o644, oct(png.stat().st_mode)  # not mkstemp's 0600
     assert (tmp_path / "report.md").read_text() == text
+    assert stat.S_IMODE((tmp_path / "report.md").stat().st_mode) == 0o644
+
+
+def test_report_files_get_the_umask_mode(tmp_path):
+    old_umask = os.umask(0o027)
+    try:
+        r = fixture_report(tmp_path)
+        path = r.generate(plots=False)
+    finally:
+        os.umask(old_umask)
+    for p in (path, r.dir / "header.json", r.dir / "base-model-evaluation.md"):
+        assert stat.S_IMODE(p.stat().st_mode) == 0o640, (p, oct(p.stat().st_mode))
 
 
 def test_cli_reset_and_generate(tmp_path):
