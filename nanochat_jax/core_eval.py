@@ -359,6 +359,7 @@ class ScoringSession:
         self.waiting: dict[int, list[tuple[int, Row]]] = {}
         self.pending: list = []
         self.n = 0
+        self.seen = 0  # leading batches of `pending` already reported by finished_rows()
 
     def add(self, rows: Sequence[Row]) -> None:
         sc = self.scorer
@@ -376,17 +377,30 @@ class ScoringSession:
                 self.pending.append(sc._dispatch(length, bucket))
                 self.waiting[length] = []
 
-    def finish(self) -> tuple[np.ndarray, np.ndarray]:
+    def finished_rows(self) -> list[int]:
+        """Ids of the rows whose batches the device has finished since the last call, without waiting (batches
+        are checked in dispatch order, the order the device runs them). For progress reports only."""
+        ids = []
+        while self.seen < len(self.pending) and self.pending[self.seen][1][0].is_ready():
+            ids += self.pending[self.seen][0]
+            self.seen += 1
+        return ids
+
+    def finish(self, on_scored: Callable[[list[int]], None] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Scores of every row added. `on_scored(row ids)` is called as each batch not yet reported by
+        finished_rows() is read."""
         for length, bucket in sorted(self.waiting.items()):
             if bucket:
                 self.pending.append(self.scorer._dispatch(length, bucket))
         self.waiting = {}
         mean_loss, correct = np.full(self.n, np.inf, np.float64), np.zeros(self.n, bool)
-        for ids, (mean_B, correct_B) in self.pending:
+        for k, (ids, (mean_B, correct_B)) in enumerate(self.pending):
             mean_loss[ids] = np.asarray(mean_B)[:len(ids)]
             correct[ids] = np.asarray(correct_B)[:len(ids)]
+            if on_scored is not None and k >= self.seen:
+                on_scored(ids)
         self.scorer.stats["rows"] += self.n
-        self.pending = []
+        self.pending, self.seen = [], 0
         return mean_loss, correct
 
 
@@ -431,13 +445,45 @@ def prepare_task(tokenizer, data: Sequence[dict], task: CoreTask,
     return rows, spans
 
 
+class TaskProgress:
+    """Progress within one task: examples whose rows have all been scored, logged at most every `every` seconds
+    (a long task such as 10-shot HellaSwag otherwise prints nothing for a minute)."""
+
+    def __init__(self, label: str, total: int, log, every: float = 10.0):
+        self.label, self.total, self.log, self.every = label, total, log, every
+        self.t0 = self.last = time.perf_counter()
+        self.owner: list[int] = []  # the example of each row, in row order
+        self.left: list[int] = []   # per example: rows not scored yet
+        self.done = 0
+
+    def add(self, spans: Sequence[tuple[int, int]]) -> None:
+        """The (first row, number of rows) of the next examples, as prepare_task gives them."""
+        for _, count in spans:
+            self.owner += [len(self.left)] * count
+            self.left.append(count)
+            self.done += count == 0
+
+    def scored(self, row_ids: Sequence[int]) -> None:
+        for i in row_ids:
+            e = self.owner[i]
+            self.left[e] -= 1
+            self.done += self.left[e] == 0
+        now = time.perf_counter()
+        if now - self.last >= self.every and self.done < self.total:  # the task's own line reports the end
+            self.last = now
+            self.log(f"  {self.label}: {self.done:,}/{self.total:,} examples scored "
+                     f"({100 * self.done / max(self.total, 1):.0f}%), {now - self.t0:.0f}s")
+
+
 def evaluate_task(score_fn: ScoreFn, tokenizer, data: Sequence[dict], task: CoreTask, *,
-                  chunk_examples: int = 2048) -> dict:
+                  chunk_examples: int = 2048, log=None, progress_every: float = 10.0) -> dict:
     """{"accuracy", "correct" (per example), "examples", "rows", "seconds"} of one task over `data` (already shuffled
     and truncated, as load_task_data gives it). With a Scorer, examples are tokenized and fed chunk by chunk (the
-    device works on one chunk while the host prepares the next); any other ScoreFn gets all rows in one call."""
+    device works on one chunk while the host prepares the next), and with a `log` the examples scored so far are
+    logged at most every `progress_every` seconds; any other ScoreFn gets all rows in one call."""
     t0 = time.perf_counter()
     session = score_fn.session() if hasattr(score_fn, "session") else None
+    progress = TaskProgress(task.label, len(data), log, progress_every) if log and session is not None else None
     all_rows, spans, n_rows = [], [], 0
     for lo in range(0, len(data), chunk_examples):
         rows, chunk_spans = prepare_task(tokenizer, data, task, range(lo, min(lo + chunk_examples, len(data))))
@@ -445,10 +491,13 @@ def evaluate_task(score_fn: ScoreFn, tokenizer, data: Sequence[dict], task: Core
         n_rows += len(rows)
         if session is not None:
             session.add(rows)
+            if progress is not None:
+                progress.add(chunk_spans)
+                progress.scored(session.finished_rows())
         else:
             all_rows.extend(rows)
     if session is not None:
-        mean_loss, all_correct = session.finish()
+        mean_loss, all_correct = session.finish(on_scored=progress.scored if progress is not None else None)
     else:
         mean_loss, all_correct = score_fn(all_rows) if all_rows else (np.zeros(0), np.zeros(0, bool))
     correct = []
@@ -462,10 +511,12 @@ def evaluate_task(score_fn: ScoreFn, tokenizer, data: Sequence[dict], task: Core
 
 
 def evaluate_core(score_fn: ScoreFn, tokenizer, bundle_dir: str | os.PathLike, *, max_per_task: int = -1,
-                  tasks: Sequence[str] | None = None, require_all: bool = False, log=print0) -> dict:
+                  tasks: Sequence[str] | None = None, require_all: bool = False, log=print0,
+                  progress_every: float = 10.0) -> dict:
     """Every task of the bundle (or the labels in `tasks`). A task whose data file is missing is skipped with a
     warning and CORE is the mean over the tasks present, reported as such ("missing" lists them); with
-    require_all=True a missing file is an error instead.
+    require_all=True a missing file is an error instead. Everything is reported through `log`: a line per task,
+    and within a task that runs longer, the examples scored so far every `progress_every` seconds.
 
     Returns {"results": {label: accuracy}, "centered_results": {label: centered}, "core_metric", "missing",
     "num_tasks", "details": {label: {...}}, "examples", "seconds", "examples_per_second", "compilations"}."""
@@ -504,7 +555,7 @@ def evaluate_core(score_fn: ScoreFn, tokenizer, bundle_dir: str | os.PathLike, *
         uses[task.dataset_uri] -= 1
         if not uses[task.dataset_uri]:
             del cache[task.dataset_uri]
-        out = evaluate_task(score_fn, tokenizer, data, task)
+        out = evaluate_task(score_fn, tokenizer, data, task, log=log, progress_every=progress_every)
         results[task.label] = out["accuracy"]
         centered[task.label] = centered_accuracy(out["accuracy"], task.random_baseline)
         details[task.label] = {k: out[k] for k in ("examples", "rows", "seconds")}
@@ -647,7 +698,7 @@ def _download(url: str, dest: Path, *, max_attempts: int, backoff: float, timeou
                        f"internet, pass --eval-bundle=<a local eval_bundle directory>")
 
 
-__all__ = ["EVAL_BUNDLE_URL", "TASK_TYPES", "CoreTask", "Row", "ScoreFn", "Scorer", "ScoringSession",
+__all__ = ["EVAL_BUNDLE_URL", "TASK_TYPES", "CoreTask", "Row", "ScoreFn", "Scorer", "ScoringSession", "TaskProgress",
            "bucket_lengths", "centered_accuracy", "crop_row", "ensure_eval_bundle", "evaluate_core", "evaluate_task", "example_rows",
            "fewshot_indices", "find_common_length", "format_core_table", "load_core_tasks", "load_task_data",
            "make_model_scorer", "prepare_task", "read_core_csv", "render_prompts", "render_prompts_lm",

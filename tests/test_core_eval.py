@@ -6,6 +6,7 @@ the compilation count, a run over every task of the local bundle, and the bundle
 import http.server
 import json
 import random
+import re
 import shutil
 import threading
 import zipfile
@@ -376,6 +377,84 @@ def test_controlled_model_on_a_bundle(tmp_path):
     assert out["core_metric"] == 1.0 and out["compilations"] == 1
     out = ce.evaluate_core(scorer, CHAR, tmp_path / "b", max_per_task=4, tasks=["mc"], log=lambda *_: None)
     assert out["examples"] == 4 and out["compilations"] == 0  # same bucket shape: compiled already
+
+
+def _progress(lines):
+    """(label, done, total) of each within-task progress line."""
+    out = []
+    for line in lines:
+        m = re.fullmatch(r"  (\w+): (\d+)/(\d+) examples scored \(\d+%\), \d+s", line)
+        if m:
+            out.append((m[1], int(m[2]), int(m[3])))
+    return out
+
+
+class _BusySession(ce.ScoringSession):
+    def finished_rows(self):
+        return []  # a busy device: nothing finished yet whenever the host looks, so finish() reports every batch
+
+
+class _BusyScorer(ce.Scorer):
+    def session(self):
+        return _BusySession(self)
+
+
+def test_progress_within_a_task(tmp_path, capsys):
+    _write_bundle(tmp_path / "b", random.Random())
+    # two rows per batch: each task is several batches, so there is progress to report
+    scorer = _BusyScorer(bigram_logits, _bigram_table(), mesh=sharding.make_mesh(2), max_len=64, pad_id=0,
+                         min_bucket=64, batch_tokens=64)
+    lines = []
+    out = ce.evaluate_core(scorer, CHAR, tmp_path / "b", log=lines.append, progress_every=0)
+    assert out["results"] == {"mc": 1.0, "sch": 1.0, "lm": 1.0}
+    progress = _progress(lines)
+    for label in ("mc", "sch", "lm"):
+        done = [d for name, d, total in progress if name == label]
+        assert done[0] == 0 and done == sorted(done) and 0 < done[-1] < 9, (label, done)  # its own line says 9/9
+        assert all(total == 9 for name, _, total in progress if name == label)
+        # progress lines come before the task's line
+        task_line = next(i for i, line in enumerate(lines) if line.startswith(f"{label} "))
+        assert max(i for i, line in enumerate(lines) if line.startswith(f"  {label}: ")) < task_line
+    assert len(progress) <= scorer.stats["batches"] + 3, "at most a line per batch (+1 per task), even with no interval"
+    # the default interval: short tasks print only their own lines
+    lines.clear()
+    ce.evaluate_core(scorer, CHAR, tmp_path / "b", log=lines.append)
+    assert _progress(lines) == [] and len(lines) == 5  # missing-task warning, 3 tasks, CORE
+    # a silent log stays silent
+    capsys.readouterr()
+    ce.evaluate_core(scorer, CHAR, tmp_path / "b", log=lambda *_: None, progress_every=0)
+    assert capsys.readouterr() == ("", "")
+
+
+def test_progress_with_the_real_session(tmp_path):
+    """Chunks fed one example at a time: the host checks for finished batches after each, without waiting."""
+    scorer = ce.Scorer(bigram_logits, _bigram_table(), mesh=sharding.make_mesh(2), max_len=64, pad_id=0,
+                       min_bucket=64, batch_tokens=64)
+    task, data = _controlled_tasks(random.Random(), True)[0]
+    lines = []
+    out = ce.evaluate_task(scorer, CHAR, data, task, chunk_examples=1, log=lines.append, progress_every=0)
+    assert out["accuracy"] == 1.0
+    done = [d for _, d, _ in _progress(lines)]
+    assert done and done[0] <= 1 and done == sorted(done) and done[-1] < len(data)
+    session = scorer.session()
+    session.add(ce.prepare_task(CHAR, data, task)[0])
+    for _, (mean_B, _) in session.pending:
+        mean_B.block_until_ready()
+    ids = session.finished_rows()
+    assert ids == sorted(ids) and len(ids) == 2 * len(session.pending)  # every dispatched batch, two rows each
+    assert session.finished_rows() == []
+
+
+def test_progress_counts_examples_whose_rows_are_all_scored():
+    lines = []
+    p = ce.TaskProgress("hellaswag", 3, lines.append, every=0)
+    p.add([(0, 3), (3, 0)])  # an example without rows counts as done
+    p.add([(0, 2)])          # a later chunk: its rows are 3 and 4
+    p.scored([0, 3])
+    p.scored([1, 2])
+    assert lines == ["  hellaswag: 1/3 examples scored (33%), 0s", "  hellaswag: 2/3 examples scored (67%), 0s"]
+    p.scored([4])
+    assert p.done == 3 and len(lines) == 2  # done: the task's own line says so
 
 
 def test_download_retries_and_places_the_bundle(tmp_path):
