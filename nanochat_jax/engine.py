@@ -9,9 +9,10 @@ Rows. `tokens` is one prompt (list of ids) or several prompts (list of lists, an
 `num_samples` times; rows are prompt-major (row = prompt_index * num_samples + sample_index).
 
 Cache layout (gpt.KVCache). k and v are (layers, rows, S, kv_heads, head_dim) in the compute dtype, preallocated
-per call with S = the power-of-two bucket of (longest prompt + max_tokens); `pos` (rows,) counts the tokens each
+per call with S = the power-of-two bucket of (longest prompt + max_tokens), but never longer than the model's
+sequence_len when prompt + max_tokens fit in it (`Engine.lengths`); `pos` (rows,) counts the tokens each
 row has cached, which is also the absolute position of its next token. The prefill runs the distinct prompts
-right-padded to a power-of-two bucket T (cache length S >= T) and sets pos[b] = len(prompt_b), then the cache is
+right-padded to a power-of-two bucket T (at most S) and sets pos[b] = len(prompt_b), then the cache is
 repeated num_samples times along the row axis, so each row samples its own first token from the same prefix.
 
 Decoding. Each step feeds one token per row at position pos[b]: RoPE uses that per-row position; every layer writes
@@ -164,6 +165,16 @@ class Engine:
     def _put(self, x):
         return jax.device_put(x, self.device)
 
+    def lengths(self, prompt_len: int, max_tokens: int) -> tuple[int, int]:
+        """(T, S): the padded prompt length and the cache length that a call with this longest prompt and
+        max_tokens compiles for. Powers of two, except that a cache is never longer than the model's context
+        when prompt + max_tokens fit in it (e.g. sequence_len 300: S = 300, not 512)."""
+        need, context = prompt_len + max_tokens, self.cfg.sequence_len
+        S = bucket(need, self.min_bucket)
+        if need <= context:
+            S = min(S, context)
+        return min(bucket(prompt_len, self.min_bucket), S), S
+
     # -- generation -------------------------------------------------------------------------------
 
     def generate(self, tokens: Sequence[int] | Sequence[Sequence[int]], num_samples: int = 1, max_tokens: int = 256,
@@ -184,8 +195,7 @@ class Engine:
         cfg = self.cfg
         n, B = len(prompts), len(prompts) * num_samples
         lens = np.array([len(p) for p in prompts], np.int32)
-        T = bucket(int(lens.max()), self.min_bucket)
-        S = bucket(int(lens.max()) + max_tokens, self.min_bucket)
+        T, S = self.lengths(int(lens.max()), max_tokens)
         kmax = _top_k_bucket(top_k, cfg.vocab_size)
         idx = np.zeros((n, T), np.int32)
         for i, p in enumerate(prompts):

@@ -7,10 +7,17 @@
 Type `clear` to start a new conversation, `quit` or `exit` (or Ctrl-D) to leave. The conversation is kept as
 tokens: <|bos|> then per turn <|user_start|> text <|user_end|> <|assistant_start|> reply <|assistant_end|>; each
 reply is generated from the whole conversation so far (with the calculator tool, as the engine does it).
+
+Context. Prompt + reply never exceed the model's sequence_len: a reply is cut to the room left, and when less
+than min(--max-tokens, a quarter of the context) is left the oldest turns are dropped, with a one-line note.
+stdout carries only the conversation; notes go to stderr, and so do log lines (compilations), with -v only.
 """
 
 from __future__ import annotations
 
+import contextlib
+import itertools
+import logging
 import sys
 from dataclasses import dataclass, field
 
@@ -30,6 +37,8 @@ class ChatConfig:
     top_k: int = field(default=50, metadata={"help": "0 = off (-k)"})
     max_tokens: int = field(default=256, metadata={"help": "per reply"})
     seed: int = field(default=42, metadata={"help": "turn i samples with seed + i"})
+    verbose: bool = field(default=False, metadata={"help": "show the config and log lines (model loading, "
+                                                           "compilations) on stderr (-v)"})
     tokenizer_dir: str | None = field(default=None, metadata={"help": "default: the one the checkpoint was trained "
                                                                       "with, else <base dir>/tokenizer"})
 
@@ -40,7 +49,39 @@ class ChatConfig:
         require(self.max_tokens >= 1, f"--max-tokens must be >= 1, got {self.max_tokens}")
 
 
-ALIASES = {"-i": "source", "-p": "prompt", "-t": "temperature", "-k": "top_k"}
+ALIASES = {"-i": "source", "-p": "prompt", "-t": "temperature", "-k": "top_k", "-v": "verbose"}
+
+
+def note(text: str) -> None:
+    """A message about the chat, not part of it: stderr."""
+    print(text, file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def logs_to_stderr(verbose: bool):
+    """While inside: the package's log lines go to stderr, and only with verbose (else warnings and up)."""
+    from nanochat_jax.common import get_logger
+
+    log = get_logger()
+    saved = log.handlers[:]
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(saved[0].formatter if saved else None)
+    handler.setLevel(logging.INFO if verbose else logging.WARNING)
+    log.handlers = [handler]
+    try:
+        yield
+    finally:
+        log.handlers = saved
+
+
+def fit_context(turns: list[list[int]], turn: list[int], context: int, reserve: int) -> int:
+    """Drop the oldest turns (in place) until <|bos|> + turns + turn leaves `reserve` of `context` tokens for
+    the reply; returns how many were dropped."""
+    dropped = 0
+    while turns and 1 + sum(map(len, turns)) + len(turn) + reserve > context:
+        turns.pop(0)
+        dropped += 1
+    return dropped
 
 
 class StreamPrinter:
@@ -60,14 +101,14 @@ class StreamPrinter:
             self.printed = len(text)
 
 
-def reply(engine, tokenizer, conversation: list[int], cfg: ChatConfig, seed: int) -> list[int]:
-    """Stream one assistant reply to stdout; return its tokens, ending with <|assistant_end|>."""
+def reply(engine, tokenizer, conversation: list[int], max_tokens: int, cfg: ChatConfig, seed: int) -> list[int]:
+    """Stream one assistant reply (at most max_tokens) to stdout; return its tokens, ending with <|assistant_end|>."""
     assistant_end = tokenizer.encode_special("<|assistant_end|>")
     printer = StreamPrinter(tokenizer)
     tokens: list[int] = []
-    for i, (column, _) in enumerate(engine.generate(conversation, max_tokens=cfg.max_tokens,
+    for i, (column, _) in enumerate(engine.generate(conversation, max_tokens=max_tokens,
                                                     temperature=cfg.temperature, top_k=cfg.top_k, seed=seed)):
-        if i == 0:  # after any compilation log lines
+        if i == 0:  # after the wait for the prefill (and any compilation)
             print("\nAssistant: ", end="", flush=True)
         token = column[0]
         if token in engine.stop_ids:
@@ -80,7 +121,13 @@ def reply(engine, tokenizer, conversation: list[int], cfg: ChatConfig, seed: int
 
 def main(argv=None) -> None:
     cfg = parse_flags(ChatConfig, argv, aliases=ALIASES)
-    print_config(cfg)
+    with logs_to_stderr(cfg.verbose):
+        chat(cfg)
+
+
+def chat(cfg: ChatConfig) -> None:
+    if cfg.verbose:
+        print_config(cfg, file=sys.stderr)
     from nanochat_jax.checkpoint import load_model, load_tokenizer
     from nanochat_jax.engine import Engine
 
@@ -94,10 +141,12 @@ def main(argv=None) -> None:
     sp = tokenizer.encode_special
     bos, user_start, user_end, assistant_start = (sp(s) for s in ("<|bos|>", "<|user_start|>", "<|user_end|>",
                                                                   "<|assistant_start|>"))
-    print(f"\nnanochat-jax: {cfg.source} model, step {meta.get('step')}. Type 'clear' to start over, "
-          f"'quit' or 'exit' to leave.")
-    conversation = [bos]
-    turn = 0
+    context = model_cfg.sequence_len
+    reserve = min(cfg.max_tokens, context // 4)  # room a reply gets before the oldest turns go
+    note(f"nanochat-jax: {cfg.source} model, step {meta.get('step')}, {context}-token context. Type 'clear' to "
+         f"start over, 'quit' or 'exit' to leave.")
+    turns: list[list[int]] = []  # whole turns: user message and reply
+    replies = 0
     while True:
         if cfg.prompt:
             message = cfg.prompt
@@ -111,14 +160,32 @@ def main(argv=None) -> None:
             if message.lower() in ("quit", "exit"):
                 return
             if message.lower() == "clear":
-                conversation = [bos]
-                print("(conversation cleared)")
+                turns = []
+                note("(conversation cleared)")
                 continue
             if not message:
                 continue
-        conversation += [user_start, *tokenizer.encode(message), user_end, assistant_start]
-        conversation += reply(engine, tokenizer, conversation, cfg, seed=cfg.seed + turn)
-        turn += 1
+        turn = [user_start, *tokenizer.encode(message), user_end, assistant_start]
+        if 1 + len(turn) >= context:
+            too_long = f"(that message is {len(turn)} tokens; this model's context is {context} tokens: shorten it)"
+            if cfg.prompt:
+                raise SystemExit(too_long)
+            note(too_long)
+            continue
+        dropped = fit_context(turns, turn, context, reserve)
+        prompt = [bos, *itertools.chain(*turns), *turn]
+        if dropped:
+            note(f"(the chat outgrew this model's {context}-token context: dropped the oldest {dropped} turn(s); "
+                 f"'clear' starts over)")
+        elif len(prompt) > context * 3 // 4:
+            note(f"(the chat is {len(prompt)} of this model's {context} context tokens: the oldest turns will be "
+                 f"dropped when it is full; 'clear' starts over)")
+        max_tokens = min(cfg.max_tokens, context - len(prompt))
+        answer = reply(engine, tokenizer, prompt, max_tokens, cfg, seed=cfg.seed + replies)
+        if max_tokens < cfg.max_tokens and len(answer) > max_tokens:
+            note(f"(the reply was cut at the end of this model's {context}-token context)")
+        turns.append(turn + answer)
+        replies += 1
         if cfg.prompt:
             return
 

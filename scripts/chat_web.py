@@ -32,13 +32,17 @@ class WebConfig:
     temperature: float = field(default=0.8, metadata={"help": "default when a request gives none (-t)"})
     top_k: int = field(default=50, metadata={"help": "default when a request gives none; 0 = off (-k)"})
     max_tokens: int = field(default=512, metadata={"help": "default reply length when a request gives none (-m)"})
-    max_context: int = field(default=0, metadata={"help": "prompt + reply tokens at most; 0 = the model's "
-                                                          "sequence_len"})
+    max_context: int = field(default=0, metadata={"help": "prompt + reply tokens at most, up to the model's "
+                                                          "sequence_len; 0 = the model's sequence_len"})
     threads: int = field(default=64, metadata={"help": "server threads: streams plus queued requests plus "
                                                        "/health and /stats"})
     queue_timeout: float = field(default=300.0, metadata={"help": "seconds a request waits for a free worker, "
                                                                   "then 503"})
-    warmup: bool = field(default=True, metadata={"help": "compile every replica before serving"})
+    warmup: bool = field(default=True, metadata={"help": "compile every replica before serving, for chats with the "
+                                                         "defaults"})
+    warmup_tokens: int = field(default=64, metadata={"help": "warm up prompts of up to this many tokens (the "
+                                                             "model's context: all; each prompt bucket compiles "
+                                                             "once)"})
     cors: str = field(default="", metadata={"help": "Access-Control-Allow-Origin to send, e.g. '*'; empty = none"})
     tokenizer_dir: str | None = field(default=None, metadata={"help": "default: the one the checkpoint was trained "
                                                                       "with, else <base dir>/tokenizer"})
@@ -53,6 +57,7 @@ class WebConfig:
         require(self.max_context >= 0, f"--max-context must be >= 0 (0 = the model's), got {self.max_context}")
         require(self.threads >= 2, f"--threads must be >= 2, got {self.threads}")
         require(self.queue_timeout > 0, f"--queue-timeout must be > 0, got {self.queue_timeout}")
+        require(self.warmup_tokens >= 1, f"--warmup-tokens must be >= 1, got {self.warmup_tokens}")
 
 
 ALIASES = {"-i": "source", "-n": "num_workers", "-t": "temperature", "-k": "top_k", "-m": "max_tokens"}
@@ -74,19 +79,21 @@ def main(argv=None) -> None:
         require_same_vocab(model_cfg, tokenizer, f"the {cfg.source} model")
     except ValueError as e:
         raise SystemExit(str(e)) from None
+    if cfg.max_context > model_cfg.sequence_len:
+        raise SystemExit(f"--max-context={cfg.max_context} is longer than the model's context "
+                         f"({model_cfg.sequence_len} tokens); use at most that (0 = the model's)")
     devices = jax.local_devices()
     if cfg.num_workers > len(devices):
         raise SystemExit(f"-n/--num-workers={cfg.num_workers}, but there are only {len(devices)} local devices")
     engines = make_engines(params, model_cfg, tokenizer, devices=devices[:cfg.num_workers or len(devices)])
     del params
-    max_context = cfg.max_context or model_cfg.sequence_len
-    if cfg.warmup:
-        print0(f"compiling {len(engines)} replica(s)...")
-        warm_up(engines, tokenizer, cfg.max_tokens, max_context)
     tag = f"{cfg.source}-{model_tag}-step{meta.get('step')}"
     app = create_app(engines, defaults=SamplingDefaults(cfg.temperature, cfg.top_k, cfg.max_tokens),
-                     max_context=max_context, queue_timeout=cfg.queue_timeout, model_name=f"nanochat-jax-{tag}",
-                     cors_origin=cfg.cors or None)
+                     max_context=cfg.max_context or None, queue_timeout=cfg.queue_timeout,
+                     model_name=f"nanochat-jax-{tag}", cors_origin=cfg.cors or None)
+    if cfg.warmup:
+        print0(f"compiling {len(engines)} replica(s)...")
+        warm_up(app, cfg.warmup_tokens)
     server = make_server(app, host=cfg.host, port=cfg.port, threads=cfg.threads)
     print0(f"nanochat-jax web chat ({tag}, {len(engines)} worker(s) on {devices[0].platform}) serving on "
            f"http://{cfg.host}:{server.effective_port}/  (OpenAI API: /v1/chat/completions; Ctrl-C to stop)")

@@ -1,7 +1,8 @@
 """Tests for nanochat_jax/engine.py and the KV-cache path of gpt.py: cached prefill/decode against the full forward
 (logits in fp32, greedy tokens) with sliding windows, value embeds, smear and backout, for prompts of different
 lengths in one batch; sampling statistics, seeds and top-k; calculator tool use and stop tokens with a scripted
-model; compilation caching and device pinning; and the bench_infer / chat_cli scripts end to end."""
+model; compilation caching, cache lengths within the context and device pinning; and the bench_infer script end
+to end (chat_cli: test_chat_cli.py)."""
 
 import json
 import math
@@ -99,6 +100,22 @@ def test_greedy_decode_equals_full_forward_for_mixed_lengths(tiny_engine):
     assert len(engine.compilations) == 2
     assert seqs2[::2] == full_forward_greedy(params, cfg, prompts2, 20)
     assert bucket(16) == 16 and bucket(17) == 32 and bucket(3) == 16
+
+
+def test_cache_is_never_longer_than_the_context_when_the_request_fits():
+    """Cache lengths are powers of two, but capped at sequence_len (here 40) when prompt + max_tokens fit in it; a
+    prompt bucket never outgrows the cache. Decoding into the capped cache still matches the full forward."""
+    cfg = gpt.GPTConfig(**{**TINY, "sequence_len": 40})
+    params = random_params(cfg, seed=27)
+    engine = Engine(params, cfg)
+    assert engine.lengths(5, 11) == (16, 16) and engine.lengths(5, 35) == (16, 40)
+    assert engine.lengths(33, 7) == (40, 40)
+    assert engine.lengths(5, 36) == (16, 64)  # past the context: the plain bucket (the caller asked for it)
+    prompts = [np.random.default_rng(28).integers(0, cfg.vocab_size, n).tolist() for n in (5, 33)]
+    for prompt, n_new in zip(prompts, (35, 7)):
+        seqs, _ = engine.generate_batch(prompt, max_tokens=n_new, temperature=0.0)
+        assert seqs == full_forward_greedy(params, cfg, [prompt], n_new)
+    assert engine.compilations == [("prefill", 1, 1, 16, 40, 0), ("decode", 1, 40, 0), ("prefill", 1, 1, 40, 40, 0)]
 
 
 def test_seeds_rows_and_top_k(tiny_engine):
@@ -235,51 +252,3 @@ def test_bench_infer_runs_on_cpu_without_grain_or_flask():
     for r in result["results"]:
         assert r["ttft_ms"] > 0 and r["tpot_ms"] > 0 and r["bytes_per_step"] > 0
         assert r["compilations"] == 2 and r["bandwidth_util_percent"] is None  # no peak bandwidth for CPU
-
-
-def save_hi_model(tokenizer):
-    """A base checkpoint (tag d2, step 5) of a scripted model that answers every user turn with "hi!", and the
-    tokenizer in <base dir>/tokenizer, where chat_cli looks by default."""
-    from nanochat_jax.checkpoint import Checkpointer, checkpoint_dir
-
-    sp = tokenizer.encode_special
-    h, i, bang = (single(tokenizer, c) for c in "hi!")
-    cfg, params = scripted_params(tokenizer, {sp("<|assistant_start|>"): h, h: i, i: bang,
-                                              bang: sp("<|assistant_end|>")})
-    tokenizer.save()
-    with Checkpointer(checkpoint_dir("base", "d2"), async_save=False) as ckpt:
-        ckpt.save(5, params=params, meta={"step": 5, "model_config": cfg.to_dict()})
-    return [h, i, bang, sp("<|assistant_end|>")]
-
-
-def test_chat_cli_one_shot_from_base_checkpoint(tokenizer):
-    save_hi_model(tokenizer)
-    out = _run(["scripts/chat_cli.py", "-p", "hello", "-i", "base", "-t", "0", "--max-tokens=16"])
-    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
-    assert "User: hello" in out.stdout and "Assistant: hi!\n" in out.stdout, out.stdout[-1000:]
-
-
-@pytest.mark.slow
-def test_chat_cli_interactive_turns_clear_and_quit(tokenizer, monkeypatch, capsys):
-    import importlib.util
-
-    reply = save_hi_model(tokenizer)
-    spec = importlib.util.spec_from_file_location("chat_cli", REPO_ROOT / "scripts" / "chat_cli.py")
-    chat_cli = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "chat_cli", chat_cli)  # dataclasses look their module up there
-    spec.loader.exec_module(chat_cli)
-    lines = iter(["hello", "  ", "and you?", "clear", "hello", "quit", "never read"])
-    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
-    prompts = []
-    real_generate = Engine.generate
-    monkeypatch.setattr(Engine, "generate", lambda self, tokens, **kw: prompts.append(list(tokens)) or
-                        real_generate(self, tokens, **kw))
-    chat_cli.main(["-i", "base", "-t", "0", "--max-tokens=16"])
-    out = capsys.readouterr().out
-    assert out.count("Assistant: hi!\n") == 3 and "(conversation cleared)" in out
-    sp = tokenizer.encode_special
-    turn = lambda text: [sp("<|user_start|>"), *tokenizer.encode(text), sp("<|user_end|>"),  # noqa: E731
-                         sp("<|assistant_start|>")]
-    first = [tokenizer.bos_id, *turn("hello")]
-    assert prompts == [first, first + reply + turn("and you?"), first]
-    assert next(lines) == "never read"

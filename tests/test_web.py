@@ -10,6 +10,7 @@ counts known in advance: the exact SSE events, token counts in /stats, the worke
 import json
 import math
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -28,7 +29,7 @@ from nanochat_jax import gpt
 from nanochat_jax.engine import Engine
 from nanochat_jax.tokenizer import train_tokenizer
 from nanochat_jax.web import (BackgroundServer, RequestError, SamplingDefaults, WorkerPool, create_app, get_pool,
-                              parse_chat_request, parse_messages, render_prompt)
+                              parse_chat_request, parse_messages, render_prompt, warm_up)
 from nanochat_jax.web import app as web_app
 
 REPLY_TEXT = "éhi!"
@@ -130,6 +131,7 @@ def test_page_static_files_health_stats_and_json_errors(reply_app):
     assert client.get("/static/style.css").status_code == 200
     health = client.get("/health").get_json()
     assert health["status"] == "ok" and health["ready"] is True
+    assert health["max_context"] == 64 and health["defaults"] == {"temperature": 0.0, "top_k": 0, "max_tokens": 8}
     assert health["num_workers"] == 1 and health["available_workers"] == 1
     stats = client.get("/stats").get_json()
     assert stats["total_workers"] == 1 and stats["busy_workers"] == 0 and stats["idle_workers"] == 1
@@ -317,10 +319,90 @@ def test_long_conversation_is_rejected_and_max_tokens_cut_to_the_context(tok, mo
     assert_idle(app, served=1)
 
 
-def test_request_too_large_is_a_json_413(reply_app):
+def test_request_too_large_is_a_json_413_that_states_the_limit(reply_app):
     resp = reply_app.test_client().post("/chat/completions", data="x" * (web_app.MAX_BODY_BYTES + 1),
                                         content_type="application/json")
-    assert resp.status_code == 413 and "error" in resp.get_json()
+    assert resp.status_code == 413
+    assert resp.get_json()["error"]["message"] == "request body too large: limit is 2 MB"
+
+
+# ----------------------------------------------------------------------------------------------
+# Warm-up and the limits the page shows
+
+def test_warm_up_compiles_what_short_chats_hit(tok, models):
+    """The server's usual defaults (top-k 50, 512 tokens cut to the 64-token context) and the engine's own
+    buckets: after warm_up, short chats of either endpoint, with or without a system prompt, compile nothing."""
+    cfg, params = models["reply"]
+    engine = Engine(params, cfg, tok)  # prompt buckets 16, 32, 64
+    app = create_app([engine], defaults=SamplingDefaults())
+    assert warm_up(app) == 4 and len(engine.compilations) == 4  # 3 prefill buckets, 1 decode
+    client = app.test_client()
+    system = {"role": "system", "content": "Be brief and kind."}
+    lengths = []
+    for path, messages in [("/chat/completions", user("hi")), ("/v1/chat/completions", user()),
+                           ("/chat/completions", [system, *user("hi")]),
+                           ("/chat/completions", [system, *user("hello there, how are you?")]),
+                           ("/v1/chat/completions", user("hello there, how are you? " * 3))]:
+        lengths.append(len(render_prompt(tok, parse_messages(messages))))
+        resp = client.post(path, json={"messages": messages})
+        assert resp.status_code == 200 and resp.get_data(as_text=True)
+    assert lengths == [6, 7, 23, 34, 44]  # the tiny tokenizer spends many tokens: buckets 16, 32 and 64
+    assert len(engine.compilations) == 4, engine.compilations[4:]
+    health = client.get("/health").get_json()  # the default max_tokens, cut to the context
+    assert health["max_context"] == 64 and health["defaults"] == {"temperature": 0.8, "top_k": 50, "max_tokens": 64}
+
+
+PAGE_HARNESS = r"""
+// app.js in node with a stub DOM: health answers with argv[2]; then commands typed in argv[3] (JSON list).
+const fs = require("fs"), vm = require("vm");
+const els = {};
+function el() {
+  return { textContent: "", className: "", title: "", value: "", hidden: false, dataset: {}, style: {}, listeners: {},
+    classList: { toggle() {}, add() {} }, addEventListener(type, fn) { this.listeners[type] = fn; }, append() {},
+    replaceChildren() {}, focus() {}, querySelector: () => el(), scrollHeight: 0, lastElementChild: null };
+}
+const store = JSON.parse(process.argv[4]);
+const ctx = { document: { getElementById: (id) => (els[id] = els[id] || el()), createElement: el,
+                          addEventListener() {} },
+              localStorage: { getItem: (k) => store[k] || null, setItem: (k, v) => { store[k] = v; } },
+              fetch: async () => ({ ok: true, json: async () => JSON.parse(process.argv[2]) }) };
+vm.createContext(ctx);
+vm.runInContext(fs.readFileSync(process.argv[1], "utf8"), ctx);
+setTimeout(() => {
+  const footers = [els.settings.textContent];
+  for (const text of JSON.parse(process.argv[3])) {
+    els.input.value = text;
+    els.form.listeners.submit({ preventDefault() {} });
+    footers.push(els.settings.textContent);
+  }
+  const notices = vm.runInContext("messages.map((m) => m.content)", ctx);
+  console.log(JSON.stringify({ footers, notices, status: els.status.title }));
+}, 100);
+"""
+
+
+@pytest.mark.skipif(shutil.which("node") is None, reason="no node to run the page's script")
+def test_page_shows_the_servers_limit_for_max_tokens(tok, models):
+    """The page's footer and /maxtokens take the default and the limit from /health, not a built-in 512."""
+    app = create_app(engines(tok, models["reply"]), defaults=SamplingDefaults())
+    health = app.test_client().get("/health").get_data(as_text=True)
+
+    def page(commands, stored=None):
+        out = subprocess.run(["node", "-e", PAGE_HARNESS, str(web_app.STATIC_DIR / "app.js"), health,
+                              json.dumps(commands), json.dumps(stored or {})],
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr[-2000:]
+        return json.loads(out.stdout)
+
+    got = page(["/maxtokens 100", "/maxtokens 20", "/topk 0"])
+    assert got["footers"] == ["temperature 0.8 · top-k 50 · max 64 tokens"] * 2 + [
+        "temperature 0.8 · top-k 50 · max 20 tokens", "temperature 0.8 · top-k off · max 20 tokens"]
+    assert got["notices"] == ['max tokens must be an integer from 1 to 64, got "100"', "max tokens set to 20",
+                              "top-k set to 0"]
+    assert "context 64 tokens" in got["status"]
+    # A longer reply chosen on another server is cut to this one's context.
+    stored = page([], {"nanochat-jax.chosen": json.dumps({"maxTokens": 512})})
+    assert stored["footers"] == ["temperature 0.8 · top-k 50 · max 64 tokens"]
 
 
 # ----------------------------------------------------------------------------------------------

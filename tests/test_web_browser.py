@@ -75,6 +75,7 @@ def test_chat_page_streams_edits_regenerates_and_runs_commands(server, browser):
     page.on("pageerror", lambda e: errors.append(str(e)))
     page.goto(server.url + "/")
     expect(page.locator("#status")).to_have_class("status ok")  # /health answered
+    expect(page.locator("#settings")).to_have_text("temperature 0 · top-k off · max 8 tokens")  # server defaults
     box = page.locator("#input")
 
     # Commands are handled by the page: greedy sampling and no top-k, so the reply is known.

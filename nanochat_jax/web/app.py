@@ -11,7 +11,9 @@ Endpoints
                                text, then `data: {"done": true, "finish_reason": "stop"|"length", ...}`
     POST /v1/chat/completions  OpenAI-compatible: "stream": true gives `data: {chat.completion.chunk}` ...
                                `data: [DONE]`, otherwise one chat.completion JSON object. GET /v1/models.
-    GET  /health, GET /stats   readiness; workers busy/idle, queue length, requests served, tokens generated
+    GET  /health, GET /stats   readiness, the context and the defaults a request gets (max_tokens already cut to
+                               the context; the page shows them); workers busy/idle, queue length, requests
+                               served, tokens generated
 
 Workers. Each Engine (one per device) belongs to one Worker; a request leases a free worker for the whole reply
 and waits in a queue while all are busy (503 after queue_timeout). The lease ends exactly once: when the reply
@@ -26,7 +28,10 @@ appear as their literal names, as in the reference UI.
 Requests are checked before a worker is taken; every problem is HTTP 400 with an OpenAI-style JSON error
 ({"error": {"message", "type", "param"}}): bad JSON, missing/empty messages, roles other than user/assistant
 (leading system messages are folded into the first user turn), limits on counts and lengths, and the sampling
-ranges below. Any other failure is a JSON 500; the server keeps running.
+ranges below; a body over 2 MB is a 413. Any other failure is a JSON 500; the server keeps running.
+
+Compilation. Each engine compiles its prefill per prompt-length bucket and its decode per cache length (see
+engine.py); warm_up(app) compiles, before serving, the ones that short chats with the server's defaults hit.
 """
 
 from __future__ import annotations
@@ -38,7 +43,8 @@ import random
 import threading
 import time
 import uuid
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -338,25 +344,38 @@ class Generation:
 # ----------------------------------------------------------------------------------------------
 # Engines
 
-def warm_up(engines: Sequence, tokenizer, max_tokens: int, max_context: int | None = None) -> None:
-    """Compile every engine's prefill and decode for a short prompt and `max_tokens` (cut to max_context as
-    requests are), in parallel, so the first chats do not wait for compilation."""
-    prompt = render_prompt(tokenizer, [("user", "hi")])
-    if max_context:
-        max_tokens = max(1, min(max_tokens, max_context - len(prompt)))
+def reply_tokens(prompt_len: int, max_tokens: int, max_context: int) -> int:
+    """The most tokens a reply to a prompt of prompt_len tokens may have: max_tokens, cut to the context."""
+    return min(max_tokens, max_context - prompt_len)
 
-    def run(engine):
-        steps = engine.generate(prompt, max_tokens=max_tokens, temperature=0.0)
-        for i, _ in enumerate(steps):
-            if i == 1:  # prefill and one decode step have run
-                break
-        steps.close()
 
-    threads = [threading.Thread(target=run, args=(e,)) for e in engines]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+def warm_up(app: Flask, prompt_tokens: int = 64) -> int:
+    """Compile, on every engine of `app` in parallel, what chats with the app's defaults hit: the prefill of
+    each prompt-length bucket up to `prompt_tokens` (a short message, with or without a system prompt, renders
+    to a few dozen tokens) and the decode that follows it. Short first chats then compile nothing; a longer
+    prompt compiles its bucket when it first comes. Returns the number of programs compiled per engine."""
+    pool, settings = get_pool(app), app.extensions["nanochat_settings"]
+    defaults, max_context, bos = settings["defaults"], settings["max_context"], settings["tokenizer"].bos_id
+
+    def run(engine) -> int:
+        before = len(engine.compilations)
+        shapes = {}  # (prompt bucket, cache length) → one prompt length that has them
+        for n in range(1, min(prompt_tokens, max_context - 1) + 1):
+            max_tokens = reply_tokens(n, defaults.max_tokens, max_context)
+            shapes.setdefault(engine.lengths(n, max_tokens), (n, max_tokens))
+        for n, max_tokens in shapes.values():
+            steps = engine.generate([bos] * n, max_tokens=max_tokens, temperature=defaults.temperature,
+                                    top_k=defaults.top_k)
+            next(steps)  # the prefill has run and the first decode step is compiled and dispatched
+            steps.close()
+        return len(engine.compilations) - before
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(len(pool.workers)) as ex:
+        counts = list(ex.map(run, [w.engine for w in pool.workers]))
+    get_logger().info(f"web: warm-up compiled {max(counts)} program(s) per engine for prompts of up to "
+                      f"{prompt_tokens} tokens in {time.perf_counter() - t0:.1f}s")
+    return max(counts)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -373,7 +392,8 @@ def create_app(engines: Sequence | None = None, *, params=None, cfg=None, tokeni
     """The chat app over `engines`, or over one Engine per device built from (params, cfg, tokenizer).
 
     max_context: prompt + reply tokens at most (default: the model's sequence_len); longer prompts are a 400, and
-    max_tokens is cut to what is left. queue_timeout: seconds a request waits for a free worker before a 503.
+    max_tokens (the default one too) is cut to what is left. queue_timeout: seconds a request waits for a free
+    worker before a 503.
     cors_origin: sent as Access-Control-Allow-Origin (e.g. "*") so pages on other origins may call the API."""
     if engines is None:
         if params is None or cfg is None or tokenizer is None:
@@ -386,12 +406,16 @@ def create_app(engines: Sequence | None = None, *, params=None, cfg=None, tokeni
     if tokenizer is None or any(e.tokenizer is None for e in engines):
         raise ValueError("create_app: the engines need a tokenizer (for stop tokens and decoding)")
     max_context = max_context or engines[0].cfg.sequence_len
+    if max_context < 2:
+        raise ValueError(f"create_app: max_context must be >= 2 tokens, got {max_context}")
+    defaults = replace(defaults, max_tokens=min(defaults.max_tokens, max_context))
     pool = WorkerPool(engines)
     log = get_logger()
 
     app = Flask(__name__, static_folder=str(STATIC_DIR), static_url_path="/static")
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
     app.extensions["nanochat_pool"] = pool
+    app.extensions["nanochat_settings"] = {"defaults": defaults, "max_context": max_context, "tokenizer": tokenizer}
 
     @app.errorhandler(RequestError)
     def _request_error(e: RequestError):
@@ -402,7 +426,10 @@ def create_app(engines: Sequence | None = None, *, params=None, cfg=None, tokeni
 
     @app.errorhandler(HTTPException)
     def _http_error(e: HTTPException):
-        return jsonify(error_body(e.description or e.name, e.name.lower().replace(" ", "_"))), e.code
+        message = e.description or e.name
+        if e.code == 413:
+            message = f"request body too large: limit is {MAX_BODY_BYTES // 2**20} MB"
+        return jsonify(error_body(message, e.name.lower().replace(" ", "_"))), e.code
 
     @app.errorhandler(Exception)
     def _server_error(e: Exception):
@@ -436,7 +463,8 @@ def create_app(engines: Sequence | None = None, *, params=None, cfg=None, tokeni
             raise RequestError(f"all {len(pool.workers)} workers are busy; try again shortly", status=503,
                                kind="server_busy")
         try:
-            gen = Generation(pool, worker, tokenizer, prompt, req, min(req.max_tokens, max_context - len(prompt)))
+            gen = Generation(pool, worker, tokenizer, prompt, req, reply_tokens(len(prompt), req.max_tokens,
+                                                                                 max_context))
         except BaseException:
             pool.release(worker, cancelled=True)
             raise
@@ -456,7 +484,9 @@ def create_app(engines: Sequence | None = None, *, params=None, cfg=None, tokeni
     def health():
         s = pool.stats()
         return jsonify({"status": "ok", "ready": True, "num_workers": s["total_workers"],
-                        "available_workers": s["idle_workers"], "model": model_name})
+                        "available_workers": s["idle_workers"], "model": model_name, "max_context": max_context,
+                        "defaults": {"temperature": defaults.temperature, "top_k": defaults.top_k,
+                                     "max_tokens": defaults.max_tokens}})
 
     @app.get("/stats")
     def stats():
@@ -579,5 +609,5 @@ class BackgroundServer:
 
 __all__ = ["create_app", "make_engines", "warm_up", "make_server", "BackgroundServer", "WorkerPool", "Worker",
            "Generation", "ChatRequest", "RequestError", "SamplingDefaults", "parse_chat_request", "parse_messages",
-           "render_prompt", "get_pool", "MAX_MESSAGES", "MAX_MESSAGE_CHARS", "MAX_TOTAL_CHARS",
+           "render_prompt", "reply_tokens", "get_pool", "MAX_MESSAGES", "MAX_MESSAGE_CHARS", "MAX_TOTAL_CHARS",
            "TEMPERATURE_RANGE", "TOP_K_RANGE", "MAX_TOKENS_RANGE"]

@@ -1,5 +1,7 @@
 // nanochat-jax chat page. The conversation lives in `messages`; each reply streams from POST chat/completions
 // (Server-Sent Events: {"token": text} ... {"done": true}). Slash commands are handled here, never sent.
+// Settings are the server's defaults (from GET health: max_tokens already cut to the model's context), overridden
+// by what the user set with a command (kept in localStorage).
 "use strict";
 
 const $ = (id) => document.getElementById(id);
@@ -8,9 +10,14 @@ const ui = {
   send: $("send"), settings: $("settings"), status: $("status"), newChat: $("new-chat"),
 };
 
-const DEFAULTS = { temperature: 0.8, topK: 50, maxTokens: 512 };
-const SETTINGS_KEY = "nanochat-jax.settings";
-const settings = loadSettings();
+const server = { defaults: { temperature: 0.8, topK: 50, maxTokens: 512 }, maxContext: 4096 };  // until health
+const SETTINGS_KEY = "nanochat-jax.chosen";
+const chosen = loadChosen();  // {temperature?, topK?, maxTokens?}: set by the user
+
+function setting(name) {
+  const v = name in chosen ? chosen[name] : server.defaults[name];
+  return name === "maxTokens" ? Math.min(v, server.maxContext) : v;  // a reply never outgrows the context
+}
 
 let messages = [];       // {role: "user" | "assistant" | "notice", content, error?, finish?}
 let controller = null;   // AbortController of the reply being streamed (null: idle)
@@ -19,24 +26,24 @@ const HELP = [
   "Commands:",
   "  /temperature [t]   show or set the sampling temperature (0 to 2; 0 = always the most likely token)",
   "  /topk [k]          show or set top-k (1 to 200; 0 = off)",
-  "  /maxtokens [n]     show or set the longest reply in tokens (1 to 4096)",
+  "  /maxtokens [n]     show or set the longest reply in tokens (up to the model's context)",
   "  /clear             start a new chat",
   "  /help              this list",
   "Enter sends, Shift+Enter adds a line. Edit a message of yours to rewrite the chat from there;",
   "Regenerate samples a reply again. Stop (or Esc) ends a reply early.",
 ].join("\n");
 
-function loadSettings() {
+function loadChosen() {
   try {
     const saved = JSON.parse(localStorage.getItem(SETTINGS_KEY) || "{}");
-    return { ...DEFAULTS, ...saved };
+    return saved && typeof saved === "object" ? saved : {};
   } catch (e) {
-    return { ...DEFAULTS };
+    return {};
   }
 }
 
-function saveSettings() {
-  try { localStorage.setItem(SETTINGS_KEY, JSON.stringify(settings)); } catch (e) { /* private mode */ }
+function saveChosen() {
+  try { localStorage.setItem(SETTINGS_KEY, JSON.stringify(chosen)); } catch (e) { /* private mode */ }
 }
 
 // -- rendering ---------------------------------------------------------------------------------------
@@ -84,12 +91,16 @@ function renderMessage(m, i) {
 function render() {
   ui.messages.replaceChildren(...messages.map(renderMessage));
   ui.empty.hidden = messages.length > 0;
-  ui.settings.textContent = `temperature ${settings.temperature} · top-k ${settings.topK || "off"} · ` +
-    `max ${settings.maxTokens} tokens`;
+  renderSettings();
   ui.send.textContent = controller ? "Stop" : "Send";
   ui.send.classList.toggle("stop", controller !== null);
   ui.send.title = controller ? "Stop the reply (Esc)" : "Send (Enter)";
   scrollToEnd();
+}
+
+function renderSettings() {
+  ui.settings.textContent = `temperature ${setting("temperature")} · top-k ${setting("topK") || "off"} · ` +
+    `max ${setting("maxTokens")} tokens`;
 }
 
 function scrollToEnd() {
@@ -161,8 +172,8 @@ function conversation() {
 
 async function generate() {
   const body = {
-    messages: conversation(), temperature: settings.temperature, top_k: settings.topK,
-    max_tokens: settings.maxTokens,
+    messages: conversation(), temperature: setting("temperature"), top_k: setting("topK"),
+    max_tokens: setting("maxTokens"),
   };
   const reply = { role: "assistant", content: "", pending: true };
   messages.push(reply);
@@ -223,13 +234,13 @@ async function generate() {
 // -- slash commands ----------------------------------------------------------------------------------
 
 function setNumber(name, label, arg, lo, hi, integer) {
-  if (arg === undefined) return notice(`${label} is ${settings[name]}`);
+  if (arg === undefined) return notice(`${label} is ${setting(name)}`);
   const v = Number(arg);
   if (arg === "" || !Number.isFinite(v) || v < lo || v > hi || (integer && !Number.isInteger(v))) {
     return notice(`${label} must be ${integer ? "an integer" : "a number"} from ${lo} to ${hi}, got "${arg}"`);
   }
-  settings[name] = v;
-  saveSettings();
+  chosen[name] = v;
+  saveChosen();
   notice(`${label} set to ${v}`);
 }
 
@@ -238,7 +249,8 @@ function command(text) {
   switch (name.toLowerCase()) {
     case "/temperature": case "/temp": return setNumber("temperature", "temperature", arg, 0, 2, false);
     case "/topk": case "/top_k": return setNumber("topK", "top-k", arg, 0, 200, true);
-    case "/maxtokens": case "/max_tokens": return setNumber("maxTokens", "max tokens", arg, 1, 4096, true);
+    case "/maxtokens": case "/max_tokens":
+      return setNumber("maxTokens", "max tokens", arg, 1, Math.min(4096, server.maxContext), true);
     case "/clear": case "/new": return newChat();
     case "/help": return notice(HELP);
     default: return notice(`unknown command ${name}; /help lists the commands`);
@@ -274,8 +286,15 @@ async function checkHealth() {
   try {
     const res = await fetch("health");
     const h = await res.json();
+    if (h.defaults) {
+      const d = h.defaults;
+      server.defaults = { temperature: d.temperature, topK: d.top_k, maxTokens: d.max_tokens };
+    }
+    if (h.max_context) server.maxContext = h.max_context;
+    renderSettings();
     ui.status.className = "status ok";
-    ui.status.title = `${h.model}: ${h.available_workers} of ${h.num_workers} workers free`;
+    ui.status.title = `${h.model}: ${h.available_workers} of ${h.num_workers} workers free; ` +
+      `context ${server.maxContext} tokens`;
   } catch (e) {
     ui.status.className = "status down";
     ui.status.title = "the server is not answering";
