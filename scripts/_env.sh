@@ -26,11 +26,20 @@ fi
 
 STAMP="$VENV/.nanochat_jax_installed"
 EXTRAS="dev${NANOCHAT_JAX_EXTRAS:+,$NANOCHAT_JAX_EXTRAS}"  # e.g. NANOCHAT_JAX_EXTRAS=gpu (speedrun.sh sets it)
-WANT="$( (cat "$REPO_ROOT/pyproject.toml"; echo "$EXTRAS") | sha256sum | cut -d' ' -f1)"
+# Installs go through constraints.txt: the versions the test suite passed with (scripts/lock.sh updates it).
+CONSTRAINTS="${NANOCHAT_JAX_CONSTRAINTS:-$REPO_ROOT/constraints.txt}"
+PIP_C=()
+if [ "$CONSTRAINTS" != none ]; then
+  [ -f "$CONSTRAINTS" ] || { echo "error: constraints file $CONSTRAINTS not found (NANOCHAT_JAX_CONSTRAINTS=none installs without one)" >&2; exit 1; }
+  PIP_C=(-c "$CONSTRAINTS")
+fi
+WANT="$( (cat "$REPO_ROOT/pyproject.toml"; echo "$EXTRAS $CONSTRAINTS"; [ "$CONSTRAINTS" = none ] || cat "$CONSTRAINTS") \
+  | sha256sum | cut -d' ' -f1)"
 if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ]; then
-  echo "[setup] installing nanochat-jax and its dependencies into $VENV"
+  echo "[setup] installing nanochat-jax and its dependencies into $VENV${PIP_C[*]:+ (pinned by $CONSTRAINTS)}"
   "$VENV/bin/python" -m pip install -q --disable-pip-version-check -U pip 2>&1 | grep -v "is ignored" || true
-  "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e "$REPO_ROOT[$EXTRAS]" 2>&1 | grep -v "is ignored" || true
+  "$VENV/bin/python" -m pip install -q --disable-pip-version-check "${PIP_C[@]}" -e "$REPO_ROOT[$EXTRAS]" 2>&1 \
+    | grep -v "is ignored" || true
   "$VENV/bin/python" -c "import nanochat_jax, jax, flax, optax, orbax.checkpoint, grain, tiktoken, rustbpe, pyarrow" \
     || { echo "error: installation into $VENV failed (see pip output above)" >&2; exit 1; }
   echo "$WANT" > "$STAMP"

@@ -385,8 +385,10 @@ def test_gpt_pallas_backend_matches_xla():
     for name in ("wq", "wk", "wv"):  # gradients really flow through the attention backward
         assert np.abs(np.asarray(grads_x["blocks"]["attn"][name])).max() > 1e-3
     # Per-leaf relative error, with a floor for leaves whose gradient is ~0 by construction (backout_lambda at
-    # depth 2: the final RMSNorm cancels the scale it applies).
-    floor = 1e-3 * max(np.abs(np.asarray(g)).max() for g in jax.tree.leaves(grads_x))
+    # depth 2: the final RMSNorm cancels the scale it applies). Such a leaf holds only the fp32 rounding left over
+    # from terms that cancel, a few ulps of the largest gradient whichever backend runs (2.6e-8 = 3.6e-7 × max with
+    # jax 0.12.1 / numpy 2.5); the floor makes the tolerance 1e-6 × max, ~8 fp32 ulps.
+    floor = 1e-2 * max(np.abs(np.asarray(g)).max() for g in jax.tree.leaves(grads_x))
     flat_p = dict(jax.tree_util.tree_leaves_with_path(grads_p))
     for path, gx in jax.tree_util.tree_leaves_with_path(grads_x):
         gx, gp = np.asarray(gx), np.asarray(flat_p[path])
