@@ -19,7 +19,7 @@ run (params, optimizer state and step restored) continues exactly.
 from __future__ import annotations
 
 import dataclasses
-import json
+import hashlib
 import time
 from dataclasses import dataclass
 
@@ -55,7 +55,8 @@ class RLConfig:
     eval_examples: int = 400
     eval_samples: int = 8                 # pass@1..eval_samples
     save_every: int = 60
-    resume: bool = False
+    resume: bool | None = None            # None: continue the latest rl checkpoint if its settings match;
+                                          # 1: require one; 0: start fresh (refused if checkpoints exist)
     task_data: str | None = None
     mesh: int = -1
     distributed: bool | None = None
@@ -70,6 +71,13 @@ class RLConfig:
         require(self.examples_per_step >= 1 and self.num_samples >= 1, "--examples-per-step and --num-samples >= 1")
         require(self.max_new_tokens >= 1 and self.train_seq_len >= 2, "--max-new-tokens >= 1, --train-seq-len >= 2")
         require(self.eval_every != 0 and self.save_every != 0, "--eval-every/--save-every must be > 0 or -1 (off)")
+
+
+def rollout_seed(seed: int, kind: str, step: int, example: int) -> int:
+    """The sampling seed of one group of rollouts: a pure function of its arguments, the same in every process and
+    every run (Python's hash() of a str is salted per process, so it cannot be used here)."""
+    digest = hashlib.blake2b(f"{seed}/{kind}/{step}/{example}".encode(), digest_size=4).digest()
+    return int.from_bytes(digest, "little") & 0x7FFFFFFF
 
 
 # ----------------------------------------------------------------------------------------------
@@ -153,11 +161,12 @@ def sample_groups(engines, tokenizer, task, example_ids, *, num_samples, max_new
 
 def rl_train(cfg: RLConfig, *, train_task=None, eval_task=None, reward_fn=None) -> dict:
     """Run RL. train_task/eval_task (tasks with `reward(conversation, completion)`) replace GSM8K (tests)."""
-    from nanochat_jax.checkpoint import Checkpointer, checkpoint_dir
+    from nanochat_jax.checkpoint import Checkpointer, checkpoint_dir, config_differences
+    from nanochat_jax.checkpoint import resume_step as resume_from
     from nanochat_jax.engine import make_engines
     from nanochat_jax.tokenizer import get_tokenizer
-    from nanochat_jax.train import (LoopState, ScalarLog, abstract_tree, compile_train_step, init_state, open_source,
-                                    run_dir)
+    from nanochat_jax.train import (LoopState, ScalarLog, abstract_tree, compile_train_step, finish_run, init_state,
+                                    open_source, run_dir)
 
     sharding.maybe_initialize_distributed(cfg.distributed)
     mesh = sharding.make_mesh(cfg.mesh)
@@ -201,14 +210,25 @@ def rl_train(cfg: RLConfig, *, train_task=None, eval_task=None, reward_fn=None) 
 
     ckpt = Checkpointer(checkpoint_dir("rl", tag), keep=2)
     loop = LoopState()
-    start = 0
-    if cfg.resume and ckpt.latest_step() is not None:
-        start = ckpt.latest_step()
+
+    def differences(meta):  # what must match for a checkpoint to continue this run
+        saved = {**meta.get("model_config", {}), "source": meta.get("source"), "num_steps": meta.get("num_steps"),
+                 **{k: meta.get("user_config", {}).get(k) for k in ("examples_per_step", "num_samples")}}
+        return config_differences(saved, {**model_cfg.to_dict(), "source": f"{cfg.source}/{tag}/{src_step}",
+                                          "num_steps": num_steps, "examples_per_step": E, "num_samples": S})
+
+    try:
+        start = resume_from(ckpt, cfg.resume, differences)
+    except BaseException:
+        ckpt.close()
+        src.ckpt.close()
+        raise
+    if start is not None:
         params, opt_state, meta = ckpt.restore(start, abstract_params=abstract["params"],
                                                abstract_opt_state=abstract["opt_state"])
         print0(f"resumed rl/{tag} from step {start}")
     else:
-        require(not cfg.resume, f"--resume: no rl checkpoint of {tag!r} in {ckpt.directory}; drop --resume")
+        start = 0
         params, _, _ = src.ckpt.restore(src_step, abstract_params=abstract["params"])
         opt_state = jax.jit(tx.init, out_shardings=shardings["opt_state"])(params)
     src.ckpt.close()
@@ -236,7 +256,7 @@ def rl_train(cfg: RLConfig, *, train_task=None, eval_task=None, reward_fn=None) 
         mine = list(range(pi, n, pc))
         groups = sample_groups(engines, tokenizer, eval_task, mine, num_samples=cfg.eval_samples,
                                max_new_tokens=cfg.max_new_tokens, temperature=1.0, top_k=50,
-                               seed_of=lambda ex: hash(("eval", step, ex)) & 0x7FFFFFFF, reward_fn=reward_fn)
+                               seed_of=lambda ex: rollout_seed(cfg.seed, "eval", step, ex), reward_fn=reward_fn)
         correct = np.array([[r > 0 for r in g[3]] for g in groups], bool).reshape(len(mine), cfg.eval_samples)
         sums = sharding.process_sum(np.concatenate([np.cumsum(correct, 1).clip(0, 1).sum(0), [len(mine)]]).astype(np.float64))
         passk = sums[:-1] / max(sums[-1], 1)
@@ -265,7 +285,7 @@ def rl_train(cfg: RLConfig, *, train_task=None, eval_task=None, reward_fn=None) 
             examples = [(first + i) % len(train_task) for i in range(E)][pi::pc]
             groups = sample_groups(engines, tokenizer, train_task, examples, num_samples=S,
                                    max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
-                                   seed_of=lambda ex: hash((step, ex)) & 0x7FFFFFFF, reward_fn=reward_fn)
+                                   seed_of=lambda ex: rollout_seed(cfg.seed, "train", step, ex), reward_fn=reward_fn)
             t_sample = time.perf_counter() - t0
             rewards = np.array([g[3] for g in groups], np.float64)
             host, stats = rollout_batch([g[0] for g in groups], [g[1] for g in groups], [g[2] for g in groups],
@@ -301,5 +321,6 @@ def rl_train(cfg: RLConfig, *, train_task=None, eval_task=None, reward_fn=None) 
             "last reward": history["reward"][-1][1] if history["reward"] else float("nan"),
             **{f"pass@{k + 1}": v for k, v in enumerate(last_pass)},
             "wall time": format_duration(summary["wall_seconds"])}, run_dir=run_dir(f"rl_{tag}"))
-    print0(json.dumps(summary))
+    finish_run(run_dir(f"rl_{tag}"), {k: summary[k] for k in ("stage", "steps", "wall_seconds")},
+               **{k: summary[k] for k in ("reward", "pass@k", "losses")})
     return summary
