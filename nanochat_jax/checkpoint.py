@@ -21,6 +21,7 @@ returns, the arrays have been copied to host, so the caller may donate or overwr
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -32,7 +33,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from nanochat_jax import gpt
-from nanochat_jax.common import get_base_dir, path_str
+from nanochat_jax.common import UserError, get_base_dir, path_str
 
 PHASE_DIRS = {"base": "base_checkpoints", "mid": "mid_checkpoints", "sft": "chatsft_checkpoints",
               "rl": "chatrl_checkpoints"}
@@ -87,6 +88,12 @@ def _jsonable(meta: dict) -> dict:
     return json.loads(json.dumps(meta, default=default))
 
 
+def _one_line(e: BaseException) -> str:
+    text = " ".join(f"{type(e).__name__}: {e}".split())
+    text = text.split(" See full TensorStore details")[0]  # then a multi-page spec dump
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
 # ----------------------------------------------------------------------------------------------
 # Checkpointer
 
@@ -118,8 +125,11 @@ class Checkpointer:
         self._mngr.wait_until_finished()
 
     def close(self) -> None:
-        self._mngr.wait_until_finished()
-        self._mngr.close()
+        """Wait for the last save and release the manager (idempotent)."""
+        if self._mngr is not None:
+            self._mngr.wait_until_finished()
+            self._mngr.close()
+            self._mngr = None
 
     def __enter__(self) -> "Checkpointer":
         return self
@@ -175,7 +185,8 @@ class Checkpointer:
 
     def _check_shapes(self, step: int, name: str, abstract) -> None:
         """Compare the target's paths and shapes with what the checkpoint holds, and name every difference."""
-        saved = _shapes(self._mngr.item_metadata(step)[name].tree)
+        with self._reading(step):
+            saved = _shapes(self._mngr.item_metadata(step)[name].tree)
         want = _shapes(abstract)
         problems = [f"{k}: checkpoint {saved[k]}, target {want[k]}" for k in sorted(saved.keys() & want.keys())
                     if saved[k] != want[k]]
@@ -204,14 +215,79 @@ class Checkpointer:
             _check_abstract(f"restore {name}", abstract)
             self._check_shapes(step, name, abstract)
         args = {name: ocp.args.StandardRestore(abstract) for name, abstract in targets.items()}
-        out = self._mngr.restore(step, args=ocp.args.Composite(**args, meta=ocp.args.JsonRestore()))
+        with self._reading(step):
+            out = self._mngr.restore(step, args=ocp.args.Composite(**args, meta=ocp.args.JsonRestore()))
         opt_state = out.opt_state if abstract_opt_state is not None else None
         return out.params, opt_state, out.meta
 
     def read_meta(self, step: int | None = None) -> dict:
         """The JSON metadata of `step` (None: latest), without touching the arrays."""
         step = self._resolve_step(step)
-        return self._mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+        with self._reading(step):
+            meta = self._mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+        if not isinstance(meta, dict):
+            raise UserError(f"checkpoint {self.directory / str(step)}: its meta is not a JSON object; "
+                            f"{self._damaged_hint(step)}")
+        return meta
+
+    def _damaged_hint(self, step: int) -> str:
+        earlier = [s for s in self.all_steps() if s < step]
+        return (f"delete {self.directory / str(step)} to fall back to step {earlier[-1]}" if earlier else
+                f"delete {self.directory} and train again")
+
+    @contextlib.contextmanager
+    def _reading(self, step: int):
+        """A checkpoint that fails to read (truncated or corrupt files) becomes one UserError naming it and the fix;
+        orbax's own error (often a chain of asyncio tracebacks) stays behind NANOCHAT_JAX_DEBUG=1."""
+        try:
+            yield
+        except UserError:
+            raise
+        except Exception as e:
+            raise UserError(f"checkpoint {self.directory / str(step)} cannot be read ({_one_line(e)}); "
+                            f"it is damaged or incomplete: {self._damaged_hint(step)}") from e
+
+
+# ----------------------------------------------------------------------------------------------
+# Resuming a training run
+
+# GPTConfig fields a run may change when it resumes (how it computes, not what it computes with).
+RUNTIME_FIELDS = ("compute_dtype", "attn_backend", "remat")
+
+
+def config_differences(saved: dict, current: dict, ignore: tuple[str, ...] = RUNTIME_FIELDS) -> list[str]:
+    """'name: saved → now' for every differing key of two flat dicts (missing keys count), except `ignore`."""
+    keys = sorted((saved.keys() | current.keys()) - set(ignore))
+    return [f"{k}: {saved.get(k)!r} → {current.get(k)!r}" for k in keys if saved.get(k) != current.get(k)]
+
+
+def resume_step(ckpt: "Checkpointer", resume: bool | None, differences, *, from_step: int = -1) -> int | None:
+    """Where a training run starts: the step to restore, or None for a fresh start. Never overwrites silently.
+
+    resume None (the default, "auto"): continue from the latest checkpoint when there is one and
+    `differences(meta)` (a list of 'what changed' strings) is empty, else start fresh; resume True: a checkpoint
+    is required; resume False: start fresh, refusing if checkpoints are already there. from_step >= 0 picks the
+    step. Every refusal is a UserError naming the directory and the fix."""
+    steps = ckpt.all_steps()
+    where = ckpt.directory
+    if from_step >= 0:
+        if from_step not in steps:
+            raise UserError(f"--resume-from-step={from_step}: no such checkpoint in {where} (steps there: {steps})")
+        step = from_step
+    elif not steps:
+        if resume:
+            raise UserError(f"--resume: no checkpoint in {where} to continue from; drop --resume to start fresh")
+        return None
+    elif resume is False:
+        raise UserError(f"{where} already holds checkpoints (steps {steps}) and --resume=0 would overwrite them: "
+                        f"continue that run (drop --resume=0), pick another --model-tag, or delete the directory")
+    else:
+        step = steps[-1]
+    changed = differences(ckpt.read_meta(step))
+    if changed:
+        raise UserError(f"{where} step {step} was trained with other settings ({'; '.join(changed)}): rerun with "
+                        f"the original flags to continue it, or pick another --model-tag (or delete the directory)")
+    return step
 
 
 # ----------------------------------------------------------------------------------------------

@@ -16,6 +16,45 @@ from pathlib import Path
 
 BASE_DIR_ENV = "NANOCHAT_JAX_BASE_DIR"
 DATA_DIR_ENV = "NANOCHAT_JAX_DATA_DIR"
+DEBUG_ENV = "NANOCHAT_JAX_DEBUG"
+
+
+# ----------------------------------------------------------------------------------------------
+# Errors a user can fix: one line, no traceback.
+
+class UserError(Exception):
+    """A problem the user can fix (a missing or corrupt file, flags that contradict a checkpoint): its message
+    names the file and what to do, and scripts print it as one line without a traceback."""
+
+
+# What scripts report as one line: our own UserError, plus the OSError/ValueError subclasses our code raises with a
+# message meant for the user (missing files and directories, bad values). Anything else is a bug: full traceback.
+USER_ERRORS = (UserError, OSError, ValueError)
+
+
+def debug_enabled() -> bool:
+    return os.environ.get(DEBUG_ENV, "").strip().lower() not in ("", "0", "false", "no")
+
+
+def run_main(main, *args, **kwargs):
+    """Run a script's entry point. A user's mistake (USER_ERRORS) ends it with `error: <message>` on stderr and
+    exit status 1; Ctrl-C with status 130. NANOCHAT_JAX_DEBUG=1 re-raises, to show the traceback."""
+    try:
+        return main(*args, **kwargs)
+    except USER_ERRORS as e:
+        if debug_enabled():
+            raise
+        # Libraries' half-finished work (e.g. orbax's read coroutines after a corrupt checkpoint) would otherwise
+        # print "Exception ignored in ..." tracebacks while the process winds down.
+        sys.unraisablehook = lambda unraisable: None
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        print(f"(set {DEBUG_ENV}=1 to see the traceback)", file=sys.stderr, flush=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        if debug_enabled():
+            raise
+        print("interrupted", file=sys.stderr, flush=True)
+        sys.exit(130)
 
 
 def get_base_dir() -> Path:
@@ -86,11 +125,18 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb"):
             yield f
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the mode open() would have
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 # ----------------------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ from typing import Iterator, Protocol, Sequence
 
 import numpy as np
 
-from nanochat_jax.dataset import list_parquet_files, resolve_data_dir, split_files
+from nanochat_jax.dataset import list_parquet_files, open_shard, read_shard_texts, resolve_data_dir, split_files
 
 
 class TextTokenizer(Protocol):
@@ -41,15 +41,13 @@ def row_group_plan(files: Sequence[Path], process_index: int = 0, process_count:
 
     When there are fewer row groups than readers, reader p gets row group p mod (total) (data repeats across
     readers rather than a reader having nothing)."""
-    import pyarrow.parquet as pq
-
     if not files:
         raise ValueError("no parquet files to read")
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index {process_index} out of range for process_count {process_count}")
     plan = []
     for fi, path in enumerate(files):
-        n_rg = pq.ParquetFile(path).metadata.num_row_groups
+        n_rg = open_shard(path).metadata.num_row_groups  # also checks every file opens and has `text`
         plan.extend((fi, rg) for rg in range(process_index, n_rg, process_count))
     if not plan:  # fewer row groups than readers (tiny data, e.g. a one-row-group val file): share one
         everything = row_group_plan(files, 0, 1)
@@ -67,11 +65,9 @@ class RowGroupTokenizer:
         self._open: dict[int, object] = {}
 
     def read_texts(self, fi: int, rg: int) -> list[str]:
-        import pyarrow.parquet as pq
-
         if fi not in self._open:
-            self._open = {fi: pq.ParquetFile(self.files[fi])}  # keep one file open at a time
-        return self._open[fi].read_row_group(rg, columns=["text"]).column(0).to_pylist()
+            self._open = {fi: open_shard(self.files[fi])}  # keep one file open at a time
+        return read_shard_texts(self._open[fi], self.files[fi], rg)
 
     def tokenize(self, texts: list[str]) -> list[np.ndarray]:
         ids = self.tokenizer.encode(texts, prepend=self.tokenizer.bos_id, num_threads=self.num_threads)

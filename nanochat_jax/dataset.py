@@ -26,7 +26,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from nanochat_jax.common import DATA_DIR_ENV, get_base_dir, print0
+from nanochat_jax.common import DATA_DIR_ENV, UserError, get_base_dir, print0, run_main
 
 # name -> (HF dataset repo, last shard index = validation shard, folder under the base dir)
 DATASETS = {
@@ -73,16 +73,44 @@ def split_files(files: Sequence[Path], split: str) -> list[Path]:
     return list(files[:-1]) if split == "train" else [files[-1]]
 
 
-def iter_texts(files: Sequence[str | os.PathLike], column: str = "text") -> Iterator[str]:
-    """Every document of `files`, in file then row-group order (one row group in memory at a time)."""
+_BAD_SHARD_HINT = "re-download it (`python -m nanochat_jax.dataset`) or move it out of the data directory"
+
+
+def open_shard(path: str | os.PathLike, column: str = "text"):
+    """pyarrow.parquet.ParquetFile of a shard, checked to have `column`; a corrupt file or a missing column raises
+    UserError naming the file (pyarrow's own errors name neither the file nor the fix)."""
     import pyarrow.parquet as pq
 
-    for path in files:
+    try:
         pf = pq.ParquetFile(path)
-        if column not in pf.schema_arrow.names:
-            raise ValueError(f"{path}: no column {column!r} (columns: {pf.schema_arrow.names})")
+    except Exception as e:  # ArrowInvalid / OSError: truncated, not parquet, unreadable
+        raise UserError(f"{path}: not a readable parquet file ({_one_line(e)}); {_BAD_SHARD_HINT}") from e
+    if column not in pf.schema_arrow.names:
+        raise UserError(f"{path}: no {column!r} column (it has {pf.schema_arrow.names}); shards need a string "
+                        f"`{column}` column, one document per row")
+    return pf
+
+
+def read_shard_texts(pf, path: str | os.PathLike, row_group: int, column: str = "text") -> list[str]:
+    """The documents of one row group of the `open_shard(path)` file `pf`; a decoding failure raises UserError
+    naming the file."""
+    try:
+        return pf.read_row_group(row_group, columns=[column]).column(0).to_pylist()
+    except Exception as e:  # ArrowInvalid / OSError: e.g. "ZSTD decompression failed" on corrupt pages
+        raise UserError(f"{path}: row group {row_group} is corrupt ({_one_line(e)}); {_BAD_SHARD_HINT}") from e
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return text if len(text) <= 160 else text[:157] + "..."
+
+
+def iter_texts(files: Sequence[str | os.PathLike], column: str = "text") -> Iterator[str]:
+    """Every document of `files`, in file then row-group order (one row group in memory at a time)."""
+    for path in files:
+        pf = open_shard(path, column)
         for rg in range(pf.num_row_groups):
-            yield from pf.read_row_group(rg, columns=[column]).column(0).to_pylist()
+            yield from read_shard_texts(pf, path, rg, column)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -317,4 +345,4 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

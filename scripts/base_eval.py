@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
+from nanochat_jax.common import run_main
 from nanochat_jax.config import parse_flags, print_config, require
 
 
@@ -105,4 +106,4 @@ def main(cfg: BaseEvalConfig) -> dict:
 if __name__ == "__main__":
     config = parse_flags(BaseEvalConfig)
     print_config(config)
-    main(config)
+    run_main(main, config)

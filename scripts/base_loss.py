@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from nanochat_jax.common import run_main
 from nanochat_jax.config import parse_flags, print_config, require
 
 EVALS = ("bpb", "sample")
@@ -180,4 +181,4 @@ def main(cfg: BaseLossConfig) -> dict:
 if __name__ == "__main__":
     config = parse_flags(BaseLossConfig)
     print_config(config)
-    main(config)
+    run_main(main, config)

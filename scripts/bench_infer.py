@@ -24,6 +24,7 @@ import jax
 import numpy as np
 
 from nanochat_jax import gpt
+from nanochat_jax.common import run_main
 from nanochat_jax.config import parse_flags, print_config, require
 from nanochat_jax.engine import Engine
 
@@ -168,4 +169,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -12,6 +12,7 @@ import json
 import time
 from dataclasses import asdict, dataclass, field
 
+from nanochat_jax.common import run_main
 from nanochat_jax.config import parse_flags, print_config
 from nanochat_jax.dataloader import DataLoader
 from nanochat_jax.dataset import list_parquet_files, resolve_data_dir, split_files
@@ -71,4 +72,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -17,6 +17,7 @@ import jax
 import numpy as np
 
 from nanochat_jax import gpt, optim, sharding, train
+from nanochat_jax.common import run_main
 from nanochat_jax.config import parse_flags, print_config
 
 
@@ -84,11 +85,12 @@ def main(argv=None) -> dict:
               "mfu_percent": train.mfu_percent(flops_tok, tokens_per_step, dt, device.device_kind, mesh.size),
               "compile_seconds": info["compile_seconds"], "loss": float(metrics["loss"]),
               "config": dataclasses.asdict(cfg)}
-    print(f"{result['tokens_per_s']:,.0f} tokens/s, {dt * 1e3:.1f} ms/step, MFU {result['mfu_percent']:.1f}% "
+    mfu = "-" if result["mfu_percent"] is None else f"{result['mfu_percent']:.1f}%"
+    print(f"{result['tokens_per_s']:,.0f} tokens/s, {dt * 1e3:.1f} ms/step, MFU {mfu} "
           f"({mesh.size} × {device.device_kind})")
     print(json.dumps(result))
     return result
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

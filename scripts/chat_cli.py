@@ -21,6 +21,7 @@ import logging
 import sys
 from dataclasses import dataclass, field
 
+from nanochat_jax.common import run_main
 from nanochat_jax.config import parse_flags, print_config, require
 
 PHASES = ("base", "mid", "sft", "rl")
@@ -191,4 +192,4 @@ def chat(cfg: ChatConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

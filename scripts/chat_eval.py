@@ -10,6 +10,7 @@ and ChatCORE when all of them ran.
 import json
 from dataclasses import dataclass
 
+from nanochat_jax.common import run_main
 from nanochat_jax.config import parse_flags, print_config, require
 
 
@@ -81,4 +82,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from nanochat_jax.common import run_main
 from nanochat_jax.config import parse_flags, print_config, require
 
 PHASES = ("base", "mid", "sft", "rl")
@@ -106,4 +107,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

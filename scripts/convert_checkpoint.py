@@ -9,6 +9,7 @@ from pathlib import Path
 
 from nanochat_jax import convert
 from nanochat_jax.checkpoint import Checkpointer, checkpoint_dir, load_model
+from nanochat_jax.common import run_main
 from nanochat_jax.config import parse_flags, print_config
 
 
@@ -58,4 +59,4 @@ def main(cfg: ConvertConfig) -> None:
 if __name__ == "__main__":
     config = parse_flags(ConvertConfig)
     print_config(config)
-    main(config)
+    run_main(main, config)

@@ -8,9 +8,10 @@
 import sys
 
 from nanochat_jax.chat_train import ChatTrainConfig, chat_train
+from nanochat_jax.common import run_main
 from nanochat_jax.config import parse_flags, print_config
 
 if __name__ == "__main__":
     cfg = parse_flags(ChatTrainConfig, sys.argv[1:] + ["--stage=mid"])
     print_config(cfg)
-    chat_train(cfg)
+    run_main(chat_train, cfg)

@@ -5,10 +5,11 @@
         --num-iterations=20 --eval-every=10 --eval-tokens=4096 --sample-every=-1                          # CPU, tiny
 """
 
+from nanochat_jax.common import run_main
 from nanochat_jax.config import parse_flags, print_config
 from nanochat_jax.train import PretrainConfig, pretrain
 
 if __name__ == "__main__":
     cfg = parse_flags(PretrainConfig)
     print_config(cfg)
-    pretrain(cfg)
+    run_main(pretrain, cfg)

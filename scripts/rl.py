@@ -5,10 +5,11 @@
         --device-batch-size=4 --num-steps=5 --eval-every=5 --eval-examples=8   # offline, CPU-sized
 """
 
+from nanochat_jax.common import run_main
 from nanochat_jax.config import parse_flags, print_config
 from nanochat_jax.rl import RLConfig, rl_train
 
 if __name__ == "__main__":
     cfg = parse_flags(RLConfig)
     print_config(cfg)
-    rl_train(cfg)
+    run_main(rl_train, cfg)

@@ -12,6 +12,7 @@ import sys
 from dataclasses import dataclass, field
 
 from nanochat_jax import dataset
+from nanochat_jax.common import run_main
 from nanochat_jax.config import parse_flags, print_config
 from nanochat_jax.tokenizer import Tokenizer, get_tokenizer
 
@@ -81,9 +82,9 @@ class TokEvalConfig:
 
 
 def first_row_group_text(path) -> str:
-    import pyarrow.parquet as pq
+    from nanochat_jax.dataset import open_shard, read_shard_texts
 
-    return "\n".join(pq.ParquetFile(path).read_row_group(0, columns=["text"]).column(0).to_pylist())
+    return "\n".join(read_shard_texts(open_shard(path), path, 0))
 
 
 def shard_samples(data_dir: str | None) -> dict[str, str]:
@@ -138,4 +139,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_main(main, sys.argv[1:])

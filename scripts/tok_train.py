@@ -12,7 +12,7 @@ import sys
 from dataclasses import dataclass, field
 
 from nanochat_jax import dataset
-from nanochat_jax.common import Timer, print0
+from nanochat_jax.common import Timer, print0, run_main
 from nanochat_jax.config import parse_flags, print_config
 from nanochat_jax.tokenizer import (MIN_VOCAB_SIZE, SPECIAL_TOKENS, default_tokenizer_dir, iter_training_texts,
                                     token_bytes_stats, train_tokenizer)
@@ -68,4 +68,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_main(main, sys.argv[1:])

@@ -19,6 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from nanochat_jax.common import UserError
 from nanochat_jax import dataset as ds
 from nanochat_jax.dataset import (DATASETS, ShardDownloadError, download_shard, download_shards, iter_texts,
                                   list_parquet_files, main, shard_url, split_files, train_shard_indices)
@@ -339,6 +340,6 @@ def test_iter_texts_order_and_missing_column(tmp_path):
     assert pq.ParquetFile(a).num_row_groups == 3
     assert list(iter_texts([b, a])) == docs_b + docs_a
     (c := tmp_path / "c.parquet").write_bytes(parquet_bytes(docs_b, column="content"))
-    with pytest.raises(ValueError, match="no column 'text'"):
+    with pytest.raises(UserError, match=r"c.parquet: no 'text' column"):
         list(iter_texts([c]))
     assert list(iter_texts([c], column="content")) == docs_b
