@@ -16,7 +16,6 @@ tokens the stage trains on) every --eval-every steps, and saves `mid_checkpoints
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import time
 from dataclasses import dataclass
@@ -28,8 +27,8 @@ import numpy as np
 from nanochat_jax import gpt, optim, sharding
 from nanochat_jax.common import format_duration, print0
 from nanochat_jax.config import require
-from nanochat_jax.train import (LoopState, Periodic, ScalarLog, _report, abstract_tree, compile_train_step, fit,
-                                init_state, open_source, run_dir, timed)
+from nanochat_jax.train import (LoopState, Periodic, ScalarLog, StepLogger, abstract_tree, compile_train_step,
+                                finish_run, fit, init_state, open_source, run_dir)
 
 SOURCE_OF = {"mid": "base", "sft": "mid"}
 
@@ -67,7 +66,8 @@ class ChatTrainConfig:
     chatcore_max_new_tokens: int = 256
     save_every: int = -1
     keep_checkpoints: int = 2
-    resume: bool = False
+    resume: bool | None = None            # None: continue this stage's latest checkpoint if its settings match;
+                                          # 1: require one; 0: start fresh (refused if checkpoints exist)
     log_every: int = 1
     # where and how
     mesh: int = -1
@@ -157,7 +157,8 @@ class _Head:
 
 def chat_train(cfg: ChatTrainConfig, *, train_data=None, val_data=None) -> LoopState:
     """Run midtraining or SFT. train_data/val_data (indexable conversation datasets) replace the mixtures (tests)."""
-    from nanochat_jax.checkpoint import Checkpointer, checkpoint_dir, require_same_vocab
+    from nanochat_jax.checkpoint import Checkpointer, checkpoint_dir, config_differences, require_same_vocab
+    from nanochat_jax.checkpoint import resume_step as resume_from
     from nanochat_jax.dataloader import ConversationPacker
     from nanochat_jax.loss_eval import evaluate_bpb, make_bpb_fn
     from nanochat_jax.tokenizer import get_tokenizer
@@ -205,9 +206,13 @@ def chat_train(cfg: ChatTrainConfig, *, train_data=None, val_data=None) -> LoopS
     warmdown = cfg.warmdown_ratio if cfg.warmdown_ratio >= 0 else (0.2 if stage == "mid" else 0.5)
     lrs = src.lrs(matrix_lr=cfg.matrix_lr, embedding_lr=cfg.embedding_lr, unembedding_lr=cfg.unembedding_lr,
                   scalar_lr=cfg.scalar_lr)
+    # The lr flags are written for a 2^19-token batch, which pretraining scales by sqrt(B / 2^19); the reference's
+    # chat stages inherit them unscaled, harmless at its 2^19-token batches (scale 1) but an 11x lr shock at the CPU
+    # demo's 4,096 (midtraining's loss went 6.4 → 13.4 at step 1). So scale by this stage's batch, as pretraining does.
+    lr_scale = optim.batch_lr_scale(B)
     opt_cfg = optim.OptimConfig(
         num_iterations=planned, model_dim=model_cfg.n_embd, **lrs,
-        weight_decay=0.0, batch_lr_scale=1.0, init_lr_frac=init_lr_frac, warmup_steps=0,
+        weight_decay=0.0, batch_lr_scale=lr_scale, init_lr_frac=init_lr_frac, warmup_steps=0,
         # Muon momentum 0.85 → 0.95 over 300 steps, then flat (reference chat_sft/mid_train)
         muon_momentum_start=0.85, muon_momentum_peak=0.95, muon_momentum_warmup_steps=300,
         muon_momentum_final=0.95)
@@ -225,10 +230,20 @@ def chat_train(cfg: ChatTrainConfig, *, train_data=None, val_data=None) -> LoopS
     ckpt = Checkpointer(checkpoint_dir(stage, tag), keep=cfg.keep_checkpoints)
     loop = LoopState()
     start = 0
-    if cfg.resume:
-        resume_step = ckpt.latest_step()
-        if resume_step is None:
-            raise FileNotFoundError(f"--resume: no {stage} checkpoint of {tag!r} in {ckpt.directory}; drop --resume")
+
+    def differences(meta):  # what must match for a checkpoint of this stage to continue this run
+        saved = {**meta.get("model_config", {}), "source": meta.get("source"),
+                 "total_batch_size": meta.get("total_batch_size"), "max_seq_len": meta.get("max_seq_len")}
+        return config_differences(saved, {**model_cfg.to_dict(), "source": f"{src_phase}/{tag}/{src_step}",
+                                          "total_batch_size": B, "max_seq_len": T_len})
+
+    try:
+        resume_step = resume_from(ckpt, cfg.resume, differences)
+    except BaseException:
+        ckpt.close()
+        src.ckpt.close()
+        raise
+    if resume_step is not None:
         params, opt_state, meta = ckpt.restore(resume_step, abstract_params=abstract["params"],
                                                abstract_opt_state=abstract["opt_state"])
         packer.set_state(meta["loader_state"][str(pi)])
@@ -276,7 +291,8 @@ def chat_train(cfg: ChatTrainConfig, *, train_data=None, val_data=None) -> LoopS
             yield {k: sharding.global_batch(v, mesh) for k, v in next(val).items()}
 
     log = ScalarLog(run_dir(f"{stage}_{tag}"))
-    clock = {"last": time.perf_counter()}
+    step_log = StepLogger(loop, log, planned, B, gpt.flops_per_token(model_cfg), device.device_kind, mesh.size,
+                          cfg.log_every)
 
     def evaluate(step, state, _):
         loop.val_bpb = evaluate_bpb(bpb_fn, state["params"], val_batches(), token_bytes, eval_steps)
@@ -311,13 +327,12 @@ def chat_train(cfg: ChatTrainConfig, *, train_data=None, val_data=None) -> LoopS
         ckpt.save(step, params=state["params"], opt_state=state["opt_state"], meta=meta, overwrite=True)
         print0(f"saved {stage} checkpoint {tag} step {step} to {ckpt.directory}")
 
-    def report(step, metrics):
-        _report(step, metrics, loop, log, planned, lrm_of.pop(step, 1.0), B, gpt.flops_per_token(model_cfg), device.device_kind,
-                mesh.size, f"progress {packer.progress:.3f}", clock, cfg.log_every)
+    def report(step, metrics, dt):
+        step_log(step, metrics, dt, lrm_of.pop(step, 1.0), f"progress {packer.progress:.3f}")
 
-    periodic = [Periodic(cfg.eval_every, timed(evaluate, clock)), Periodic(cfg.save_every, timed(save, clock), after_start=True)]
+    periodic = [Periodic(cfg.eval_every, evaluate), Periodic(cfg.save_every, save, after_start=True)]
     if chat_names:
-        periodic.insert(1, Periodic(cfg.eval_every, timed(chat_evals, clock), at_end=cfg.eval_every > 0))
+        periodic.insert(1, Periodic(cfg.eval_every, chat_evals, at_end=cfg.eval_every > 0))
     t0 = time.perf_counter()
     try:
         fit(step_fn, state, batches(), start=start, n_iter=n_iter, report=report, periodic=periodic)
@@ -331,11 +346,12 @@ def chat_train(cfg: ChatTrainConfig, *, train_data=None, val_data=None) -> LoopS
         get_report().log("Midtraining" if stage == "mid" else "Chat SFT", {
             "source": f"{src_phase}/{tag}/{src_step}", "train conversations": len(train_data),
             "steps": final_step, "total batch size": B, "max seq len": T_len,
-            **{k: v * init_lr_frac for k, v in lrs.items()}, "init_lr_frac": init_lr_frac,
+            **{k: v * init_lr_frac * lr_scale for k, v in lrs.items()}, "init_lr_frac": init_lr_frac,
+            "batch lr scale": lr_scale,
             "min val bpb": loop.min_val_bpb, "final val bpb": loop.val_bpb if loop.val_bpb is not None else float("nan"),
             **{f"last eval {k}": v for k, v in loop_chat.items()},
             "wall time": format_duration(time.perf_counter() - t0)}, run_dir=run_dir(f"{stage}_{tag}"))
     print0(f"{stage} done: {final_step} steps, val bpb {loop.val_bpb:.4f}, wall time {format_duration(time.perf_counter() - t0)}")
-    print0(json.dumps({"stage": stage, "final_step": final_step, "val_bpb": loop.val_bpb,
-                       "losses": [[s_, l_] for s_, l_ in loop.history]}))
+    finish_run(run_dir(f"{stage}_{tag}"), {"stage": stage, "final_step": final_step, "val_bpb": loop.val_bpb},
+               start=start, losses=[[s_, l_] for s_, l_ in loop.history])
     return loop

@@ -30,6 +30,7 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from nanochat_jax.common import path_str
@@ -181,8 +182,14 @@ def param_lrs(params, cfg: OptimConfig) -> Any:
 
 
 # ----------------------------------------------------------------------------------------------
-# Schedules: pure functions of the step index `it` (0 for the first update); work on Python ints (for logging)
-# and on traced int arrays (inside the optimizer). N = num_iterations, W = round(warmdown_ratio * N).
+# Schedules: pure functions of the step index `it` (0 for the first update); numpy on host numbers (logging: no
+# device round trip) and jnp on traced arrays (inside the optimizer). N = num_iterations, W = round(warmdown_ratio * N).
+
+
+def _xp(it):
+    """(array module, it as float32): jnp for JAX arrays and tracers, numpy for host numbers."""
+    xp = jnp if isinstance(it, jax.Array) else np
+    return xp, xp.asarray(it, xp.float32)
 
 
 def _warmdown_steps(cfg: OptimConfig) -> int:
@@ -191,29 +198,29 @@ def _warmdown_steps(cfg: OptimConfig) -> int:
 
 def lr_multiplier(cfg: OptimConfig, it):
     """(it+1)/warmup during warmup; 1 until it <= N-W; then linear to final_lr_frac at it = N."""
-    it = jnp.asarray(it, jnp.float32)
+    xp, it = _xp(it)
     n, w = cfg.num_iterations, _warmdown_steps(cfg)
     warm = (it + 1) / max(cfg.warmup_steps, 1)
     progress = (n - it) / max(w, 1)
     down = progress + (1 - progress) * cfg.final_lr_frac
-    return jnp.where(it < cfg.warmup_steps, warm, jnp.where(it <= n - w, 1.0, down))
+    return xp.where(it < cfg.warmup_steps, warm, xp.where(it <= n - w, 1.0, down))
 
 
 def muon_momentum(cfg: OptimConfig, it):
     """start->peak over the first muon_momentum_warmup_steps (takes precedence), peak, then peak->final from N-W."""
-    it = jnp.asarray(it, jnp.float32)
+    xp, it = _xp(it)
     n, w = cfg.num_iterations, _warmdown_steps(cfg)
     frac = it / max(cfg.muon_momentum_warmup_steps, 1)
     warm = (1 - frac) * cfg.muon_momentum_start + frac * cfg.muon_momentum_peak
     progress = (it - (n - w)) / max(w, 1)
     down = cfg.muon_momentum_peak * (1 - progress) + cfg.muon_momentum_final * progress
-    return jnp.where(it < cfg.muon_momentum_warmup_steps, warm, jnp.where(it >= n - w, down, cfg.muon_momentum_peak))
+    return xp.where(it < cfg.muon_momentum_warmup_steps, warm, xp.where(it >= n - w, down, cfg.muon_momentum_peak))
 
 
 def muon_weight_decay(cfg: OptimConfig, it):
     """Cosine from the (scaled) weight decay to 0 at it = N."""
-    it = jnp.asarray(it, jnp.float32)
-    return cfg.effective_weight_decay * 0.5 * (1 + jnp.cos(jnp.pi * it / cfg.num_iterations))
+    xp, it = _xp(it)
+    return cfg.effective_weight_decay * 0.5 * (1 + xp.cos(xp.pi * it / cfg.num_iterations))
 
 
 def current_hyperparams(cfg: OptimConfig, step: int) -> dict[str, float]:

@@ -9,11 +9,13 @@ every --sample-every, orbax checkpoints, TensorBoard scalars, optional profiler 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 import jax
@@ -171,6 +173,7 @@ class ScalarLog:
         if self.writer is not None:
             self.writer.flush()
             self.writer.close()
+            self.writer = None
 
 
 def parse_profile_steps(spec: str) -> tuple[int, int] | None:
@@ -202,13 +205,25 @@ def stack_micro_batches(loader: Iterator[dict], n_micro: int) -> dict[str, np.nd
     return {k: np.stack([b[k] for b in batches]) for k in ("inputs", "targets")}
 
 
-def mfu_percent(flops_per_token: float, tokens: int, seconds: float, device_kind: str, n_devices: int) -> float:
+def mfu_percent(flops_per_token: float, tokens: int, seconds: float, device_kind: str, n_devices: int) -> float | None:
+    """Model FLOPs utilisation in %, or None where the device's peak FLOP/s is unknown (CPUs)."""
     peak = get_peak_flops(device_kind)
-    return 100.0 * flops_per_token * tokens / seconds / (peak * n_devices) if math.isfinite(peak) else 0.0
+    return 100.0 * flops_per_token * tokens / seconds / (peak * n_devices) if math.isfinite(peak) else None
 
 
 def run_dir(model_tag: str):
     return get_base_dir() / "runs" / model_tag
+
+
+def finish_run(directory, summary: dict, **series) -> None:
+    """A stage's last stdout line: `summary` as one short JSON line. The per-step series (losses, rewards, ...) go,
+    with the summary, as one JSON line appended to <directory>/history.jsonl (process 0), one line per run."""
+    print0(json.dumps(summary))
+    if jax.process_index() == 0:
+        path = Path(directory) / "history.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(json.dumps({**summary, **series}) + "\n")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -230,16 +245,31 @@ class Periodic:
         return (last and self.at_end) or (self.every > 0 and step % self.every == 0)
 
 
-def fit(step_fn, state, batches: Iterator, *, start: int, n_iter: int | None, report: Callable[[int, dict], None],
-        periodic: Sequence[Periodic] = (), profile: tuple[int, int] | None = None, profile_dir=None):
+def fit(step_fn, state, batches: Iterator, *, start: int, n_iter: int | None,
+        report: Callable[[int, dict, float], None], periodic: Sequence[Periodic] = (),
+        profile: tuple[int, int] | None = None, profile_dir=None):
     """Run `step_fn` from step `start` until step `n_iter` or until `batches` runs out (the data-driven horizon of
     midtraining/SFT: the step that consumed the last batch is the last), whichever comes first.
 
     `batches` yields (device batch, loader state before that batch). The next batch is prepared while the
-    current step runs, and each step's metrics are read one step late (`report(step, metrics)`), so the host
-    never waits for the device except at the periodic actions. Returns the final state.
+    current step runs, and each step's metrics are read one step late (`report(step, metrics, seconds)`), so the
+    host never waits for the device except at the periodic actions. Returns the final state.
+
+    A step's seconds run from the previous step's completion (or the end of the periodic actions) to its own. Its
+    completion is when its metrics arrive, unless they were ready before we asked: then the backend ran the step
+    while dispatching it (XLA:CPU does), and the step was done when dispatch returned.
     """
-    pending = None  # (step, metrics still on device)
+    pending = None  # (step, metrics still on device, time its dispatch returned)
+    prev_done = time.perf_counter()
+
+    def flush():
+        nonlocal pending, prev_done
+        step_, metrics, dispatched = pending
+        ready = all(x.is_ready() for x in jax.tree.leaves(metrics))
+        jax.block_until_ready(metrics)  # waits for that step only; the next one is already queued
+        done = dispatched if ready else time.perf_counter()
+        report(step_, metrics, max(done - prev_done, 1e-9))
+        pending, prev_done = None, done
 
     def pull():
         if n_iter is not None and step >= n_iter:
@@ -252,15 +282,17 @@ def fit(step_fn, state, batches: Iterator, *, start: int, n_iter: int | None, re
         last = item is None
         due = [p for p in periodic if p.due(step, start, last)]
         if pending is not None and due:
-            report(*pending)  # log the previous step before this step's eval/sample/save lines
-            pending = None
+            flush()  # log the previous step before this step's eval/sample/save lines
         for p in due:
             p.fn(step, state, None if last else item[1])
+        if due:
+            prev_done = time.perf_counter()  # evals, samples and saves are not step time
         if last:
             break
         if profile and step == profile[0]:
             jax.profiler.start_trace(str(profile_dir))
         state, metrics = step_fn(state, item[0])
+        dispatched = time.perf_counter()
         if profile and step == profile[1] - 1:
             jax.block_until_ready(metrics)
             jax.profiler.stop_trace()
@@ -268,10 +300,10 @@ def fit(step_fn, state, batches: Iterator, *, start: int, n_iter: int | None, re
         step += 1
         item = pull()  # host work for the next step overlaps this one
         if pending is not None:
-            report(*pending)
-        pending = (step - 1, metrics)
+            flush()
+        pending = (step - 1, metrics, dispatched)
     if pending is not None:
-        report(*pending)
+        flush()
     return state
 
 
@@ -316,7 +348,8 @@ class PretrainConfig:
     save_every: int = -1
     keep_checkpoints: int = 3
     model_tag: str | None = None          # default d<depth>
-    resume: bool = False                  # continue from the latest checkpoint of this model tag
+    resume: bool | None = None            # None: continue this tag's latest checkpoint if its settings match;
+                                          # 1: require one; 0: start fresh (refused if checkpoints exist)
     resume_from_step: int = -1            # ...or from this step
     log_every: int = 1
     profile_steps: str = ""               # START:STOP, writes a jax.profiler trace under the run dir
@@ -390,14 +423,6 @@ def open_source(phase: str, model_tag: str | None, step: int | None, *, compute_
     return Source(phase, tag, step, meta, model_cfg, ckpt)
 
 
-def timed(fn, clock: dict):
-    """fn, restarting the step clock after it (evals, samples and saves do not count as step time)."""
-    def run(*args):
-        fn(*args)
-        clock["last"] = time.perf_counter()
-    return run
-
-
 def plan_horizon(cfg: PretrainConfig, model_cfg: gpt.GPTConfig, n_devices: int) -> dict:
     """Batch size, grad accumulation, iterations, LR/WD scaling (reference §5.1), validated."""
     counts = gpt.num_params(model_cfg)
@@ -423,7 +448,13 @@ def plan_horizon(cfg: PretrainConfig, model_cfg: gpt.GPTConfig, n_devices: int) 
 
 def pretrain(cfg: PretrainConfig) -> LoopState:
     """The base-training loop. Returns the final LoopState (loss history of this run included)."""
-    from nanochat_jax.checkpoint import Checkpointer, checkpoint_dir
+    with contextlib.ExitStack() as cleanup:  # checkpointer, loader threads, log: closed however the run ends
+        return _pretrain(cfg, cleanup)
+
+
+def _pretrain(cfg: PretrainConfig, cleanup: contextlib.ExitStack) -> LoopState:
+    from nanochat_jax.checkpoint import Checkpointer, checkpoint_dir, config_differences
+    from nanochat_jax.checkpoint import resume_step as resume_from
     from nanochat_jax.dataloader import ShardedLoader
     from nanochat_jax.dataset import list_parquet_files, resolve_data_dir, split_files
     from nanochat_jax.loss_eval import evaluate_bpb, make_bpb_fn
@@ -433,12 +464,30 @@ def pretrain(cfg: PretrainConfig) -> LoopState:
     mesh = sharding.make_mesh(cfg.mesh)
     device = mesh.devices.flat[0]
     on_gpu = device.platform == "gpu"
+    # Inputs first (tokenizer, shards, the checkpoint to continue): a wrong path fails in a second, not after compiling.
     tokenizer = get_tokenizer(cfg.tokenizer_dir)
     token_bytes = jnp.asarray(tokenizer.token_bytes(), jnp.int32)
+    files = list_parquet_files(resolve_data_dir(cfg.data_dir))
+    train_files, val_files = split_files(files, "train"), split_files(files, "val")
     model_cfg = build_model_config(cfg, tokenizer.vocab_size, on_gpu)
     plan = plan_horizon(cfg, model_cfg, mesh.size)
     n_iter, grad_accum, B = plan["num_iterations"], plan["grad_accum"], plan["total_batch_size"]
     tag = cfg.model_tag or f"d{cfg.depth}"
+    ckpt = Checkpointer(checkpoint_dir("base", tag), keep=cfg.keep_checkpoints)
+
+    def differences(meta):  # what must match for a checkpoint to continue this run
+        saved = {**meta.get("model_config", {}), "total_batch_size": meta.get("total_batch_size"),
+                 "num_iterations": meta.get("num_iterations")}
+        return config_differences(saved, {**model_cfg.to_dict(), "total_batch_size": B, "num_iterations": n_iter})
+
+    cleanup.callback(ckpt.close)  # waits for the last async save, also when the run fails
+    resume_step = resume_from(ckpt, cfg.resume, differences, from_step=cfg.resume_from_step)
+    meta = ckpt.read_meta(resume_step) if resume_step is not None else {}
+    # one reader per device, strided by the device's place in the mesh: same global batches however many processes
+    shards = [i for i, d in enumerate(mesh.devices.flat) if d.process_index == jax.process_index()]
+    loader = ShardedLoader(tokenizer, cfg.device_batch_size, cfg.max_seq_len, "train", files=train_files,
+                           shard_indices=shards, num_shards=mesh.size, state=meta.get("loader_state"))
+    cleanup.callback(loader.close)
     print0(f"devices: {mesh.size} × {device.device_kind} ({jax.process_count()} process(es)); compute {model_cfg.compute_dtype}, "
            f"attention {model_cfg.attn_backend}")
     print0("model config " + json.dumps(model_cfg.to_dict()))
@@ -448,6 +497,7 @@ def pretrain(cfg: PretrainConfig) -> LoopState:
            f"({n_iter * B:,} tokens, {n_iter * B / plan['params']['scaling']:.2f} tokens/scaling param, "
            f"{n_iter * B * plan['flops_per_token']:.3e} FLOPs); lr scale {plan['batch_lr_scale']:.4f}, "
            f"wd {plan['weight_decay_scaled']:.4f}")
+    print0(f"data: {len(train_files)} train + 1 val shard(s) in {files[0].parent}; checkpoints: {ckpt.directory}")
 
     opt_cfg = optim.OptimConfig(num_iterations=n_iter, model_dim=model_cfg.n_embd, matrix_lr=cfg.matrix_lr,
                                 embedding_lr=cfg.embedding_lr, unembedding_lr=cfg.unembedding_lr,
@@ -464,50 +514,34 @@ def pretrain(cfg: PretrainConfig) -> LoopState:
     print0(f"compiled the train step in {info['compile_seconds']:.1f}s; memory {info.get('memory', 'n/a')}")
 
     # state: fresh or restored
-    ckpt = Checkpointer(checkpoint_dir("base", tag), keep=cfg.keep_checkpoints)
     loop = LoopState()
-    loader_state = None
-    resume_step = cfg.resume_from_step if cfg.resume_from_step >= 0 else (ckpt.latest_step() if cfg.resume else None)
-    if cfg.resume and resume_step is None:
-        raise FileNotFoundError(f"--resume: no checkpoint of {tag!r} in {ckpt.directory}; start without --resume")
     if resume_step is not None:
-        meta = ckpt.read_meta(resume_step)
-        if gpt.GPTConfig.from_dict(meta["model_config"]) != model_cfg:
-            raise ValueError(f"checkpoint {tag} step {resume_step} has model config {meta['model_config']}, but the "
-                             f"flags give {model_cfg.to_dict()}: resume with the original flags")
-        if meta.get("total_batch_size") != B or meta.get("num_iterations") != n_iter:
-            raise ValueError(f"checkpoint was trained with total batch {meta.get('total_batch_size')} for "
-                             f"{meta.get('num_iterations')} iterations; the flags give {B} for {n_iter}")
         abstract = abstract_tree(state_shapes, shardings)
         params, opt_state, meta = ckpt.restore(resume_step, abstract_params=abstract["params"],
                                                abstract_opt_state=abstract["opt_state"])
         state = {"step": jax.device_put(jnp.asarray(resume_step, jnp.int32), shardings["step"]),
                  "params": params, "opt_state": opt_state}
         loop = LoopState(**{k: v for k, v in meta["loop_state"].items() if k != "history"})
-        loader_state = meta["loader_state"]
-        print0(f"resumed {tag} from step {resume_step}")
+        print0(f"resumed {tag} from step {resume_step} of {n_iter}" + (" (already finished)" if resume_step >= n_iter else ""))
     else:
         state = jax.jit(lambda k: init_state(model_cfg, tx, k), out_shardings=shardings)(jax.random.key(cfg.seed))
     start = resume_step or 0
 
-    files = list_parquet_files(resolve_data_dir(cfg.data_dir))
-    # one reader per device, strided by the device's place in the mesh: same global batches however many processes
-    shards = [i for i, d in enumerate(mesh.devices.flat) if d.process_index == jax.process_index()]
-    loader = ShardedLoader(tokenizer, cfg.device_batch_size, cfg.max_seq_len, "train", files=split_files(files, "train"),
-                           shard_indices=shards, num_shards=mesh.size, state=loader_state)
     bpb_fn = jax.jit(make_bpb_fn(model_cfg), in_shardings=(shardings["params"], sharding.batch_sharding(mesh),
                                                             sharding.batch_sharding(mesh), sharding.replicated(mesh)))
     fwd_fn = jax.jit(lambda p, x: gpt.forward(p, x, model_cfg))
     eval_steps = max(1, cfg.eval_tokens // (cfg.device_batch_size * cfg.max_seq_len * mesh.size))
 
     def val_batches():
-        with ShardedLoader(tokenizer, cfg.device_batch_size, cfg.max_seq_len, "val", files=split_files(files, "val"),
+        with ShardedLoader(tokenizer, cfg.device_batch_size, cfg.max_seq_len, "val", files=val_files,
                            shard_indices=shards, num_shards=mesh.size) as val:
             for b in val:
                 yield {k: sharding.global_batch(v, mesh) for k, v in b.items()}
 
     log = ScalarLog(run_dir(tag))
+    cleanup.callback(log.close)
     flops_tok = plan["flops_per_token"]
+    step_log = StepLogger(loop, log, n_iter, B, flops_tok, device.device_kind, mesh.size, cfg.log_every)
 
     def batches():
         while True:
@@ -557,31 +591,22 @@ def pretrain(cfg: PretrainConfig) -> LoopState:
         ckpt.save(step, params=state["params"], opt_state=state["opt_state"], meta=meta, overwrite=True)
         print0(f"saved checkpoint {tag} step {step} to {ckpt.directory}")
 
-    # Step time = time between the completions of consecutive steps (each read one step late); restarted after
-    # evals, samples and saves so their time is not counted as training.
-    clock = {"last": time.perf_counter()}
+    def report(step, metrics, dt):
+        lrm = optim.current_hyperparams(opt_cfg, step)["lrm"]  # host arithmetic: no device round trip
+        step_log(step, metrics, dt, lrm, f"epoch {loader.epoch}")
 
-    def report(step, metrics):
-        hp = optim.current_hyperparams(opt_cfg, step)
-        _report(step, metrics, loop, log, n_iter, hp["lrm"], B, flops_tok, device.device_kind, mesh.size,
-                f"epoch {loader.epoch}", clock, cfg.log_every)
-
-    periodic = [Periodic(cfg.eval_every, timed(evaluate, clock)),
-                Periodic(cfg.core_metric_every, timed(core_metric, clock), at_end=cfg.core_metric_every > 0),
-                Periodic(cfg.sample_every, timed(sample, clock), after_start=True),
-                Periodic(cfg.save_every, timed(save, clock), after_start=True)]
-    try:
-        fit(step_fn, state, batches(), start=start, n_iter=n_iter, report=report, periodic=periodic,
-            profile=parse_profile_steps(cfg.profile_steps), profile_dir=run_dir(tag) / "profile")
-    finally:
-        ckpt.close()
-        loader.close()
-        log.close()
+    periodic = [Periodic(cfg.eval_every, evaluate),
+                Periodic(cfg.core_metric_every, core_metric, at_end=cfg.core_metric_every > 0),
+                Periodic(cfg.sample_every, sample, after_start=True),
+                Periodic(cfg.save_every, save, after_start=True)]
+    fit(step_fn, state, batches(), start=start, n_iter=n_iter, report=report, periodic=periodic,
+        profile=parse_profile_steps(cfg.profile_steps), profile_dir=run_dir(tag) / "profile")
+    for close in (ckpt.close, loader.close, log.close):  # before the report: the last save is complete
+        close()
     if jax.process_index() == 0:
         from nanochat_jax.report import get_report
 
-        dts = clock.get("dts", [])
-        steady = dts[10:] or dts  # like the log: the first steps include compilation
+        mfu = step_log.steady_mfu()
         get_report().log("Base model training", [
             {"model_tag": tag, "depth": cfg.depth, "parameters": plan["params"]["total"],
              "scaling parameters": plan["params"]["scaling"], "FLOPs per token": f"{flops_tok:.6e}",
@@ -591,32 +616,53 @@ def pretrain(cfg: PretrainConfig) -> LoopState:
              "compute dtype": model_cfg.compute_dtype,
              "min val bpb": loop.min_val_bpb, "final val bpb": loop.val_bpb if loop.val_bpb is not None else float("nan"),
              **({"CORE estimate": loop.core_metric} if loop.core_metric is not None else {}),
-             "MFU %": mfu_percent(flops_tok, B, float(np.median(steady)), device.device_kind, mesh.size) if steady else 0.0,
+             "MFU %": "-" if mfu is None else mfu,
              "total training FLOPs": f"{n_iter * B * flops_tok:.4e}",
              "training time": format_duration(loop.total_training_time)}], run_dir=run_dir(tag))
     print0(f"done: {n_iter} steps, min val bpb {loop.min_val_bpb:.4f}, training time {format_duration(loop.total_training_time)}")
-    print0(json.dumps({"final_step": n_iter, "val_bpb": loop.val_bpb, "min_val_bpb": loop.min_val_bpb,
-                       "losses": [[s_, l_] for s_, l_ in loop.history]}))
+    finish_run(run_dir(tag), {"final_step": n_iter, "val_bpb": loop.val_bpb, "min_val_bpb": loop.min_val_bpb},
+               start=start, losses=[[s_, l_] for s_, l_ in loop.history])
     return loop
 
 
-def _report(step, metrics, loop: LoopState, log, n_iter, lrm, B, flops_tok, device_kind, n_devices, where: str,
-            clock, log_every: int = 1):
-    """One step's log line and TensorBoard scalars (n_iter: planned steps, an estimate for data-driven stages)."""
-    loss = float(metrics["loss"])  # waits for that step only; the next one is already queued
-    now = time.perf_counter()
-    dt, clock["last"] = now - clock["last"], now
-    clock.setdefault("dts", []).append(dt)  # step times, for the report's steady-state MFU
-    beta = 0.9
-    loop.smooth_loss = beta * loop.smooth_loss + (1 - beta) * loss
-    smooth = loop.smooth_loss / (1 - beta ** (step + 1))
-    if step > 10:  # like nanochat: the first steps (compilation, warm-up) do not count
-        loop.total_training_time += dt
-    loop.history.append((step, loss))
-    tok_s, mfu = B / dt, mfu_percent(flops_tok, B, dt, device_kind, n_devices)
-    if step % log_every == 0 or step + 1 == n_iter:
-        print0(f"step {step:05d}/{n_iter} ({100 * (step + 1) / n_iter:.1f}%) | loss {smooth:.6f} | lrm {lrm:.2f} | "
-               f"dt {dt * 1e3:.0f}ms | tok/s {tok_s:,.0f} | mfu {mfu:.2f} | {where} | "
-               f"total time {format_duration(loop.total_training_time)} | eta {format_duration(max(n_iter - step - 1, 0) * dt)}")
-    log(step, **{"train/loss": smooth, "train/raw_loss": loss, "train/lrm": lrm, "train/tok_per_sec": tok_s,
-                 "train/mfu": mfu, "train/dt": dt})
+@dataclass
+class StepLogger:
+    """Each step's log line and TensorBoard scalars: smoothed loss, lr multiplier, step time, tokens/s, MFU (`-` where
+    the device's peak FLOP/s is unknown, e.g. on CPU) and ETA. Keeps the step times for the report's MFU."""
+    loop: LoopState
+    log: ScalarLog
+    n_iter: int                 # planned steps (an estimate for the data-driven stages)
+    tokens_per_step: int
+    flops_per_token: float
+    device_kind: str
+    n_devices: int
+    log_every: int = 1
+    step_seconds: list = field(default_factory=list)
+
+    def __call__(self, step: int, metrics: dict, dt: float, lrm: float, where: str) -> None:
+        loop, n_iter = self.loop, self.n_iter
+        loss = float(metrics["loss"])
+        self.step_seconds.append(dt)
+        beta = 0.9
+        loop.smooth_loss = beta * loop.smooth_loss + (1 - beta) * loss
+        smooth = loop.smooth_loss / (1 - beta ** (step + 1))
+        if step > 10:  # like nanochat: the first steps (compilation, warm-up) do not count
+            loop.total_training_time += dt
+        loop.history.append((step, loss))
+        tok_s = self.tokens_per_step / dt
+        mfu = mfu_percent(self.flops_per_token, self.tokens_per_step, dt, self.device_kind, self.n_devices)
+        if step % self.log_every == 0 or step + 1 == n_iter:
+            print0(f"step {step:05d}/{n_iter} ({100 * (step + 1) / n_iter:.1f}%) | loss {smooth:.6f} | lrm {lrm:.2f} | "
+                   f"dt {dt * 1e3:.0f}ms | tok/s {tok_s:,.0f} | mfu {'-' if mfu is None else f'{mfu:.2f}'} | {where} | "
+                   f"total time {format_duration(loop.total_training_time)} | "
+                   f"eta {format_duration(max(n_iter - step - 1, 0) * dt)}")
+        self.log(step, **{"train/loss": smooth, "train/raw_loss": loss, "train/lrm": lrm, "train/tok_per_sec": tok_s,
+                          "train/dt": dt, **({} if mfu is None else {"train/mfu": mfu})})
+
+    def steady_mfu(self) -> float | None:
+        """MFU over the median step time, leaving out the first 10 steps (compilation) when there are more."""
+        steady = self.step_seconds[10:] or self.step_seconds
+        if not steady:
+            return None
+        return mfu_percent(self.flops_per_token, self.tokens_per_step, float(np.median(steady)), self.device_kind,
+                           self.n_devices)

@@ -4,15 +4,17 @@
 # ending with the report card and a one-shot answer from the chat model. (The model is tiny: expect fluent-ish
 # nonsense, not answers. The point is that every stage runs, on your machine, in minutes.)
 #
-#   bash scripts/cpu_demo.sh [--data-dir=DIR] [--task-data=DIR] [--smoke] [--fresh]
+#   bash scripts/cpu_demo.sh [--data-dir=DIR] [--task-data=DIR] [--smoke] [--fresh] [--stop-after=STAGE]
 #
 # Pretraining text: --data-dir=DIR or $NANOCHAT_JAX_DATA_DIR (a folder of *.parquet files with a `text` column; the
 #   last file is validation), else ../shared/data/gutenberg beside the repo, else it downloads 2 ClimbMix shards.
 # Chat/eval task files: --task-data=DIR or $NANOCHAT_JAX_TASK_DATA (a folder laid out like ../shared/data: arc/,
 #   mmlu/, gsm8k/, humaneval/, english_words/, chat/, core_eval/), else ../shared/data beside the repo, else the
 #   HuggingFace downloads (SmolTalk etc.) and the CORE eval bundle.
-# --smoke: the smallest settings (a few minutes; what CI runs). --fresh: forget finished stages and start over.
-# Outputs go under $NANOCHAT_JAX_BASE_DIR (default ~/.cache/nanochat_jax); finished stages are skipped on a rerun.
+# --smoke: the smallest settings (a few minutes; what CI runs). --fresh: start over (forgets finished stages and
+# deletes the demo model's checkpoints). --stop-after=STAGE: stop once that stage is done (e.g. pretrain).
+# Outputs go under $NANOCHAT_JAX_BASE_DIR (default ~/.cache/nanochat_jax). A rerun skips finished stages and a
+# stage that was interrupted continues from its last checkpoint (training stages save every few dozen steps).
 source "$(dirname "$0")/_env.sh"
 source "$(dirname "$0")/_stages.sh"
 cd "$REPO_ROOT"
@@ -29,7 +31,8 @@ for arg in "$@"; do
     --task-data=*) TASK_DATA="${arg#--task-data=}" ;;
     --smoke) SMOKE=1 ;;
     --fresh) FRESH=1 ;;
-    *) echo "unknown argument: $arg (usage: bash scripts/cpu_demo.sh [--data-dir=DIR] [--task-data=DIR] [--smoke] [--fresh])" >&2; exit 2 ;;
+    --stop-after=*) STOP_AFTER="${arg#--stop-after=}" ;;
+    *) echo "unknown argument: $arg (usage: bash scripts/cpu_demo.sh [--data-dir=DIR] [--task-data=DIR] [--smoke] [--fresh] [--stop-after=STAGE])" >&2; exit 2 ;;
   esac
 done
 SHARED="$REPO_ROOT/../shared/data"
@@ -37,7 +40,6 @@ if [ -z "$DATA_DIR" ] && [ -d "$SHARED/gutenberg" ]; then DATA_DIR="$(cd "$SHARE
 if [ -z "$TASK_DATA" ] && [ -d "$SHARED/gsm8k" ]; then TASK_DATA="$(cd "$SHARED" && pwd)"; fi
 BASE_DIR="$(python -c 'from nanochat_jax.common import get_base_dir; print(get_base_dir())')"
 STATE_DIR="$BASE_DIR/pipeline_state/demo"
-[ "$FRESH" = 1 ] && rm -rf "$STATE_DIR"
 echo "[demo] base dir $BASE_DIR; pretraining text ${DATA_DIR:-<download>}; task data ${TASK_DATA:-<HuggingFace>}"
 
 if [ -z "$DATA_DIR" ]; then
@@ -56,14 +58,18 @@ fi
 
 # Sizes: a d4 model (a d2 one with --smoke) on 256-token rows, batches of 4,096 tokens.
 if [ "$SMOKE" = 1 ]; then
-  DEPTH=2; PRE_ITERS=20; CONVS=64; MAXTASK=2; XPROB=4; RL_STEPS=2; NEW_TOK=16; CHARS=2000000
+  DEPTH=2; PRE_ITERS=20; CONVS=64; MAXTASK=2; XPROB=4; RL_STEPS=2; NEW_TOK=16; CHARS=2000000; SAVE=5
 else
-  DEPTH=4; PRE_ITERS=300; CONVS=1200; MAXTASK=8; XPROB=24; RL_STEPS=6; NEW_TOK=64; CHARS=20000000
+  DEPTH=4; PRE_ITERS=300; CONVS=1200; MAXTASK=8; XPROB=24; RL_STEPS=6; NEW_TOK=64; CHARS=20000000; SAVE=25
 fi
 TAG="demo_d$DEPTH"
 SEQ=256
+if [ "$FRESH" = 1 ]; then
+  rm -rf "$STATE_DIR"
+  for phase in base mid chatsft chatrl; do rm -rf "$BASE_DIR/${phase}_checkpoints/$TAG"; done
+fi
 CHAT=(--model-tag="$TAG" --max-seq-len=$SEQ --device-batch-size=8 --total-batch-size=4096 --eval-tokens=16384
-      --max-conversations=$CONVS "${MIXTURE[@]}")
+      --max-conversations=$CONVS --save-every=$SAVE "${MIXTURE[@]}")
 
 SECONDS=0
 [ -f "$STATE_DIR/report-reset.done" ] || python -m nanochat_jax.report reset
@@ -72,7 +78,7 @@ stage tokenizer python scripts/tok_train.py --max-chars=$CHARS --vocab-size=4096
 stage tok_eval python scripts/tok_eval.py
 stage pretrain python scripts/pretrain.py --depth=$DEPTH --head-dim=64 --max-seq-len=$SEQ --device-batch-size=8 \
   --total-batch-size=4096 --num-iterations=$PRE_ITERS --warmup-steps=10 --eval-every=100 --eval-tokens=16384 \
-  --sample-every=-1 --save-every=-1 --matrix-lr=0.04 --embedding-lr=0.6 --unembedding-lr=0.016 --model-tag="$TAG"
+  --sample-every=-1 --save-every=$SAVE --matrix-lr=0.04 --embedding-lr=0.6 --unembedding-lr=0.016 --model-tag="$TAG"
 stage base_loss python scripts/base_loss.py --model-tag="$TAG" --device-batch-size=8 --split-tokens=16384 \
   --num-samples=2 --sample-tokens=32
 stage base_eval python scripts/base_eval.py --model-tag="$TAG" --max-per-task=$MAXTASK --batch-tokens=4096 "${BUNDLE[@]}"

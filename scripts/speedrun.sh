@@ -9,8 +9,11 @@
 #          --device-batch-size=N (default 16 at d>=24, else 32)  --mesh=N (default: all devices)
 #          --shards=N (pretraining shards to download; default 170)  --rl  --fresh (forget finished stages)
 #          --dry-run (print the stage commands and exit)
-# Every stage is skipped when it already finished (markers in <base>/pipeline_state/speedrun_d<N>), so rerunning
-# after a crash continues where it stopped. Outputs go under $NANOCHAT_JAX_BASE_DIR (default ~/.cache/nanochat_jax).
+# Every stage is skipped when it already finished (markers in <base>/pipeline_state/speedrun_d<N>), and a training
+# stage cut short continues from its last checkpoint (pretraining saves every 1000 steps, mid/SFT every 200, RL every
+# 60), so rerunning after a crash continues where it stopped. --fresh forgets the stage markers but keeps the
+# checkpoints, which the training stages then continue: delete <base>/*_checkpoints/d<N> to train them again.
+# Outputs go under $NANOCHAT_JAX_BASE_DIR (default ~/.cache/nanochat_jax).
 # Multi-node: launch this on every node with JAX_COORDINATOR_ADDRESS/JAX_NUM_PROCESSES/JAX_PROCESS_ID set (or
 # under SLURM); see the README.
 export NANOCHAT_JAX_EXTRAS="${NANOCHAT_JAX_EXTRAS-gpu}"  # set it empty for a CPU-only install
@@ -74,9 +77,11 @@ print(fetch_file(url, "identity_conversations.jsonl"))' 2>/dev/null)"; then
 else
   echo "[speedrun] identity conversations unavailable: training without them"
 fi
-stage midtrain python scripts/midtrain.py --mesh=$MESH --model-tag=$TAG --device-batch-size=$DBS "${IDENTITY_FLAG[@]}"
+stage midtrain python scripts/midtrain.py --mesh=$MESH --model-tag=$TAG --device-batch-size=$DBS --save-every=200 \
+  "${IDENTITY_FLAG[@]}"
 stage chat_eval_mid python scripts/chat_eval.py --mesh=$MESH -i mid -g $TAG
-stage sft python scripts/sft.py --mesh=$MESH --model-tag=$TAG --device-batch-size=$DBS "${IDENTITY_FLAG[@]}"
+stage sft python scripts/sft.py --mesh=$MESH --model-tag=$TAG --device-batch-size=$DBS --save-every=200 \
+  "${IDENTITY_FLAG[@]}"
 stage chat_eval_sft python scripts/chat_eval.py --mesh=$MESH -i sft -g $TAG
 if [ "$RL" = 1 ]; then
   stage rl python scripts/rl.py --mesh=$MESH --model-tag=$TAG

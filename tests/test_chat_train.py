@@ -72,9 +72,15 @@ def test_lr_schedules():
 def test_sft_loss_drops_on_real_conversations(chats, tok_dir):
     make_base_checkpoint()
     train, val = chats
+    # The lr flags are for 2^19-token batches and get scaled by sqrt(B / 2^19), like pretraining's: flags of
+    # 1 / scale give this 1,024-token batch lr 0.02 / 0.3 / 0.008 / 0.5 (the report section shows the effective lrs).
+    batch = 4 * T_LEN * 2
+    scale = (batch / 2**19) ** 0.5
+    lrs = {"matrix_lr": 0.02 / scale, "embedding_lr": 0.3 / scale, "unembedding_lr": 0.008 / scale,
+           "scalar_lr": 0.5 / scale}
     loop = chat_train(cfg_for(tok_dir, stage="sft", source="base", num_iterations=30, eval_every=30,
-                              init_lr_frac=1.0, total_batch_size=4 * T_LEN * 2, chatcore_tasks="ARC-Easy|GSM8K",
-                              chatcore_max_problems=4, chatcore_max_new_tokens=8, task_data=str(shared_data())),
+                              init_lr_frac=1.0, total_batch_size=batch, chatcore_tasks="ARC-Easy|GSM8K",
+                              chatcore_max_problems=4, chatcore_max_new_tokens=8, task_data=str(shared_data()), **lrs),
                       train_data=Subset(train, 400), val_data=Subset(val, 40))
     losses = [l for _, l in loop.history]
     assert len(losses) == 30
@@ -86,6 +92,7 @@ def test_sft_loss_drops_on_real_conversations(chats, tok_dir):
     from nanochat_jax.report import get_report
     [sft] = [get_report().metrics(s) for s in get_report().sections() if s["section"] == "Chat SFT"]
     assert sft["steps"] == 30 and sft["final val bpb"] == loop.val_bpb
+    assert sft["batch lr scale"] == pytest.approx(scale) and sft["matrix_lr"] == pytest.approx(0.02)
     assert 0 <= sft["last eval ARC-Easy"] <= 1 and "last eval ChatCORE_cat" in sft  # the periodic ChatCORE subset
 
 

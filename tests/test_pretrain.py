@@ -11,6 +11,7 @@ import pytest
 from conftest import REPO_ROOT
 from nanochat_jax import train
 from nanochat_jax.checkpoint import Checkpointer, checkpoint_dir
+from nanochat_jax.common import UserError
 from test_dataloader import _write_shards
 from nanochat_jax.tokenizer import train_tokenizer
 
@@ -55,8 +56,27 @@ def test_resume_is_exact(data):
     # Same compiled program, same restored state and loader position, same host: bit-identical losses.
     assert [l for s, l in full.history if s >= 4] == [l for _, l in resumed.history]
     assert [s for s, _ in resumed.history] == [4, 5, 6, 7]
-    with pytest.raises(ValueError, match="model config"):
+    with pytest.raises(UserError, match="other settings .*n_layer: 2 → 3"):
         train.pretrain(_cfg(data, num_iterations=8, eval_every=-1, model_tag="r", resume=True, depth=3))
+
+
+def test_rerun_continues_and_never_overwrites(data):
+    """A second run of the same tag continues from its latest checkpoint (the default); one whose settings differ,
+    or that asks to start fresh over existing checkpoints, is refused with a one-line reason, and nothing is lost."""
+    cut = train.pretrain(_cfg(data, num_iterations=4, eval_every=-1, save_every=2, model_tag="a"))
+    with Checkpointer(checkpoint_dir("base", "a")) as ckpt:
+        ckpt._mngr.delete(4)  # as if it crashed after saving step 2
+    again = train.pretrain(_cfg(data, num_iterations=4, eval_every=-1, save_every=2, model_tag="a"))
+    assert [s for s, _ in again.history] == [2, 3]
+    assert [l for _, l in again.history] == [l for s, l in cut.history if s >= 2]
+    with pytest.raises(UserError, match=r"already holds checkpoints \(steps \[2, 4\]\).*--resume=0"):
+        train.pretrain(_cfg(data, num_iterations=4, eval_every=-1, model_tag="a", resume=False))
+    with pytest.raises(UserError, match="num_iterations: 4 → 6"):
+        train.pretrain(_cfg(data, num_iterations=6, eval_every=-1, model_tag="a"))
+    with Checkpointer(checkpoint_dir("base", "a")) as ckpt:
+        assert ckpt.all_steps() == [2, 4]
+    with pytest.raises(UserError, match="--resume: no checkpoint"):
+        train.pretrain(_cfg(data, num_iterations=4, eval_every=-1, model_tag="fresh", resume=True))
 
 
 def _free_port():
@@ -71,8 +91,10 @@ def _run_script(args, env_extra, base_dir):
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def _losses(out: str):
-    return json.loads([line for line in out.splitlines() if line.startswith('{"final_step"')][-1])["losses"]
+def _losses(base_dir, tag="d2"):
+    """The losses of the latest run of `tag` (train.finish_run appends one line per run)."""
+    lines = (base_dir / "runs" / tag / "history.jsonl").read_text().splitlines()
+    return json.loads(lines[-1])["losses"]
 
 
 @pytest.mark.slow
@@ -90,6 +112,7 @@ def test_two_processes_match_one(data, tmp_path):
         procs.append(one)
         out_one, _ = one.communicate(timeout=600)
         assert one.returncode == 0, out_one[-3000:]
+        one_l = _losses(tmp_path / "one")
         def two_processes(extra, port):
             run = [_run_script(args + extra, {"XLA_FLAGS": "--xla_force_host_platform_device_count=4",
                                               "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": "2",
@@ -98,7 +121,9 @@ def test_two_processes_match_one(data, tmp_path):
             return run, [p.communicate(timeout=600)[0] for p in run]
 
         two, outs = two_processes(["--save-every=2"], port)
+        two_l = _losses(tmp_path / "two")
         resumed, resumed_outs = two_processes(["--resume-from-step=2"], _free_port())
+        resumed_l = _losses(tmp_path / "two")
     finally:
         for p in procs:
             if p.poll() is None:
@@ -106,11 +131,10 @@ def test_two_processes_match_one(data, tmp_path):
     for p, out in zip(two + resumed, outs + resumed_outs):
         assert p.returncode == 0, out[-3000:]
     assert "8 × cpu (2 process(es))" in outs[0]
-    one_l, two_l = _losses(out_one), _losses(outs[0])
     assert [s for s, _ in one_l] == [s for s, _ in two_l] == [0, 1, 2, 3]
     for (_, a), (_, b) in zip(one_l, two_l):
         assert abs(a - b) <= 1e-5 * abs(a), (one_l, two_l)  # same batches; only cross-process reduction order differs
-    assert _losses(resumed_outs[0]) == [[s, l] for s, l in two_l if s >= 2]
+    assert resumed_l == [[s, l] for s, l in two_l if s >= 2]
 
 
 @pytest.mark.slow
