@@ -11,22 +11,27 @@ reference §6 "Checkpoint". Two layouts are understood:
   classic  (October 2025) the same block keys, wte/lm_head with exactly vocab_size rows, none of the extras
 
 torch Linear weights are (out, in); ours are (in, out), blocks stacked on a leading layer axis (gpt.py docstring).
-Everything here is NumPy; torch is imported only by the two file I/O functions (it is an optional dependency).
+Everything here is NumPy. Reading needs no torch: `read_pt` opens torch.save's zip format with a restricted
+unpickler that admits only tensors and plain containers (no code runs). Writing (export) imports torch.
 Intermediate nanochat versions (some extras but not all, e.g. the Feb 2026 model without smear/backout) differ
 in ways the keys do not show (RoPE base, gate widths), so they are refused rather than guessed.
 """
 
 from __future__ import annotations
 
+import collections
+import io
 import json
+import pickle
 import re
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from nanochat_jax import gpt
-from nanochat_jax.common import atomic_write
+from nanochat_jax.common import UserError, atomic_write
 from nanochat_jax.gpt import GPTConfig
 
 NANOCHAT_PAD_VOCAB = 64       # nanochat HEAD pads wte/lm_head/value_embeds rows to a multiple of this
@@ -250,7 +255,122 @@ def nanochat_model_config(cfg: GPTConfig) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------------------------
-# Files (torch needed)
+# Reading .pt files without torch
+
+def _pt_dtypes() -> dict[str, Any]:
+    import ml_dtypes
+
+    return {"FloatStorage": np.float32, "DoubleStorage": np.float64, "HalfStorage": np.float16,
+            "BFloat16Storage": ml_dtypes.bfloat16, "LongStorage": np.int64, "IntStorage": np.int32,
+            "ShortStorage": np.int16, "CharStorage": np.int8, "ByteStorage": np.uint8, "BoolStorage": np.bool_}
+
+
+class _StorageType:
+    def __init__(self, name: str, dtype):
+        self.name, self.dtype = name, np.dtype(dtype)
+
+
+def _rebuild_tensor(storage, storage_offset, size, stride, requires_grad=False, backward_hooks=None,
+                    metadata=None):
+    """torch._utils._rebuild_tensor_v2 for NumPy: a strided view of the storage, bounds-checked, copied."""
+    if not isinstance(storage, np.ndarray) or storage.ndim != 1:
+        raise pickle.UnpicklingError("a tensor whose storage is not a storage reference")
+    size, stride = tuple(int(n) for n in size), tuple(int(n) for n in stride)
+    offset = int(storage_offset)
+    if len(size) != len(stride) or offset < 0 or any(n < 0 for n in size) or any(st < 0 for st in stride):
+        raise pickle.UnpicklingError(f"a tensor with a bad layout (offset {offset}, size {size}, stride {stride})")
+    if 0 in size:
+        return np.zeros(size, storage.dtype)
+    last = offset + sum((n - 1) * st for n, st in zip(size, stride))
+    if last >= storage.size:
+        raise pickle.UnpicklingError(f"a tensor reads element {last} of a storage of {storage.size}")
+    item = storage.itemsize
+    view = np.lib.stride_tricks.as_strided(storage[offset:], shape=size, strides=[st * item for st in stride])
+    return np.array(view)
+
+
+def _rebuild_parameter(data, requires_grad=False, backward_hooks=None):
+    return data
+
+
+class _PtUnpickler(pickle.Unpickler):
+    """Admits tensors (torch._utils._rebuild_tensor_v2 / _rebuild_parameter over the archive's storages) and
+    collections.OrderedDict; storages are read from the zip, every other global is refused."""
+
+    def __init__(self, data: bytes, archive: zipfile.ZipFile, prefix: str):
+        super().__init__(io.BytesIO(data))
+        self.archive, self.prefix = archive, prefix
+        self.dtypes = _pt_dtypes()
+        self.storages: dict[str, np.ndarray] = {}
+
+    def find_class(self, module, name):
+        if module == "torch._utils" and name == "_rebuild_tensor_v2":
+            return _rebuild_tensor
+        if module == "torch._utils" and name == "_rebuild_parameter":
+            return _rebuild_parameter
+        if module == "collections" and name == "OrderedDict":
+            return collections.OrderedDict
+        if module == "torch" and name in self.dtypes:
+            return _StorageType(name, self.dtypes[name])
+        raise pickle.UnpicklingError(f"it refers to {module}.{name}, which is not a tensor or a plain container")
+
+    def persistent_load(self, pid):
+        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"
+                and isinstance(pid[1], _StorageType) and isinstance(pid[2], str)):
+            raise pickle.UnpicklingError(f"an unknown persistent reference {str(pid)[:80]}")
+        _, stype, key, _location, numel = pid
+        if key not in self.storages:
+            try:
+                raw = self.archive.read(f"{self.prefix}/data/{key}")
+            except KeyError:
+                raise pickle.UnpicklingError(f"storage {key} is missing from the archive") from None
+            if len(raw) % stype.dtype.itemsize:
+                raise pickle.UnpicklingError(f"storage {key} has {len(raw)} bytes, not a whole number of "
+                                             f"{stype.name} elements")
+            self.storages[key] = np.frombuffer(raw, stype.dtype.newbyteorder("<"))
+        arr = self.storages[key]
+        if arr.dtype != stype.dtype.newbyteorder("<") or arr.size < int(numel):
+            raise pickle.UnpicklingError(f"storage {key} is used with two dtypes or is too short")
+        return arr
+
+
+def read_pt(path: str | Path):
+    """The object a torch.save file holds (tensors as NumPy arrays, bf16 as ml_dtypes.bfloat16), read without
+    torch and without running any pickled code: only tensors, dicts/OrderedDicts, lists, tuples, numbers and
+    strings are admitted. UserError (naming the file) for anything else, a legacy or corrupt file."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path} does not exist")
+    if not zipfile.is_zipfile(path):
+        raise UserError(f"{path}: not a torch.save zip archive (PyTorch >= 1.6 writes one); re-save it with a "
+                        f"recent PyTorch: torch.save(torch.load(f), f)")
+    try:
+        with zipfile.ZipFile(path) as zf:
+            pkls = [n for n in zf.namelist() if n.endswith("/data.pkl") and n.count("/") == 1]
+            if len(pkls) != 1:
+                raise pickle.UnpicklingError(f"expected one <archive>/data.pkl, found {pkls[:4]}")
+            prefix = pkls[0].split("/")[0]
+            if f"{prefix}/byteorder" in zf.namelist() and zf.read(f"{prefix}/byteorder").strip() != b"little":
+                raise pickle.UnpicklingError("big-endian tensors")
+            return _PtUnpickler(zf.read(pkls[0]), zf, prefix).load()
+    except (pickle.UnpicklingError, zipfile.BadZipFile, EOFError, ValueError, TypeError, AttributeError,
+            IndexError, KeyError) as e:
+        raise UserError(f"{path}: cannot be read as a checkpoint of tensors ({e}); refused without running it. "
+                        f"Pass a model_<step>.pt / token_bytes.pt written by nanochat") from None
+
+
+def read_pt_state_dict(path: str | Path) -> dict[str, np.ndarray]:
+    """A state dict (str -> array) from a .pt file, the _orig_mod. prefix stripped."""
+    obj = read_pt(path)
+    if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, np.ndarray)
+                                            for k, v in obj.items()):
+        raise UserError(f"{path}: expected a state dict (names -> tensors), got {type(obj).__name__}; pass "
+                        f"nanochat's model_<step>.pt")
+    return strip_compile_prefix(dict(obj))
+
+
+# ----------------------------------------------------------------------------------------------
+# Files
 
 def _import_torch():
     try:
@@ -280,16 +400,14 @@ def read_nanochat_checkpoint(directory: str | Path, step: int | None = None):
     meta_path = directory / f"meta_{step:06d}.json"
     if not meta_path.is_file():
         raise FileNotFoundError(f"{meta_path} is missing (nanochat writes it next to model_{step:06d}.pt)")
-    torch = _import_torch()
-    import ml_dtypes
-
-    raw = torch.load(directory / f"model_{step:06d}.pt", map_location="cpu", weights_only=True)
-    sd = {}
-    for k, t in strip_compile_prefix(raw).items():
-        t = t.detach()
-        # NumPy has no bf16: go through fp32 (exact) and back to ml_dtypes' bfloat16.
-        sd[k] = t.float().numpy().astype(ml_dtypes.bfloat16) if t.dtype == torch.bfloat16 else t.numpy()
-    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    sd = read_pt_state_dict(directory / f"model_{step:06d}.pt")  # no torch needed
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{meta_path}: not valid JSON ({e}); copy it again from where the checkpoint came "
+                        f"from") from None
+    if not isinstance(meta, dict):
+        raise UserError(f"{meta_path}: expected a JSON object with a model_config, got {type(meta).__name__}")
     return sd, meta, step
 
 
@@ -320,6 +438,6 @@ def save_nanochat_checkpoint(directory: str | Path, step: int, params: gpt.Param
     return model_path
 
 
-__all__ = ["config_from_nanochat", "config_from_nanochat_meta", "nanochat_format", "params_from_state_dict",
+__all__ = ["read_pt", "read_pt_state_dict", "config_from_nanochat", "config_from_nanochat_meta", "nanochat_format", "params_from_state_dict",
            "state_dict_from_params", "nanochat_model_config", "read_nanochat_checkpoint", "load_nanochat_checkpoint",
            "save_nanochat_checkpoint", "find_nanochat_steps", "strip_compile_prefix"]

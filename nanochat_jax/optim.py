@@ -70,6 +70,17 @@ class OptimConfig:
     muon_plus: bool = True               # Muon+ Frobenius renormalisation after it (HEAD)
     muon_ortho_dtype: str = "bfloat16"   # orthogonaliser dtype; "float32" (HIGHEST precision) for tests
     adamw_state_fp32: bool = False       # False: moments stored in the param dtype (bf16 for wte/VE) as HEAD does
+    # The October 2025 ("classic") AdamW: every AdamW group with betas (0.8, 0.95), eps 1e-10 and weight decay
+    # adamw_weight_decay (OCT's --weight_decay, default 0), and the update of its distributed AdamW
+    # (nanochat/adamw.py, `DistAdamW.step`): denom = sqrt(v) + eps, step = lr * sqrt(1 - b2^t) / (1 - b1^t).
+    adamw_style: str = "current"         # "current" (HEAD's per-group betas/wd) or "classic"
+    adamw_weight_decay: float = 0.0      # classic AdamW weight decay (ignored by the current groups)
+    # Schedules. "reference" = base_train's (see lr_multiplier/muon_momentum/muon_weight_decay below).
+    lr_schedule: str = "reference"       # or "constant": multiplier 1 at every step
+    muon_momentum_schedule: str = "reference"  # or "constant": muon_momentum_peak at every step
+    weight_decay_schedule: str = "cosine"      # or "constant": the (scaled) weight decay at every step
+    grad_clip: float = 0.0               # > 0: clip the global gradient norm first, as torch's clip_grad_norm_
+                                         # (OCT base_train used 1.0); 0 = off (HEAD)
 
     def __post_init__(self):
         def need(cond: bool, msg: str):
@@ -95,6 +106,24 @@ class OptimConfig:
              f"coefficient sets), got {self.muon_ns_steps}")
         need(self.muon_ortho_dtype in ("bfloat16", "float32"),
              f"muon_ortho_dtype must be 'bfloat16' or 'float32', got {self.muon_ortho_dtype!r}")
+        for name, allowed in (("adamw_style", ("current", "classic")), ("lr_schedule", ("reference", "constant")),
+                              ("muon_momentum_schedule", ("reference", "constant")),
+                              ("weight_decay_schedule", ("cosine", "constant"))):
+            need(getattr(self, name) in allowed, f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        need(self.adamw_weight_decay >= 0, f"adamw_weight_decay must be >= 0, got {self.adamw_weight_decay}")
+        need(self.grad_clip >= 0, f"grad_clip must be >= 0 (0 = off), got {self.grad_clip}")
+
+    @classmethod
+    def classic(cls, num_iterations: int, model_dim: int, **overrides) -> "OptimConfig":
+        """The October 2025 optimizer as its scripts/base_train.py set it up: classic Muon (lr 0.02, momentum
+        0.85 -> 0.95 over 300 steps, then constant), the classic AdamW groups (embedding lr 0.2, unembedding
+        0.004, no weight decay), no lr warmup, a linear warmdown over the last 20% to 0, grad clip 1.0."""
+        fields = dict(matrix_lr=0.02, embedding_lr=0.2, unembedding_lr=0.004, weight_decay=0.0,
+                      warmup_steps=0, warmdown_ratio=0.2, final_lr_frac=0.0, muon_momentum_start=0.85,
+                      muon_momentum_peak=0.95, muon_momentum_warmup_steps=300, muon_momentum_final=0.95,
+                      muon_classic=True, adamw_style="classic", adamw_weight_decay=0.0, grad_clip=1.0)
+        fields.update(overrides)
+        return cls(num_iterations=num_iterations, model_dim=model_dim, **fields)
 
     @property
     def effective_weight_decay(self) -> float:
@@ -125,6 +154,7 @@ class AdamWGroup(NamedTuple):
     b2: float
     eps: float
     wd: float
+    classic: bool = False  # the OCT update formula (see OptimConfig.adamw_style)
 
 
 class MuonGroup(NamedTuple):
@@ -132,10 +162,11 @@ class MuonGroup(NamedTuple):
 
 
 def group_settings(cfg: OptimConfig) -> dict[str, AdamWGroup | MuonGroup]:
-    """Per-group hyperparameters (reference §5.2) at lr multiplier 1."""
+    """Per-group hyperparameters (reference §5.2) at lr multiplier 1. adamw_style="classic" keeps the lrs and
+    gives every AdamW group OCT's betas (0.8, 0.95), eps 1e-10, adamw_weight_decay and update formula."""
     dls = (cfg.model_dim / 768) ** -0.5  # AdamW lrs were tuned at d12 (C=768)
     s = cfg.batch_lr_scale * cfg.init_lr_frac
-    return {
+    groups = {
         "lm_head": AdamWGroup(cfg.unembedding_lr * s * dls, 0.8, 0.96, 1e-10, 0.01),
         "wte": AdamWGroup(cfg.embedding_lr * s * dls, 0.8, 0.995, 1e-10, 0.001),
         "value_embeds": AdamWGroup(cfg.embedding_lr * s * dls * 0.5, 0.8, 0.995, 1e-10, 0.01),
@@ -144,6 +175,11 @@ def group_settings(cfg: OptimConfig) -> dict[str, AdamWGroup | MuonGroup]:
         "fixed": AdamWGroup(0.2 * cfg.init_lr_frac, 0.8, 0.95, 1e-10, 0.0),
         "muon": MuonGroup(cfg.matrix_lr * s),
     }
+    if cfg.adamw_style == "classic":
+        groups = {name: g if isinstance(g, MuonGroup) else AdamWGroup(g.lr, 0.8, 0.95, 1e-10, cfg.adamw_weight_decay,
+                                                                      classic=True)
+                  for name, g in groups.items()}
+    return groups
 
 
 def group_of(path: str, ndim: int | None = None) -> str:
@@ -197,8 +233,11 @@ def _warmdown_steps(cfg: OptimConfig) -> int:
 
 
 def lr_multiplier(cfg: OptimConfig, it):
-    """(it+1)/warmup during warmup; 1 until it <= N-W; then linear to final_lr_frac at it = N."""
+    """(it+1)/warmup during warmup; 1 until it <= N-W; then linear to final_lr_frac at it = N.
+    lr_schedule="constant": 1."""
     xp, it = _xp(it)
+    if cfg.lr_schedule == "constant":
+        return xp.ones_like(it)
     n, w = cfg.num_iterations, _warmdown_steps(cfg)
     warm = (it + 1) / max(cfg.warmup_steps, 1)
     progress = (n - it) / max(w, 1)
@@ -207,8 +246,11 @@ def lr_multiplier(cfg: OptimConfig, it):
 
 
 def muon_momentum(cfg: OptimConfig, it):
-    """start->peak over the first muon_momentum_warmup_steps (takes precedence), peak, then peak->final from N-W."""
+    """start->peak over the first muon_momentum_warmup_steps (takes precedence), peak, then peak->final from N-W.
+    muon_momentum_schedule="constant": muon_momentum_peak."""
     xp, it = _xp(it)
+    if cfg.muon_momentum_schedule == "constant":
+        return xp.full_like(it, cfg.muon_momentum_peak)
     n, w = cfg.num_iterations, _warmdown_steps(cfg)
     frac = it / max(cfg.muon_momentum_warmup_steps, 1)
     warm = (1 - frac) * cfg.muon_momentum_start + frac * cfg.muon_momentum_peak
@@ -217,9 +259,27 @@ def muon_momentum(cfg: OptimConfig, it):
     return xp.where(it < cfg.muon_momentum_warmup_steps, warm, xp.where(it >= n - w, down, cfg.muon_momentum_peak))
 
 
-def muon_weight_decay(cfg: OptimConfig, it):
-    """Cosine from the (scaled) weight decay to 0 at it = N."""
+def muon_momentum_complement(cfg: OptimConfig, it):
+    """1 - muon_momentum(cfg, it), computed from the complements of the constants rather than by subtracting a
+    rounded fp32 momentum from 1. OCT's Muon got `1 - momentum` from Python floats (exact to fp32), HEAD from an
+    fp32 tensor (1 - fp32(m)); the classic Muon uses this one so its momentum buffer rounds like OCT's."""
     xp, it = _xp(it)
+    if cfg.muon_momentum_schedule == "constant":
+        return xp.full_like(it, 1 - cfg.muon_momentum_peak)
+    n, w = cfg.num_iterations, _warmdown_steps(cfg)
+    frac = it / max(cfg.muon_momentum_warmup_steps, 1)
+    warm = (1 - frac) * (1 - cfg.muon_momentum_start) + frac * (1 - cfg.muon_momentum_peak)
+    progress = (it - (n - w)) / max(w, 1)
+    down = (1 - cfg.muon_momentum_peak) * (1 - progress) + (1 - cfg.muon_momentum_final) * progress
+    return xp.where(it < cfg.muon_momentum_warmup_steps, warm,
+                    xp.where(it >= n - w, down, 1 - cfg.muon_momentum_peak))
+
+
+def muon_weight_decay(cfg: OptimConfig, it):
+    """Cosine from the (scaled) weight decay to 0 at it = N. weight_decay_schedule="constant": the weight decay."""
+    xp, it = _xp(it)
+    if cfg.weight_decay_schedule == "constant":
+        return xp.full_like(it, cfg.effective_weight_decay)
     return cfg.effective_weight_decay * 0.5 * (1 + xp.cos(xp.pi * it / cfg.num_iterations))
 
 
@@ -247,8 +307,10 @@ class AdamWState(NamedTuple):
 
 
 def adamw(lr: float, b1: float, b2: float, eps: float, wd: float, lr_schedule: Callable[[jax.Array], jax.Array],
-          state_fp32: bool = False) -> optax.GradientTransformation:
-    """AdamW at lr·lr_schedule(step): fp32 math, decoupled wd before the update, returns p_new - p in fp32."""
+          state_fp32: bool = False, classic: bool = False) -> optax.GradientTransformation:
+    """AdamW at lr·lr_schedule(step): fp32 math, decoupled wd before the update, returns p_new - p in fp32.
+    classic: OCT's `DistAdamW` update, m / (sqrt(v) + eps) · lr·sqrt(1-b2^t)/(1-b1^t) (eps not bias-corrected);
+    otherwise HEAD's `adamw_step_fused`, m / (sqrt(v/(1-b2^t)) + eps) · lr/(1-b1^t)."""
     def init_fn(params):
         zeros = lambda p: jnp.zeros(p.shape, jnp.float32 if state_fp32 else p.dtype)
         return AdamWState(jnp.zeros([], jnp.int32), jax.tree.map(zeros, params), jax.tree.map(zeros, params))
@@ -265,7 +327,14 @@ def adamw(lr: float, b1: float, b2: float, eps: float, wd: float, lr_schedule: C
             g32, p32 = g.astype(jnp.float32), p.astype(jnp.float32)
             m32 = _lerp(m.astype(jnp.float32), g32, 1 - b1)
             v32 = _lerp(v.astype(jnp.float32), g32 * g32, 1 - b2)
-            u = -(lr_t * wd) * p32 - step_size * m32 / (jnp.sqrt(v32 / bias2) + eps)
+            # The new parameter in the reference's order of operations (decay, then the step), so fp32 rounds
+            # as it does; the update is then the exact difference (p + u gives that new parameter back).
+            decayed = p32 * (1 - lr_t * wd)
+            if classic:
+                new = decayed - (step_size * jnp.sqrt(bias2)) * (m32 / (jnp.sqrt(v32) + eps))
+            else:
+                new = decayed - step_size * (m32 / (jnp.sqrt(v32 / bias2) + eps))
+            u = new - p32
             return u, m32.astype(m.dtype), v32.astype(v.dtype)
 
         out = jax.tree.map(leaf, grads, params, state.mu, state.nu)
@@ -295,6 +364,22 @@ def _fro_norm(x: jax.Array) -> jax.Array:
     return jnp.sqrt(jnp.sum(x * x, axis=(-2, -1), keepdims=True))
 
 
+def scale(s: float, x: jax.Array) -> jax.Array:
+    """s * x as PyTorch computes a Python scalar times a tensor: the scalar kept exact (fp32 op-math) and only
+    the product rounded to x's dtype. JAX would round s to x's dtype first when x is bf16 (the classic quintic
+    would then run with 3.4375 instead of 3.4445)."""
+    if x.dtype == jnp.float32:
+        return jnp.float32(s) * x
+    return (x.astype(jnp.float32) * jnp.float32(s)).astype(x.dtype)
+
+
+def shift(x: jax.Array, s: float) -> jax.Array:
+    """x + s with an exact scalar, rounded once to x's dtype (as `scale`)."""
+    if x.dtype == jnp.float32:
+        return x + jnp.float32(s)
+    return (x.astype(jnp.float32) + jnp.float32(s)).astype(x.dtype)
+
+
 def orthogonalize(x: jax.Array, *, classic: bool = False, steps: int = 5, dtype=jnp.bfloat16) -> jax.Array:
     """Approximate the polar factor U V^T of each (..., in, out) matrix; returns `dtype`.
 
@@ -303,20 +388,35 @@ def orthogonalize(x: jax.Array, *, classic: bool = False, steps: int = 5, dtype=
     the side the Gram matrix is formed on only changes cost and rounding. To round like the reference we use
     its (smaller) side: it forms A = X_t X_tᵀ (out×out) when out <= in, i.e. for us A = XᵀX and X <- aX + XB;
     otherwise A = X Xᵀ (in×in) and X <- aX + BX. Ties (square) use the out×out form, as it does.
+
+    In bf16 every op result is rounded to bf16 as eager PyTorch does (nanochat/optim.py `muon_step_fused`,
+    nanochat/muon.py `zeropower_via_newtonschulz5`): matmuls accumulate in fp32 and round once, a scalar times
+    a tensor uses the exact scalar (`scale`), sums of two bf16 tensors round once. The order of the cA² term
+    follows each reference: HEAD writes c * (A @ A), OCT `c * A @ A`, which Python reads as (c * A) @ A.
     """
     precision = jax.lax.Precision.HIGHEST if dtype == jnp.float32 else None
-    mm = lambda a, b: jnp.matmul(a, b, precision=precision)
+    mm = lambda a, b: jnp.matmul(a, b, precision=precision, preferred_element_type=jnp.float32).astype(dtype)
     xT = lambda a: jnp.swapaxes(a, -1, -2)
     x = x.astype(dtype)
     norm = _fro_norm(x).astype(dtype)  # torch: X.norm() of a bf16 tensor (fp32 accumulate, bf16 result)
-    x = x / (norm + 1e-7) if classic else x / (norm * 1.01 + 1e-6)
+    denom = shift(norm, 1e-7) if classic else shift(scale(1.01, norm), 1e-6)
+    x = (x.astype(jnp.float32) / denom.astype(jnp.float32)).astype(dtype)
     coeffs = [NEWTON_SCHULZ_COEFFS] * steps if classic else POLAR_EXPRESS_COEFFS[:steps]
     gram_out = x.shape[-1] <= x.shape[-2]  # reference "wide" (rows=out <= cols=in)
     for a, b, c in coeffs:
         A = mm(xT(x), x) if gram_out else mm(x, xT(x))
-        B = b * A + c * mm(A, A)
-        x = a * x + (mm(x, B) if gram_out else mm(B, x))
+        B = _add(scale(b, A), mm(scale(c, A), A) if classic else scale(c, mm(A, A)))
+        # HEAD keeps its (out, in) X = our xᵀ in both forms, so its B @ X (X @ B) is x @ Bᵀ (Bᵀ @ x) here. OCT
+        # transposes a tall X to wide itself, which for out > in is our x as is: B @ x. OCT's B is not exactly
+        # symmetric after rounding ((c * A) @ A), so which side is transposed matters bit for bit.
+        Bt = B if (classic and not gram_out) else xT(B)
+        x = _add(scale(a, x), mm(x, Bt) if gram_out else mm(Bt, x))
     return x
+
+
+def _add(u: jax.Array, v: jax.Array) -> jax.Array:
+    """u + v computed in fp32 and rounded once to their dtype (what bf16 + bf16 is in PyTorch)."""
+    return (u.astype(jnp.float32) + v.astype(jnp.float32)).astype(u.dtype)
 
 
 def _muon_eq(x: jax.Array) -> jax.Array:
@@ -359,7 +459,8 @@ class MuonState(NamedTuple):
 
 def muon(lr: float, lr_schedule: Callable, momentum_schedule: Callable, wd_schedule: Callable, *,
          beta2: float = 0.9, ns_steps: int = 5, classic: bool = False, use_muon_eq: bool = True,
-         use_muon_plus: bool = True, ortho_dtype=jnp.bfloat16) -> optax.GradientTransformation:
+         use_muon_plus: bool = True, ortho_dtype=jnp.bfloat16,
+         momentum_complement: Callable | None = None) -> optax.GradientTransformation:
     """Muon on (..., in, out) leaves (leading axes are independent matrices). Returns p_new - p in fp32.
 
     HEAD step: Nesterov (lerp) -> bf16 -> [MuonEq] -> Polar Express -> fp32 -> [Muon+] -> NorMuon ->
@@ -379,12 +480,13 @@ def muon(lr: float, lr_schedule: Callable, momentum_schedule: Callable, wd_sched
             raise ValueError("muon needs params (cautious weight decay): call tx.update(grads, state, params)")
         lr_t = lr * lr_schedule(state.count)
         momentum = momentum_schedule(state.count)
+        one_minus = (1 - momentum) if momentum_complement is None else momentum_complement(state.count)
         wd = wd_schedule(state.count)
 
         def leaf(g, p, buf, v):
             g = g.astype(jnp.float32)
-            buf = _lerp(buf, g, 1 - momentum)
-            g = _lerp(g, buf, momentum)  # Nesterov
+            buf = _torch_lerp(buf, g, one_minus)
+            g = _torch_lerp(g, buf, momentum)  # Nesterov
             x = g.astype(ortho_dtype)
             if use_muon_eq and not classic:
                 x = _muon_eq(x)
@@ -408,6 +510,12 @@ def muon(lr: float, lr_schedule: Callable, momentum_schedule: Callable, wd_sched
 
 def _lerp(a, b, w):
     return a + w * (b - a)
+
+
+def _torch_lerp(a, b, w):
+    """torch.lerp's formula: a + w(b - a) for w < 0.5, else b - (b - a)(1 - w). The two round differently in
+    fp32, and Muon's Nesterov step (w = momentum >= 0.5) feeds a bf16 cast that the difference can flip."""
+    return jnp.where(w < 0.5, a + w * (b - a), b - (b - a) * (1 - w))
 
 
 def _unzip3(like, tree_of_triples):
@@ -441,10 +549,26 @@ def build_optimizer(params, cfg: OptimConfig, lr_schedule: Callable | None = Non
             transforms[group] = muon(
                 s.lr, lr_sched, lambda it: muon_momentum(cfg, it), lambda it: muon_weight_decay(cfg, it),
                 beta2=cfg.muon_beta2, ns_steps=cfg.muon_ns_steps, classic=cfg.muon_classic,
-                use_muon_eq=cfg.muon_eq, use_muon_plus=cfg.muon_plus, ortho_dtype=jnp.dtype(cfg.muon_ortho_dtype))
+                use_muon_eq=cfg.muon_eq, use_muon_plus=cfg.muon_plus, ortho_dtype=jnp.dtype(cfg.muon_ortho_dtype),
+                momentum_complement=(lambda it: muon_momentum_complement(cfg, it)) if cfg.muon_classic else None)
         else:
-            transforms[group] = adamw(s.lr, s.b1, s.b2, s.eps, s.wd, lr_sched, state_fp32=cfg.adamw_state_fp32)
-    return optax.partition(transforms, labels)
+            transforms[group] = adamw(s.lr, s.b1, s.b2, s.eps, s.wd, lr_sched, state_fp32=cfg.adamw_state_fp32,
+                                      classic=s.classic)
+    tx = optax.partition(transforms, labels)
+    return optax.chain(clip_grad_norm(cfg.grad_clip), tx) if cfg.grad_clip > 0 else tx
+
+
+def clip_grad_norm(max_norm: float) -> optax.GradientTransformation:
+    """torch.nn.utils.clip_grad_norm_: scale every gradient by min(1, max_norm / (‖g‖ + 1e-6)), ‖g‖ the global
+    L2 norm in fp32 (optax.clip_by_global_norm has no 1e-6 and divides by the norm itself)."""
+    def update_fn(grads, state, params=None):
+        del params
+        leaves = jax.tree.leaves(grads)
+        norm = jnp.sqrt(sum(jnp.sum(jnp.square(g.astype(jnp.float32))) for g in leaves))
+        coef = jnp.minimum(1.0, max_norm / (norm + 1e-6))
+        return jax.tree.map(lambda g: (g.astype(jnp.float32) * coef).astype(g.dtype), grads), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -5,6 +5,10 @@ become a `tiktoken.Encoding` with nanochat's 9 special tokens appended at the to
 `Tokenizer` wraps that Encoding. Ordinary text is always encoded with `encode_ordinary`, so a user typing
 "<|bos|>" gets the literal characters, never the control token.
 
+nanochat's own tokenizer directory (`tokenizer.pkl`, a pickled tiktoken Encoding, plus `token_bytes.pt`) loads
+too: `Tokenizer.load` reads the pickle with a restricted unpickler that admits only tiktoken's Encoding and plain
+data (nothing else is imported or called), and token byte lengths are computed from the tokenizer itself.
+
 On disk (default `<base dir>/tokenizer/`), no pickle:
   tokenizer.tiktoken  one "base64(token bytes) rank" line per mergeable token (tiktoken's own format)
   tokenizer.json      {"name", "pattern", "special_tokens": {name: id}, "vocab_size"}
@@ -16,15 +20,17 @@ from __future__ import annotations
 
 import base64
 import copy
+import io
 import json
 import os
+import pickle
 import warnings
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
-from nanochat_jax.common import atomic_write, get_base_dir
+from nanochat_jax.common import UserError, atomic_write, get_base_dir
 
 # GPT-4's split regex, except numbers split into runs of at most 2 digits (nanochat found {1,2} best at 32K vocab).
 SPLIT_PATTERN = (
@@ -50,6 +56,8 @@ TOKENIZER_DIRNAME = "tokenizer"
 RANKS_FILE = "tokenizer.tiktoken"
 META_FILE = "tokenizer.json"
 TOKEN_BYTES_FILE = "token_bytes.npy"
+NANOCHAT_PICKLE = "tokenizer.pkl"      # nanochat's tokenizer directory: a pickled tiktoken Encoding ...
+NANOCHAT_TOKEN_BYTES = "token_bytes.pt"  # ... and a torch int32 tensor (we recompute it from the tokenizer)
 
 PRETRAINED = {"gpt2": "<|endoftext|>", "cl100k_base": "<|endoftext|>"}  # name -> BOS token
 
@@ -256,10 +264,13 @@ class Tokenizer:
 
     @classmethod
     def load(cls, directory: str | os.PathLike | None = None) -> "Tokenizer":
+        """Our files (tokenizer.tiktoken + tokenizer.json), else nanochat's tokenizer.pkl in the same folder."""
         import tiktoken
 
         directory = Path(directory) if directory is not None else default_tokenizer_dir()
         meta_path, ranks_path = directory / META_FILE, directory / RANKS_FILE
+        if not meta_path.is_file() and not ranks_path.is_file() and (directory / NANOCHAT_PICKLE).is_file():
+            return load_nanochat_tokenizer(directory / NANOCHAT_PICKLE)
         for p in (meta_path, ranks_path):
             if not p.is_file():
                 raise FileNotFoundError(f"no tokenizer at {str(directory)!r} ({p.name} missing); "
@@ -372,6 +383,83 @@ class Tokenizer:
 
 
 # ----------------------------------------------------------------------------------------------
+# nanochat's tokenizer.pkl, without running pickle code
+
+class _PickledEncoding:
+    """Stands in for tiktoken.core.Encoding while unpickling: receives the state tiktoken's __getstate__ wrote
+    (a dict of name/pat_str/mergeable_ranks/special_tokens, or a registered encoding's name) and nothing else."""
+
+    state = None
+
+    def __setstate__(self, state):
+        self.state = state
+
+
+class _TiktokenUnpickler(pickle.Unpickler):
+    """Admits one global, tiktoken.core.Encoding, mapped to _PickledEncoding: no import, no call of anything
+    the file names. Everything else in the file must be plain data (str, bytes, int, dict, ...)."""
+
+    def find_class(self, module, name):
+        if (module, name) == ("tiktoken.core", "Encoding"):
+            return _PickledEncoding
+        raise pickle.UnpicklingError(f"it refers to {module}.{name}, which a tiktoken encoding never does")
+
+    def persistent_load(self, pid):
+        raise pickle.UnpicklingError("it holds persistent references, which a tiktoken encoding never does")
+
+
+def _encoding_state(path: Path) -> dict | str:
+    try:
+        obj = _TiktokenUnpickler(io.BytesIO(path.read_bytes())).load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError) as e:
+        raise UserError(f"{path}: not a pickled tiktoken encoding as nanochat writes it ({e}); refused without "
+                        f"running it. Re-save it with nanochat's tokenizer (RustBPETokenizer.save) or pass another "
+                        f"tokenizer directory") from None
+    state = obj.state if isinstance(obj, _PickledEncoding) else None
+    if isinstance(state, str):
+        return state
+    fields = {"name": str, "pat_str": str, "mergeable_ranks": dict, "special_tokens": dict}
+    bad = [k for k, t in fields.items() if not isinstance(state, dict) or not isinstance(state.get(k), t)]
+    if bad:
+        raise UserError(f"{path}: the pickled object is not a tiktoken Encoding's state (bad or missing {bad}); "
+                        f"pass the tokenizer.pkl nanochat's tok_train.py wrote")
+    if not all(isinstance(k, bytes) and type(v) is int for k, v in state["mergeable_ranks"].items()) or \
+            not all(isinstance(k, str) and type(v) is int for k, v in state["special_tokens"].items()):
+        raise UserError(f"{path}: mergeable_ranks must map bytes to int and special_tokens str to int; the file "
+                        f"is corrupt or not nanochat's")
+    return state
+
+
+def load_nanochat_tokenizer(path: str | os.PathLike) -> Tokenizer:
+    """A Tokenizer from nanochat's tokenizer.pkl (read without executing pickle code). BOS is <|bos|> for a
+    trained tokenizer, <|endoftext|> for a pickled GPT-2/cl100k reference encoding."""
+    import tiktoken
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path} does not exist; pass the folder holding nanochat's tokenizer.pkl")
+    state = _encoding_state(path)
+    if isinstance(state, str):
+        if state not in PRETRAINED:
+            raise UserError(f"{path}: a pickled reference to tiktoken encoding {state!r}, which is not one of "
+                            f"{sorted(PRETRAINED)}; pass a trained nanochat tokenizer")
+        return Tokenizer.from_pretrained(state)
+    ranks = state["mergeable_ranks"]
+    if sorted(ranks.values()) != list(range(len(ranks))):
+        raise UserError(f"{path}: token ranks are not 0..{len(ranks) - 1} without gaps; the file is corrupt")
+    try:
+        enc = tiktoken.Encoding(name=state["name"], pat_str=state["pat_str"], mergeable_ranks=ranks,
+                                special_tokens=state["special_tokens"])
+    except Exception as e:  # tiktoken validates the regex and the ids
+        raise UserError(f"{path}: tiktoken rejects the pickled encoding ({type(e).__name__}: {e})") from None
+    bos = "<|bos|>" if "<|bos|>" in state["special_tokens"] else "<|endoftext|>"
+    if bos not in state["special_tokens"]:
+        raise UserError(f"{path}: the encoding has no <|bos|> special token (it has "
+                        f"{sorted(state['special_tokens'])}); nanochat's tokenizers always do")
+    return Tokenizer(enc, bos_token=bos, mergeable_ranks=dict(ranks))
+
+
+# ----------------------------------------------------------------------------------------------
 # Conversation validation (shared by render_conversation and render_for_completion)
 
 _PART_TYPES = ("text", "python", "python_output")
@@ -436,6 +524,8 @@ def get_token_bytes(directory: str | os.PathLike | None = None) -> np.ndarray:
     """int32[vocab_size] byte length per token id (0 for specials), for bits-per-byte."""
     directory = Path(directory) if directory is not None else default_tokenizer_dir()
     path = directory / TOKEN_BYTES_FILE
+    if not path.is_file() and (directory / NANOCHAT_PICKLE).is_file():
+        return load_nanochat_tokenizer(directory / NANOCHAT_PICKLE).token_bytes()  # from the tokenizer itself
     if not path.is_file():
         raise FileNotFoundError(f"no {TOKEN_BYTES_FILE} in {str(directory)!r}; run scripts/tok_train.py first "
                                 f"(or pass the right --tokenizer-dir)")
