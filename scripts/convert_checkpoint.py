@@ -1,7 +1,13 @@
-"""Convert checkpoints between nanochat (PyTorch .pt + meta JSON) and nanochat-jax (orbax). Needs torch (CPU build).
+"""Convert checkpoints between nanochat (PyTorch .pt + meta JSON) and nanochat-jax (orbax).
 
     python scripts/convert_checkpoint.py --direction=import --source-dir=~/.cache/nanochat/base_checkpoints/d24
     python scripts/convert_checkpoint.py --direction=export --source-dir=/tmp/d24_torch --model-tag=d24 --phase=sft
+
+Import needs no torch: model_<step>.pt is read with a restricted unpickler (tensors only). It brings the
+tokenizer along: nanochat's tokenizer.pkl (read without running pickle code) from --tokenizer-dir, else from the
+source dir itself (a downloaded checkpoint folder), else from <source>/../../tokenizer (nanochat's base-dir
+layout); it is saved in our format under <base dir>/imported_tokenizers/<phase>-<tag>/ and recorded in the
+checkpoint, so `scripts/chat_cli.py -i <phase> --model-tag=<tag>` finds it. Export needs torch (CPU build).
 """
 
 from dataclasses import dataclass, field
@@ -9,7 +15,7 @@ from pathlib import Path
 
 from nanochat_jax import convert
 from nanochat_jax.checkpoint import Checkpointer, checkpoint_dir, load_model
-from nanochat_jax.common import run_main
+from nanochat_jax.common import UserError, get_base_dir, run_main
 from nanochat_jax.config import parse_flags, print_config
 
 
@@ -25,6 +31,43 @@ class ConvertConfig:
     model_tag: str | None = field(default=None, metadata={
         "help": "our model tag (import default: d<n_layer>; export default: the largest)"})
     overwrite: bool = field(default=False, metadata={"help": "import: replace existing steps >= step"})
+    tokenizer_dir: str = field(default="", metadata={
+        "help": "import: nanochat tokenizer folder (tokenizer.pkl); default: the source dir, else "
+                "<source>/../../tokenizer"})
+
+
+def find_nanochat_tokenizer(source: Path, given: str) -> Path | None:
+    """The folder holding the checkpoint's tokenizer (tokenizer.pkl, or our tokenizer.json), or None."""
+    if given:
+        folder = Path(given).expanduser()
+        if not ((folder / "tokenizer.pkl").is_file() or (folder / "tokenizer.json").is_file()):
+            raise UserError(f"--tokenizer-dir={folder}: no tokenizer.pkl (nanochat) or tokenizer.json (ours) "
+                            f"there; pass the folder nanochat's tok_train.py wrote")
+        return folder
+    for folder in (source, source.parent.parent / "tokenizer"):
+        if (folder / "tokenizer.pkl").is_file():
+            return folder
+    return None
+
+
+def import_tokenizer(folder: Path, out: Path, vocab_size: int) -> Path:
+    """Load nanochat's tokenizer (no pickle code runs), check it fits the model, save it in our format."""
+    from nanochat_jax.tokenizer import get_tokenizer
+
+    tok = get_tokenizer(folder)
+    if tok.vocab_size != vocab_size:
+        raise UserError(f"{folder}: the tokenizer has {tok.vocab_size} tokens but the checkpoint's model has "
+                        f"vocab_size {vocab_size}; pass the checkpoint's own tokenizer with --tokenizer-dir")
+    pt = folder / "token_bytes.pt"
+    if pt.is_file():  # ours are computed from the tokenizer; say so when nanochat's file disagrees
+        theirs = convert.read_pt(pt)
+        if getattr(theirs, "shape", None) == tok.token_bytes().shape:
+            n_diff = int((theirs != tok.token_bytes()).sum())
+            if n_diff:
+                print(f"note: {pt} differs from the tokenizer's own byte lengths for {n_diff} tokens (older "
+                      f"nanochat counted decoded text); using the tokenizer's")
+    tok.save(out)
+    return out
 
 
 def main(cfg: ConvertConfig) -> None:
@@ -40,11 +83,23 @@ def main(cfg: ConvertConfig) -> None:
         out = checkpoint_dir(cfg.phase, tag)
         our_meta = {"model_config": model_cfg.to_dict(), "converted_from": str(nanochat_dir),
                     "nanochat_meta": meta, **{k: meta[k] for k in ("val_bpb",) if k in meta}}
+        tok_folder = find_nanochat_tokenizer(nanochat_dir, cfg.tokenizer_dir)
+        tok_out = None
+        if tok_folder is not None:
+            tok_out = import_tokenizer(tok_folder, get_base_dir() / "imported_tokenizers" / f"{cfg.phase}-{tag}",
+                                       model_cfg.vocab_size)
+            our_meta["user_config"] = {"tokenizer_dir": str(tok_out.absolute())}  # what load_tokenizer reads
         with Checkpointer(out, async_save=False) as ckpt:
             ckpt.save(step, params=params, meta=our_meta, overwrite=cfg.overwrite)
         kind = convert.nanochat_format(sd.keys())
         print(f"imported nanochat {kind} checkpoint {nanochat_dir}/model_{step:06d}.pt ({len(sd)} tensors) "
               f"-> {out}/{step}")
+        if tok_out is not None:
+            print(f"imported its tokenizer {tok_folder} -> {tok_out}")
+            print(f"chat with it: python scripts/chat_cli.py -i {cfg.phase} --model-tag={tag}")
+        else:
+            print(f"no tokenizer.pkl in {nanochat_dir} or {nanochat_dir.parent.parent / 'tokenizer'}: pass "
+                  f"--tokenizer-dir to bring it along (chat_cli.py needs it, or its own --tokenizer-dir)")
     elif cfg.direction == "export":
         params, model_cfg, meta = load_model(cfg.phase, cfg.model_tag, step)
         step = int(meta["step"])
