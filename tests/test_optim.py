@@ -514,3 +514,139 @@ def test_build_optimizer_jit_reduces_quadratic(classic):
     assert muon_state.nu["blocks"]["mlp"]["w_fc"].shape == (2, 1, 64)
     # torch c_proj (D, 4D) is wide: one per input column -> ours (L, in, 1)
     assert muon_state.nu["blocks"]["mlp"]["w_proj"].shape == (2, 64, 1)
+
+
+# ----------------------------------------------------------------------------------------------
+# bf16 orthogonalisers against a per-op-rounded NumPy emulation (issue #17, defect 1)
+
+_BF16 = ml_dtypes.bfloat16
+
+
+def _r(x):
+    """Round to bf16 (one rounding of an fp32 result)."""
+    return np.asarray(x, np.float32).astype(_BF16)
+
+
+def _f(x):
+    return np.asarray(x).astype(np.float32)
+
+
+def emulate_bf16_orthogonalize(g, classic, coeff=lambda c: c):
+    """Eager PyTorch's bf16 iteration on a (rows=out, cols=in) matrix: every op result rounded to bf16, each
+    Python scalar used exactly (fp32 op-math), matmuls accumulated in fp32. HEAD (nanochat/optim.py
+    `muon_step_fused`): B = b*A + c*(A@A), X@B for tall, B@X for wide. OCT (nanochat/muon.py): a tall X is
+    transposed to wide, and `c * A @ A` is (c*A)@A. `coeff` maps each scalar (to emulate a rounding bug)."""
+    mm = lambda a, b: _r(_f(a) @ _f(b))  # noqa: E731
+    sc = lambda s, x: _r(_f(x) * np.float32(coeff(s)))  # noqa: E731
+    add = lambda u, v: _r(_f(u) + _f(v))  # noqa: E731
+    X = _r(g)
+    tall = X.shape[-2] > X.shape[-1]
+    if classic and tall:
+        X = X.T
+    n = _r(np.sqrt((_f(X).astype(np.float64) ** 2).sum()))
+    d = _r(_f(n) + np.float32(1e-7)) if classic else _r(_f(sc(1.01, n)) + np.float32(1e-6))
+    X = _r(_f(X) / _f(d))
+    coeffs = [NEWTON_SCHULZ_COEFFS] * 5 if classic else POLAR_EXPRESS_COEFFS
+    for a, b, c in coeffs:
+        if classic:
+            A = mm(X, X.T)
+            X = add(sc(a, X), mm(add(sc(b, A), mm(sc(c, A), A)), X))
+        elif tall:
+            A = mm(X.T, X)
+            X = add(sc(a, X), mm(X, add(sc(b, A), sc(c, mm(A, A)))))
+        else:
+            A = mm(X, X.T)
+            X = add(sc(a, X), mm(add(sc(b, A), sc(c, mm(A, A))), X))
+    if classic and tall:
+        X = X.T
+    return _f(X)
+
+
+@pytest.mark.parametrize("classic", [False, True])
+@pytest.mark.parametrize("shape", [(24, 40), (40, 24), (32, 32)])
+def test_bf16_orthogonalizers_match_per_op_rounded_emulation(shape, classic):
+    """Ours equals the emulation with the exact coefficients (bf16 result for bf16 result), while rounding the
+    coefficients to bf16 first (what `b * A` did with a bf16 A in JAX) changes most entries."""
+    g = np.random.default_rng(sum(shape) + classic).standard_normal(shape).astype(np.float32)  # (out, in)
+    ours = np.asarray(orthogonalize(jnp.asarray(g.T), classic=classic).astype(jnp.float32)).T
+    want = emulate_bf16_orthogonalize(g, classic)
+    assert np.mean(ours != want) <= 0.01, f"{np.mean(ours != want):.1%} of entries differ"
+    rounded = emulate_bf16_orthogonalize(g, classic, coeff=lambda c: float(_r(c)))
+    assert np.mean(rounded != want) > 0.5  # the emulation tells the two apart
+
+
+def test_scale_keeps_the_scalar_exact():
+    A = jnp.ones((2,), jnp.bfloat16) * 3
+    assert float(optim.scale(-4.7750, A)[0]) == float(_r(3 * -4.7750))  # -14.3125, not 3 * -4.78125
+    assert float(optim.shift(jnp.asarray([1.0], jnp.bfloat16), 1e-7)[0]) == 1.0
+
+
+# ----------------------------------------------------------------------------------------------
+# Classic AdamW groups, schedule options, grad clipping (defects 3 and 4)
+
+def test_classic_adamw_groups_and_preset():
+    cfg = OptimConfig.classic(num_iterations=100, model_dim=768)
+    groups = optim.group_settings(cfg)
+    for name in ("lm_head", "wte"):
+        g = groups[name]
+        assert (g.b1, g.b2, g.eps, g.wd, g.classic) == (0.8, 0.95, 1e-10, 0.0, True)
+    assert groups["lm_head"].lr == pytest.approx(0.004) and groups["wte"].lr == pytest.approx(0.2)
+    assert cfg.muon_classic and cfg.grad_clip == 1.0 and cfg.warmup_steps == 0 and cfg.final_lr_frac == 0.0
+    # OCT base_train: momentum 0.85 -> 0.95 over 300 steps, then constant; lr flat until the last 20%
+    assert float(muon_momentum(cfg, 150)) == pytest.approx(0.90)
+    assert float(muon_momentum(cfg, 300)) == pytest.approx(0.95)
+    assert float(muon_momentum(OptimConfig.classic(num_iterations=1000, model_dim=768), 990)) == pytest.approx(0.95)
+    assert float(lr_multiplier(cfg, 0)) == 1.0 and float(lr_multiplier(cfg, 80)) == 1.0
+    assert float(lr_multiplier(cfg, 90)) == pytest.approx(0.5)
+    cur = optim.group_settings(OptimConfig(num_iterations=100, model_dim=768))
+    assert (cur["lm_head"].b2, cur["lm_head"].wd, cur["lm_head"].classic) == (0.96, 0.01, False)
+
+
+def test_classic_adamw_update_formula():
+    """OCT DistAdamW: p·(1 - lr·wd) - lr·sqrt(1-b2^t)/(1-b1^t) · m / (sqrt(v) + eps), two steps in float64."""
+    rng = np.random.default_rng(0)
+    p0 = rng.standard_normal((5, 3)).astype(np.float32)
+    gs = [rng.standard_normal((5, 3)).astype(np.float32) for _ in range(2)]
+    lr, b1, b2, eps, wd = 0.01, 0.8, 0.95, 1e-3, 0.1  # a large eps, so its placement matters
+    tx = optim.adamw(lr, b1, b2, eps, wd, lambda it: jnp.float32(1.0), classic=True)
+    p, state = jnp.asarray(p0), None
+    state = tx.init(p)
+    want, m, v = p0.astype(np.float64), 0.0, 0.0
+    for t, g in enumerate(gs, 1):
+        u, state = tx.update(jnp.asarray(g), state, p)
+        p = optax.apply_updates(p, u)
+        m = b1 * m + (1 - b1) * g
+        v = b2 * v + (1 - b2) * g.astype(np.float64) ** 2
+        want = want * (1 - lr * wd) - lr * math.sqrt(1 - b2**t) / (1 - b1**t) * m / (np.sqrt(v) + eps)
+    np.testing.assert_allclose(np.asarray(p), want, rtol=1e-5, atol=1e-6)
+
+
+def test_constant_schedule_options():
+    cfg = OptimConfig(num_iterations=100, model_dim=64, warmup_steps=10, lr_schedule="constant",
+                      muon_momentum_schedule="constant", muon_momentum_peak=0.95, weight_decay=0.2,
+                      weight_decay_schedule="constant")
+    for it in (0, 5, 50, 99, 100):
+        h = current_hyperparams(cfg, it)
+        assert h["lrm"] == 1.0 and h["muon_momentum"] == pytest.approx(0.95)
+        assert h["muon_weight_decay"] == pytest.approx(0.2)
+        assert float(optim.muon_momentum_complement(cfg, it)) == pytest.approx(0.05)
+    ref = OptimConfig(num_iterations=100, model_dim=64)
+    for it in (0, 100, 300, 600):
+        assert float(optim.muon_momentum_complement(ref, it)) == pytest.approx(1 - float(muon_momentum(ref, it)))
+    with pytest.raises(ValueError, match="lr_schedule must be one of"):
+        OptimConfig(num_iterations=1, model_dim=8, lr_schedule="cosine")
+    with pytest.raises(ValueError, match="adamw_style must be one of"):
+        OptimConfig(num_iterations=1, model_dim=8, adamw_style="oct")
+
+
+def test_grad_clip_like_torch():
+    params = {"wte": jnp.zeros((4, 8)), "lm_head": jnp.zeros((8, 4))}
+    grads = {"wte": jnp.full((4, 8), 1.0), "lm_head": jnp.full((8, 4), 1.0)}  # global norm 8
+    clip = optim.clip_grad_norm(1.0)
+    out, _ = clip.update(grads, clip.init(params))
+    assert float(out["wte"][0, 0]) == pytest.approx(1.0 / (8 + 1e-6) * 1.0)
+    small = jax.tree.map(lambda g: g * 1e-3, grads)
+    out, _ = clip.update(small, clip.init(params))
+    jax.tree.map(np.testing.assert_array_equal, out, small)  # below the limit: untouched
+    tx = build_optimizer(params, OptimConfig(num_iterations=4, model_dim=8, grad_clip=1.0))
+    tx.update(grads, tx.init(params), params)

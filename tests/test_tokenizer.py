@@ -6,6 +6,7 @@ from __future__ import annotations
 import collections
 import os
 import random
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -469,3 +470,30 @@ def test_tok_eval_tables_against_a_baseline(tok, tmp_path, monkeypatch, capsys):
     assert news_row.split() == ["news", f"{n_bytes:,}", f"{base_n:,}", f"{n_bytes / base_n:.2f}", f"{ours_n:,}",
                                 f"{n_bytes / ours_n:.2f}", f"{diff:+.1f}%"]
     assert diff > 0  # 700-token vocab vs 300: ours must compress better
+
+
+def test_nanochat_tokenizer_pkl_loads_without_running_pickle_code(tmp_path):
+    """nanochat saves pickle.dumps(tiktoken.Encoding); we read it with a restricted unpickler (no tiktoken code
+    runs during unpickling), and token byte lengths come from the tokenizer itself."""
+    import pickle
+
+    from nanochat_jax.common import UserError
+    from nanochat_jax.tokenizer import load_nanochat_tokenizer
+
+    tok = train_tokenizer(["hello world, the quick brown fox jumps over the lazy dog"] * 20, vocab_size=300)
+    (tmp_path / "tokenizer.pkl").write_bytes(pickle.dumps(tok.enc))
+    loaded = get_tokenizer(tmp_path)  # only tokenizer.pkl there
+    text = "the quick brown fox, hello\u00e9"
+    assert loaded.encode(text) == tok.encode(text) and loaded.bos_id == tok.bos_id
+    assert loaded.special_tokens == tok.special_tokens
+    np.testing.assert_array_equal(get_token_bytes(tmp_path), tok.token_bytes())
+    # an encoding without <|bos|> is not a nanochat tokenizer
+    import tiktoken
+    bare = tiktoken.Encoding(name="x", pat_str=tok.enc._pat_str, mergeable_ranks=tok.mergeable_ranks(),
+                             special_tokens={"<|eot|>": 300})
+    (tmp_path / "tokenizer.pkl").write_bytes(pickle.dumps(bare))
+    with pytest.raises(UserError, match=re.escape("the encoding has no <|bos|> special token")):
+        load_nanochat_tokenizer(tmp_path / "tokenizer.pkl")
+    (tmp_path / "tokenizer.pkl").write_bytes(b"not a pickle")
+    with pytest.raises(UserError, match="tokenizer.pkl: not a pickled tiktoken encoding"):
+        get_tokenizer(tmp_path)
