@@ -43,3 +43,39 @@ def test_speedrun_rejects_unknown_flags(tmp_path):
     out = subprocess.run(["bash", str(REPO_ROOT / "scripts" / "speedrun.sh"), "--deepth=20"], env=env,
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 2 and "unknown argument: --deepth=20" in out.stderr
+
+
+@pytest.mark.slow
+def test_cpu_demo_killed_during_pretraining_continues_from_its_last_checkpoint(tmp_path):
+    """kill -9 of the whole demo mid-pretraining, then the same command again: finished stages are skipped and
+    pretraining continues from its last saved step (the training scripts resume by default)."""
+    import signal
+
+    from conftest import shared_data
+
+    shared_data("gutenberg")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NANOCHAT_JAX_") and k != "XLA_FLAGS"}
+    env["NANOCHAT_JAX_BASE_DIR"] = str(tmp_path)
+    cmd = ["bash", str(REPO_ROOT / "scripts" / "cpu_demo.sh"), "--smoke", "--stop-after=pretrain"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    saved, log = [], []
+    try:
+        for line in proc.stdout:
+            log.append(line)
+            if "saved checkpoint demo_d2 step" in line:
+                saved.append(int(line.split(" step ")[1].split()[0]))
+                if len(saved) == 2:  # the first save is committed once the second starts
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    break
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+    assert len(saved) == 2, "".join(log)[-3000:]
+    again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "[demo] skip tokenizer" in again.stdout
+    resumed = [line for line in again.stdout.splitlines() if line.startswith("resumed demo_d2 from step ")]
+    assert resumed and int(resumed[0].split()[4]) >= saved[0], again.stdout[-3000:]
+    assert "<== pretrain done" in again.stdout and "stopping after pretrain" in again.stdout
