@@ -1,40 +1,52 @@
-"""The GPT model: a config, a parameter pytree, and pure functions (init, forward, loss, counts).
+"""The GPT model as Flax NNX modules named as nanochat's (`nanochat/gpt.py`): `CausalSelfAttention`, `MLP`,
+`Block` and `GPT`, plus the pure functions the rest of the project calls.
 
-Architecture follows nanochat HEAD (`nanochat/gpt.py`, see docs/nanochat_reference.md §4):
-RoPE (split halves, base 100k) then QK-norm then ×1.2, parameter-free RMSNorm, ReLU² MLP, untied
-embeddings, no biases, GQA, sliding windows ("SSSL", last layer full), value embeddings on alternating
-layers with a per-head input gate, per-layer resid/x0 scalars, smear (previous-token mix), backout
-(subtract the mid-depth residual), logit softcap 15. `GPTConfig.classic()` is the October 2025 model.
+Architecture follows nanochat's current model (`nanochat/gpt.py`, `GPT.forward`): RoPE (split halves, base 100k)
+then QK-norm then ×1.2, parameter-free RMSNorm, ReLU² MLP, untied embeddings, no biases, GQA, sliding windows
+("SSSL", last layer full), value embeddings on alternating layers with a per-head input gate, per-layer resid/x0
+scalars, smear (previous-token mix), backout (subtract the mid-depth residual), logit softcap 15.
+`GPTConfig.classic()` is the October 2025 model.
 
-Parameters are a nested dict of arrays in (in, out) layout. The L transformer blocks are stacked on a
-leading axis and run with `jax.lax.scan`, so compile time does not grow with depth. Master weights are
-fp32 (wte/value_embeds are stored in `embed_dtype`, bf16 like the reference); every matmul casts its
-weight to `compute_dtype` at use.
+Functional at every jit boundary. The modules own the parameters and the math; the rest of the project (optax,
+orbax, the sharding rules, the engine) sees one plain pytree, `nnx.to_pure_dict(nnx.state(GPT(...)))`:
 
-KV-cache aware: `forward_cached` runs the same blocks (one `_blocks` scan, only the attention step differs)
-against a preallocated `KVCache`, for prefill and decode in nanochat_jax/engine.py.
+    params = init_params(cfg, key)             # a nested dict of arrays (below)
+    logits = forward(params, idx_BT, cfg)      # = nnx.merge(graphdef(cfg), params)(idx_BT): modules rebuilt
+                                               #   from the graph definition and the pure state, inside jit
 
-    params = {
-      "wte": (Vp, D), "lm_head": (D, Vp),
-      "blocks": {"attn": {"wq": (L, D, H*hd), "wk": (L, D, K*hd), "wv": (L, D, K*hd), "wo": (L, H*hd, D)},
-                 "mlp": {"w_fc": (L, D, 4D), "w_proj": (L, 4D, D)}},
-      "value_embeds": (NV, Vp, K*hd), "ve_gate": (NV, 12, K),          # use_value_embeds
-      "resid_lambdas": (L,), "x0_lambdas": (L,),                       # use_lambdas
-      "smear_gate": (24, 1), "smear_lambda": (),                       # use_smear
-      "backout_lambda": (),                                            # use_backout
-    }
+    GPT                                        params = {
+      wte                 Param (Vp, D)          "wte": (Vp, D), "lm_head": (D, Vp),
+      blocks: Block       (stacked: L layers)    "blocks": {"attn": {"wq": (L, D, H*hd), "wk": (L, D, K*hd),
+        attn: CausalSelfAttention                                    "wv": (L, D, K*hd), "wo": (L, H*hd, D)},
+          wq wk wv wo     Param (L, in, out)                "mlp": {"w_fc": (L, D, 4D), "w_proj": (L, 4D, D)}},
+        mlp: MLP                                  "value_embeds": (NV, Vp, K*hd), "ve_gate": (NV, 12, K),
+          w_fc w_proj     Param (L, in, out)      "resid_lambdas": (L,), "x0_lambdas": (L,),
+      lm_head, value_embeds, ve_gate,             "smear_gate": (24, 1), "smear_lambda": (),
+      resid/x0_lambdas, smear_*, backout_lambda   "backout_lambda": ()}   (extras only where the config has them)
+
+Matrices are (in, out). Master weights are fp32 (wte/value_embeds are stored in `embed_dtype`, bf16 like the
+reference); every matmul casts its weight to `compute_dtype` at use. Each Param carries its sharding as metadata
+(`out_sharding`: which axis FSDP splits), read by nanochat_jax/sharding.py.
+
+Layers run under `lax.scan` (compile time flat in depth) and no conditional ever picks a window: where the window
+must be a Python int (the cuDNN and Pallas kernels, the KV cache's window slices) the scan steps over groups of P
+layers in which the window pattern and the alternating value-embedding layers repeat (P = 4 for "SSSL"), so each
+position of the group has its own fixed window; the "xla" attention in training takes the window as mask data
+and steps over layer pairs. Layers past the last whole group run unrolled (`layer_plan`). `forward_cached` runs the same blocks against a preallocated
+`KVCache` (prefill and decode in nanochat_jax/engine.py).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass
-from functools import partial
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
 from nanochat_jax.config import require
 
@@ -77,6 +89,8 @@ class GPTConfig:
     attn_backend: str = "xla"          # "xla" | "cudnn" | "pallas"
     pad_vocab_to: int = 64
     remat: bool = False                # jax.checkpoint each block (saves activation memory)
+    rope_dtype: str | None = None      # dtype of the RoPE cos/sin tables; None: compute_dtype (the classic model
+                                       # keeps them bf16 whatever the compute dtype, as its forward asserts)
 
     def __post_init__(self):
         def need(ok: bool, msg: str):
@@ -103,6 +117,8 @@ class GPTConfig:
              f"compute_dtype must be one of {tuple(_DTYPES)}, got {self.compute_dtype!r}")
         need(self.embed_dtype in _DTYPES, f"embed_dtype must be one of {tuple(_DTYPES)}, got {self.embed_dtype!r}")
         need(self.attn_backend in _BACKENDS, f"attn_backend must be one of {_BACKENDS}, got {self.attn_backend!r}")
+        need(self.rope_dtype is None or self.rope_dtype in _DTYPES,
+             f"rope_dtype must be None or one of {tuple(_DTYPES)}, got {self.rope_dtype!r}")
         if self.use_smear:
             need(self.n_embd >= SMEAR_CHANNELS, f"use_smear needs n_embd >= {SMEAR_CHANNELS}, got {self.n_embd}")
         if self.use_value_embeds:
@@ -120,6 +136,10 @@ class GPTConfig:
     @property
     def dtype(self):
         return _DTYPES[self.compute_dtype]
+
+    @property
+    def rope_dt(self):
+        return _DTYPES[self.rope_dtype or self.compute_dtype]
 
     # --- constructors
     @classmethod
@@ -172,6 +192,9 @@ class GPTConfig:
             raise ValueError(f"GPTConfig.from_dict: missing required keys {missing}")
         fields = dict(d)
         fields.setdefault("head_dim", d["n_embd"] // d["n_head"])
+        # rope_dtype is newer than this project's other keys: a config that has those keys but not this one is
+        # ours, from before it existed (compute-dtype tables); one without any of them is OCT-era (bf16 tables).
+        fields.setdefault("rope_dtype", None if "use_smear" in d else "bfloat16")
         for key, value in _CLASSIC_FEATURES.items():
             fields.setdefault(key, value)
         return cls(**fields)
@@ -179,7 +202,8 @@ class GPTConfig:
 
 # What an older (OCT-era) config means for every architecture switch added since.
 _CLASSIC_FEATURES = dict(window_pattern="L", rope_base=10_000.0, use_value_embeds=False, use_lambdas=False,
-                         use_smear=False, use_backout=False, qk_scale=1.0, init="classic", short_window=None)
+                         use_smear=False, use_backout=False, qk_scale=1.0, init="classic", short_window=None,
+                         rope_dtype="bfloat16")
 
 SMEAR_CHANNELS = 24     # smear gate reads the first 24 channels of the normed embedding
 VE_GATE_CHANNELS = 12   # value-embedding gate reads the first 12 channels of the attention input
@@ -210,56 +234,22 @@ def layer_windows(cfg: GPTConfig) -> tuple[int, ...]:
     return tuple(windows)
 
 
-# ----------------------------------------------------------------------------------------------
-# Init
+def layer_plan(cfg: GPTConfig, static_windows: bool = True) -> tuple[int, int, tuple[int, ...]]:
+    """(P, G, tail): layers [0, G·P) run as a lax.scan over G groups of P consecutive layers, the tail layers
+    [G·P, L) unrolled. Value-embedding layers alternate, so P is even when the model has them.
 
-def init_params(cfg: GPTConfig, key: jax.Array) -> Params:
-    """Fresh parameters. Pure jax.random, so it works under jax.eval_shape and jit (with out_shardings)."""
-    L, D, H, K, hd, Vp = cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.n_kv_head, cfg.head_dim, cfg.padded_vocab
-    f32, edt = jnp.float32, _DTYPES[cfg.embed_dtype]
-    keys = iter(jax.random.split(key, 16))
-
-    def normal(shape, std, dtype=f32):
-        return (std * jax.random.normal(next(keys), shape, f32)).astype(dtype)
-
-    def uniform(shape, lo, hi, dtype=f32):
-        return jax.random.uniform(next(keys), shape, f32, lo, hi).astype(dtype)
-
-    shapes = {"wq": (L, D, H * hd), "wk": (L, D, K * hd), "wv": (L, D, K * hd), "wo": (L, H * hd, D),
-              "w_fc": (L, D, 4 * D), "w_proj": (L, 4 * D, D)}
-    zeros = lambda name: jnp.zeros(shapes[name], f32)  # noqa: E731
-    s = math.sqrt(3.0) / math.sqrt(D)  # uniform bound with the std of N(0, 1/D)
-    if cfg.init == "reference":
-        wte, lm_head = normal((Vp, D), 0.8, edt), normal((D, Vp), 0.001)
-        mats = {"wq": uniform(shapes["wq"], -s, s), "wk": uniform(shapes["wk"], -s, s),
-                "wv": uniform(shapes["wv"], -s, s), "w_fc": uniform(shapes["w_fc"], -0.4 * s, 0.4 * s)}
-    else:  # classic: N(0, 1/sqrt(fan_in) * min(1, sqrt(fan_out/fan_in))), wte N(0, 1), lm_head 0
-        def classic_std(name):
-            fan_in, fan_out = shapes[name][-2:]
-            return min(1.0, math.sqrt(fan_out / fan_in)) / math.sqrt(fan_in)
-        wte, lm_head = normal((Vp, D), 1.0, edt), jnp.zeros((D, Vp), f32)
-        mats = {name: normal(shapes[name], classic_std(name)) for name in ("wq", "wk", "wv", "w_fc")}
-    params: Params = {
-        "wte": wte,
-        "lm_head": lm_head,
-        "blocks": {"attn": {"wq": mats["wq"], "wk": mats["wk"], "wv": mats["wv"], "wo": zeros("wo")},
-                   "mlp": {"w_fc": mats["w_fc"], "w_proj": zeros("w_proj")}},
-    }
-    # The HEAD-only extras use the reference init under either init scheme.
-    nv = len(value_embed_layers(cfg))
-    if nv:
-        params["value_embeds"] = uniform((nv, Vp, K * hd), -s, s, edt)
-        params["ve_gate"] = uniform((nv, VE_GATE_CHANNELS, K), 0.0, 0.02)
-    if cfg.use_lambdas:
-        frac = jnp.arange(L, dtype=f32) / max(L - 1, 1)
-        params["resid_lambdas"] = 1.15 - 0.10 * frac
-        params["x0_lambdas"] = 0.20 - 0.15 * frac
-    if cfg.use_smear:
-        params["smear_gate"] = uniform((SMEAR_CHANNELS, 1), 0.0, 0.02)
-        params["smear_lambda"] = jnp.zeros((), f32)
-    if cfg.use_backout:
-        params["backout_lambda"] = jnp.full((), 0.2, f32)
-    return params
+    static_windows: P also repeats the window pattern (lcm(len(pattern), 2): 4 for "SSSL"), so layer g·P + j has
+    the same window in every group and it is a Python int. The last layer is always long: when the pattern already
+    makes it L every whole group is scanned, otherwise it (with the layers of its unfinished group) is in the tail.
+    Otherwise (the "xla" attention in training, which takes the window as mask data) P is 2 (1 without value
+    embeddings) and each layer's window rides in the scan as an int32: half the program of a 4-layer group."""
+    n, L = len(cfg.window_pattern), cfg.n_layer
+    ve_period = 2 if cfg.use_value_embeds else 1
+    if not static_windows:
+        return ve_period, L // ve_period, tuple(range(L - L % ve_period, L))
+    P = n * ve_period // math.gcd(n, ve_period)
+    G = L // P if cfg.window_pattern[(L - 1) % n] == "L" else (L - 1) // P
+    return P, G, tuple(range(G * P, L))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -360,65 +350,312 @@ def _mm(x, w):
 
 
 # ----------------------------------------------------------------------------------------------
-# Forward
+# Parameters: the reference's init (nanochat/gpt.py `GPT.init_weights`; classic: the October 2025 `_init_weights`)
 
-def token_embedding(params: Params, idx_BT, cfg: GPTConfig):
-    """The normed token embedding before smear (what smear mixes in from the previous token)."""
-    return rms_norm(jnp.take(params["wte"], idx_BT, axis=0).astype(cfg.dtype))
+FSDP = "fsdp"  # the logical axis name a Param's metadata gives the axis that FSDP shards (nanochat_jax/sharding.py)
+
+
+def _param(value, fsdp_axis: int | None = None) -> nnx.Param:
+    """A Param whose metadata names the axis FSDP shards (None: replicated)."""
+    names = [None] * value.ndim
+    if fsdp_axis is not None:
+        names[fsdp_axis] = FSDP
+    return nnx.Param(value, out_sharding=tuple(names), eager_sharding=False)
+
+
+def _normal(rngs: nnx.Rngs, shape, std: float, dtype=jnp.float32):
+    return (std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
+
+
+def _uniform(rngs: nnx.Rngs, shape, lo: float, hi: float, dtype=jnp.float32):
+    return jax.random.uniform(rngs.params(), shape, jnp.float32, lo, hi).astype(dtype)
+
+
+def _matrix(cfg: GPTConfig, rngs: nnx.Rngs, shape: tuple[int, int], gain: float = 1.0):
+    """An input projection: reference U(±gain·sqrt(3/D)) (std gain/sqrt(D)); classic N(0, min(1, sqrt(out/in))/sqrt(in))."""
+    fan_in, fan_out = shape
+    if cfg.init == "reference":
+        bound = gain * math.sqrt(3.0 / cfg.n_embd)
+        return _uniform(rngs, shape, -bound, bound)
+    return _normal(rngs, shape, min(1.0, math.sqrt(fan_out / fan_in)) / math.sqrt(fan_in))
+
+
+# ----------------------------------------------------------------------------------------------
+# The modules
+
+class CausalSelfAttention(nnx.Module):
+    """One layer's attention (nanochat/gpt.py, `CausalSelfAttention`): q/k/v projections (no biases), the value-
+    embedding mix, RoPE, QK-norm, the attention itself (`attend`, which the caller picks: within the chunk for
+    training, against the KV cache for decoding) and the output projection (zero at init)."""
+
+    def __init__(self, cfg: GPTConfig, *, rngs: nnx.Rngs):
+        D, H, K, hd = cfg.n_embd, cfg.n_head, cfg.n_kv_head, cfg.head_dim
+        self.n_head, self.n_kv_head, self.head_dim, self.qk_scale = H, K, hd, cfg.qk_scale
+        self.wq = _param(_matrix(cfg, rngs, (D, H * hd)), fsdp_axis=0)
+        self.wk = _param(_matrix(cfg, rngs, (D, K * hd)), fsdp_axis=0)
+        self.wv = _param(_matrix(cfg, rngs, (D, K * hd)), fsdp_axis=0)
+        self.wo = _param(jnp.zeros((H * hd, D), jnp.float32), fsdp_axis=0)
+
+    def qkv(self, h_BTD, cos, sin, ve=None):
+        """q (B,T,H,hd), k and v (B,T,K,hd). `ve` is (ve_BTKd, gate weight (12, K)) on value-embedding layers."""
+        B, T, _ = h_BTD.shape
+        H, K, hd = self.n_head, self.n_kv_head, self.head_dim
+        q_BTHd = _mm(h_BTD, self.wq[...]).reshape(B, T, H, hd)
+        k_BTKd = _mm(h_BTD, self.wk[...]).reshape(B, T, K, hd)
+        v_BTKd = _mm(h_BTD, self.wv[...]).reshape(B, T, K, hd)
+        if ve is not None:
+            ve_BTKd, gate_w = ve
+            gate_BTK = 3.0 * jax.nn.sigmoid(_mm(h_BTD[..., :VE_GATE_CHANNELS], gate_w))
+            v_BTKd = v_BTKd + gate_BTK[..., None] * ve_BTKd.astype(v_BTKd.dtype).reshape(B, T, K, hd)
+        # RoPE, QK-norm and the QK scale act per head vector: run them once over the queries and keys together.
+        qk = rms_norm(apply_rope(jnp.concatenate([q_BTHd, k_BTKd], axis=2), cos, sin))
+        if self.qk_scale != 1.0:
+            qk = qk * self.qk_scale
+        return qk[:, :, :H], qk[:, :, H:], v_BTKd
+
+    def __call__(self, h_BTD, cos, sin, attend: Callable, ve=None, kv=None):
+        """attend(q, k, v, kv) -> (y (B,T,H,hd), kv). Returns (the attention output (B,T,D), kv)."""
+        B, T, _ = h_BTD.shape
+        y_BTHd, kv = attend(*self.qkv(h_BTD, cos, sin, ve), kv)
+        return _mm(y_BTHd.reshape(B, T, -1), self.wo[...]), kv
+
+
+class MLP(nnx.Module):
+    """ReLU² MLP, 4× wide (nanochat/gpt.py, `MLP`); the output projection is zero at init."""
+
+    def __init__(self, cfg: GPTConfig, *, rngs: nnx.Rngs):
+        D = cfg.n_embd
+        self.w_fc = _param(_matrix(cfg, rngs, (D, 4 * D), gain=0.4), fsdp_axis=0)
+        self.w_proj = _param(jnp.zeros((4 * D, D), jnp.float32), fsdp_axis=0)
+
+    def __call__(self, x_BTD):
+        return _mm(jnp.square(jax.nn.relu(_mm(x_BTD, self.w_fc[...]))), self.w_proj[...])
+
+
+class Block(nnx.Module):
+    """Pre-norm attention then MLP, each added to the residual stream (nanochat/gpt.py, `Block`)."""
+
+    def __init__(self, cfg: GPTConfig, *, rngs: nnx.Rngs):
+        self.attn = CausalSelfAttention(cfg, rngs=rngs)
+        self.mlp = MLP(cfg, rngs=rngs)
+
+    def __call__(self, x_BTD, cos, sin, attend: Callable, ve=None, kv=None):
+        y_BTD, kv = self.attn(rms_norm(x_BTD), cos, sin, attend, ve, kv)
+        x_BTD = x_BTD + y_BTD
+        return x_BTD + self.mlp(rms_norm(x_BTD)), kv
+
+
+def _stacked_blocks(cfg: GPTConfig, rngs: nnx.Rngs) -> Block:
+    """L Blocks as one Block whose Params have a leading layer axis (each layer its own random draws)."""
+    @nnx.split_rngs(splits=cfg.n_layer)
+    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: None})
+    def make(layer_rngs):
+        return Block(cfg, rngs=layer_rngs)
+
+    return make(rngs)
+
+
+class GPT(nnx.Module):
+    """The whole model (nanochat/gpt.py, `GPT`): embedding (+ smear), the blocks with the per-layer resid/x0
+    scalars and value embeddings, backout, the final norm, lm_head and the softcap."""
+
+    def __init__(self, cfg: GPTConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        L, D, K, hd, Vp = cfg.n_layer, cfg.n_embd, cfg.n_kv_head, cfg.head_dim, cfg.padded_vocab
+        edt, ref = _DTYPES[cfg.embed_dtype], cfg.init == "reference"
+        self.wte = _param(_normal(rngs, (Vp, D), 0.8 if ref else 1.0, edt), fsdp_axis=0)
+        self.blocks = _stacked_blocks(cfg, rngs)
+        self.lm_head = _param(_normal(rngs, (D, Vp), 0.001) if ref else jnp.zeros((D, Vp), jnp.float32),
+                              fsdp_axis=1)
+        # The current model's extras use the reference init under either init scheme.
+        nv = len(value_embed_layers(cfg))
+        bound = math.sqrt(3.0 / D)
+        self.value_embeds = _param(_uniform(rngs, (nv, Vp, K * hd), -bound, bound, edt), fsdp_axis=1) if nv else None
+        self.ve_gate = _param(_uniform(rngs, (nv, VE_GATE_CHANNELS, K), 0.0, 0.02)) if nv else None
+        frac = jnp.arange(L, dtype=jnp.float32) / max(L - 1, 1)
+        self.resid_lambdas = _param(1.15 - 0.10 * frac) if cfg.use_lambdas else None
+        self.x0_lambdas = _param(0.20 - 0.15 * frac) if cfg.use_lambdas else None
+        self.smear_gate = _param(_uniform(rngs, (SMEAR_CHANNELS, 1), 0.0, 0.02)) if cfg.use_smear else None
+        self.smear_lambda = _param(jnp.zeros((), jnp.float32)) if cfg.use_smear else None
+        self.backout_lambda = _param(jnp.full((), 0.2, jnp.float32)) if cfg.use_backout else None
+
+    # --- embedding and head
+    def token_embedding(self, idx_BT):
+        """The normed token embedding before smear (what smear mixes in from the previous token)."""
+        return rms_norm(jnp.take(self.wte[...], idx_BT, axis=0).astype(self.cfg.dtype))
+
+    def embed(self, idx_BT, x_prev_B1D=None):
+        """Token embedding → compute dtype → RMSNorm → smear. `x_prev_B1D` is the normed embedding of the token
+        before idx_BT[:, 0] (KV-cache decoding); without it position 0 gets no smear, as in training."""
+        x = self.token_embedding(idx_BT)
+        if self.cfg.use_smear:
+            prev = x[:, :-1] if x_prev_B1D is None else jnp.concatenate([x_prev_B1D.astype(x.dtype), x[:, :-1]], 1)
+            first = x.shape[1] - prev.shape[1]
+            cur = x[:, first:]
+            gate = self.smear_lambda[...].astype(x.dtype) * jax.nn.sigmoid(_mm(cur[..., :SMEAR_CHANNELS],
+                                                                               self.smear_gate[...]))
+            x = jnp.concatenate([x[:, :first], cur + gate * prev], axis=1)
+        return x
+
+    def logits(self, x_BTD):
+        """lm_head in the compute dtype, crop the vocab padding, then the softcap in fp32."""
+        logits = _mm(x_BTD, self.lm_head[...])[..., :self.cfg.vocab_size].astype(jnp.float32)
+        if self.cfg.softcap:
+            logits = self.cfg.softcap * jnp.tanh(logits / self.cfg.softcap)
+        return logits
+
+    # --- the blocks
+    def trunk(self, x_BTD, idx_BT, cos, sin, attend_for: Callable, kv=None):
+        """The L blocks (see `layer_plan`), backout and the final norm. attend_for(window, layer) gives the
+        attention of one layer, with its window a Python int: attend(q, k, v, kv) -> (y, kv). kv rides through
+        every layer (the KV cache when decoding; None in training). Returns (normed (B, T, D) activations, kv)."""
+        cfg = self.cfg
+        L, cdt = cfg.n_layer, cfg.dtype
+        # Kernels (cudnn, pallas) and the cache's window slices need Python-int windows; the "xla" attention in
+        # training takes them as data (no control flow either way: no conditional in the compiled program).
+        static = kv is not None or cfg.attn_backend != "xla"
+        P, G, tail = layer_plan(cfg, static)
+        windows, ve_layers = layer_windows(cfg), value_embed_layers(cfg)
+        block_def, block_state = nnx.split(self.blocks)
+        x0_BTD = x_BTD
+
+        def run(window, x, x_backout, kv, layer_state, layer, lambdas, ve, window_data=None):
+            """One layer: the x0 mix, the block, and the residual kept for backout (after layer L // 2). `window`
+            is the layer's window as a Python int, or None and `window_data` a traced int32."""
+            window = window_data if window is None else window
+            if lambdas is not None:
+                x = lambdas[0].astype(cdt) * x + lambdas[1].astype(cdt) * x0_BTD
+            ve = None if ve is None else (jnp.take(ve[0], idx_BT, axis=0), ve[1])
+            x, kv = nnx.merge(block_def, layer_state)(x, cos, sin, attend_for(window, layer), ve, kv)
+            if cfg.use_backout:
+                x_backout = jnp.where(layer == L // 2, x, x_backout)
+            return x, x_backout, kv
+
+        if cfg.remat and kv is None:  # remat only matters under a gradient
+            run = jax.checkpoint(run, static_argnums=(0,), prevent_cse=False)
+        run = jax.jit(run, static_argnums=(0,))  # traced once per distinct window, not once per layer of a group
+        lambdas = (self.resid_lambdas[...], self.x0_lambdas[...]) if cfg.use_lambdas else None
+        tables = (self.value_embeds[...], self.ve_gate[...]) if ve_layers else None
+        carry = (x_BTD, jnp.zeros_like(x_BTD) if cfg.use_backout else None, kv)
+        if G:
+            # Layers [0, G·P) as G groups of P: layer g·P + j has window windows[j] (static) or xs["windows"][g, j],
+            # and VE iff layer j has one; its VE table is the m-th of its group's P/2 (VE layers alternate, P even).
+            grouped = lambda a: a[:G * P].reshape(G, P, *a.shape[1:])  # noqa: E731
+            xs = {"blocks": jax.tree.map(grouped, block_state), "g": jnp.arange(G, dtype=jnp.int32)}
+            if not static:
+                xs["windows"] = grouped(jnp.asarray(windows, jnp.int32))
+            if lambdas is not None:
+                xs["lambdas"] = jax.tree.map(grouped, lambdas)
+            if tables is not None:
+                xs["ve"] = jax.tree.map(lambda a: a[:G * P // 2].reshape(G, P // 2, *a.shape[1:]), tables)
+            ve_pos = [j for j in range(P) if j in ve_layers]
+
+            def group(c, gx):
+                for j in range(P):
+                    pick = lambda tree: jax.tree.map(lambda a: a[j], tree)  # noqa: E731, B023
+                    ve = jax.tree.map(lambda a: a[ve_pos.index(j)], gx["ve"]) if j in ve_pos else None  # noqa: B023
+                    c = run(windows[j] if static else None, *c, pick(gx["blocks"]), gx["g"] * P + j,
+                            pick(gx["lambdas"]) if lambdas is not None else None, ve,
+                            None if static else gx["windows"][j])
+                return c, None
+
+            carry, _ = jax.lax.scan(group, carry, xs)
+        for i in tail:
+            pick = lambda tree: jax.tree.map(lambda a: a[i], tree)  # noqa: E731, B023
+            ve = jax.tree.map(lambda a: a[ve_layers.index(i)], tables) if i in ve_layers else None
+            carry = run(windows[i], *carry, pick(block_state), i, pick(lambdas) if lambdas is not None else None, ve)
+        x, x_backout, kv = carry
+        if cfg.use_backout:
+            x = x - self.backout_lambda[...].astype(cdt) * x_backout
+        return rms_norm(x), kv
+
+    # --- training and cached decoding
+    def __call__(self, idx_BT, *, targets_BT=None, loss_reduction: str = "mean", pos_offset=0):
+        """Logits (B, T, vocab_size) in fp32, or the loss when targets_BT is given. pos_offset shifts the RoPE
+        positions (attention still sees only this chunk; forward_cached is the KV-cache version)."""
+        cfg = self.cfg
+        T = idx_BT.shape[1]
+        cos, sin = rope_tables(pos_offset + jnp.arange(T), cfg.head_dim, cfg.rope_base, cfg.rope_dt)
+
+        def attend_for(window: int, layer):  # within the chunk; kernels get their window as a Python int
+            return lambda q, k, v, kv: (attention(q, k, v, window=window, backend=cfg.attn_backend), kv)
+
+        x, _ = self.trunk(self.embed(idx_BT), idx_BT, cos, sin, attend_for)
+        logits = self.logits(x)
+        return logits if targets_BT is None else cross_entropy(logits, targets_BT, loss_reduction)
+
+    def forward_cached(self, idx_BT, cache: "KVCache", *, lengths_B=None, prev_idx_B=None):
+        """See the module-level `forward_cached`."""
+        cfg = self.cfg
+        B, T = idx_BT.shape
+        S = cache.k.shape[2]
+        x_prev = self.token_embedding(prev_idx_B[:, None]) if prev_idx_B is not None and cfg.use_smear else None
+        pos_B = cache.pos
+        pos_BT = pos_B[:, None] + jnp.arange(T)
+        cos, sin = rope_tables(pos_BT, cfg.head_dim, cfg.rope_base, cfg.rope_dt)
+        rows_B1 = jnp.arange(B)[:, None]
+
+        def attend_for(window: int, layer):
+            def attend(q, k, v, kv):
+                k_cache, v_cache = kv
+                # Writes past the end of the cache are dropped (never clamped onto the last slot).
+                k_cache = k_cache.at[layer, rows_B1, pos_BT].set(k.astype(k_cache.dtype), mode="drop")
+                v_cache = v_cache.at[layer, rows_B1, pos_BT].set(v.astype(v_cache.dtype), mode="drop")
+                k_BSKd, v_BSKd = k_cache[layer], v_cache[layer]
+                if window + T >= S:  # the window spans the whole cache
+                    y = attention(q, k_BSKd, v_BSKd, window=window, q_offset=pos_B)
+                else:  # read only the window + T keys this chunk can see, from each row's own offset
+                    start_B = jnp.clip(pos_B - window, 0, S - (window + T))
+                    take = jax.vmap(lambda a, s: jax.lax.dynamic_slice_in_dim(a, s, window + T, axis=0))
+                    y = attention(q, take(k_BSKd, start_B), take(v_BSKd, start_B), window=window, q_offset=pos_B,
+                                  k_offset=start_B)
+                return y, (k_cache, v_cache)
+            return attend
+
+        x, (k, v) = self.trunk(self.embed(idx_BT, x_prev), idx_BT, cos, sin, attend_for, kv=(cache.k, cache.v))
+        n_B = jnp.full((B,), T, jnp.int32) if lengths_B is None else jnp.asarray(lengths_B, jnp.int32)
+        logits = self.logits(x[jnp.arange(B), n_B - 1])
+        return logits, cache._replace(k=k, v=v, pos=cache.pos + n_B)
+
+
+# ----------------------------------------------------------------------------------------------
+# The functional interface: a params pytree in, arrays out (what jit, optax, orbax and the engine see)
+
+@functools.lru_cache(maxsize=32)
+def _abstract(cfg: GPTConfig):
+    """(graph definition, abstract state) of GPT(cfg): its structure and Param metadata, no arrays."""
+    return nnx.split(nnx.eval_shape(lambda: GPT(cfg, rngs=nnx.Rngs(0))))
+
+
+def model(params: Params, cfg: GPTConfig) -> GPT:
+    """The GPT module with these parameters (cheap: inside jit it happens once, at trace time)."""
+    return nnx.merge(_abstract(cfg)[0], params)
+
+
+def init_params(cfg: GPTConfig, key: jax.Array) -> Params:
+    """Fresh parameters as a pure pytree. Pure jax.random, so it works under jax.eval_shape and jit (with
+    out_shardings)."""
+    return nnx.to_pure_dict(nnx.state(GPT(cfg, rngs=nnx.Rngs(params=key))))
+
+
+def param_sharding_axes(cfg: GPTConfig) -> dict[str, tuple]:
+    """'blocks/attn/wq' -> its Param's logical axis names, e.g. (None, 'fsdp', None) (nanochat_jax/sharding.py)."""
+    state = _abstract(cfg)[1]
+    out = {}
+    for path, var in jax.tree_util.tree_leaves_with_path(state, is_leaf=lambda x: isinstance(x, nnx.Variable)):
+        out["/".join(str(getattr(k, "key", k)) for k in path)] = tuple(var.get_metadata()["out_sharding"])
+    return out
+
+
+def forward(params: Params, idx_BT, cfg: GPTConfig, *, targets_BT=None, loss_reduction: str = "mean",
+            pos_offset=0):
+    """Logits (B, T, vocab_size) in fp32, or the loss when targets_BT is given (`GPT.__call__`)."""
+    return model(params, cfg)(idx_BT, targets_BT=targets_BT, loss_reduction=loss_reduction, pos_offset=pos_offset)
 
 
 def embed(params: Params, idx_BT, cfg: GPTConfig, *, x_prev_B1D=None):
-    """Token embedding → compute dtype → RMSNorm → smear. `x_prev_B1D` is the normed embedding of the token
-    before idx_BT[:, 0] (KV-cache decoding); without it position 0 gets no smear, as in training."""
-    x = token_embedding(params, idx_BT, cfg)
-    if cfg.use_smear:
-        prev = x[:, :-1] if x_prev_B1D is None else jnp.concatenate([x_prev_B1D.astype(x.dtype), x[:, :-1]], 1)
-        cur = x[:, x.shape[1] - prev.shape[1]:]
-        gate = params["smear_lambda"].astype(x.dtype) * jax.nn.sigmoid(_mm(cur[..., :SMEAR_CHANNELS],
-                                                                           params["smear_gate"]))
-        x = jnp.concatenate([x[:, :x.shape[1] - prev.shape[1]], cur + gate * prev], axis=1)
-    return x
-
-
-def attn_qkv(h_BTD, lp_attn, cos, sin, cfg: GPTConfig, ve=None):
-    """Projections, value-embedding mix, RoPE, QK-norm, QK scale. `ve` is (ve_BTKd, ve_gate (12, K)) or None.
-    Returns q (B,T,H,hd), k and v (B,T,K,hd)."""
-    B, T, _ = h_BTD.shape
-    H, K, hd = cfg.n_head, cfg.n_kv_head, cfg.head_dim
-    q = _mm(h_BTD, lp_attn["wq"]).reshape(B, T, H, hd)
-    k = _mm(h_BTD, lp_attn["wk"]).reshape(B, T, K, hd)
-    v = _mm(h_BTD, lp_attn["wv"]).reshape(B, T, K, hd)
-    if ve is not None:
-        ve_BTKd, gate_w = ve
-        gate_BTK = 3.0 * jax.nn.sigmoid(_mm(h_BTD[..., :VE_GATE_CHANNELS], gate_w))
-        v = v + gate_BTK[..., None] * ve_BTKd.astype(v.dtype).reshape(B, T, K, hd)
-    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    q, k = rms_norm(q), rms_norm(k)
-    if cfg.qk_scale != 1.0:
-        q, k = q * cfg.qk_scale, k * cfg.qk_scale
-    return q, k, v
-
-
-def mlp(h_BTD, lp_mlp):
-    return _mm(jnp.square(jax.nn.relu(_mm(h_BTD, lp_mlp["w_fc"]))), lp_mlp["w_proj"])
-
-
-def trunk(params: Params, x_BTD, idx_BT, cfg: GPTConfig, *, pos_offset=0):
-    """The L blocks (one lax.scan), backout and the final norm. Returns the normed (B, T, D) activations."""
-    T = x_BTD.shape[1]
-    cos, sin = rope_tables(pos_offset + jnp.arange(T), cfg.head_dim, cfg.rope_base, cfg.dtype)
-    distinct = sorted(set(layer_windows(cfg)))
-
-    def attend(q, k, v, layer_xs, kv):
-        if cfg.attn_backend == "xla":
-            return attention(q, k, v, window=layer_xs["window"], backend="xla"), kv
-        # Kernels need a static window: switch between one branch per distinct window (at most S and L).
-        branches = [partial(attention, window=w, backend=cfg.attn_backend) for w in distinct]
-        if len(branches) == 1:
-            return branches[0](q, k, v), kv
-        return jax.lax.switch(layer_xs["window_kind"], branches, q, k, v), kv
-
-    return _blocks(params, x_BTD, idx_BT, cfg, cos, sin, attend)[0]
+    """`GPT.embed`: the normed token embeddings after smear."""
+    return model(params, cfg).embed(idx_BT, x_prev_B1D)
 
 
 class KVCache(NamedTuple):
@@ -442,116 +679,17 @@ def init_cache(cfg: GPTConfig, batch: int, max_len: int) -> KVCache:
     return KVCache(jnp.zeros(shape, cfg.dtype), jnp.zeros(shape, cfg.dtype), jnp.zeros((batch,), jnp.int32))
 
 
-def trunk_cached(params: Params, x_BTD, idx_BT, cfg: GPTConfig, cache: KVCache):
-    """The same blocks with a KV cache (see KVCache): row b's T tokens sit at positions cache.pos[b] + t. Each
-    layer writes its k/v there (the cache is carried through the scan, so the update is in place) and the
-    queries attend over the cached keys within their causal window, always with the "xla" attention (per-row
-    offsets). A layer whose window w is shorter than the cache reads only the w + T keys the chunk can see.
-    Returns (normed activations, cache with the new k/v; pos not advanced)."""
-    B, T, _ = x_BTD.shape
-    S = cache.k.shape[2]
-    pos_B = cache.pos
-    pos_BT = pos_B[:, None] + jnp.arange(T)
-    cos, sin = rope_tables(pos_BT, cfg.head_dim, cfg.rope_base, cfg.dtype)
-
-    def attend_window(w: int, q, k_BSKd, v_BSKd):
-        if w + T >= S:  # the window spans the whole cache
-            return attention(q, k_BSKd, v_BSKd, window=w, q_offset=pos_B)
-        start_B = jnp.clip(pos_B - w, 0, S - (w + T))
-        take = jax.vmap(lambda a, s: jax.lax.dynamic_slice_in_dim(a, s, w + T, axis=0))
-        return attention(q, take(k_BSKd, start_B), take(v_BSKd, start_B), window=w, q_offset=pos_B,
-                         k_offset=start_B)
-
-    branches = [partial(attend_window, w) for w in sorted(set(layer_windows(cfg)))]
-    rows_B1 = jnp.arange(B)[:, None]
-
-    def attend(q, k, v, layer_xs, kv):
-        k_cache, v_cache = kv
-        layer = layer_xs["layer"]
-        # Writes past the end of the cache are dropped (never clamped onto the last slot).
-        k_cache = k_cache.at[layer, rows_B1, pos_BT].set(k.astype(k_cache.dtype), mode="drop")
-        v_cache = v_cache.at[layer, rows_B1, pos_BT].set(v.astype(v_cache.dtype), mode="drop")
-        args = (q, k_cache[layer], v_cache[layer])
-        y = branches[0](*args) if len(branches) == 1 else jax.lax.switch(layer_xs["window_kind"], branches, *args)
-        return y, (k_cache, v_cache)
-
-    x, (k, v) = _blocks(params, x_BTD, idx_BT, cfg, cos, sin, attend, kv=(cache.k, cache.v))
-    return x, cache._replace(k=k, v=v)
-
-
-def _blocks(params: Params, x_BTD, idx_BT, cfg: GPTConfig, cos, sin, attend, kv=None):
-    """The one copy of the block stack, shared by training and cached decoding: the L blocks as one lax.scan,
-    then backout and the final norm. `attend(q, k, v, layer_xs, kv) -> (y, kv)` is what differs: training
-    attends within the chunk (kv is None); decoding writes into and reads from the cache `kv`, which rides
-    in the scan carry. Returns (normed (B, T, D) activations, kv)."""
-    B, T, D = x_BTD.shape
-    L, cdt = cfg.n_layer, cfg.dtype
-    x0 = x_BTD
-
-    # Per-layer static structure becomes scanned arrays.
-    windows = layer_windows(cfg)
-    distinct = sorted(set(windows))
-    xs = {
-        "blocks": params["blocks"],
-        "window": jnp.asarray(windows, jnp.int32),
-        "window_kind": jnp.asarray([distinct.index(w) for w in windows], jnp.int32),
-        "layer": jnp.arange(L, dtype=jnp.int32),
-    }
-    if cfg.use_lambdas:
-        xs["resid"], xs["x0"] = params["resid_lambdas"], params["x0_lambdas"]
-
-    def block(carry, layer_xs, ve_table=None, ve_gate=None):
-        x, x_backout, kv = carry
-        if cfg.use_lambdas:
-            x = layer_xs["resid"].astype(cdt) * x + layer_xs["x0"].astype(cdt) * x0
-        ve = None if ve_table is None else (jnp.take(ve_table, idx_BT, axis=0), ve_gate)
-        lp = layer_xs["blocks"]
-        q, k, v = attn_qkv(rms_norm(x), lp["attn"], cos, sin, cfg, ve)
-        y, kv = attend(q, k, v, layer_xs, kv)
-        y = y.reshape(B, T, cfg.n_head * cfg.head_dim)
-        x = x + _mm(y, lp["attn"]["wo"])
-        x = x + mlp(rms_norm(x), lp["mlp"])
-        if cfg.use_backout:  # keep the residual after block L//2
-            x_backout = jnp.where(layer_xs["layer"] == L // 2, x, x_backout)
-        return x, x_backout, kv
-
-    if cfg.remat and kv is None:  # remat only matters under a gradient
-        block = jax.checkpoint(block, prevent_cse=False)
-    layer_i = lambda tree, i: jax.tree.map(lambda a: a[i], tree)  # noqa: E731
-    carry = (x_BTD, jnp.zeros_like(x_BTD) if cfg.use_backout else None, kv)
-    if not cfg.use_value_embeds:
-        carry, _ = jax.lax.scan(lambda c, lx: (block(c, lx), None), carry, xs)
-    else:
-        # VE layers alternate and include the last one, so the scan runs over (no-VE, VE) layer pairs and
-        # each pair's VE table is a scanned slice: no padding parameters, no work in non-VE layers, and the
-        # table's gradient comes out as a stacked scan output. (Gathering from the closed-over stacked
-        # table by a per-layer index instead makes the backward add a dense table-sized cotangent into an
-        # accumulator at every layer: ~2.4 GB of memory traffic per layer at d24.) With odd depth, layer 0
-        # (which has VE) runs on its own first; the pairs then see a slice of the stacked block params.
-        lone = L % 2
-        if lone:
-            carry = block(carry, layer_i(xs, 0), params["value_embeds"][0], params["ve_gate"][0])
-        pairs = jax.tree.map(lambda a: a[lone:].reshape((L - lone) // 2, 2, *a.shape[1:]), xs)
-        tables = (params["value_embeds"][lone:], params["ve_gate"][lone:])
-
-        def pair(c, pair_xs):
-            lx, (table, gate) = pair_xs
-            c = block(c, layer_i(lx, 0))
-            return block(c, layer_i(lx, 1), table, gate), None
-
-        carry, _ = jax.lax.scan(pair, carry, (pairs, tables))
-    x, x_backout, kv = carry
-    if cfg.use_backout:
-        x = x - params["backout_lambda"].astype(cdt) * x_backout
-    return rms_norm(x), kv
-
-
-def logits_from_hidden(params: Params, x_BTD, cfg: GPTConfig):
-    """lm_head in the compute dtype, crop the vocab padding, then the softcap in fp32."""
-    logits = _mm(x_BTD, params["lm_head"])[..., :cfg.vocab_size].astype(jnp.float32)
-    if cfg.softcap:
-        logits = cfg.softcap * jnp.tanh(logits / cfg.softcap)
-    return logits
+def forward_cached(params: Params, idx_BT, cfg: GPTConfig, cache: KVCache, *, lengths_B=None, prev_idx_B=None):
+    """A chunk of tokens through the model with a KV cache: a prefill (empty cache, right-padded prompts) or a
+    decode step (T = 1). Row b's tokens idx_BT[b, :lengths_B[b]] (all T when lengths_B is None) take positions
+    cache.pos[b] + t; each layer writes its k/v there (the cache rides through the layers, so the update is in
+    place) and its queries attend over the cached keys within their (static) window, with the "xla" attention
+    (per-row offsets); a layer whose window w is shorter than the cache reads only the w + T keys the chunk can
+    see. prev_idx_B is the token just before idx_BT[:, 0], for smear; None when the cache is empty (position 0
+    has no previous token). Returns fp32 logits (B, vocab_size) of each row's last valid token and the cache
+    with pos advanced by the row's length. Padding tokens are written to the cache too, past the row's new pos,
+    where they are overwritten before anything reads them."""
+    return model(params, cfg).forward_cached(idx_BT, cache, lengths_B=lengths_B, prev_idx_B=prev_idx_B)
 
 
 def cross_entropy(logits_BTV, targets_BT, reduction: str = "mean"):
@@ -570,34 +708,6 @@ def cross_entropy(logits_BTV, targets_BT, reduction: str = "mean"):
     if reduction == "mean":
         return nll.sum() / jnp.maximum(valid.sum(), 1)
     raise ValueError(f"loss_reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
-
-
-def forward(params: Params, idx_BT, cfg: GPTConfig, *, targets_BT=None, loss_reduction: str = "mean",
-            pos_offset=0):
-    """Logits (B, T, vocab_size) in fp32, or the loss when targets_BT is given. pos_offset shifts the RoPE
-    positions (attention still sees only this chunk; forward_cached is the KV-cache version)."""
-    x = embed(params, idx_BT, cfg)
-    x = trunk(params, x, idx_BT, cfg, pos_offset=pos_offset)
-    logits = logits_from_hidden(params, x, cfg)
-    if targets_BT is None:
-        return logits
-    return cross_entropy(logits, targets_BT, loss_reduction)
-
-
-def forward_cached(params: Params, idx_BT, cfg: GPTConfig, cache: KVCache, *, lengths_B=None, prev_idx_B=None):
-    """A chunk of tokens through the model with a KV cache: a prefill (empty cache, right-padded prompts) or a
-    decode step (T = 1). Row b's tokens idx_BT[b, :lengths_B[b]] (all T when lengths_B is None) take positions
-    cache.pos[b] + t. prev_idx_B is the token just before idx_BT[:, 0], for smear; None when the cache is empty
-    (position 0 has no previous token). Returns fp32 logits (B, vocab_size) of each row's last valid token and
-    the cache with pos advanced by the row's length. Padding tokens are written to the cache too, past the
-    row's new pos, where they are overwritten before anything reads them."""
-    B, T = idx_BT.shape
-    x_prev = token_embedding(params, prev_idx_B[:, None], cfg) if prev_idx_B is not None and cfg.use_smear else None
-    x = embed(params, idx_BT, cfg, x_prev_B1D=x_prev)
-    x, cache = trunk_cached(params, x, idx_BT, cfg, cache)
-    n_B = jnp.full((B,), T, jnp.int32) if lengths_B is None else jnp.asarray(lengths_B, jnp.int32)
-    logits = logits_from_hidden(params, x[jnp.arange(B), n_B - 1], cfg)
-    return logits, cache._replace(pos=cache.pos + n_B)
 
 
 # ----------------------------------------------------------------------------------------------

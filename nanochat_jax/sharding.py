@@ -1,9 +1,16 @@
-"""The device mesh, the one table that says how each parameter is sharded, and batch placement.
+"""The device mesh, how each parameter is sharded, and batch placement.
 
 One mesh axis, "data": batches are split over it, and parameters and optimizer state are sharded over it
 ZeRO/FSDP-style (each large array split along one axis; XLA inserts the all-gathers / reduce-scatters). On one
 8-GPU node a single process drives all 8 devices; past one node, each process feeds its own slice of the batch
 (`jax.make_array_from_process_local_data`) after `jax.distributed.initialize()`.
+
+Which axis of a parameter is split is said once, in the model: each Flax Param in nanochat_jax/gpt.py carries
+logical axis names (`out_sharding`), one of them gpt.FSDP (wte (V, D) its vocab axis, lm_head (D, V) and
+value_embeds (NV, V, KD) theirs, blocks/* (L, in, out) their input axis). LOGICAL_AXES maps that name to the
+mesh axis. Optimizer-state leaves, whose paths end with their parameter's path, follow their parameter. An axis
+that does not divide by the mesh size falls back to the largest axis that does; leaves smaller than
+MIN_SHARD_SIZE (scalars, gates) are replicated.
 
 The mesh uses Auto (GSPMD) axis types, passed explicitly: shardings are given at the jit boundary and the
 model code stays sharding-agnostic.
@@ -11,7 +18,6 @@ model code stays sharding-agnostic.
 
 from __future__ import annotations
 
-import fnmatch
 import math
 import os
 
@@ -22,18 +28,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 from nanochat_jax.common import path_str
 
 DATA = "data"
-
-# (path glob, axis to shard first). Paths are "/"-joined pytree keys, so optimizer-state leaves, whose paths end
-# with their parameter's path, match the same rule. Shapes: wte (V, D), lm_head (D, V), value_embeds (NV, V, KD),
-# blocks/* (L, in, out). An axis that does not divide by the mesh size falls back to the largest axis that does;
-# leaves smaller than MIN_SHARD_SIZE (scalars, gates) are replicated.
-SHARDING_RULES: tuple[tuple[str, int | None], ...] = (
-    ("*wte", 0),
-    ("*lm_head", 1),
-    ("*value_embeds", 1),
-    ("*blocks/*", 1),
-    ("*", None),
-)
+LOGICAL_AXES = {"fsdp": DATA}  # logical axis name in the Params' metadata -> mesh axis
 MIN_SHARD_SIZE = 2**14
 
 
@@ -66,27 +61,30 @@ def make_mesh(n_devices: int | None = None) -> Mesh:
     return jax.make_mesh((n,), (DATA,), axis_types=(AxisType.Auto,), devices=devices[:n])
 
 
-def spec_for(path: str, shape: tuple[int, ...], n: int) -> P:
-    """PartitionSpec of one array under the rules table, for a mesh of n devices."""
+def spec_for(path: str, shape: tuple[int, ...], n: int, axes: dict[str, tuple]) -> P:
+    """PartitionSpec of one array for a mesh of n devices. `axes` maps parameter paths to their logical axis names
+    (gpt.param_sharding_axes); `path` is a parameter's path or ends with one (optimizer state)."""
     if n == 1 or math.prod(shape) < MIN_SHARD_SIZE:
         return P()
-    preferred = next(axis for pattern, axis in SHARDING_RULES if fnmatch.fnmatchcase(path, pattern))
-    candidates = ([preferred] if preferred is not None else []) + sorted(range(len(shape)), key=lambda a: -shape[a])
-    for axis in candidates:
+    parts = path.split("/")
+    names = next((axes[key] for key in ("/".join(parts[i:]) for i in range(len(parts))) if key in axes), ())
+    preferred = [i for i, name in enumerate(names) if name in LOGICAL_AXES]
+    for axis in preferred + sorted(range(len(shape)), key=lambda a: -shape[a]):
         if axis < len(shape) and shape[axis] % n == 0:
             spec = [None] * len(shape)
-            spec[axis] = DATA
+            spec[axis] = LOGICAL_AXES[names[axis]] if axis in preferred else DATA
             return P(*spec)
     return P()
 
 
-def tree_shardings(tree, mesh: Mesh, *, shard: bool = True):
-    """NamedShardings for every leaf of a pytree of arrays/ShapeDtypeStructs (replicated if shard=False)."""
+def tree_shardings(tree, mesh: Mesh, axes: dict[str, tuple], *, shard: bool = True):
+    """NamedShardings for every leaf of a pytree of arrays/ShapeDtypeStructs: parameters (or optimizer state) of a
+    model whose Params' axis names are `axes` (gpt.param_sharding_axes(cfg)); everything replicated if shard=False."""
     n = mesh.shape[DATA]
 
     def one(path, leaf):
         shape = tuple(getattr(leaf, "shape", ()))
-        return NamedSharding(mesh, spec_for(path_str(path), shape, n) if shard else P())
+        return NamedSharding(mesh, spec_for(path_str(path), shape, n, axes) if shard else P())
 
     return jax.tree_util.tree_map_with_path(one, tree)
 

@@ -2,6 +2,7 @@
 
     python scripts/bench_train.py --depth=20 --device-batch-size=16 --max-seq-len=2048 --attention=cudnn   # GPU
     python scripts/bench_train.py --depth=2 --max-seq-len=128 --device-batch-size=4 --vocab-size=4096     # CPU
+    python scripts/bench_train.py --depth=20 --device-batch-size=1 --compute-dtype=float32 --compile-only  # compile time
 
 The same step as training (scripts/pretrain.py): model, optimizer, sharding and donation. The last line is JSON.
 """
@@ -11,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import jax
 import numpy as np
@@ -39,6 +40,8 @@ class BenchTrainConfig:
     fsdp: bool = True
     steps: int = 10
     warmup_steps: int = 3
+    compile_only: bool = field(default=False, metadata={"help": "stop after compiling (trace + compile time of "
+                                                                "the step, nothing allocated)"})
 
     def __post_init__(self):
         if self.steps < 1 or self.warmup_steps < 1 or self.grad_accum < 1:
@@ -61,7 +64,13 @@ def main(argv=None) -> dict:
     batch_shape = (cfg.grad_accum, rows, cfg.max_seq_len)
     step_fn, shardings, info = train.compile_train_step(model_cfg, tx, mesh, state_shapes, batch_shape,
                                                         shard_params=cfg.fsdp)
-    print(f"compiled in {info['compile_seconds']:.1f}s; memory {info.get('memory')}")
+    print(f"traced + compiled in {info['compile_seconds']:.2f}s (trace {info['trace_seconds']:.2f}s); "
+          f"memory {info.get('memory')}")
+    if cfg.compile_only:
+        result = {"devices": mesh.size, "device_kind": device.device_kind, "trace_seconds": info["trace_seconds"],
+                  "compile_seconds": info["compile_seconds"], "config": dataclasses.asdict(cfg)}
+        print(json.dumps(result))
+        return result
     state = jax.jit(lambda k: train.init_state(model_cfg, tx, k), out_shardings=shardings)(jax.random.key(0))
     rng = np.random.default_rng(0)
     local_rows = sharding.local_batch_rows(rows, mesh)

@@ -252,3 +252,26 @@ def test_bench_infer_runs_on_cpu_without_grain_or_flask():
     for r in result["results"]:
         assert r["ttft_ms"] > 0 and r["tpot_ms"] > 0 and r["bytes_per_step"] > 0
         assert r["compilations"] == 2 and r["bandwidth_util_percent"] is None  # no peak bandwidth for CPU
+
+
+@pytest.mark.parametrize("depth", [4, pytest.param(20, marks=pytest.mark.slow)])
+def test_compiled_prefill_and_decode_have_no_conditionals(depth):
+    """Static per-layer windows in the cached path too: the engine's compiled prefill and decode hold no XLA
+    conditional (each would cost a host round trip per layer and token on a GPU)."""
+    from nanochat_jax.engine import _decode, _prefill
+    from test_train import hlo_ops
+
+    cfg = gpt.GPTConfig.from_depth(depth, max_seq_len=256, vocab_size=32768, compute_dtype="float32")
+    params = gpt.param_shapes(cfg)
+    i32, f32, key = jnp.int32, jnp.float32, jax.eval_shape(lambda: jax.random.key(0))
+    sds = jax.ShapeDtypeStruct
+    prefill = jax.jit(_prefill, static_argnames=("cfg", "num_samples", "max_len", "kmax")).lower(
+        params, sds((1, 32), i32), sds((1,), i32), key, sds((), f32), sds((), i32), cfg=cfg, num_samples=2,
+        max_len=256, kmax=64).compile()
+    cache = jax.eval_shape(lambda: gpt.init_cache(cfg, 2, 256))
+    row = sds((2,), i32)
+    decode = jax.jit(_decode, static_argnames=("cfg", "kmax")).lower(
+        params, cache, row, row, row, sds((2,), bool), key, sds((), i32), sds((), f32), sds((), i32), cfg=cfg,
+        kmax=64).compile()
+    for compiled in (prefill, decode):
+        assert hlo_ops(compiled)["conditional"] == 0

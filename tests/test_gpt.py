@@ -291,6 +291,38 @@ def test_kernel_backend_gets_static_windows_per_layer(monkeypatch):
     assert seen == {8, 64}
 
 
+def test_layer_plan():
+    """Groups of P layers whose windows (static plan) and value-embedding flags repeat, and an unrolled tail."""
+    d20 = GPTConfig.from_depth(20)
+    assert gpt.layer_plan(d20) == (4, 5, ()) and gpt.layer_plan(d20, static_windows=False) == (2, 10, ())
+    assert gpt.layer_plan(tiny(n_layer=5)) == (4, 1, (4,))  # layer 4 would be S: the forced-long last layer
+    assert gpt.layer_plan(tiny(n_layer=5), static_windows=False) == (2, 2, (4,))
+    assert gpt.layer_plan(tiny(n_layer=6, use_value_embeds=False)) == (4, 1, (4, 5))
+    assert gpt.layer_plan(tiny(n_layer=7, window_pattern="SSL")) == (6, 1, (6,))
+    assert gpt.layer_plan(tiny(n_layer=2)) == (4, 0, (0, 1))
+
+
+@pytest.mark.parametrize("overrides", [dict(n_layer=5), dict(n_layer=6, use_value_embeds=False),
+                                       dict(n_layer=7, window_pattern="SSL"), dict(n_layer=2)])
+def test_static_window_groups_match_numpy_reference(overrides, monkeypatch):
+    """A kernel backend gets every window as a Python int, through the grouped scan plus its tail: the result is
+    the reference's at depths and patterns that leave a tail. (cuDNN is stood in for by the xla path.)"""
+    real, seen = gpt.attention, []
+
+    def fake_kernel(q, k, v, *, window=None, backend="xla", **kw):
+        assert isinstance(window, int) and backend == "cudnn"
+        seen.append(window)
+        return real(q, k, v, window=window, backend="xla", **kw)
+
+    monkeypatch.setattr(gpt, "attention", fake_kernel)
+    cfg = tiny(attn_backend="cudnn", **overrides)
+    params = random_params(cfg, seed=21)
+    idx = np.random.default_rng(22).integers(0, cfg.vocab_size, (2, 20))
+    got = np.asarray(gpt.forward(params, jnp.asarray(idx), cfg))
+    np.testing.assert_allclose(got, np_forward(params, idx, cfg), rtol=1e-4, atol=1e-4 * np.abs(got).max())
+    assert set(seen) == set(gpt.layer_windows(cfg))
+
+
 def test_attention_backend_errors():
     x = jnp.zeros((1, 4, 2, 8), jnp.bfloat16)
     with pytest.raises(NotImplementedError, match="q_offset=k_offset=0 only"):

@@ -1,6 +1,8 @@
 """The train step: sharded equals single-device, gradient accumulation, learning; bpb; flag validation."""
 
+import collections
 import dataclasses
+import re
 
 import jax
 import jax.numpy as jnp
@@ -85,7 +87,7 @@ def test_gradients_sharded_match_single_device():
     b = _batches(1, A=1)[0]
     loss = lambda p, x, y: gpt.forward(p, x, CFG, targets_BT=y)  # noqa: E731
     g1 = jax.jit(jax.grad(loss))(params, b["inputs"][0], b["targets"][0])
-    sh = sharding.tree_shardings(params, mesh8)
+    sh = sharding.tree_shardings(params, mesh8, gpt.param_sharding_axes(CFG))
     g8 = jax.jit(jax.grad(loss), in_shardings=(sh, sharding.batch_sharding(mesh8), sharding.batch_sharding(mesh8)))(
         jax.device_put(params, sh), b["inputs"][0], b["targets"][0])
     for a, c in zip(jax.tree.leaves(g1), jax.tree.leaves(g8)):
@@ -142,7 +144,9 @@ def test_plan_horizon_and_validation():
     plan = train.plan_horizon(ref, train.build_model_config(ref, 32768, on_gpu=True), n_devices=8)
     assert plan["total_batch_size"] == 2**20 and plan["num_iterations"] == 5568 and plan["grad_accum"] == 4
     for kwargs, msg in [({"depth": 0}, "--depth"), ({"attention": "flash"}, "--attention"),
-                        ({"profile_steps": "5"}, "START:STOP"), ({"device_batch_size": 0}, "device-batch-size")]:
+                        ({"profile_steps": "5"}, "START:STOP"), ({"device_batch_size": 0}, "device-batch-size"),
+                        ({"lr_schedule": "cosine"}, "--lr-schedule must be one of reference|constant"),
+                        ({"adamw_style": "torch"}, "--adamw-style")]:
         with pytest.raises(ValueError, match=msg):
             train.PretrainConfig(**kwargs)
     with pytest.raises(ValueError, match="--mesh=16"):
@@ -162,3 +166,23 @@ def test_bench_train_script_runs():
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["devices"] == 2 and result["tokens_per_step"] == 2 * 2 * 64 and result["tokens_per_s"] > 0
+
+
+def hlo_ops(compiled) -> collections.Counter:
+    """How often each HLO instruction occurs in a compiled program ("%name = type opcode(operands)" lines)."""
+    return collections.Counter(re.findall(r"^\s*(?:ROOT )?%[\w.-]+ = .*? ([a-z][\w-]*)\(", compiled.as_text(), re.M))
+
+
+@pytest.mark.parametrize("depth", [4, pytest.param(20, marks=pytest.mark.slow)])
+def test_compiled_train_step_has_no_conditionals(depth):
+    """Every layer's window is static ("SSSL": the scan steps over groups of 4 layers), so the compiled step holds
+    no XLA conditional (on a GPU each one waits for its branch index on the host)."""
+    cfg = gpt.GPTConfig.from_depth(depth, max_seq_len=256, vocab_size=32768, compute_dtype="float32")
+    assert cfg.window_pattern == "SSSL" and len(set(gpt.layer_windows(cfg))) == 2
+    shapes = gpt.param_shapes(cfg)
+    tx = optim.build_optimizer(shapes, optim.OptimConfig(num_iterations=10, model_dim=cfg.n_embd))
+    st_shapes = jax.eval_shape(lambda k: train.init_state(cfg, tx, k), jax.random.key(0))
+    compiled, _, _ = train.compile_train_step(cfg, tx, sharding.make_mesh(1), st_shapes, (1, 1, cfg.sequence_len))
+    ops = hlo_ops(compiled)
+    assert ops["conditional"] == 0
+    assert ops["while"] >= (1 if depth == 20 else 0)  # d20's layer scan (5 groups) stays a loop; d4's 1 is inlined
