@@ -86,11 +86,12 @@ def init_state(model_cfg: gpt.GPTConfig, tx: optax.GradientTransformation, key):
     return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
 
 
-def state_shardings(state_shapes, mesh, shard: bool = True):
-    """Params and optimizer state through the one rules table; the step counter replicated."""
+def state_shardings(model_cfg: gpt.GPTConfig, state_shapes, mesh, shard: bool = True):
+    """Params and optimizer state as the model's Params say (gpt.param_sharding_axes); the step counter replicated."""
+    axes = gpt.param_sharding_axes(model_cfg)
     return {"step": sharding.replicated(mesh),
-            "params": sharding.tree_shardings(state_shapes["params"], mesh, shard=shard),
-            "opt_state": sharding.tree_shardings(state_shapes["opt_state"], mesh, shard=shard)}
+            "params": sharding.tree_shardings(state_shapes["params"], mesh, axes, shard=shard),
+            "opt_state": sharding.tree_shardings(state_shapes["opt_state"], mesh, axes, shard=shard)}
 
 
 def abstract_tree(shapes, shardings):
@@ -103,7 +104,7 @@ def compile_train_step(model_cfg, tx, mesh, state_shapes, batch_shape, *, shard_
     """jit with explicit shardings + donation, lowered and compiled ahead of time. Returns (compiled, shardings, info).
     batch_shape = (micro-batches, rows, T) of "inputs"/"targets"; extra_inputs {name: (shape, dtype)} adds per-row
     arrays (shape starting with (micro-batches, rows)), sharded like the rows."""
-    shardings = state_shardings(state_shapes, mesh, shard_params)
+    shardings = state_shardings(model_cfg, state_shapes, mesh, shard_params)
     batch_sh = sharding.batch_sharding(mesh, batch_axis=1, ndim=3)
     batch_shardings = {"inputs": batch_sh, "targets": batch_sh}
     batch_abstract = {k: jax.ShapeDtypeStruct(batch_shape, jnp.int32, sharding=batch_sh) for k in ("inputs", "targets")}
@@ -119,8 +120,10 @@ def compile_train_step(model_cfg, tx, mesh, state_shapes, batch_shape, *, shard_
                       donate_argnums=(0,))
     state_abstract = abstract_tree(state_shapes, shardings)
     t0 = time.perf_counter()
-    compiled = step_fn.lower(state_abstract, batch_abstract).compile()
-    info = {"compile_seconds": time.perf_counter() - t0}
+    lowered = step_fn.lower(state_abstract, batch_abstract)
+    t1 = time.perf_counter()
+    compiled = lowered.compile()
+    info = {"compile_seconds": time.perf_counter() - t0, "trace_seconds": t1 - t0}  # compile_seconds: both
     try:
         mem = compiled.memory_analysis()
         if mem is not None:
@@ -338,6 +341,12 @@ class PretrainConfig:
     warmup_steps: int = 40
     warmdown_ratio: float = 0.65
     final_lr_frac: float = 0.05
+    lr_schedule: str = "reference"        # reference (warmup, flat, warmdown) | constant
+    muon_momentum_schedule: str = "reference"  # reference | constant (the peak momentum throughout)
+    weight_decay_schedule: str = "cosine"  # cosine (to 0 at the end) | constant
+    adamw_style: str = "current"          # current (per-group betas/wd) | classic (the October 2025 AdamW groups)
+    adamw_weight_decay: float = 0.0       # weight decay of the classic AdamW groups
+    grad_clip: float = 0.0                # > 0: clip the global gradient norm first (the October 2025 run used 1.0)
     # evaluation, sampling, checkpoints, logging
     eval_every: int = 250
     eval_tokens: int = 80 * 524288
@@ -375,6 +384,12 @@ class PretrainConfig:
              and self.core_metric_every != 0,
              "--eval-every/--sample-every/--save-every/--core-metric-every must be > 0 or -1 (off); --log-every >= 1")
         need(self.keep_checkpoints >= 1, "--keep-checkpoints must be >= 1")
+        for flag, value, allowed in (("lr-schedule", self.lr_schedule, ("reference", "constant")),
+                                     ("muon-momentum-schedule", self.muon_momentum_schedule, ("reference", "constant")),
+                                     ("weight-decay-schedule", self.weight_decay_schedule, ("cosine", "constant")),
+                                     ("adamw-style", self.adamw_style, ("current", "classic"))):
+            need(value in allowed, f"--{flag} must be one of {'|'.join(allowed)}, got {value!r}")
+        need(self.adamw_weight_decay >= 0 and self.grad_clip >= 0, "--adamw-weight-decay and --grad-clip must be >= 0")
         parse_profile_steps(self.profile_steps)
 
 
@@ -504,7 +519,10 @@ def _pretrain(cfg: PretrainConfig, cleanup: contextlib.ExitStack) -> LoopState:
                                 scalar_lr=cfg.scalar_lr, weight_decay=cfg.weight_decay,
                                 weight_decay_scaled=plan["weight_decay_scaled"], batch_lr_scale=plan["batch_lr_scale"],
                                 warmup_steps=cfg.warmup_steps, warmdown_ratio=cfg.warmdown_ratio,
-                                final_lr_frac=cfg.final_lr_frac)
+                                final_lr_frac=cfg.final_lr_frac, lr_schedule=cfg.lr_schedule,
+                                muon_momentum_schedule=cfg.muon_momentum_schedule,
+                                weight_decay_schedule=cfg.weight_decay_schedule, adamw_style=cfg.adamw_style,
+                                adamw_weight_decay=cfg.adamw_weight_decay, grad_clip=cfg.grad_clip)
     param_shapes = gpt.param_shapes(model_cfg)
     tx = optim.build_optimizer(param_shapes, opt_cfg)
     state_shapes = jax.eval_shape(lambda k: init_state(model_cfg, tx, k), jax.random.key(0))
