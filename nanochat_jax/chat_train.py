@@ -157,7 +157,7 @@ class _Head:
 
 def chat_train(cfg: ChatTrainConfig, *, train_data=None, val_data=None) -> LoopState:
     """Run midtraining or SFT. train_data/val_data (indexable conversation datasets) replace the mixtures (tests)."""
-    from nanochat_jax.checkpoint import Checkpointer, checkpoint_dir, config_differences, require_same_vocab
+    from nanochat_jax.checkpoint import Checkpointer, checkpoint_dir, require_same_vocab
     from nanochat_jax.checkpoint import resume_step as resume_from
     from nanochat_jax.dataloader import ConversationPacker
     from nanochat_jax.loss_eval import evaluate_bpb, make_bpb_fn
@@ -231,18 +231,9 @@ def chat_train(cfg: ChatTrainConfig, *, train_data=None, val_data=None) -> LoopS
     loop = LoopState()
     start = 0
 
-    def differences(meta):  # what must match for a checkpoint of this stage to continue this run
-        saved = {**meta.get("model_config", {}), "source": meta.get("source"),
-                 "total_batch_size": meta.get("total_batch_size"), "max_seq_len": meta.get("max_seq_len")}
-        return config_differences(saved, {**model_cfg.to_dict(), "source": f"{src_phase}/{tag}/{src_step}",
-                                          "total_batch_size": B, "max_seq_len": T_len})
-
-    try:
-        resume_step = resume_from(ckpt, cfg.resume, differences)
-    except BaseException:
-        ckpt.close()
-        src.ckpt.close()
-        raise
+    resume_step = resume_from(ckpt, cfg.resume, {**model_cfg.to_dict(), "source": f"{src_phase}/{tag}/{src_step}",
+                                                 "total_batch_size": B, "max_seq_len": T_len},
+                              close_on_error=(ckpt, src.ckpt))
     if resume_step is not None:
         params, opt_state, meta = ckpt.restore(resume_step, abstract_params=abstract["params"],
                                                abstract_opt_state=abstract["opt_state"])

@@ -255,39 +255,51 @@ class Checkpointer:
 RUNTIME_FIELDS = ("compute_dtype", "attn_backend", "remat")
 
 
-def config_differences(saved: dict, current: dict, ignore: tuple[str, ...] = RUNTIME_FIELDS) -> list[str]:
-    """'name: saved → now' for every differing key of two flat dicts (missing keys count), except `ignore`."""
-    keys = sorted((saved.keys() | current.keys()) - set(ignore))
-    return [f"{k}: {saved.get(k)!r} → {current.get(k)!r}" for k in keys if saved.get(k) != current.get(k)]
+def _saved_setting(meta: dict, key: str):
+    """A run setting as a checkpoint's meta records it: top level, else its model_config, else its user_config."""
+    for where in (meta, meta.get("model_config") or {}, meta.get("user_config") or {}):
+        if key in where:
+            return where[key]
+    return None
 
 
-def resume_step(ckpt: "Checkpointer", resume: bool | None, differences, *, from_step: int = -1) -> int | None:
+def resume_step(ckpt: "Checkpointer", resume: bool | None, settings: dict, *, from_step: int = -1,
+                close_on_error: tuple = ()) -> int | None:
     """Where a training run starts: the step to restore, or None for a fresh start. Never overwrites silently.
 
-    resume None (the default, "auto"): continue from the latest checkpoint when there is one and
-    `differences(meta)` (a list of 'what changed' strings) is empty, else start fresh; resume True: a checkpoint
-    is required; resume False: start fresh, refusing if checkpoints are already there. from_step >= 0 picks the
-    step. Every refusal is a UserError naming the directory and the fix."""
-    steps = ckpt.all_steps()
-    where = ckpt.directory
-    if from_step >= 0:
-        if from_step not in steps:
-            raise UserError(f"--resume-from-step={from_step}: no such checkpoint in {where} (steps there: {steps})")
-        step = from_step
-    elif not steps:
-        if resume:
-            raise UserError(f"--resume: no checkpoint in {where} to continue from; drop --resume to start fresh")
-        return None
-    elif resume is False:
-        raise UserError(f"{where} already holds checkpoints (steps {steps}) and --resume=0 would overwrite them: "
-                        f"continue that run (drop --resume=0), pick another --model-tag, or delete the directory")
-    else:
-        step = steps[-1]
-    changed = differences(ckpt.read_meta(step))
-    if changed:
-        raise UserError(f"{where} step {step} was trained with other settings ({'; '.join(changed)}): rerun with "
-                        f"the original flags to continue it, or pick another --model-tag (or delete the directory)")
-    return step
+    resume None (the default, "auto"): continue from the latest checkpoint when there is one and its recorded
+    `settings` (what must match to continue a run: model config, batch, horizon, source...) equal these,
+    runtime GPTConfig fields (RUNTIME_FIELDS) aside; else start fresh. resume True: a checkpoint is required;
+    resume False: start fresh, refusing if checkpoints are already there. from_step >= 0 picks the step. Every
+    refusal is a UserError naming the directory, the difference and the fix; `close_on_error` (checkpointers) are
+    closed first."""
+    try:
+        steps = ckpt.all_steps()
+        where = ckpt.directory
+        if from_step >= 0:
+            if from_step not in steps:
+                raise UserError(f"--resume-from-step={from_step}: no such checkpoint in {where} (steps there: {steps})")
+            step = from_step
+        elif not steps:
+            if resume:
+                raise UserError(f"--resume: no checkpoint in {where} to continue from; drop --resume to start fresh")
+            return None
+        elif resume is False:
+            raise UserError(f"{where} already holds checkpoints (steps {steps}) and --resume=0 would overwrite them: "
+                            f"continue that run (drop --resume=0), pick another --model-tag, or delete the directory")
+        else:
+            step = steps[-1]
+        meta = ckpt.read_meta(step)
+        changed = [f"{k}: {_saved_setting(meta, k)!r} → {v!r}" for k, v in settings.items()
+                   if k not in RUNTIME_FIELDS and _saved_setting(meta, k) != v]
+        if changed:
+            raise UserError(f"{where} step {step} was trained with other settings ({'; '.join(changed)}): rerun with "
+                            f"the original flags to continue it, or pick another --model-tag (or delete the directory)")
+        return step
+    except BaseException:
+        for c in close_on_error:
+            c.close()
+        raise
 
 
 # ----------------------------------------------------------------------------------------------

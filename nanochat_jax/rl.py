@@ -161,7 +161,7 @@ def sample_groups(engines, tokenizer, task, example_ids, *, num_samples, max_new
 
 def rl_train(cfg: RLConfig, *, train_task=None, eval_task=None, reward_fn=None) -> dict:
     """Run RL. train_task/eval_task (tasks with `reward(conversation, completion)`) replace GSM8K (tests)."""
-    from nanochat_jax.checkpoint import Checkpointer, checkpoint_dir, config_differences
+    from nanochat_jax.checkpoint import Checkpointer, checkpoint_dir
     from nanochat_jax.checkpoint import resume_step as resume_from
     from nanochat_jax.engine import make_engines
     from nanochat_jax.tokenizer import get_tokenizer
@@ -211,18 +211,9 @@ def rl_train(cfg: RLConfig, *, train_task=None, eval_task=None, reward_fn=None) 
     ckpt = Checkpointer(checkpoint_dir("rl", tag), keep=2)
     loop = LoopState()
 
-    def differences(meta):  # what must match for a checkpoint to continue this run
-        saved = {**meta.get("model_config", {}), "source": meta.get("source"), "num_steps": meta.get("num_steps"),
-                 **{k: meta.get("user_config", {}).get(k) for k in ("examples_per_step", "num_samples")}}
-        return config_differences(saved, {**model_cfg.to_dict(), "source": f"{cfg.source}/{tag}/{src_step}",
-                                          "num_steps": num_steps, "examples_per_step": E, "num_samples": S})
-
-    try:
-        start = resume_from(ckpt, cfg.resume, differences)
-    except BaseException:
-        ckpt.close()
-        src.ckpt.close()
-        raise
+    start = resume_from(ckpt, cfg.resume, {**model_cfg.to_dict(), "source": f"{cfg.source}/{tag}/{src_step}",
+                                           "num_steps": num_steps, "examples_per_step": E, "num_samples": S},
+                        close_on_error=(ckpt, src.ckpt))
     if start is not None:
         params, opt_state, meta = ckpt.restore(start, abstract_params=abstract["params"],
                                                abstract_opt_state=abstract["opt_state"])

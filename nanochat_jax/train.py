@@ -468,7 +468,7 @@ def pretrain(cfg: PretrainConfig) -> LoopState:
 
 
 def _pretrain(cfg: PretrainConfig, cleanup: contextlib.ExitStack) -> LoopState:
-    from nanochat_jax.checkpoint import Checkpointer, checkpoint_dir, config_differences
+    from nanochat_jax.checkpoint import Checkpointer, checkpoint_dir
     from nanochat_jax.checkpoint import resume_step as resume_from
     from nanochat_jax.dataloader import ShardedLoader
     from nanochat_jax.dataset import list_parquet_files, resolve_data_dir, split_files
@@ -490,13 +490,8 @@ def _pretrain(cfg: PretrainConfig, cleanup: contextlib.ExitStack) -> LoopState:
     tag = cfg.model_tag or f"d{cfg.depth}"
     ckpt = Checkpointer(checkpoint_dir("base", tag), keep=cfg.keep_checkpoints)
 
-    def differences(meta):  # what must match for a checkpoint to continue this run
-        saved = {**meta.get("model_config", {}), "total_batch_size": meta.get("total_batch_size"),
-                 "num_iterations": meta.get("num_iterations")}
-        return config_differences(saved, {**model_cfg.to_dict(), "total_batch_size": B, "num_iterations": n_iter})
-
-    cleanup.callback(ckpt.close)  # waits for the last async save, also when the run fails
-    resume_step = resume_from(ckpt, cfg.resume, differences, from_step=cfg.resume_from_step)
+    must_match = {**model_cfg.to_dict(), "total_batch_size": B, "num_iterations": n_iter}  # to continue a run
+    resume_step = resume_from(ckpt, cfg.resume, must_match, from_step=cfg.resume_from_step)
     meta = ckpt.read_meta(resume_step) if resume_step is not None else {}
     # one reader per device, strided by the device's place in the mesh: same global batches however many processes
     shards = [i for i, d in enumerate(mesh.devices.flat) if d.process_index == jax.process_index()]

@@ -5,4 +5,4 @@ source "$(dirname "$0")/_env.sh"
 cd "$REPO_ROOT"
 export JAX_PLATFORMS=cpu
 if [ $# -eq 0 ]; then set -- -m "not slow"; fi
-exec python -m pytest -q --timeout=900 "$@"
+exec python -m pytest -q --timeout=900 --durations=15 "$@"
