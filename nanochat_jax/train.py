@@ -489,6 +489,7 @@ def _pretrain(cfg: PretrainConfig, cleanup: contextlib.ExitStack) -> LoopState:
     n_iter, grad_accum, B = plan["num_iterations"], plan["grad_accum"], plan["total_batch_size"]
     tag = cfg.model_tag or f"d{cfg.depth}"
     ckpt = Checkpointer(checkpoint_dir("base", tag), keep=cfg.keep_checkpoints)
+    cleanup.callback(ckpt.close)  # however the run ends, an in-flight async save is committed before exit
 
     must_match = {**model_cfg.to_dict(), "total_batch_size": B, "num_iterations": n_iter}  # to continue a run
     resume_step = resume_from(ckpt, cfg.resume, must_match, from_step=cfg.resume_from_step)
