@@ -32,15 +32,43 @@ LOGICAL_AXES = {"fsdp": DATA}  # logical axis name in the Params' metadata -> me
 MIN_SHARD_SIZE = 2**14
 
 
+def launcher_process_count(env=None) -> int:
+    """How many processes the launcher started for this program (1 when none did), from the environment.
+
+    SLURM: only `srun` starts a job step's tasks; it sets SLURM_STEP_ID (a small number) and SLURM_STEP_NUM_TASKS
+    for them. SLURM_NTASKS alone is the allocation's task count (sbatch/salloc --ntasks), also seen by the batch
+    script, which is one process: `sbatch -n 8 run.sh` running python directly must not wait for 7 peers that
+    never start. So a step count is trusted only inside a numbered step (the batch script, an salloc shell and the
+    extern step have no SLURM_STEP_ID or one of Slurm's reserved ids >= 0xFFFFFFF0); a step without
+    SLURM_STEP_NUM_TASKS (older Slurm) falls back to SLURM_NTASKS, which srun sets to the step's count.
+    Open MPI: OMPI_COMM_WORLD_SIZE. Explicit: JAX_COORDINATOR_ADDRESS + JAX_NUM_PROCESSES."""
+    env = os.environ if env is None else env
+
+    def count(name):
+        try:
+            return int(env.get(name, "1") or "1")
+        except ValueError:
+            return 1
+
+    if env.get("JAX_COORDINATOR_ADDRESS"):
+        return count("JAX_NUM_PROCESSES")
+    if "OMPI_COMM_WORLD_SIZE" in env:  # mpirun's own world (also inside a Slurm allocation)
+        return count("OMPI_COMM_WORLD_SIZE")
+    if any(k in env for k in ("SLURM_JOB_ID", "SLURM_JOBID", "SLURM_NTASKS", "SLURM_STEP_NUM_TASKS")):
+        step_id = env.get("SLURM_STEP_ID", env.get("SLURM_STEPID", ""))
+        if not step_id.isdigit() or int(step_id) >= 0xFFFFFFF0:
+            return 1  # not inside an srun step: this is the only process, whatever the allocation holds
+        return count("SLURM_STEP_NUM_TASKS" if "SLURM_STEP_NUM_TASKS" in env else "SLURM_NTASKS")
+    return 1
+
+
 def maybe_initialize_distributed(distributed: bool | None = None) -> None:
-    """Multi-process JAX: `--distributed=1` forces it, None auto-detects a launcher (SLURM, Open MPI, or the
-    JAX_COORDINATOR_ADDRESS/JAX_NUM_PROCESSES/JAX_PROCESS_ID environment variables). Must run before any JAX
-    computation."""
+    """Multi-process JAX: `--distributed=1` forces it, None auto-detects a launcher that started more than one
+    process (launcher_process_count: an srun step, Open MPI, or JAX_COORDINATOR_ADDRESS/JAX_NUM_PROCESSES/
+    JAX_PROCESS_ID). Must run before any JAX computation."""
     env = os.environ
     coord = env.get("JAX_COORDINATOR_ADDRESS")
-    detected = bool(coord) or "SLURM_NTASKS" in env and int(env.get("SLURM_NTASKS", "1")) > 1 \
-        or "OMPI_COMM_WORLD_SIZE" in env
-    if distributed is False or (distributed is None and not detected):
+    if distributed is False or (distributed is None and launcher_process_count(env) <= 1):
         return
     if coord:
         jax.distributed.initialize(coordinator_address=coord, num_processes=int(env["JAX_NUM_PROCESSES"]),
