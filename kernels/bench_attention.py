@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kernels.flash_attention import attention_flops, flash_attention
-from nanochat_jax.config import parse_flags, print_config, require
+from nanochat_jax.config import flag, parse_flags, print_config, require
 
 BACKENDS = ("pallas", "cudnn", "xla")
 _KERNEL = {name: p.default for name, p in inspect.signature(flash_attention).parameters.items()
@@ -46,30 +46,30 @@ _KERNEL = {name: p.default for name, p in inspect.signature(flash_attention).par
 @dataclass(frozen=True)
 class BenchConfig:
     """Attention benchmark: Pallas flash attention vs cuDNN vs XLA (see kernels/bench_attention.py)."""
-    tokens: int = 16384                 # B*T for every sequence length
-    seq_lens: str = "1024,2048,4096"
-    n_head: int = 16
-    n_kv_head: int = 0                  # 0: same as n_head
-    head_dim: int = 128
-    windows: str = "512"                # windows benchmarked besides full causal ('' for none)
-    backends: str = "pallas,cudnn,xla"
-    dtype: str = "bfloat16"
-    warmup: int = 2
-    iters: int = 10
+    tokens: int = flag(16384, "B*T for every sequence length")
+    seq_lens: str = flag("1024,2048,4096", "comma-separated sequence lengths")
+    n_head: int = flag(16, "query heads")
+    n_kv_head: int = flag(0, "0: same as n_head")
+    head_dim: int = flag(128, "head size")
+    windows: str = flag("512", "windows benchmarked besides full causal ('' for none)")
+    backends: str = flag("pallas,cudnn,xla", "comma-separated: pallas, cudnn, xla")
+    dtype: str = flag("bfloat16", "bfloat16 | float16 | float32")
+    warmup: int = flag(2, "untimed calls per case")
+    iters: int = flag(10, "timed calls per case")
     # Pallas tuning (see flash_attention's docstring); defaults are the kernel's, num_warps 0 = auto.
-    block_q: int = _KERNEL["block_q"]
-    block_k: int = _KERNEL["block_k"]
-    block_q_dkv: int = _KERNEL["block_q_dkv"]
-    block_k_dkv: int = _KERNEL["block_k_dkv"]
-    block_q_dq: int = _KERNEL["block_q_dq"]
-    block_k_dq: int = _KERNEL["block_k_dq"]
-    num_warps: int = 0
-    num_stages: int = _KERNEL["num_stages"]
-    num_warps_bwd: int = 0
-    num_stages_bwd: int = _KERNEL["num_stages_bwd"]
-    sweep: bool = False                 # search a few Pallas configs per shape and report the best
-    tiny: bool = False                  # CPU smoke run: overrides shapes/blocks/iters with TINY below
-    out: str = ""                       # also write the markdown table here
+    block_q: int = flag(_KERNEL["block_q"], "Pallas forward query block")
+    block_k: int = flag(_KERNEL["block_k"], "Pallas forward key block")
+    block_q_dkv: int = flag(_KERNEL["block_q_dkv"], "Pallas dK/dV kernel query block")
+    block_k_dkv: int = flag(_KERNEL["block_k_dkv"], "Pallas dK/dV kernel key block")
+    block_q_dq: int = flag(_KERNEL["block_q_dq"], "Pallas dQ kernel query block")
+    block_k_dq: int = flag(_KERNEL["block_k_dq"], "Pallas dQ kernel key block")
+    num_warps: int = flag(0, "Pallas forward warps (0 = auto)")
+    num_stages: int = flag(_KERNEL["num_stages"], "Pallas forward pipeline stages")
+    num_warps_bwd: int = flag(0, "Pallas backward warps (0 = auto)")
+    num_stages_bwd: int = flag(_KERNEL["num_stages_bwd"], "Pallas backward pipeline stages")
+    sweep: bool = flag(False, "search a few Pallas configs per shape and report the best")
+    tiny: bool = flag(False, "CPU smoke run: overrides shapes/blocks/iters with TINY below")
+    out: str = flag("", "also write the markdown table here")
 
     def __post_init__(self):
         require(self.tokens >= 1 and self.n_head >= 1 and self.head_dim >= 1, "tokens/n_head/head_dim must be >= 1")

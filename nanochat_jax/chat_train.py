@@ -26,7 +26,7 @@ import numpy as np
 
 from nanochat_jax import gpt, optim, sharding
 from nanochat_jax.common import format_duration, print0
-from nanochat_jax.config import require
+from nanochat_jax.config import flag, require
 from nanochat_jax.train import (LoopState, Periodic, ScalarLog, StepLogger, abstract_tree, compile_train_step,
                                 finish_run, fit, init_state, open_source, run_dir)
 
@@ -36,47 +36,48 @@ SOURCE_OF = {"mid": "base", "sft": "mid"}
 @dataclass(frozen=True)
 class ChatTrainConfig:
     """Flags shared by scripts/midtrain.py and scripts/sft.py (-1 / None: inherit from the source checkpoint)."""
-    stage: str = "sft"                    # mid | sft (set by the script)
-    source: str = ""                      # checkpoint phase to start from: "" = base for mid, mid for sft
-    model_tag: str | None = None          # source model tag (default: the largest); the output uses the same tag
-    model_step: int | None = None         # source step (default: latest)
-    load_optimizer: bool = False          # start from the source's optimizer state (momentum buffers)
+    stage: str = flag("sft", "mid | sft (set by the script)")
+    source: str = flag("", "checkpoint phase to start from: \"\" = base for mid, mid for sft")
+    model_tag: str | None = flag(None, "source model tag (default: the largest); the output uses the same tag")
+    model_step: int | None = flag(None, "source step (default: latest)")
+    load_optimizer: bool = flag(False, "start from the source's optimizer state (momentum buffers)")
     # data
-    mixture: str = "default"              # default (the reference's) | local (offline: tasks from --task-data)
-    task_data: str | None = None          # a shared/data-style folder for the task files ($NANOCHAT_JAX_TASK_DATA)
-    identity_file: str | None = None      # a JSONL of identity conversations (CustomJSON), trained twice
-    max_seq_len: int = -1
-    device_batch_size: int = -1
-    total_batch_size: int = -1            # tokens per step
-    num_iterations: int = -1              # -1: one epoch of the mixture
-    max_conversations: int = -1           # cap the train mixture (quick runs)
+    mixture: str = flag("default", "default (the reference's) | local (offline: tasks from --task-data)")
+    task_data: str | None = flag(None, "a shared/data-style folder for the task files ($NANOCHAT_JAX_TASK_DATA)")
+    identity_file: str | None = flag(None, "a JSONL of identity conversations (CustomJSON), trained twice")
+    max_seq_len: int = flag(-1, "context length of the packed rows (-1: the source's)")
+    device_batch_size: int = flag(-1, "rows per device per micro-batch (-1: the source's)")
+    total_batch_size: int = flag(-1, "tokens per optimizer step (-1: the source's)")
+    num_iterations: int = flag(-1, "optimizer steps (-1: one epoch of the mixture)")
+    max_conversations: int = flag(-1, "cap the train mixture (quick runs; -1 = all)")
     # optimizer (LRs: -1 = the base run's; then × init_lr_frac; no batch-size scaling, Muon wd 0, as the reference)
-    embedding_lr: float = -1.0
-    unembedding_lr: float = -1.0
-    matrix_lr: float = -1.0
-    scalar_lr: float = -1.0
-    init_lr_frac: float = -1.0            # -1: 1.0 (mid) / 0.8 (sft)
-    warmdown_ratio: float = -1.0          # -1: 0.2 (mid) / 0.5 (sft)
-    final_lr_frac: float = 0.0
+    embedding_lr: float = flag(-1.0, "AdamW lr of the token embedding (-1: the base run's), times init_lr_frac")
+    unembedding_lr: float = flag(-1.0, "AdamW lr of lm_head (-1: the base run's), times init_lr_frac")
+    matrix_lr: float = flag(-1.0, "Muon lr of the transformer matrices (-1: the base run's), times init_lr_frac")
+    scalar_lr: float = flag(-1.0, "AdamW lr of the per-layer scalars (-1: the base run's), times init_lr_frac")
+    init_lr_frac: float = flag(-1.0, "multiplier of every lr (-1: 1.0 for mid, 0.8 for sft)")
+    warmdown_ratio: float = flag(-1.0, "fraction of the data over which the lr decays (-1: 0.2 for mid, 0.5 for sft)")
+    final_lr_frac: float = flag(0.0, "lr at the end, as a fraction of the peak")
     # eval, checkpoints
-    eval_every: int = 150
-    eval_tokens: int = 20 * 524288
-    chatcore_tasks: str = "ARC-Easy|ARC-Challenge|MMLU|GSM8K|HumanEval|SpellingBee"  # SFT evals ("" = off)
-    chatcore_max_problems: int = 24       # problems per task in the periodic ChatCORE (-1: all)
-    chatcore_max_new_tokens: int = 256
-    save_every: int = -1
-    keep_checkpoints: int = 2
-    resume: bool | None = None            # None: continue this stage's latest checkpoint if its settings match;
-                                          # 1: require one; 0: start fresh (refused if checkpoints exist)
-    log_every: int = 1
+    eval_every: int = flag(150, "steps between validation bpb evaluations (-1: only after the last step)")
+    eval_tokens: int = flag(20 * 524288, "validation tokens per evaluation")
+    chatcore_tasks: str = flag("ARC-Easy|ARC-Challenge|MMLU|GSM8K|HumanEval|SpellingBee",
+                               "tasks of the periodic ChatCORE in SFT, |-separated (\"\" = off)")
+    chatcore_max_problems: int = flag(24, "problems per task in the periodic ChatCORE (-1: all)")
+    chatcore_max_new_tokens: int = flag(256, "longest generated answer in the periodic ChatCORE")
+    save_every: int = flag(-1, "steps between checkpoints (-1: only after the last step)")
+    keep_checkpoints: int = flag(2, "checkpoints kept on disk (the oldest are deleted)")
+    resume: bool | None = flag(None, "None: continue this stage's latest checkpoint if its settings match; "
+                                     "1: require one; 0: start fresh (refused if checkpoints exist)")
+    log_every: int = flag(1, "steps between log lines")
     # where and how
-    mesh: int = -1
-    distributed: bool | None = None
-    fsdp: bool = True
-    attention: str = "auto"
-    compute_dtype: str = "auto"
-    tokenizer_dir: str | None = None
-    seed: int = 42
+    mesh: int = flag(-1, "devices in the (\"data\",) mesh; -1 = all")
+    distributed: bool | None = flag(None, "multi-process run (jax.distributed); None: auto-detect a launcher")
+    fsdp: bool = flag(True, "shard params/optimizer state over the mesh (ZeRO/FSDP); else replicate")
+    attention: str = flag("auto", "auto | xla | cudnn | pallas (auto: cudnn on GPU, xla elsewhere)")
+    compute_dtype: str = flag("auto", "auto (bf16 on GPU, fp32 on CPU) | bfloat16 | float32")
+    tokenizer_dir: str | None = flag(None, "tokenizer folder (default <base dir>/tokenizer)")
+    seed: int = flag(42, "recorded with the run (the mixture's order is fixed by the tasks' own seeds)")
 
     def __post_init__(self):
         need = require

@@ -3,7 +3,8 @@
 Each script declares a frozen dataclass; `parse_flags(Config)` turns `--key=value` / `--key value` flags
 (nanochat's dash style, underscores accepted too) into an instance, validating types and calling the
 dataclass's own `__post_init__` checks. Any bad flag stops at start-up with one clear message.
-Field help text lives in `field(metadata={"help": ...})`.
+Every field carries its `--help` text: `depth: int = flag(20, "transformer layers")`, i.e.
+`field(default=20, metadata={"help": ...})`.
 """
 
 from __future__ import annotations
@@ -20,6 +21,11 @@ from typing import Any, Sequence, TypeVar
 C = TypeVar("C")
 
 _INT_EXPR = re.compile(r"^\s*-?[\d_]+(\s*\*\s*[\d_]+)*\s*$")
+
+
+def flag(default: Any, help: str) -> Any:
+    """A config field with its --help text (the default must be immutable: configs are frozen)."""
+    return dataclasses.field(default=default, metadata={"help": help})
 
 
 def _parse_int(text: str) -> int:

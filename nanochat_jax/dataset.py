@@ -316,7 +316,8 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
     parser.add_argument("-n", "--num-files", type=int, default=-1,
                         help="number of train shards, starting at shard 0 (-1 = all)")
     parser.add_argument("-w", "--num-workers", type=int, default=4, help="parallel downloads")
-    parser.add_argument("--dataset", default=DEFAULT_DATASET, choices=sorted(DATASETS))
+    parser.add_argument("--dataset", default=DEFAULT_DATASET, choices=sorted(DATASETS),
+                        help=f"which pretraining corpus (default: {DEFAULT_DATASET})")
     parser.add_argument("--data-dir", default=None,
                         help=f"target folder (default: ${DATA_DIR_ENV} or <base dir>/<dataset folder>)")
     parser.add_argument("--base-url", default=None,

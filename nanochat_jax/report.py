@@ -405,10 +405,11 @@ def main(argv=None) -> None:
     import argparse
 
     ap = argparse.ArgumentParser(description="nanochat-jax report card")
-    ap.add_argument("command", choices=["reset", "generate"])
+    ap.add_argument("command", choices=["reset", "generate"],
+                    help="reset: start a new report (system info, timestamp); generate: assemble report.md")
     ap.add_argument("--report-dir", default=None, help="default: <base_dir>/report")
     ap.add_argument("--copy-to", default=".", help="also copy report.md here (generate); '' to skip")
-    ap.add_argument("--no-plots", action="store_true")
+    ap.add_argument("--no-plots", action="store_true", help="skip the loss/metric plots (generate)")
     args = ap.parse_args(argv)
     report = get_report(args.report_dir)
     if args.command == "reset":

@@ -29,42 +29,43 @@ import numpy as np
 
 from nanochat_jax import gpt, optim, sharding
 from nanochat_jax.common import format_duration, print0
-from nanochat_jax.config import require
+from nanochat_jax.config import flag, require
 
 
 @dataclass(frozen=True)
 class RLConfig:
-    source: str = "sft"                   # checkpoint phase to start from
-    model_tag: str | None = None
-    model_step: int | None = None
-    num_epochs: int = 1
-    num_steps: int = -1                   # -1: len(train) // examples_per_step × epochs
-    examples_per_step: int = 16           # problems per step (over all devices)
-    num_samples: int = 16                 # completions per problem
-    max_new_tokens: int = 256
-    temperature: float = 1.0
-    top_k: int = 50
-    train_seq_len: int = 512              # rollouts are padded to this (longer ones are cut)
-    device_batch_size: int = 8            # rows per device per micro-batch
-    embedding_lr: float = -1.0            # -1: the source's (then × init_lr_frac)
-    unembedding_lr: float = -1.0
-    matrix_lr: float = -1.0
-    scalar_lr: float = -1.0
-    init_lr_frac: float = 0.05
-    eval_every: int = 60
-    eval_examples: int = 400
-    eval_samples: int = 8                 # pass@1..eval_samples
-    save_every: int = 60
-    resume: bool | None = None            # None: continue the latest rl checkpoint if its settings match;
-                                          # 1: require one; 0: start fresh (refused if checkpoints exist)
-    task_data: str | None = None
-    mesh: int = -1
-    distributed: bool | None = None
-    fsdp: bool = True
-    attention: str = "auto"
-    compute_dtype: str = "auto"
-    tokenizer_dir: str | None = None
-    seed: int = 0
+    """Flags of scripts/rl.py: REINFORCE on GSM8K from a chat checkpoint (-1 / None: inherit or auto)."""
+    source: str = flag("sft", "checkpoint phase to start from: base | mid | sft | rl")
+    model_tag: str | None = flag(None, "source model tag (default: the largest); the output uses the same tag")
+    model_step: int | None = flag(None, "source step (default: latest)")
+    num_epochs: int = flag(1, "passes over GSM8K train (when --num-steps is -1)")
+    num_steps: int = flag(-1, "optimizer steps; -1: len(train) // examples_per_step × epochs")
+    examples_per_step: int = flag(16, "problems per step (over all devices)")
+    num_samples: int = flag(16, "completions per problem")
+    max_new_tokens: int = flag(256, "longest completion")
+    temperature: float = flag(1.0, "sampling temperature of the training rollouts")
+    top_k: int = flag(50, "top-k of the training rollouts (0 = off)")
+    train_seq_len: int = flag(512, "rollouts are padded to this (longer ones are cut)")
+    device_batch_size: int = flag(8, "rows per device per micro-batch")
+    embedding_lr: float = flag(-1.0, "AdamW lr of the token embedding (-1: the source's), times init_lr_frac")
+    unembedding_lr: float = flag(-1.0, "AdamW lr of lm_head (-1: the source's), times init_lr_frac")
+    matrix_lr: float = flag(-1.0, "Muon lr of the transformer matrices (-1: the source's), times init_lr_frac")
+    scalar_lr: float = flag(-1.0, "AdamW lr of the per-layer scalars (-1: the source's), times init_lr_frac")
+    init_lr_frac: float = flag(0.05, "multiplier of every lr")
+    eval_every: int = flag(60, "steps between pass@k evaluations on GSM8K test, and after the last step (-1 = off)")
+    eval_examples: int = flag(400, "GSM8K test problems per evaluation")
+    eval_samples: int = flag(8, "completions per evaluation problem: pass@1..eval_samples")
+    save_every: int = flag(60, "steps between checkpoints (-1: only after the last step)")
+    resume: bool | None = flag(None, "None: continue the latest rl checkpoint if its settings match; "
+                                     "1: require one; 0: start fresh (refused if checkpoints exist)")
+    task_data: str | None = flag(None, "a shared/data-style folder with GSM8K ($NANOCHAT_JAX_TASK_DATA)")
+    mesh: int = flag(-1, "devices in the (\"data\",) mesh; -1 = all")
+    distributed: bool | None = flag(None, "multi-process run (jax.distributed); None: auto-detect a launcher")
+    fsdp: bool = flag(True, "shard params/optimizer state over the mesh (ZeRO/FSDP); else replicate")
+    attention: str = flag("auto", "auto | xla | cudnn | pallas (auto: cudnn on GPU, xla elsewhere)")
+    compute_dtype: str = flag("auto", "auto (bf16 on GPU, fp32 on CPU) | bfloat16 | float32")
+    tokenizer_dir: str | None = flag(None, "tokenizer folder (default <base dir>/tokenizer)")
+    seed: int = flag(0, "seed of the rollouts (each group's seed is a hash of it, the step and the problem)")
 
     def __post_init__(self):
         require(self.source in ("base", "mid", "sft", "rl"), f"--source must be base|mid|sft|rl, got {self.source!r}")

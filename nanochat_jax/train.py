@@ -24,7 +24,7 @@ import numpy as np
 import optax
 
 from nanochat_jax import gpt, optim, sharding
-from nanochat_jax.config import require
+from nanochat_jax.config import flag, require
 from nanochat_jax.common import format_duration, get_base_dir, get_peak_flops, print0
 
 SAMPLE_PROMPTS = ("The capital of France is", "The chemical symbol of gold is",
@@ -317,58 +317,60 @@ def fit(step_fn, state, batches: Iterator, *, start: int, n_iter: int | None,
 class PretrainConfig:
     """Base-model pretraining (nanochat's base_train flags, dash style, plus --mesh/--data-dir/--attention/--resume)."""
     # model
-    depth: int = 20
-    aspect_ratio: int = 64
-    head_dim: int = 128
-    n_kv_head: int = -1                   # -1: = n_head (no GQA)
-    max_seq_len: int = 2048
-    window_pattern: str = "SSSL"
-    attention: str = "auto"               # auto | xla | cudnn | pallas
-    compute_dtype: str = "auto"           # auto (bf16 on GPU, fp32 on CPU) | bfloat16 | float32
-    remat: bool = False
+    depth: int = flag(20, "transformer layers; width = depth * aspect_ratio rounded up to head_dim")
+    aspect_ratio: int = flag(64, "model width per layer of depth")
+    head_dim: int = flag(128, "attention head size")
+    n_kv_head: int = flag(-1, "key/value heads (GQA); -1 = n_head (no GQA)")
+    max_seq_len: int = flag(2048, "context length in tokens")
+    window_pattern: str = flag("SSSL", "attention windows per layer, repeated: L = full context, S = a quarter of it")
+    attention: str = flag("auto", "auto | xla | cudnn | pallas (auto: cudnn on GPU, xla elsewhere)")
+    compute_dtype: str = flag("auto", "auto (bf16 on GPU, fp32 on CPU) | bfloat16 | float32")
+    remat: bool = flag(False, "recompute each block's activations in the backward pass (less memory, more time)")
     # horizon and batch
-    num_iterations: int = -1
-    target_flops: float = -1.0
-    target_param_data_ratio: float = 12.0
-    device_batch_size: int = 32
-    total_batch_size: int = -1            # tokens per optimizer step; -1 = auto (Power Lines rule)
+    num_iterations: int = flag(-1, "optimizer steps; -1 = from --target-flops or --target-param-data-ratio")
+    target_flops: float = flag(-1.0, "training FLOPs budget that sets the steps (-1 = off)")
+    target_param_data_ratio: float = flag(12.0, "tokens per scaling parameter that set the steps (-1 = off)")
+    device_batch_size: int = flag(32, "sequences per device per micro-batch")
+    total_batch_size: int = flag(-1, "tokens per optimizer step; -1 = auto (Power Lines rule)")
     # optimizer
-    embedding_lr: float = 0.3
-    unembedding_lr: float = 0.008
-    matrix_lr: float = 0.02
-    scalar_lr: float = 0.5
-    weight_decay: float = 0.28
-    warmup_steps: int = 40
-    warmdown_ratio: float = 0.65
-    final_lr_frac: float = 0.05
-    lr_schedule: str = "reference"        # reference (warmup, flat, warmdown) | constant
-    muon_momentum_schedule: str = "reference"  # reference | constant (the peak momentum throughout)
-    weight_decay_schedule: str = "cosine"  # cosine (to 0 at the end) | constant
-    adamw_style: str = "current"          # current (per-group betas/wd) | classic (the October 2025 AdamW groups)
-    adamw_weight_decay: float = 0.0       # weight decay of the classic AdamW groups
-    grad_clip: float = 0.0                # > 0: clip the global gradient norm first (the October 2025 run used 1.0)
+    embedding_lr: float = flag(0.3, "AdamW lr of the token embedding (before batch-size scaling)")
+    unembedding_lr: float = flag(0.008, "AdamW lr of lm_head (before batch-size scaling)")
+    matrix_lr: float = flag(0.02, "Muon lr of the transformer matrices (before batch-size scaling)")
+    scalar_lr: float = flag(0.5, "AdamW lr of the per-layer scalars (before batch-size scaling)")
+    weight_decay: float = flag(0.28, "Muon weight decay at the reference d12 run (scaled by sqrt(B/B_ref)·D_ref/D)")
+    warmup_steps: int = flag(40, "linear lr warmup steps")
+    warmdown_ratio: float = flag(0.65, "fraction of the steps at the end over which the lr decays")
+    final_lr_frac: float = flag(0.05, "lr at the last step, as a fraction of the peak")
+    lr_schedule: str = flag("reference", "reference (warmup, flat, warmdown) | constant")
+    muon_momentum_schedule: str = flag("reference", "reference | constant (the peak momentum throughout)")
+    weight_decay_schedule: str = flag("cosine", "cosine (to 0 at the end) | constant")
+    adamw_style: str = flag("current", "current (per-group betas/wd) | classic (the October 2025 AdamW groups)")
+    adamw_weight_decay: float = flag(0.0, "weight decay of the classic AdamW groups")
+    grad_clip: float = flag(0.0, "> 0: clip the global gradient norm first (the October 2025 run used 1.0)")
     # evaluation, sampling, checkpoints, logging
-    eval_every: int = 250
-    eval_tokens: int = 80 * 524288
-    sample_every: int = 2000
-    core_metric_every: int = -1           # CORE during training (the reference uses 2000; -1 = off)
-    core_metric_max_per_task: int = 500
-    eval_bundle: str | None = None        # CORE tasks folder (None: download nanochat's eval_bundle once)
-    save_every: int = -1
-    keep_checkpoints: int = 3
-    model_tag: str | None = None          # default d<depth>
-    resume: bool | None = None            # None: continue this tag's latest checkpoint if its settings match;
-                                          # 1: require one; 0: start fresh (refused if checkpoints exist)
-    resume_from_step: int = -1            # ...or from this step
-    log_every: int = 1
-    profile_steps: str = ""               # START:STOP, writes a jax.profiler trace under the run dir
+    eval_every: int = flag(250, "steps between validation bpb evaluations (-1: only after the last step)")
+    eval_tokens: int = flag(80 * 524288, "validation tokens per evaluation")
+    sample_every: int = flag(2000, "steps between printing greedy samples of fixed prompts (-1: only after the "
+                                   "last step)")
+    core_metric_every: int = flag(-1, "steps between CORE evaluations during training (the reference uses 2000; "
+                                      "-1 = off)")
+    core_metric_max_per_task: int = flag(500, "examples per CORE task during training")
+    eval_bundle: str | None = flag(None, "CORE tasks folder (None: download nanochat's eval_bundle once)")
+    save_every: int = flag(-1, "steps between checkpoints (-1: only after the last step)")
+    keep_checkpoints: int = flag(3, "checkpoints kept on disk (the oldest are deleted)")
+    model_tag: str | None = flag(None, "checkpoint folder name (default d<depth>)")
+    resume: bool | None = flag(None, "None: continue this tag's latest checkpoint if its settings match; "
+                                     "1: require one; 0: start fresh (refused if checkpoints exist)")
+    resume_from_step: int = flag(-1, "resume from this step instead of the latest (-1 = latest)")
+    log_every: int = flag(1, "steps between log lines")
+    profile_steps: str = flag("", "START:STOP, writes a jax.profiler trace under the run dir")
     # where and how
-    mesh: int = -1                        # devices in the ("data",) mesh; -1 = all
-    distributed: bool | None = None       # None: auto-detect a multi-process launcher
-    fsdp: bool = True                     # shard params/optimizer state over the mesh (ZeRO/FSDP); else replicate
-    data_dir: str | None = None
-    tokenizer_dir: str | None = None
-    seed: int = 42
+    mesh: int = flag(-1, "devices in the (\"data\",) mesh; -1 = all")
+    distributed: bool | None = flag(None, "multi-process run (jax.distributed); None: auto-detect a launcher")
+    fsdp: bool = flag(True, "shard params/optimizer state over the mesh (ZeRO/FSDP); else replicate")
+    data_dir: str | None = flag(None, "pretraining shards folder (default <base dir>/base_data)")
+    tokenizer_dir: str | None = flag(None, "tokenizer folder (default <base dir>/tokenizer)")
+    seed: int = flag(42, "seed of the parameter init and the sampling")
 
     def __post_init__(self):
         need = require

@@ -21,27 +21,27 @@ import json
 from dataclasses import dataclass
 
 from nanochat_jax.common import run_main
-from nanochat_jax.config import parse_flags, print_config, require
+from nanochat_jax.config import flag, parse_flags, print_config, require
 
 
 @dataclass(frozen=True)
 class BaseEvalConfig:
     """CORE metric of a base checkpoint."""
-    model_tag: str | None = None        # default: the largest d<N> under base_checkpoints
-    step: int | None = None             # default: the latest step
-    max_per_task: int = -1              # examples per task after the seed-1337 shuffle; -1 = all
-    eval_bundle: str | None = None      # a local eval bundle directory (core.yaml, eval_meta_data.csv, eval_data/)
-    tasks: str = ""                     # comma-separated task labels; empty = all of core.yaml
-    require_all: bool = False           # fail if a task's data file is missing (default: CORE over those present)
-    batch_tokens: int = 16384           # tokens per device in one scoring batch
-    max_len: int = -1                   # top length bucket; -1 = the model's sequence_len
-    crop: bool = False                  # crop longer prompts from the left to max_len (default: score them whole in
-                                        # larger power-of-two buckets, as nanochat does for its own GPT)
-    min_bucket: int = 64                # shortest length bucket (buckets: powers of two up to max_len)
-    attention: str = "auto"             # auto (cudnn on GPU, xla elsewhere) | xla | cudnn | pallas
-    mesh: int = -1                      # devices in the ("data",) mesh; -1 = all
-    distributed: bool | None = None     # None: auto-detect a multi-process launcher
-    tokenizer_dir: str | None = None
+    model_tag: str | None = flag(None, "default: the largest d<N> under base_checkpoints")
+    step: int | None = flag(None, "default: the latest step")
+    max_per_task: int = flag(-1, "examples per task after the seed-1337 shuffle; -1 = all")
+    eval_bundle: str | None = flag(None, "a local eval bundle directory (core.yaml, eval_meta_data.csv, eval_data/)")
+    tasks: str = flag("", "comma-separated task labels; empty = all of core.yaml")
+    require_all: bool = flag(False, "fail if a task's data file is missing (default: CORE over those present)")
+    batch_tokens: int = flag(16384, "tokens per device in one scoring batch")
+    max_len: int = flag(-1, "top length bucket; -1 = the model's sequence_len")
+    crop: bool = flag(False, "crop longer prompts from the left to max_len (default: score them whole in larger "
+                             "power-of-two buckets, as nanochat does for its own GPT)")
+    min_bucket: int = flag(64, "shortest length bucket (buckets: powers of two up to max_len)")
+    attention: str = flag("auto", "auto (cudnn on GPU, xla elsewhere) | xla | cudnn | pallas")
+    mesh: int = flag(-1, "devices in the (\"data\",) mesh; -1 = all")
+    distributed: bool | None = flag(None, "None: auto-detect a multi-process launcher")
+    tokenizer_dir: str | None = flag(None, "tokenizer folder (default <base dir>/tokenizer)")
 
     def __post_init__(self):
         require(self.max_per_task == -1 or self.max_per_task > 0, "--max-per-task must be > 0 or -1 (all)")

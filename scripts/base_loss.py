@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from nanochat_jax.common import run_main
-from nanochat_jax.config import parse_flags, print_config, require
+from nanochat_jax.config import flag, parse_flags, print_config, require
 
 EVALS = ("bpb", "sample")
 
@@ -31,20 +31,20 @@ EVALS = ("bpb", "sample")
 @dataclass(frozen=True)
 class BaseLossConfig:
     """Train/val bits per byte and samples of a base checkpoint."""
-    model_tag: str | None = None        # default: the largest d<N> under base_checkpoints
-    step: int | None = None             # default: the latest step
-    eval: str = "bpb,sample"            # any of bpb, sample (comma-separated)
-    device_batch_size: int = 32         # rows per device per bpb step (each of the model's sequence_len)
-    split_tokens: int = 40 * 524288     # tokens per split
-    num_samples: int = 8                # unconditioned samples
-    sample_tokens: int = 128            # tokens per unconditioned sample
-    temperature: float = 1.0            # for the unconditioned samples (0 = greedy)
-    seed: int = 42
-    attention: str = "auto"             # auto (cudnn on GPU, xla elsewhere) | xla | cudnn | pallas
-    mesh: int = -1                      # devices in the ("data",) mesh; -1 = all
-    distributed: bool | None = None     # None: auto-detect a multi-process launcher
-    data_dir: str | None = None         # pretraining shards (default: $NANOCHAT_JAX_DATA_DIR or the base dir's)
-    tokenizer_dir: str | None = None
+    model_tag: str | None = flag(None, "default: the largest d<N> under base_checkpoints")
+    step: int | None = flag(None, "default: the latest step")
+    eval: str = flag("bpb,sample", "any of bpb, sample (comma-separated)")
+    device_batch_size: int = flag(32, "rows per device per bpb step (each of the model's sequence_len)")
+    split_tokens: int = flag(40 * 524288, "tokens per split")
+    num_samples: int = flag(8, "unconditioned samples")
+    sample_tokens: int = flag(128, "tokens per unconditioned sample")
+    temperature: float = flag(1.0, "for the unconditioned samples (0 = greedy)")
+    seed: int = flag(42, "seed of the unconditioned samples")
+    attention: str = flag("auto", "auto (cudnn on GPU, xla elsewhere) | xla | cudnn | pallas")
+    mesh: int = flag(-1, "devices in the (\"data\",) mesh; -1 = all")
+    distributed: bool | None = flag(None, "None: auto-detect a multi-process launcher")
+    data_dir: str | None = flag(None, "pretraining shards (default: $NANOCHAT_JAX_DATA_DIR or the base dir's)")
+    tokenizer_dir: str | None = flag(None, "tokenizer folder (default <base dir>/tokenizer)")
 
     def __post_init__(self):
         evals = [e.strip() for e in self.eval.split(",") if e.strip()]

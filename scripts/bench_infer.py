@@ -18,14 +18,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import jax
 import numpy as np
 
 from nanochat_jax import gpt
 from nanochat_jax.common import run_main
-from nanochat_jax.config import parse_flags, print_config, require
+from nanochat_jax.config import flag, parse_flags, print_config, require
 from nanochat_jax.engine import Engine
 
 # Peak HBM bandwidth (bytes/s) from NVIDIA's datasheets, matched against jax's device_kind (first match wins, so
@@ -52,20 +52,20 @@ def peak_bandwidth(device_kind: str) -> float | None:
 @dataclass(frozen=True)
 class BenchInferConfig:
     """Engine latency/throughput benchmark (random weights by default)."""
-    source: str = field(default="random", metadata={"help": "random, or a checkpoint phase: base|mid|sft|rl"})
-    model_tag: str | None = None
-    step: int | None = None
-    depth: int = 20
-    aspect_ratio: int = 64
-    head_dim: int = 128
-    max_seq_len: int = 2048
-    window_pattern: str = "SSSL"
-    vocab_size: int = 32768
-    compute_dtype: str = field(default="auto", metadata={"help": "auto = bfloat16 on GPU, float32 on CPU"})
-    batch_sizes: str = "1,8,32"
-    prompt_len: int = 128
-    max_new_tokens: int = 128
-    seed: int = 0
+    source: str = flag("random", "random, or a checkpoint phase: base|mid|sft|rl")
+    model_tag: str | None = flag(None, "checkpoint tag with --source=base|mid|sft|rl (default: the largest)")
+    step: int | None = flag(None, "checkpoint step (default: the latest)")
+    depth: int = flag(20, "transformer layers of the random model")
+    aspect_ratio: int = flag(64, "model width per layer of depth (random model)")
+    head_dim: int = flag(128, "attention head size (random model)")
+    max_seq_len: int = flag(2048, "context length (random model)")
+    window_pattern: str = flag("SSSL", "attention windows per layer, S/L (random model)")
+    vocab_size: int = flag(32768, "vocabulary size (random model)")
+    compute_dtype: str = flag("auto", "auto = bfloat16 on GPU, float32 on CPU")
+    batch_sizes: str = flag("1,8,32", "comma-separated batch sizes to measure")
+    prompt_len: int = flag(128, "prompt tokens per row")
+    max_new_tokens: int = flag(128, "tokens generated per row")
+    seed: int = flag(0, "seed of the random weights and prompts")
 
     def __post_init__(self):
         require(self.source in ("random", "base", "mid", "sft", "rl"),

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 from nanochat_jax.common import run_main
-from nanochat_jax.config import parse_flags, print_config
+from nanochat_jax.config import flag, parse_flags, print_config
 from nanochat_jax.dataloader import DataLoader
 from nanochat_jax.dataset import list_parquet_files, resolve_data_dir, split_files
 from nanochat_jax.tokenizer import get_tokenizer
@@ -23,16 +23,16 @@ NODE_TOKENS_PER_S = 1.1e6  # 8×H100 d24 training throughput the loader must sus
 
 @dataclass(frozen=True)
 class BenchLoaderConfig:
-    data_dir: str | None = field(default=None, metadata={"help": "folder of *.parquet shards (default: base dir)"})
-    tokenizer_dir: str | None = field(default=None, metadata={"help": "trained tokenizer (default: base dir)"})
-    split: str = "train"
-    device_batch_size: int = 32
-    max_seq_len: int = 2048
-    num_batches: int = 60
-    warmup_batches: int = 5
-    tokenizer_threads: int = 4
-    prefetch: int = 2
-    buffer_docs: int = 1000
+    data_dir: str | None = flag(None, "folder of *.parquet shards (default: base dir)")
+    tokenizer_dir: str | None = flag(None, "trained tokenizer (default: base dir)")
+    split: str = flag("train", "train | val")
+    device_batch_size: int = flag(32, "rows per batch")
+    max_seq_len: int = flag(2048, "tokens per row")
+    num_batches: int = flag(60, "batches timed")
+    warmup_batches: int = flag(5, "batches read before timing")
+    tokenizer_threads: int = flag(4, "threads encoding documents")
+    prefetch: int = flag(2, "batches prepared ahead")
+    buffer_docs: int = flag(1000, "documents buffered for best-fit packing")
 
     def __post_init__(self):
         if self.num_batches < 1 or self.warmup_batches < 0:

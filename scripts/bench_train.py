@@ -12,36 +12,35 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import jax
 import numpy as np
 
 from nanochat_jax import gpt, optim, sharding, train
 from nanochat_jax.common import run_main
-from nanochat_jax.config import parse_flags, print_config
+from nanochat_jax.config import flag, parse_flags, print_config
 
 
 @dataclass(frozen=True)
 class BenchTrainConfig:
-    depth: int = 12
-    aspect_ratio: int = 64
-    head_dim: int = 128
-    n_kv_head: int = -1
-    max_seq_len: int = 2048
-    window_pattern: str = "SSSL"
-    vocab_size: int = 32768
-    device_batch_size: int = 16
-    grad_accum: int = 1
-    attention: str = "auto"
-    compute_dtype: str = "auto"
-    remat: bool = False
-    mesh: int = -1
-    fsdp: bool = True
-    steps: int = 10
-    warmup_steps: int = 3
-    compile_only: bool = field(default=False, metadata={"help": "stop after compiling (trace + compile time of "
-                                                                "the step, nothing allocated)"})
+    depth: int = flag(12, "transformer layers")
+    aspect_ratio: int = flag(64, "model width per layer of depth")
+    head_dim: int = flag(128, "attention head size")
+    n_kv_head: int = flag(-1, "key/value heads (GQA); -1 = n_head")
+    max_seq_len: int = flag(2048, "context length in tokens")
+    window_pattern: str = flag("SSSL", "attention windows per layer, repeated: L = full context, S = short")
+    vocab_size: int = flag(32768, "vocabulary size")
+    device_batch_size: int = flag(16, "sequences per device per micro-batch")
+    grad_accum: int = flag(1, "micro-batches per optimizer step")
+    attention: str = flag("auto", "auto | xla | cudnn | pallas (auto: cudnn on GPU, xla elsewhere)")
+    compute_dtype: str = flag("auto", "auto (bf16 on GPU, fp32 on CPU) | bfloat16 | float32")
+    remat: bool = flag(False, "recompute each block's activations in the backward pass")
+    mesh: int = flag(-1, "devices in the (\"data\",) mesh; -1 = all")
+    fsdp: bool = flag(True, "shard params/optimizer state over the mesh; else replicate")
+    steps: int = flag(10, "timed steps")
+    warmup_steps: int = flag(3, "steps run before timing (compilation included)")
+    compile_only: bool = flag(False, "stop after compiling (trace + compile time of the step, nothing allocated)")
 
     def __post_init__(self):
         if self.steps < 1 or self.warmup_steps < 1 or self.grad_accum < 1:

@@ -11,26 +11,27 @@ import json
 from dataclasses import dataclass
 
 from nanochat_jax.common import run_main
-from nanochat_jax.config import parse_flags, print_config, require
+from nanochat_jax.config import flag, parse_flags, print_config, require
 
 
 @dataclass(frozen=True)
 class ChatEvalConfig:
-    source: str = "sft"                  # -i: base | mid | sft | rl
-    tasks: str = ""                      # -a: "ARC-Easy|MMLU|..." ("" = all)
-    max_problems: int = -1               # -x: per task (-1 = all)
-    num_samples: int = 1                 # -n: pass@n for generative tasks
-    temperature: float = 0.0             # -t
-    top_k: int = 50                      # -k
-    max_new_tokens: int = 512
-    batch_size: int = 8                  # problems per engine call / categorical rows (rounded to the mesh)
-    model_tag: str | None = None         # -g
-    step: int | None = None              # -s
-    task_data: str | None = None         # a shared/data-style folder ($NANOCHAT_JAX_TASK_DATA)
-    mesh: int = -1
-    distributed: bool | None = None
-    tokenizer_dir: str | None = None
-    seed: int = 0
+    source: str = flag("sft", "checkpoint phase: base | mid | sft | rl")
+    tasks: str = flag("", "tasks, |-separated, e.g. \"ARC-Easy|MMLU\" (\"\" = all)")
+    max_problems: int = flag(-1, "problems per task (-1 = all)")
+    num_samples: int = flag(1, "pass@n: completions per generative problem")
+    temperature: float = flag(0.0, "sampling temperature (0 = greedy)")
+    top_k: int = flag(50, "top-k sampling (0 = off)")
+    max_new_tokens: int = flag(512, "longest generated answer")
+    batch_size: int = flag(8, "problems per engine call / categorical rows (rounded to the mesh)")
+    model_tag: str | None = flag(None, "checkpoint tag (default: the largest)")
+    step: int | None = flag(None, "checkpoint step (default: the latest)")
+    task_data: str | None = flag(None, "a shared/data-style folder ($NANOCHAT_JAX_TASK_DATA)")
+    mesh: int = flag(-1, "devices in the (\"data\",) mesh; -1 = all")
+    distributed: bool | None = flag(None, "multi-process run (jax.distributed); None: auto-detect a launcher")
+    tokenizer_dir: str | None = flag(None, "tokenizer folder (default: the one the checkpoint was trained with, else "
+                                           "<base dir>/tokenizer)")
+    seed: int = flag(0, "seed of the sampling")
 
     def __post_init__(self):
         require(self.source in ("base", "mid", "sft", "rl"), f"-i/--source must be base|mid|sft|rl, got {self.source!r}")

@@ -67,8 +67,10 @@ def corpus(nanochat_dir: Path) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--nanochat", required=True, help="a nanochat checkout (git archive of the pinned commit)")
-    ap.add_argument("--preset", required=True, choices=("current", "classic"))
-    ap.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "tests" / "golden"))
+    ap.add_argument("--preset", required=True, choices=("current", "classic"),
+                    help="current: nanochat 92d63d4's model; classic: the October 2025 (7931e09) model")
+    ap.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "tests" / "golden"),
+                    help="folder for the .npz/.json golden files (default: tests/golden)")
     args = ap.parse_args()
     nanochat_dir = Path(args.nanochat).resolve()
     sys.path.insert(0, str(nanochat_dir))
