@@ -1,7 +1,7 @@
 """Optimizer: Muon (Polar Express + NorMuon + cautious WD) for matrices, AdamW for the rest, as one optax chain.
 
-Mirrors nanochat HEAD `nanochat/optim.py` + `gpt.py:setup_optimizer` + the schedules and scaling rules of
-`scripts/base_train.py` (see docs/nanochat_reference.md §5):
+Mirrors current nanochat's `nanochat/optim.py` + nanochat/gpt.py `GPT.setup_optimizer` + the schedules and scaling
+rules of `scripts/base_train.py` (`get_lr_multiplier`, `get_muon_momentum`, `get_weight_decay`):
 
 - `PARAM_GROUP_RULES` is the one table mapping parameter paths ("blocks/attn/wq", "wte", ...) to groups;
   `group_settings(cfg)` gives each group its lr/betas/eps/wd; `param_groups(params)` labels a tree.
@@ -65,22 +65,22 @@ class OptimConfig:
     muon_momentum_final: float = 0.90
     muon_beta2: float = 0.9              # NorMuon second-moment decay
     muon_ns_steps: int = 5
-    muon_classic: bool = False           # OCT Muon: quintic Newton-Schulz, no MuonEq/Muon+/NorMuon/WD
-    muon_eq: bool = True                 # MuonEq row equalisation before orthogonalisation (HEAD)
-    muon_plus: bool = True               # Muon+ Frobenius renormalisation after it (HEAD)
+    muon_classic: bool = False           # classic Muon: quintic Newton-Schulz, no MuonEq/Muon+/NorMuon/WD
+    muon_eq: bool = True                 # MuonEq row equalisation before orthogonalisation (current)
+    muon_plus: bool = True               # Muon+ Frobenius renormalisation after it (current)
     muon_ortho_dtype: str = "bfloat16"   # orthogonaliser dtype; "float32" (HIGHEST precision) for tests
-    adamw_state_fp32: bool = False       # False: moments stored in the param dtype (bf16 for wte/VE) as HEAD does
+    adamw_state_fp32: bool = False       # False: moments stored in the param dtype (bf16 for wte/VE), as current
     # The October 2025 ("classic") AdamW: every AdamW group with betas (0.8, 0.95), eps 1e-10 and weight decay
-    # adamw_weight_decay (OCT's --weight_decay, default 0), and the update of its distributed AdamW
+    # adamw_weight_decay (classic base_train's --weight_decay, default 0), and the update of its distributed AdamW
     # (nanochat/adamw.py, `DistAdamW.step`): denom = sqrt(v) + eps, step = lr * sqrt(1 - b2^t) / (1 - b1^t).
-    adamw_style: str = "current"         # "current" (HEAD's per-group betas/wd) or "classic"
+    adamw_style: str = "current"         # "current" (per-group betas/wd) or "classic"
     adamw_weight_decay: float = 0.0      # classic AdamW weight decay (ignored by the current groups)
     # Schedules. "reference" = base_train's (see lr_multiplier/muon_momentum/muon_weight_decay below).
     lr_schedule: str = "reference"       # or "constant": multiplier 1 at every step
     muon_momentum_schedule: str = "reference"  # or "constant": muon_momentum_peak at every step
     weight_decay_schedule: str = "cosine"      # or "constant": the (scaled) weight decay at every step
     grad_clip: float = 0.0               # > 0: clip the global gradient norm first, as torch's clip_grad_norm_
-                                         # (OCT base_train used 1.0); 0 = off (HEAD)
+                                         # (classic base_train used 1.0); 0 = off (current)
 
     def __post_init__(self):
         def need(cond: bool, msg: str):
@@ -154,7 +154,7 @@ class AdamWGroup(NamedTuple):
     b2: float
     eps: float
     wd: float
-    classic: bool = False  # the OCT update formula (see OptimConfig.adamw_style)
+    classic: bool = False  # the classic update formula (see OptimConfig.adamw_style)
 
 
 class MuonGroup(NamedTuple):
@@ -162,8 +162,9 @@ class MuonGroup(NamedTuple):
 
 
 def group_settings(cfg: OptimConfig) -> dict[str, AdamWGroup | MuonGroup]:
-    """Per-group hyperparameters (reference §5.2) at lr multiplier 1. adamw_style="classic" keeps the lrs and
-    gives every AdamW group OCT's betas (0.8, 0.95), eps 1e-10, adamw_weight_decay and update formula."""
+    """Per-group hyperparameters (nanochat/gpt.py, `GPT.setup_optimizer`) at lr multiplier 1.
+    adamw_style="classic" keeps the lrs and gives every AdamW group the classic betas (0.8, 0.95), eps 1e-10,
+    adamw_weight_decay and update formula."""
     dls = (cfg.model_dim / 768) ** -0.5  # AdamW lrs were tuned at d12 (C=768)
     s = cfg.batch_lr_scale * cfg.init_lr_frac
     groups = {
@@ -261,8 +262,9 @@ def muon_momentum(cfg: OptimConfig, it):
 
 def muon_momentum_complement(cfg: OptimConfig, it):
     """1 - muon_momentum(cfg, it), computed from the complements of the constants rather than by subtracting a
-    rounded fp32 momentum from 1. OCT's Muon got `1 - momentum` from Python floats (exact to fp32), HEAD from an
-    fp32 tensor (1 - fp32(m)); the classic Muon uses this one so its momentum buffer rounds like OCT's."""
+    rounded fp32 momentum from 1. The classic Muon got `1 - momentum` from Python floats (exact to fp32), the current
+    one from an fp32 tensor (1 - fp32(m)); our classic Muon uses this one so its momentum buffer rounds like the
+    classic's."""
     xp, it = _xp(it)
     if cfg.muon_momentum_schedule == "constant":
         return xp.full_like(it, 1 - cfg.muon_momentum_peak)
@@ -309,8 +311,8 @@ class AdamWState(NamedTuple):
 def adamw(lr: float, b1: float, b2: float, eps: float, wd: float, lr_schedule: Callable[[jax.Array], jax.Array],
           state_fp32: bool = False, classic: bool = False) -> optax.GradientTransformation:
     """AdamW at lr·lr_schedule(step): fp32 math, decoupled wd before the update, returns p_new - p in fp32.
-    classic: OCT's `DistAdamW` update, m / (sqrt(v) + eps) · lr·sqrt(1-b2^t)/(1-b1^t) (eps not bias-corrected);
-    otherwise HEAD's `adamw_step_fused`, m / (sqrt(v/(1-b2^t)) + eps) · lr/(1-b1^t)."""
+    classic: nanochat/adamw.py's `DistAdamW` update, m / (sqrt(v) + eps) · lr·sqrt(1-b2^t)/(1-b1^t) (eps not
+    bias-corrected); otherwise nanochat/optim.py's `adamw_step_fused`, m / (sqrt(v/(1-b2^t)) + eps) · lr/(1-b1^t)."""
     def init_fn(params):
         zeros = lambda p: jnp.zeros(p.shape, jnp.float32 if state_fp32 else p.dtype)
         return AdamWState(jnp.zeros([], jnp.int32), jax.tree.map(zeros, params), jax.tree.map(zeros, params))
@@ -355,7 +357,7 @@ POLAR_EXPRESS_COEFFS = (
     (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
     (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
 )
-NEWTON_SCHULZ_COEFFS = (3.4445, -4.7750, 2.0315)  # Keller's quintic (OCT), same every step
+NEWTON_SCHULZ_COEFFS = (3.4445, -4.7750, 2.0315)  # Keller's quintic (classic), same every step
 
 
 def _fro_norm(x: jax.Array) -> jax.Array:
@@ -392,7 +394,7 @@ def orthogonalize(x: jax.Array, *, classic: bool = False, steps: int = 5, dtype=
     In bf16 every op result is rounded to bf16 as eager PyTorch does (nanochat/optim.py `muon_step_fused`,
     nanochat/muon.py `zeropower_via_newtonschulz5`): matmuls accumulate in fp32 and round once, a scalar times
     a tensor uses the exact scalar (`scale`), sums of two bf16 tensors round once. The order of the cA² term
-    follows each reference: HEAD writes c * (A @ A), OCT `c * A @ A`, which Python reads as (c * A) @ A.
+    follows each reference: current writes c * (A @ A), classic `c * A @ A`, which Python reads as (c * A) @ A.
     """
     precision = jax.lax.Precision.HIGHEST if dtype == jnp.float32 else None
     mm = lambda a, b: jnp.matmul(a, b, precision=precision, preferred_element_type=jnp.float32).astype(dtype)
@@ -406,9 +408,9 @@ def orthogonalize(x: jax.Array, *, classic: bool = False, steps: int = 5, dtype=
     for a, b, c in coeffs:
         A = mm(xT(x), x) if gram_out else mm(x, xT(x))
         B = _add(scale(b, A), mm(scale(c, A), A) if classic else scale(c, mm(A, A)))
-        # HEAD keeps its (out, in) X = our xᵀ in both forms, so its B @ X (X @ B) is x @ Bᵀ (Bᵀ @ x) here. OCT
-        # transposes a tall X to wide itself, which for out > in is our x as is: B @ x. OCT's B is not exactly
-        # symmetric after rounding ((c * A) @ A), so which side is transposed matters bit for bit.
+        # Current keeps its (out, in) X = our xᵀ in both forms, so its B @ X (X @ B) is x @ Bᵀ (Bᵀ @ x) here.
+        # Classic transposes a tall X to wide itself, which for out > in is our x as is: B @ x. Classic's B is not
+        # exactly symmetric after rounding ((c * A) @ A), so which side is transposed matters bit for bit.
         Bt = B if (classic and not gram_out) else xT(B)
         x = _add(scale(a, x), mm(x, Bt) if gram_out else mm(Bt, x))
     return x
@@ -463,8 +465,8 @@ def muon(lr: float, lr_schedule: Callable, momentum_schedule: Callable, wd_sched
          momentum_complement: Callable | None = None) -> optax.GradientTransformation:
     """Muon on (..., in, out) leaves (leading axes are independent matrices). Returns p_new - p in fp32.
 
-    HEAD step: Nesterov (lerp) -> bf16 -> [MuonEq] -> Polar Express -> fp32 -> [Muon+] -> NorMuon ->
-    p -= lr·g + lr·wd·p·[g·p >= 0] with lr = lr·sqrt(max(1, out/in)). Classic (OCT): Nesterov -> Newton-Schulz ->
+    Current step: Nesterov (lerp) -> bf16 -> [MuonEq] -> Polar Express -> fp32 -> [Muon+] -> NorMuon ->
+    p -= lr·g + lr·wd·p·[g·p >= 0] with lr = lr·sqrt(max(1, out/in)). Classic: Nesterov -> Newton-Schulz ->
     p -= lr·g.
     """
     def init_fn(params):
@@ -572,7 +574,7 @@ def clip_grad_norm(max_norm: float) -> optax.GradientTransformation:
 
 
 # ----------------------------------------------------------------------------------------------
-# Scaling rules (reference §5.1, base_train.py). Reference model d12; B_REF = 2**19 tokens.
+# Scaling rules (nanochat's scripts/base_train.py). Reference model d12; B_REF = 2**19 tokens.
 # d_ref = target_param_data_ratio * scaling_params(d12 model with the same vocab/architecture);
 # scaling params = transformer matrices (incl. ve_gate) + lm_head.
 
