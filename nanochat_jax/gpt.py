@@ -83,7 +83,7 @@ class GPTConfig:
     use_backout: bool = True
     qk_scale: float = 1.2
     softcap: float = 15.0              # 0 disables
-    init: str = "reference"            # "reference" (HEAD) or "classic" (OCT)
+    init: str = "reference"            # "reference" (current nanochat) or "classic"
     compute_dtype: str = "bfloat16"    # activations and matmuls
     embed_dtype: str = "bfloat16"      # storage dtype of wte and value_embeds
     attn_backend: str = "xla"          # "xla" | "cudnn" | "pallas"
@@ -146,7 +146,8 @@ class GPTConfig:
     def from_depth(cls, depth: int, *, aspect_ratio: int = 64, head_dim: int = 128, max_seq_len: int = 2048,
                    vocab_size: int = 32768, n_kv_head: int | None = None, window_pattern: str = "SSSL",
                    **overrides) -> "GPTConfig":
-        """nanochat HEAD sizing (`build_model_meta`): width = depth*aspect_ratio rounded up to head_dim."""
+        """Current nanochat's sizing (scripts/base_train.py, `build_model_meta`): width = depth*aspect_ratio
+        rounded up to head_dim."""
         if depth < 1:
             raise ValueError(f"GPTConfig.from_depth: depth must be >= 1, got {depth}")
         model_dim = -(-depth * aspect_ratio // head_dim) * head_dim
@@ -158,7 +159,7 @@ class GPTConfig:
     @classmethod
     def classic(cls, depth: int = 20, vocab_size: int = 65536, **overrides) -> "GPTConfig":
         """The October 2025 nanochat model (the $100 d20): width depth*64, heads of ~128, full attention,
-        RoPE 10k, no VE/lambdas/smear/backout, QK scale 1, classic init. (OCT applied the softcap in bf16
+        RoPE 10k, no VE/lambdas/smear/backout, QK scale 1, classic init. (Classic applied the softcap in bf16
         before the fp32 cast; we always apply it in fp32.)"""
         if depth < 1:
             raise ValueError(f"GPTConfig.classic: depth must be >= 1, got {depth}")
@@ -166,7 +167,7 @@ class GPTConfig:
         n_head = -(-model_dim // 128)
         if model_dim % n_head:
             raise ValueError(f"GPTConfig.classic: depth {depth} gives width {model_dim}, not divisible by "
-                             f"{n_head} heads (the OCT model asserts this too); pick another depth")
+                             f"{n_head} heads (the classic model asserts this too); pick another depth")
         fields = dict(sequence_len=2048, vocab_size=vocab_size, n_layer=depth, n_head=n_head, n_kv_head=n_head,
                       n_embd=model_dim, head_dim=model_dim // n_head, **_CLASSIC_FEATURES)
         fields.update(overrides)
@@ -179,8 +180,8 @@ class GPTConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "GPTConfig":
         """Inverse of to_dict. Keys written by older versions may be missing: architecture keys then take
-        their classic (OCT) value, as nanochat patches a missing window_pattern to "L"; runtime keys
-        (dtypes, backend, padding, remat) take the current defaults. nanochat HEAD metadata, which has
+        their classic value, as nanochat patches a missing window_pattern to "L"; runtime keys
+        (dtypes, backend, padding, remat) take the current defaults. Current nanochat's metadata, which has
         no feature flags, needs them set explicitly by the caller."""
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
@@ -193,14 +194,14 @@ class GPTConfig:
         fields = dict(d)
         fields.setdefault("head_dim", d["n_embd"] // d["n_head"])
         # rope_dtype is newer than this project's other keys: a config that has those keys but not this one is
-        # ours, from before it existed (compute-dtype tables); one without any of them is OCT-era (bf16 tables).
+        # ours, from before it existed (compute-dtype tables); one without any of them is classic (bf16 tables).
         fields.setdefault("rope_dtype", None if "use_smear" in d else "bfloat16")
         for key, value in _CLASSIC_FEATURES.items():
             fields.setdefault(key, value)
         return cls(**fields)
 
 
-# What an older (OCT-era) config means for every architecture switch added since.
+# What an older (classic) config means for every architecture switch added since.
 _CLASSIC_FEATURES = dict(window_pattern="L", rope_base=10_000.0, use_value_embeds=False, use_lambdas=False,
                          use_smear=False, use_backout=False, qk_scale=1.0, init="classic", short_window=None,
                          rope_dtype="bfloat16")
