@@ -4,7 +4,7 @@
     python kernels/bench_attention.py --block-q=64 --num-warps=4        # try one Pallas tuning
     python kernels/bench_attention.py --sweep --seq-lens=2048           # search Pallas block configs per shape
     python kernels/bench_attention.py --tiny                            # CPU smoke run (interpret mode, tiny sizes)
-    python kernels/bench_attention.py --out=docs/attention_bench.md     # also write the table
+    python kernels/bench_attention.py --out=attention_table.md          # also write the table
 
 Every shape is causal, bf16, layout (B, T, H, D), run once with full attention and once with each window in
 --windows (left window w: query p sees keys p-w..p, as the model's short layers). FLOPs count only the visible

@@ -1,5 +1,5 @@
 """Chat evaluations: categorical (ARC, MMLU: letter logits) and generative (GSM8K, HumanEval, SpellingBee: sample,
-then grade), and ChatCORE, measured the way nanochat measures them (reference §7.2).
+then grade), and ChatCORE, measured the way nanochat measures them (scripts/chat_eval.py, `run_chat_eval`).
 
 Categorical: each prompt is `render_for_completion` (ending in <|assistant_start|>); the answer is the argmax of the
 logits at that last position restricted to the allowed letters' token ids. Prompts are right-padded into

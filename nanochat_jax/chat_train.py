@@ -97,7 +97,7 @@ class ChatTrainConfig:
 
 def lr_multiplier(progress: float, warmdown_ratio: float, final_lr_frac: float = 0.0) -> float:
     """The reference's chat schedules on data progress p ∈ [0, 1]: 1 until 1 − warmdown, then linear to final.
-    (OCT midtraining ramped *up*, issue #68; we use the fixed, decaying schedule.)"""
+    (Classic nanochat's midtraining ramped *up*, its issue #68; we use the fixed, decaying schedule.)"""
     if warmdown_ratio <= 0 or progress < 1 - warmdown_ratio:
         return 1.0
     frac = min(max((1 - progress) / warmdown_ratio, 0.0), 1.0)
@@ -115,10 +115,10 @@ def build_mixture(cfg: ChatTrainConfig, split: str):
             if cfg.stage == "mid":
                 parts += [T.MMLU("auxiliary_train", "train", data_dir=data), T.GSM8K("main", "train", data_dir=data),
                           T.SimpleSpelling(200_000, "train", data_dir=data), T.SpellingBee(80_000, "train", data_dir=data)]
-            elif cfg.source_phase == "base":  # HEAD's SFT straight from base: 3 epochs of MMLU aux, 4 of GSM8K
+            elif cfg.source_phase == "base":  # current nanochat's SFT from base: 3 epochs of MMLU aux, 4 of GSM8K
                 parts += [T.MMLU("auxiliary_train", "train", data_dir=data)] * 3 + \
                          [T.GSM8K("main", "train", data_dir=data)] * 4
-            else:  # after midtraining (the seed pipeline, nanochat NOV): a small, cleaner mixture
+            else:  # after midtraining (the classic pipeline): a small, cleaner mixture
                 parts = [T.ARC("ARC-Easy", "train", data_dir=data), T.ARC("ARC-Challenge", "train", data_dir=data),
                          T.GSM8K("main", "train", data_dir=data), T.SmolTalk("train", data_dir=data, stop=10_000),
                          T.SimpleSpelling(300, "train", data_dir=data), T.SpellingBee(300, "train", data_dir=data)]

@@ -1,6 +1,6 @@
 """Checkpoints: params, optimizer state and JSON metadata in one orbax step directory.
 
-Layout (nanochat's, reference §1.6): <base dir>/{base,mid,chatsft,chatrl}_checkpoints/<model_tag>/<step>/
+Layout (nanochat/checkpoint_manager.py, `load_model`): <base dir>/{base,mid,chatsft,chatrl}_checkpoints/<tag>/<step>/
 with one orbax item per part:
 
     <step>/params/      the model pytree (StandardSave: sharded arrays, each process writes its shards)

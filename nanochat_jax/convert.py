@@ -2,9 +2,9 @@
 
 nanochat writes `model_<step:06d>.pt` (a torch state dict) and `meta_<step:06d>.json` (with "model_config":
 sequence_len, vocab_size, n_layer, n_head, n_kv_head, n_embd and, since sliding windows, window_pattern);
-reference §6 "Checkpoint". Two layouts are understood:
+nanochat/checkpoint_manager.py, `save_checkpoint`. Two layouts are understood:
 
-  HEAD     transformer.wte.weight (Vp, D) with the vocab padded to 64, transformer.h.{i}.attn.c_{q,k,v,proj}.weight,
+  current  transformer.wte.weight (Vp, D) with the vocab padded to 64, transformer.h.{i}.attn.c_{q,k,v,proj}.weight,
            transformer.h.{i}.mlp.c_{fc,proj}.weight, transformer.h.{i}.attn.ve_gate.weight (K, 12) on VE layers,
            value_embeds.{i}.weight (Vp, K*hd), resid_lambdas (L,), x0_lambdas (L,), smear_gate.weight (1, 24),
            smear_lambda (1,), backout_lambda (1,), lm_head.weight (Vp, D)
@@ -34,7 +34,7 @@ from nanochat_jax import gpt
 from nanochat_jax.common import UserError, atomic_write
 from nanochat_jax.gpt import GPTConfig
 
-NANOCHAT_PAD_VOCAB = 64       # nanochat HEAD pads wte/lm_head/value_embeds rows to a multiple of this
+NANOCHAT_PAD_VOCAB = 64       # current nanochat pads wte/lm_head/value_embeds rows to a multiple of this
 COMPILE_PREFIX = "_orig_mod."  # torch.compile'd modules save their keys with this prefix
 _EXTRA_KEYS = ("resid_lambdas", "x0_lambdas", "smear_gate.weight", "smear_lambda", "backout_lambda")
 _BLOCK_MATS = {"attn.c_q": ("attn", "wq"), "attn.c_k": ("attn", "wk"), "attn.c_v": ("attn", "wv"),
@@ -60,15 +60,15 @@ def nanochat_format(keys) -> str:
         return "classic"
     have = sorted(k for k, v in features.items() if v)
     lack = sorted(k for k, v in features.items() if not v)
-    raise ValueError(f"nanochat state dict is neither the HEAD nor the classic (Oct 2025) model: it has {have} but "
-                     f"lacks {lack}. Intermediate nanochat architectures are not supported (their RoPE base and "
+    raise ValueError(f"nanochat state dict is neither the current (92d63d4) nor the classic (October 2025) model: "
+                     f"it has {have} but lacks {lack}. Intermediate nanochat architectures are not supported (their RoPE base and "
                      f"gate widths cannot be read from the keys); convert with the nanochat version that wrote it "
-                     f"to HEAD first")
+                     f"to the current format first")
 
 
 def config_from_nanochat(meta: dict[str, Any], keys, **overrides) -> GPTConfig:
     """GPTConfig for a nanochat checkpoint. meta is the meta JSON (or just its "model_config"); keys are the state
-    dict's key names, which decide HEAD vs classic. overrides set runtime fields (compute_dtype, attn_backend...)."""
+    dict's key names, which decide current vs classic. overrides set runtime fields (compute_dtype, attn_backend...)."""
     mc = meta.get("model_config", meta)
     required = ("sequence_len", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd")
     missing = [k for k in required if k not in mc]
@@ -81,7 +81,7 @@ def config_from_nanochat(meta: dict[str, Any], keys, **overrides) -> GPTConfig:
     dims["head_dim"] = dims["n_embd"] // dims["n_head"]
     fmt = nanochat_format(keys)
     if fmt == "head":
-        # GPTConfig's defaults are the HEAD architecture (RoPE 100k, QK x1.2, all extras, reference init).
+        # GPTConfig's defaults are the current architecture (RoPE 100k, QK x1.2, all extras, reference init).
         fields = dict(dims, window_pattern=str(mc.get("window_pattern", "L")).upper())
     else:
         fields = dict(dims, **gpt._CLASSIC_FEATURES)
@@ -91,7 +91,7 @@ def config_from_nanochat(meta: dict[str, Any], keys, **overrides) -> GPTConfig:
 
 
 def config_from_nanochat_meta(meta: dict[str, Any], keys=None, **overrides) -> GPTConfig:
-    """Like config_from_nanochat; without keys, HEAD iff the meta has a window_pattern (OCT metas lack it)."""
+    """Like config_from_nanochat; without keys, current iff the meta has a window_pattern (classic metas lack it)."""
     if keys is None:
         mc = meta.get("model_config", meta)
         keys = ["value_embeds.0.weight", *_EXTRA_KEYS] if "window_pattern" in mc else []
@@ -107,7 +107,7 @@ def _format_of_config(cfg: GPTConfig) -> str:
         fmt, want = "classic", dict(rope_base=10_000.0, qk_scale=1.0)
     else:
         raise ValueError(f"config has use_value_embeds/use_lambdas/use_smear/use_backout = {flags}: nanochat has "
-                         f"only the all-on (HEAD) and all-off (classic) models")
+                         f"only the all-on (current) and all-off (classic) models")
     if fmt == "classic" and set(cfg.window_pattern) != {"L"}:
         raise ValueError(f"config cannot be expressed as a nanochat classic checkpoint: window_pattern "
                          f"{cfg.window_pattern!r} (the Oct 2025 model has full attention only, 'L')")
@@ -197,8 +197,8 @@ def params_from_state_dict(sd: dict[str, Any], cfg: GPTConfig) -> gpt.Params:
 
 
 def state_dict_from_params(params: gpt.Params, cfg: GPTConfig) -> dict[str, np.ndarray]:
-    """Inverse of params_from_state_dict: NumPy arrays in torch layout with HEAD or classic key names (from the
-    config's feature flags). Vocab tables get nanochat's row count (padded to 64 for HEAD, exact for classic);
+    """Inverse of params_from_state_dict: NumPy arrays in torch layout with current or classic key names (from the
+    config's feature flags). Vocab tables get nanochat's row count (padded to 64 for current, exact for classic);
     dtypes are kept (fp32 matrices, embed dtype tables)."""
     fmt = _format_of_config(cfg)
     want = gpt.param_shapes(cfg)
@@ -247,7 +247,7 @@ def _leaf_paths(tree, prefix: str = "") -> dict[str, tuple[int, ...]]:
 
 
 def nanochat_model_config(cfg: GPTConfig) -> dict[str, Any]:
-    """The "model_config" nanochat's meta JSON holds for cfg (OCT's GPTConfig had no window_pattern)."""
+    """The "model_config" nanochat's meta JSON holds for cfg (the classic GPTConfig had no window_pattern)."""
     mc = {k: getattr(cfg, k) for k in ("sequence_len", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd")}
     if _format_of_config(cfg) == "head":
         mc["window_pattern"] = cfg.window_pattern

@@ -1,4 +1,4 @@
-"""CORE: the DCLM in-context-learning benchmark that scores base models (reference §7.1, nanochat's core_eval).
+"""CORE: the DCLM in-context-learning benchmark that scores base models (nanochat/core_eval.py, `evaluate_task`).
 
 The eval bundle (core.yaml, eval_meta_data.csv, eval_data/<category>/<task>.jsonl) lists 22 tasks of three kinds:
 

@@ -5,7 +5,7 @@ Pipeline (each stage an iterator with a JSON-able `get_state()` / `set_state()`)
     RowGroupTokenizer   row groups of this process (strided over processes), tokenized with BOS prepended
       → grain ThreadPrefetchDatasetIterator   (tokenizes ahead in a background thread)
     BestFitPacker       rows of T+1 tokens: every row starts with BOS; repeatedly take the largest whole doc that
-                        fits, and when none fits crop the shortest doc to fill the row (nanochat HEAD's packing:
+                        fits, and when none fits crop the shortest doc to fill the row (current nanochat's packing:
                         no padding, ~35% of tokens cropped at T=2048)
       → grain ThreadPrefetchDatasetIterator   (packs ahead while the device trains)
 
@@ -292,7 +292,7 @@ class ConversationPacker:
     """Packs rendered conversations from an indexable dataset (a task mixture) into (B, T) rows, best fit.
 
     mode "sft": whole conversations only; when none in the buffer fits the space left, the rest of the row is
-        BOS padding (nanochat HEAD's `sft_data_generator_bos_bestfit`: never crop).
+        BOS padding (current nanochat's `sft_data_generator_bos_bestfit`: never crop).
     mode "mid": like pretraining, when none fits the shortest is cropped to fill the row (no padding).
     Targets are the next tokens, and −1 where the render mask of the predicted token is 0 (user turns, tool output,
     the BOS) when `mask_targets` (SFT), and always −1 on padding. Midtraining in the reference trains on all tokens

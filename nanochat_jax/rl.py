@@ -1,4 +1,4 @@
-"""Reinforcement learning on GSM8K: REINFORCE with a group-mean baseline, on-policy (reference §10).
+"""Reinforcement learning on GSM8K: REINFORCE with a group-mean baseline, on-policy (nanochat's scripts/chat_rl.py).
 
 Each step takes `examples_per_step` training problems, samples `num_samples` completions of each with the engine
 (temperature 1.0, top-k 50, tool use on), grades them (reward 0/1), and takes one optimizer step on

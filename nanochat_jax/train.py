@@ -1,10 +1,11 @@
 """The one train step and the training loop (pretraining now; midtraining and SFT reuse both).
 
 `make_train_step` builds a pure (state, batch) -> (state, metrics) function: gradient accumulation over the
-micro-batches of `batch` runs inside it with `lax.scan`, then one optimizer update. `Trainer` jits it once with
-explicit shardings and donation, AOT-compiles it (logging compile time and memory), and runs the loop: metrics
-read one step late so dispatch stays asynchronous, val bits-per-byte every --eval-every steps, greedy samples
-every --sample-every, orbax checkpoints, TensorBoard scalars, optional profiler trace.
+micro-batches of `batch` runs inside it with `lax.scan`, then one optimizer update. `compile_train_step` jits it
+once with explicit shardings and donation and AOT-compiles it (logging compile time and memory); `fit` runs the
+loop: metrics read one step late so dispatch stays asynchronous, and `Periodic` actions between steps (val
+bits-per-byte every --eval-every steps, greedy samples every --sample-every, orbax checkpoints); `pretrain` is the
+pretraining driver, with TensorBoard scalars and an optional profiler trace.
 """
 
 from __future__ import annotations
@@ -199,7 +200,7 @@ class LoopState:
     min_val_bpb: float = float("inf")
     val_bpb: float | None = None
     core_metric: float | None = None
-    history: list = field(default_factory=list)  # [(step, loss)] of this process, for tests/reports
+    history: list = field(default_factory=list)  # [(step, loss)] of this process, for tests and reports
 
 
 def stack_micro_batches(loader: Iterator[dict], n_micro: int) -> dict[str, np.ndarray]:
@@ -441,7 +442,7 @@ def open_source(phase: str, model_tag: str | None, step: int | None, *, compute_
 
 
 def plan_horizon(cfg: PretrainConfig, model_cfg: gpt.GPTConfig, n_devices: int) -> dict:
-    """Batch size, grad accumulation, iterations, LR/WD scaling (reference §5.1), validated."""
+    """Batch size, grad accumulation, iterations, LR/WD scaling (nanochat's scripts/base_train.py), validated."""
     counts = gpt.num_params(model_cfg)
     ref = gpt.num_params(gpt.GPTConfig.from_depth(12, vocab_size=model_cfg.vocab_size, max_seq_len=model_cfg.sequence_len))
     ratio = cfg.target_param_data_ratio if cfg.target_param_data_ratio > 0 else 12.0

@@ -1,5 +1,5 @@
 """Bits per byte of a base-model checkpoint on the train and validation splits, and samples (nanochat's
-scripts/base_loss.py; HEAD folds it into base_eval --eval=bpb,sample).
+scripts/base_loss.py; current nanochat folds it into base_eval --eval=bpb,sample).
 
     python scripts/base_loss.py                                   # largest base model, latest step
     python scripts/base_loss.py --model-tag=d20 --split-tokens=524288 --device-batch-size=16

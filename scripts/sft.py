@@ -1,7 +1,7 @@
 """Supervised fine-tuning on whole conversations, loss on the assistant's tokens only.
 
-    python scripts/sft.py --mesh=8                                  # from the mid checkpoint (the seed pipeline)
-    python scripts/sft.py --source=base --load-optimizer             # HEAD's pipeline: straight from base
+    python scripts/sft.py --mesh=8                                  # from the mid checkpoint (the classic pipeline)
+    python scripts/sft.py --source=base --load-optimizer             # current nanochat: straight from base
     python scripts/sft.py --mixture=local --task-data=../shared/data --max-seq-len=256 --device-batch-size=4 \\
         --total-batch-size=2048 --eval-tokens=8192                  # offline, CPU-sized
 """

@@ -2,7 +2,7 @@
 # The whole pipeline on one 8-GPU node: from nothing to a model you can chat with, and its report card.
 #
 #   bash scripts/speedrun.sh                 # d24, ratio 8: the "GPT-2 grade" run (nanochat leaderboard recipe)
-#   bash scripts/speedrun.sh --depth=20      # d20, ratio 20: the seed's "$100" run
+#   bash scripts/speedrun.sh --depth=20      # d20, ratio 20: classic nanochat's "$100" run
 #   bash scripts/speedrun.sh --depth=20 --rl # ... plus RL on GSM8K and its eval
 #
 # Options: --depth=N  --ratio=R (tokens per scaling parameter; default 8 at d>=24, else 20)

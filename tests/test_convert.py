@@ -1,8 +1,8 @@
 """nanochat <-> nanochat-jax checkpoint conversion (NumPy only, no torch).
 
-The reference is a float64 NumPy forward written from docs/nanochat_reference.md §4.2 that reads a nanochat
+The reference is a float64 NumPy forward written from nanochat/gpt.py (`GPT.forward`) that reads a nanochat
 state dict in torch layout (Linear y = x @ W.T) directly; converted params run through gpt.forward must agree.
-Key names are spelled out by hand from nanochat's gpt.py (HEAD and the Oct 2025 commit 3a5e0bc).
+Key names are spelled out by hand from nanochat's gpt.py (current, 92d63d4, and the October 2025 commit 3a5e0bc).
 """
 
 import math
@@ -233,7 +233,7 @@ def test_classic_key_names_and_unpadded_vocab():
         for m in ("attn.c_q", "attn.c_k", "attn.c_v", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")}
     assert set(sd) == want
     assert sd["transformer.wte.weight"].shape == (100, 128) and sd["lm_head.weight"].shape == (100, 128)
-    assert "window_pattern" not in convert.nanochat_model_config(cfg)  # OCT's GPTConfig has no such field
+    assert "window_pattern" not in convert.nanochat_model_config(cfg)  # the classic GPTConfig has no such field
 
 
 # ----------------------------------------------------------------------------------------------
@@ -267,7 +267,7 @@ def test_missing_unexpected_and_misshaped_keys_are_named():
 def test_intermediate_architecture_is_refused():
     sd = make_state_dict(head_meta()["model_config"], True, np.random.default_rng(6))
     del sd["smear_gate.weight"], sd["smear_lambda"], sd["backout_lambda"]  # like the Feb 2026 model
-    with pytest.raises(ValueError, match="neither the HEAD nor the classic"):
+    with pytest.raises(ValueError, match="neither the current .* nor the classic"):
         convert.config_from_nanochat(head_meta(), sd.keys())
 
 

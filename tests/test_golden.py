@@ -51,8 +51,8 @@ def our_config(preset: str) -> GPTConfig:
 
 
 def our_optimizer(preset: str, opt: dict) -> optim.OptimConfig:
-    """The generator's settings: constant lr multiplier, momentum and weight decay; fp32 Polar Express (HEAD runs
-    it in its compute dtype, fp32 on CPU), bf16 Newton-Schulz (OCT always does)."""
+    """The generator's settings: constant lr multiplier, momentum and weight decay; fp32 Polar Express (current
+    nanochat runs it in its compute dtype, fp32 on CPU), bf16 Newton-Schulz (classic always does)."""
     const = dict(lr_schedule="constant", muon_momentum_schedule="constant", muon_momentum_peak=opt["momentum"],
                  weight_decay_schedule="constant")
     if preset == "current":

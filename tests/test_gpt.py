@@ -126,7 +126,7 @@ def np_cross_entropy(logits, targets):
 
 
 # ----------------------------------------------------------------------------------------------
-# Counts and FLOPs (reference §4.3), never allocated
+# Counts and FLOPs (nanochat/gpt.py, `GPT.num_scaling_params` and `GPT.estimate_flops`), never allocated
 
 @pytest.mark.parametrize("depth, counts, scaling", [
     (12, dict(total=286_261_730, wte=25_165_824, value_embeds=150_994_944, lm_head=25_165_824,
@@ -178,7 +178,7 @@ def test_layer_windows():
 # Forward numerics
 
 @pytest.mark.parametrize("overrides", [
-    {},                                                           # all HEAD features, GQA, windows
+    {},                                                           # all current features, GQA, windows
     dict(n_layer=3, n_kv_head=4, window_pattern="SL", qk_scale=1.0, softcap=0.0),   # odd depth (VE on 0, 2)
     dict(window_pattern="L", rope_base=10_000.0, use_value_embeds=False, use_lambdas=False, use_smear=False,
          use_backout=False, qk_scale=1.0, n_kv_head=1),            # classic features, MQA
@@ -482,7 +482,7 @@ def test_classic_preset_fields():
 def test_to_dict_from_dict_round_trip_and_legacy_defaults():
     for c in (GPTConfig.from_depth(12), GPTConfig.classic(), tiny(short_window=3, remat=True)):
         assert GPTConfig.from_dict(c.to_dict()) == c
-    # nanochat OCT metadata: only the core keys. Missing features mean the classic model.
+    # classic nanochat metadata: only the core keys. Missing features mean the classic model.
     old = dict(sequence_len=2048, vocab_size=65536, n_layer=20, n_head=10, n_kv_head=10, n_embd=1280)
     assert GPTConfig.from_dict(old) == GPTConfig.classic()
     with pytest.raises(ValueError, match="unknown keys.*'n_heads'"):

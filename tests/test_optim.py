@@ -1,5 +1,5 @@
 """Optimizer tests: Muon/AdamW steps against float64 NumPy references, orthogonaliser spectra, schedules,
-the group table, the §5.1 scaling rules, and a jitted end-to-end step.
+the group table, the scaling rules of nanochat's scripts/base_train.py, and a jitted end-to-end step.
 
 The NumPy Muon reference is written in the PyTorch (out, in) convention of nanochat's `muon_step_fused`
 (rows = out = shape[-2]); our params are (in, out), so it is fed transposes and its result transposed back.
@@ -422,13 +422,14 @@ def test_group_table_errors_and_classic_tree():
 
 
 # ----------------------------------------------------------------------------------------------
-# Scaling rules (reference §5.1 worked values)
+# Scaling rules (scripts/base_train.py in nanochat; worked values)
 
 V = 32768
 
 
 def scaling_params(depth):
-    """transformer matrices (12·C² per layer + ve_gate 12·H per VE layer) + lm_head, HEAD sizing (§4.1)."""
+    """transformer matrices (12·C² per layer + ve_gate 12·H per VE layer) + lm_head, current nanochat's sizing
+    (scripts/base_train.py, `build_model_meta`)."""
     C = math.ceil(depth * 64 / 128) * 128
     H = C // 128
     n_ve = sum(1 for i in range(depth) if i % 2 == (depth - 1) % 2)
@@ -533,8 +534,8 @@ def _f(x):
 
 def emulate_bf16_orthogonalize(g, classic, coeff=lambda c: c):
     """Eager PyTorch's bf16 iteration on a (rows=out, cols=in) matrix: every op result rounded to bf16, each
-    Python scalar used exactly (fp32 op-math), matmuls accumulated in fp32. HEAD (nanochat/optim.py
-    `muon_step_fused`): B = b*A + c*(A@A), X@B for tall, B@X for wide. OCT (nanochat/muon.py): a tall X is
+    Python scalar used exactly (fp32 op-math), matmuls accumulated in fp32. Current (nanochat/optim.py
+    `muon_step_fused`): B = b*A + c*(A@A), X@B for tall, B@X for wide. Classic (nanochat/muon.py): a tall X is
     transposed to wide, and `c * A @ A` is (c*A)@A. `coeff` maps each scalar (to emulate a rounding bug)."""
     mm = lambda a, b: _r(_f(a) @ _f(b))  # noqa: E731
     sc = lambda s, x: _r(_f(x) * np.float32(coeff(s)))  # noqa: E731
@@ -592,7 +593,7 @@ def test_classic_adamw_groups_and_preset():
         assert (g.b1, g.b2, g.eps, g.wd, g.classic) == (0.8, 0.95, 1e-10, 0.0, True)
     assert groups["lm_head"].lr == pytest.approx(0.004) and groups["wte"].lr == pytest.approx(0.2)
     assert cfg.muon_classic and cfg.grad_clip == 1.0 and cfg.warmup_steps == 0 and cfg.final_lr_frac == 0.0
-    # OCT base_train: momentum 0.85 -> 0.95 over 300 steps, then constant; lr flat until the last 20%
+    # classic base_train: momentum 0.85 -> 0.95 over 300 steps, then constant; lr flat until the last 20%
     assert float(muon_momentum(cfg, 150)) == pytest.approx(0.90)
     assert float(muon_momentum(cfg, 300)) == pytest.approx(0.95)
     assert float(muon_momentum(OptimConfig.classic(num_iterations=1000, model_dim=768), 990)) == pytest.approx(0.95)
@@ -603,7 +604,8 @@ def test_classic_adamw_groups_and_preset():
 
 
 def test_classic_adamw_update_formula():
-    """OCT DistAdamW: p·(1 - lr·wd) - lr·sqrt(1-b2^t)/(1-b1^t) · m / (sqrt(v) + eps), two steps in float64."""
+    """Classic DistAdamW (nanochat/adamw.py): p·(1 - lr·wd) - lr·sqrt(1-b2^t)/(1-b1^t) · m / (sqrt(v) + eps), two
+    steps in float64."""
     rng = np.random.default_rng(0)
     p0 = rng.standard_normal((5, 3)).astype(np.float32)
     gs = [rng.standard_normal((5, 3)).astype(np.float32) for _ in range(2)]

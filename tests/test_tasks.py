@@ -262,7 +262,8 @@ def test_humaneval_every_canonical_solution_passes(data):
 # Spelling
 
 def test_spellingbee_templates():
-    # The reference doc's mix: 30 en, 4 es, 4 zh, 4 ko, 3 fr, 3 de, 3 ja; each template names both slots once.
+    # Classic nanochat's mix (tasks/spellingbee.py): 30 en, 4 es, 4 zh, 4 ko, 3 fr, 3 de, 3 ja; each template
+    # names both slots once.
     assert len(USER_MSG_TEMPLATES) == len(set(USER_MSG_TEMPLATES)) == 51
     for t in USER_MSG_TEMPLATES:
         assert t.count("{letter}") == 1 and t.count("{word}") == 1 and not t.endswith("?"), t
@@ -298,7 +299,7 @@ def test_spellingbee_is_deterministic_and_consistent(data):
         assert a.evaluate(conv, f"#### {count}") == 1 and a.evaluate(conv, f"#### {count + 1}") == 0
         assert a.evaluate(conv, "no answer here") == 0
         assert a.reward(conv, parts[-1]["text"]) == 1.0
-    # The reference doc's construction: example i draws its word first from random.Random(seed).
+    # Classic nanochat's construction: example i draws its word first from random.Random(seed).
     assert a[17]["messages"][1]["content"][2]["text"].split("'")[1] == random.Random(17).choice(a.words)
     assert test[17]["messages"][1]["content"][2]["text"].split("'")[1] == random.Random(10_000_017).choice(a.words)
     # The letter comes from the word about 90% of the time.

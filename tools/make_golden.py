@@ -39,7 +39,7 @@ import sys
 from pathlib import Path
 
 os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")   # eager: no inductor, no C++ compiler needed
-os.environ.setdefault("NANOCHAT_DTYPE", "float32")  # HEAD's COMPUTE_DTYPE: fp32 on CPU (the default there anyway)
+os.environ.setdefault("NANOCHAT_DTYPE", "float32")  # current nanochat's COMPUTE_DTYPE: fp32 on CPU (the default there anyway)
 
 VOCAB = 300
 SEQ_LEN = 64          # model context
@@ -90,7 +90,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     preset = args.preset
 
-    # ---- tokenizer (nanochat's trainer at this commit; OCT's uses the rustbpe crate the pip package ships)
+    # ---- tokenizer (nanochat's trainer at this commit; the classic one uses the rustbpe crate the pip package ships)
     text = corpus(nanochat_dir)
     tok = ntok.RustBPETokenizer.train_from_iterator(iter([text]), VOCAB)
     assert tok.get_vocab_size() == VOCAB, tok.get_vocab_size()

@@ -44,7 +44,7 @@ def read_local(root: Path, subset: str, split: str) -> list[dict]:
 
 
 class MMLU(Task):
-    """Categorical, letters A-D. subset "all" (nanochat HEAD) with split test|validation|dev|auxiliary_train;
+    """Categorical, letters A-D. subset "all" (current nanochat) with split test|validation|dev|auxiliary_train;
     the older spelling subset="auxiliary_train", split="train" means the same auxiliary_train rows."""
 
     letters = LETTERS

@@ -4,7 +4,7 @@ SpellingBee: "how many r are in strawberry?". The assistant spells the word out,
 confirms with one python tool call ('strawberry'.count('r')) and ends with '#### 3', so it is graded like GSM8K.
 SimpleSpelling: "Spell the word: apple" -> "apple:a,p,p,l,e".
 
-The construction follows the reference doc (nanochat_reference.md §8): the letter comes from the word with
+The construction follows classic nanochat's tasks/spellingbee.py (`SpellingBee`): the letter comes from the word with
 p=0.9 (else any letter), 51 question templates in 7 languages (30 en, 4 es, 4 zh, 4 ko, 3 fr, 3 de, 3 ja),
 lowercased with p=0.3, optional quotes, '?' with p=0.5. The templates and the reply wording are our own.
 Example i is a pure function of (split, i): seed i for train, 10,000,000 + i for test (a negative seed such as
