@@ -72,7 +72,8 @@ class _Progress:
         if jax.process_index() != 0 or not (self.live or final or done % self.every == 0):
             return
         rate = done / max(time.perf_counter() - self.t0, 1e-9)
-        line = f"{self.name}: {passed}/{done} ({100 * passed / max(done, 1):.2f}%) of {self.total} | {rate:.1f} problems/s"
+        line = (f"{self.name}: {passed}/{done} ({100 * passed / max(done, 1):.2f}%) of {self.total} | "
+                f"{rate:.1f} problems/s")
         print(("\r" if self.live else "") + line, end="\n" if final or not self.live else "", flush=True)
 
 
@@ -82,7 +83,8 @@ class CategoricalEvaluator:
     def __init__(self, params, model_cfg: gpt.GPTConfig, mesh, *, rows_per_batch: int = 32):
         self.cfg, self.mesh = model_cfg, mesh
         self.rows = max(mesh.size, -(-rows_per_batch // mesh.size) * mesh.size)
-        rep, rows, rows1 = sharding.replicated(mesh), sharding.batch_sharding(mesh), sharding.batch_sharding(mesh, ndim=1)
+        rep, rows = sharding.replicated(mesh), sharding.batch_sharding(mesh)
+        rows1 = sharding.batch_sharding(mesh, ndim=1)
         self.params = jax.device_put(params, rep)
 
         def letter_logits(params, idx_BT, last_B, letters_BL):
@@ -204,8 +206,8 @@ def evaluate_chat_model(params, model_cfg: gpt.GPTConfig, tokenizer, mesh, task_
             out = run_categorical(task, evaluator, tokenizer, max_problems=max_problems, name=name)
         else:
             if "engines" not in cache:
-                cache["engines"] = make_engines(params, model_cfg, tokenizer,
-                                                [d for d in mesh.devices.flat if d.process_index == jax.process_index()])
+                mine = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
+                cache["engines"] = make_engines(params, model_cfg, tokenizer, mine)
             engines = cache["engines"]
             out = run_generative(task, engines, tokenizer, num_samples=num_samples, max_new_tokens=max_new_tokens,
                                  temperature=temperature, top_k=top_k, max_problems=max_problems,

@@ -114,7 +114,8 @@ def build_mixture(cfg: ChatTrainConfig, split: str):
             parts = [T.SmolTalk("train", data_dir=data)]
             if cfg.stage == "mid":
                 parts += [T.MMLU("auxiliary_train", "train", data_dir=data), T.GSM8K("main", "train", data_dir=data),
-                          T.SimpleSpelling(200_000, "train", data_dir=data), T.SpellingBee(80_000, "train", data_dir=data)]
+                          T.SimpleSpelling(200_000, "train", data_dir=data),
+                          T.SpellingBee(80_000, "train", data_dir=data)]
             elif cfg.source_phase == "base":  # current nanochat's SFT from base: 3 epochs of MMLU aux, 4 of GSM8K
                 parts += [T.MMLU("auxiliary_train", "train", data_dir=data)] * 3 + \
                          [T.GSM8K("main", "train", data_dir=data)] * 4
@@ -219,12 +220,14 @@ def chat_train(cfg: ChatTrainConfig, *, train_data=None, val_data=None) -> LoopS
         muon_momentum_final=0.95)
     tx = optim.build_optimizer(gpt.param_shapes(model_cfg), opt_cfg, lr_schedule=lambda it: jnp.float32(1.0))
     state_shapes = jax.eval_shape(lambda k: init_state(model_cfg, tx, k), jax.random.key(0))
-    step_fn, shardings, info = compile_train_step(model_cfg, tx, mesh, state_shapes, (grad_accum, dev_B * mesh.size, T_len),
+    batch_shape = (grad_accum, dev_B * mesh.size, T_len)
+    step_fn, shardings, info = compile_train_step(model_cfg, tx, mesh, state_shapes, batch_shape,
                                                   shard_params=cfg.fsdp, lr_input=True)
     abstract = abstract_tree(state_shapes, shardings)
     print0(f"{stage}: from {src_phase}/{tag} step {src_step}; devices {mesh.size} × {device.device_kind}; "
            f"{len(train_data):,} train / {len(val_data):,} val conversations; batch {B:,} tokens = {grad_accum} × "
-           f"{dev_B} × {T_len} × {mesh.size}; ~{est_steps:,} steps per epoch (mean {mean_len:.0f} tokens/conversation); "
+           f"{dev_B} × {T_len} × {mesh.size}; ~{est_steps:,} steps per epoch "
+           f"(mean {mean_len:.0f} tokens/conversation); "
            f"compiled in {info['compile_seconds']:.1f}s")
 
     # --- state: resume this stage, or start from the source ---
@@ -340,10 +343,12 @@ def chat_train(cfg: ChatTrainConfig, *, train_data=None, val_data=None) -> LoopS
             "steps": final_step, "total batch size": B, "max seq len": T_len,
             **{k: v * init_lr_frac * lr_scale for k, v in lrs.items()}, "init_lr_frac": init_lr_frac,
             "batch lr scale": lr_scale,
-            "min val bpb": loop.min_val_bpb, "final val bpb": loop.val_bpb if loop.val_bpb is not None else float("nan"),
+            "min val bpb": loop.min_val_bpb,
+            "final val bpb": loop.val_bpb if loop.val_bpb is not None else float("nan"),
             **{f"last eval {k}": v for k, v in loop_chat.items()},
             "wall time": format_duration(time.perf_counter() - t0)}, run_dir=run_dir(f"{stage}_{tag}"))
-    print0(f"{stage} done: {final_step} steps, val bpb {loop.val_bpb:.4f}, wall time {format_duration(time.perf_counter() - t0)}")
+    print0(f"{stage} done: {final_step} steps, val bpb {loop.val_bpb:.4f}, "
+           f"wall time {format_duration(time.perf_counter() - t0)}")
     finish_run(run_dir(f"{stage}_{tag}"), {"stage": stage, "final_step": final_step, "val_bpb": loop.val_bpb},
                start=start, losses=[[s_, l_] for s_, l_ in loop.history])
     return loop

@@ -392,4 +392,5 @@ def load_tokenizer(meta: dict, tokenizer_dir: str | os.PathLike | None = None):
     return get_tokenizer()
 
 
-__all__ = ["Checkpointer", "load_tokenizer", "resolve_model_tag", "require_same_vocab", "checkpoint_dir", "find_largest_model", "load_model", "with_sharding", "PHASE_DIRS"]
+__all__ = ["Checkpointer", "load_tokenizer", "resolve_model_tag", "require_same_vocab", "checkpoint_dir",
+           "find_largest_model", "load_model", "with_sharding", "PHASE_DIRS"]

@@ -129,4 +129,5 @@ def print_config(cfg: Any, file=None) -> None:
     """Print the resolved config as one JSON block, so every run's settings are in its log."""
     from nanochat_jax.common import print0
 
-    print0(f"{type(cfg).__name__} " + json.dumps(config_to_dict(cfg), indent=2, sort_keys=False), file=file or sys.stdout)
+    text = json.dumps(config_to_dict(cfg), indent=2, sort_keys=False)
+    print0(f"{type(cfg).__name__} {text}", file=file or sys.stdout)

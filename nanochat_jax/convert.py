@@ -61,9 +61,9 @@ def nanochat_format(keys) -> str:
     have = sorted(k for k, v in features.items() if v)
     lack = sorted(k for k, v in features.items() if not v)
     raise ValueError(f"nanochat state dict is neither the current (92d63d4) nor the classic (October 2025) model: "
-                     f"it has {have} but lacks {lack}. Intermediate nanochat architectures are not supported (their RoPE base and "
-                     f"gate widths cannot be read from the keys); convert with the nanochat version that wrote it "
-                     f"to the current format first")
+                     f"it has {have} but lacks {lack}. Intermediate nanochat architectures are not supported "
+                     f"(their RoPE base and gate widths cannot be read from the keys); convert with the nanochat "
+                     f"version that wrote it to the current format first")
 
 
 def config_from_nanochat(meta: dict[str, Any], keys, **overrides) -> GPTConfig:
@@ -438,6 +438,6 @@ def save_nanochat_checkpoint(directory: str | Path, step: int, params: gpt.Param
     return model_path
 
 
-__all__ = ["read_pt", "read_pt_state_dict", "config_from_nanochat", "config_from_nanochat_meta", "nanochat_format", "params_from_state_dict",
-           "state_dict_from_params", "nanochat_model_config", "read_nanochat_checkpoint", "load_nanochat_checkpoint",
-           "save_nanochat_checkpoint", "find_nanochat_steps", "strip_compile_prefix"]
+__all__ = ["read_pt", "read_pt_state_dict", "config_from_nanochat", "config_from_nanochat_meta", "nanochat_format",
+           "params_from_state_dict", "state_dict_from_params", "nanochat_model_config", "read_nanochat_checkpoint",
+           "load_nanochat_checkpoint", "save_nanochat_checkpoint", "find_nanochat_steps", "strip_compile_prefix"]

@@ -699,7 +699,7 @@ def _download(url: str, dest: Path, *, max_attempts: int, backoff: float, timeou
 
 
 __all__ = ["EVAL_BUNDLE_URL", "TASK_TYPES", "CoreTask", "Row", "ScoreFn", "Scorer", "ScoringSession", "TaskProgress",
-           "bucket_lengths", "centered_accuracy", "crop_row", "ensure_eval_bundle", "evaluate_core", "evaluate_task", "example_rows",
-           "fewshot_indices", "find_common_length", "format_core_table", "load_core_tasks", "load_task_data",
-           "make_model_scorer", "prepare_task", "read_core_csv", "render_prompts", "render_prompts_lm",
-           "render_prompts_mc", "render_prompts_schema", "shuffle_and_truncate", "write_core_csv"]
+           "bucket_lengths", "centered_accuracy", "crop_row", "ensure_eval_bundle", "evaluate_core", "evaluate_task",
+           "example_rows", "fewshot_indices", "find_common_length", "format_core_table", "load_core_tasks",
+           "load_task_data", "make_model_scorer", "prepare_task", "read_core_csv", "render_prompts",
+           "render_prompts_lm", "render_prompts_mc", "render_prompts_schema", "shuffle_and_truncate", "write_core_csv"]

@@ -32,8 +32,8 @@ Layers run under `lax.scan` (compile time flat in depth) and no conditional ever
 must be a Python int (the cuDNN and Pallas kernels, the KV cache's window slices) the scan steps over groups of P
 layers in which the window pattern and the alternating value-embedding layers repeat (P = 4 for "SSSL"), so each
 position of the group has its own fixed window; the "xla" attention in training takes the window as mask data
-and steps over layer pairs. Layers past the last whole group run unrolled (`layer_plan`). `forward_cached` runs the same blocks against a preallocated
-`KVCache` (prefill and decode in nanochat_jax/engine.py).
+and steps over layer pairs. Layers past the last whole group run unrolled (`layer_plan`). `forward_cached` runs
+the same blocks against a preallocated `KVCache` (prefill and decode in nanochat_jax/engine.py).
 """
 
 from __future__ import annotations
@@ -373,7 +373,8 @@ def _uniform(rngs: nnx.Rngs, shape, lo: float, hi: float, dtype=jnp.float32):
 
 
 def _matrix(cfg: GPTConfig, rngs: nnx.Rngs, shape: tuple[int, int], gain: float = 1.0):
-    """An input projection: reference U(±gain·sqrt(3/D)) (std gain/sqrt(D)); classic N(0, min(1, sqrt(out/in))/sqrt(in))."""
+    """An input projection: reference U(±gain·sqrt(3/D)) (std gain/sqrt(D)); classic
+    N(0, min(1, sqrt(out/in))/sqrt(in))."""
     fan_in, fan_out = shape
     if cfg.init == "reference":
         bound = gain * math.sqrt(3.0 / cfg.n_embd)
@@ -563,7 +564,7 @@ class GPT(nnx.Module):
             carry, _ = jax.lax.scan(group, carry, xs)
         for i in tail:
             pick = lambda tree: jax.tree.map(lambda a: a[i], tree)  # noqa: E731, B023
-            ve = jax.tree.map(lambda a: a[ve_layers.index(i)], tables) if i in ve_layers else None
+            ve = jax.tree.map(lambda a: a[ve_layers.index(i)], tables) if i in ve_layers else None  # noqa: B023
             carry = run(windows[i], *carry, pick(block_state), i, pick(lambdas) if lambdas is not None else None, ve)
         x, x_backout, kv = carry
         if cfg.use_backout:

@@ -16,7 +16,8 @@ from nanochat_jax import gpt
 
 
 def make_bpb_fn(model_cfg: gpt.GPTConfig):
-    """(params, inputs_BT, targets_BT, token_bytes_V) -> (Σ nats, Σ bytes) over counted tokens. Jit it with shardings."""
+    """(params, inputs_BT, targets_BT, token_bytes_V) -> (Σ nats, Σ bytes) over counted tokens. Jit it with
+    shardings."""
 
     def bpb_sums(params, inputs_BT, targets_BT, token_bytes_V):
         nats_BT = gpt.forward(params, inputs_BT, model_cfg, targets_BT=targets_BT, loss_reduction="none")

@@ -17,6 +17,7 @@ else "n/a" and why (no rate is recorded for CPUs).
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import platform
@@ -316,7 +317,8 @@ class Report:
         if order:
             lines += ["| Metric | " + " | ".join(COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
             for m in order:
-                cells = [f"{round(table[m][c], 4) + 0.0:.4f}" if c in table[m] else "-" for c in COLUMNS]  # no "-0.0000"
+                # + 0.0: no "-0.0000"
+                cells = [f"{round(table[m][c], 4) + 0.0:.4f}" if c in table[m] else "-" for c in COLUMNS]
                 lines.append(f"| {self.row_label(m)} | " + " | ".join(cells) + " |")
             lines.append("")
         secs = self.wall_clock_seconds()
@@ -359,7 +361,7 @@ class Report:
             ax.grid(alpha=0.3)
             fig.tight_layout()
             rel = f"plots/{slugify(rec['section'])}-{slugify(tag)}.png"
-            _write_bytes(self.dir / rel, lambda f: fig.savefig(f, format="png", dpi=120))
+            _write_bytes(self.dir / rel, functools.partial(fig.savefig, format="png", dpi=120))
             plt.close(fig)
             out.append(rel)
         return out

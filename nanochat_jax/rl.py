@@ -19,6 +19,7 @@ run (params, optimizer state and step restored) continues exactly.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import time
 from dataclasses import dataclass
@@ -226,7 +227,8 @@ def rl_train(cfg: RLConfig, *, train_task=None, eval_task=None, reward_fn=None) 
     src.ckpt.close()
     state = {"step": jax.device_put(jnp.asarray(start, jnp.int32), shardings["step"]), "params": params,
              "opt_state": opt_state}
-    engines = make_engines(state["params"], model_cfg, tokenizer, [d for d in mesh.devices.flat if d.process_index == pi])
+    engines = make_engines(state["params"], model_cfg, tokenizer,
+                           [d for d in mesh.devices.flat if d.process_index == pi])
     print0(f"rl: from {cfg.source}/{tag} step {src_step}; {num_steps} steps × {E} problems × {S} samples "
            f"({rows} rows = {A} × {R} × {T} tokens); {len(engines)} engine(s) on this process; "
            f"train step compiled in {info['compile_seconds']:.1f}s")
@@ -248,9 +250,10 @@ def rl_train(cfg: RLConfig, *, train_task=None, eval_task=None, reward_fn=None) 
         mine = list(range(pi, n, pc))
         groups = sample_groups(engines, tokenizer, eval_task, mine, num_samples=cfg.eval_samples,
                                max_new_tokens=cfg.max_new_tokens, temperature=1.0, top_k=50,
-                               seed_of=lambda ex: rollout_seed(cfg.seed, "eval", step, ex), reward_fn=reward_fn)
+                               seed_of=functools.partial(rollout_seed, cfg.seed, "eval", step), reward_fn=reward_fn)
         correct = np.array([[r > 0 for r in g[3]] for g in groups], bool).reshape(len(mine), cfg.eval_samples)
-        sums = sharding.process_sum(np.concatenate([np.cumsum(correct, 1).clip(0, 1).sum(0), [len(mine)]]).astype(np.float64))
+        passed_k = np.cumsum(correct, 1).clip(0, 1).sum(0)  # problems solved within the first k samples
+        sums = sharding.process_sum(np.concatenate([passed_k, [len(mine)]]).astype(np.float64))
         passk = sums[:-1] / max(sums[-1], 1)
         print0(f"step {step:05d} | " + " | ".join(f"pass@{k + 1} {v:.4f}" for k, v in enumerate(passk)))
         log(step, **{f"eval/pass@{k + 1}": float(v) for k, v in enumerate(passk)})
@@ -277,7 +280,8 @@ def rl_train(cfg: RLConfig, *, train_task=None, eval_task=None, reward_fn=None) 
             examples = [(first + i) % len(train_task) for i in range(E)][pi::pc]
             groups = sample_groups(engines, tokenizer, train_task, examples, num_samples=S,
                                    max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
-                                   seed_of=lambda ex: rollout_seed(cfg.seed, "train", step, ex), reward_fn=reward_fn)
+                                   seed_of=functools.partial(rollout_seed, cfg.seed, "train", step),
+                                   reward_fn=reward_fn)
             t_sample = time.perf_counter() - t0
             rewards = np.array([g[3] for g in groups], np.float64)
             host, stats = rollout_batch([g[0] for g in groups], [g[1] for g in groups], [g[2] for g in groups],
@@ -285,7 +289,8 @@ def rl_train(cfg: RLConfig, *, train_task=None, eval_task=None, reward_fn=None) 
             state, metrics = step_fn(state, put(host))
             refresh_engines(state["params"])
             loss = float(metrics["loss"])
-            tot = sharding.process_sum(np.array([rewards.sum(), stats["mean_completion_len"] * rewards.size, rewards.size]))
+            tot = sharding.process_sum(np.array([rewards.sum(), stats["mean_completion_len"] * rewards.size,
+                                                 rewards.size]))
             mean_reward, mean_len = tot[0] / tot[2], tot[1] / tot[2]
             dt = time.perf_counter() - t0
             loop.history.append((step, loss))
@@ -301,7 +306,7 @@ def rl_train(cfg: RLConfig, *, train_task=None, eval_task=None, reward_fn=None) 
         log.close()
     summary = {"stage": "rl", "steps": num_steps, "wall_seconds": time.perf_counter() - t_start,
                "reward": history["reward"], "pass@k": history["pass@k"],
-               "losses": [[s, l] for s, l in loop.history]}
+               "losses": [[s, loss] for s, loss in loop.history]}
     print0(f"rl done: {num_steps} steps in {format_duration(summary['wall_seconds'])}")
     if pi == 0:
         from nanochat_jax.report import get_report

@@ -104,7 +104,8 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, pattern: str = SPLIT_
     n_bpe = vocab_size - len(SPECIAL_TOKENS)
     if len(ranks) < n_bpe:
         warnings.warn(f"the corpus only supported {len(ranks) - 256} merges, so the vocab is "
-                      f"{len(ranks) + len(SPECIAL_TOKENS)} instead of {vocab_size}; use more text for the full vocab")
+                      f"{len(ranks) + len(SPECIAL_TOKENS)} instead of {vocab_size}; use more text for the full vocab",
+                      stacklevel=2)
     enc = tiktoken.Encoding(name=name, pat_str=bpe.get_pattern(), mergeable_ranks=ranks,
                             special_tokens={s: len(ranks) + i for i, s in enumerate(SPECIAL_TOKENS)})
     return Tokenizer(enc, mergeable_ranks=ranks)
@@ -333,7 +334,7 @@ class Tokenizer:
 
         sp = self.encode_special
         add(self.bos_id, 0)
-        for index, role, content in messages:
+        for _, role, content in messages:
             if role == "user":
                 add(sp("<|user_start|>"), 0)
                 add(self.encode(content), 0)

@@ -378,7 +378,8 @@ class PretrainConfig:
         need(self.depth >= 1, f"--depth must be >= 1, got {self.depth}")
         need(self.max_seq_len >= 2, f"--max-seq-len must be >= 2, got {self.max_seq_len}")
         need(self.device_batch_size >= 1, f"--device-batch-size must be >= 1, got {self.device_batch_size}")
-        need(self.attention in ("auto", "xla", "cudnn", "pallas"), f"--attention must be auto|xla|cudnn|pallas, got {self.attention!r}")
+        need(self.attention in ("auto", "xla", "cudnn", "pallas"),
+             f"--attention must be auto|xla|cudnn|pallas, got {self.attention!r}")
         need(self.compute_dtype in ("auto", "bfloat16", "float32"), "--compute-dtype must be auto|bfloat16|float32")
         need(self.num_iterations > 0 or self.target_flops > 0 or self.target_param_data_ratio > 0,
              "set one of --num-iterations, --target-flops or --target-param-data-ratio to a positive value")
@@ -387,11 +388,11 @@ class PretrainConfig:
              and self.core_metric_every != 0,
              "--eval-every/--sample-every/--save-every/--core-metric-every must be > 0 or -1 (off); --log-every >= 1")
         need(self.keep_checkpoints >= 1, "--keep-checkpoints must be >= 1")
-        for flag, value, allowed in (("lr-schedule", self.lr_schedule, ("reference", "constant")),
+        for name, value, allowed in (("lr-schedule", self.lr_schedule, ("reference", "constant")),
                                      ("muon-momentum-schedule", self.muon_momentum_schedule, ("reference", "constant")),
                                      ("weight-decay-schedule", self.weight_decay_schedule, ("cosine", "constant")),
                                      ("adamw-style", self.adamw_style, ("current", "classic"))):
-            need(value in allowed, f"--{flag} must be one of {'|'.join(allowed)}, got {value!r}")
+            need(value in allowed, f"--{name} must be one of {'|'.join(allowed)}, got {value!r}")
         need(self.adamw_weight_decay >= 0 and self.grad_clip >= 0, "--adamw-weight-decay and --grad-clip must be >= 0")
         parse_profile_steps(self.profile_steps)
 
@@ -444,7 +445,8 @@ def open_source(phase: str, model_tag: str | None, step: int | None, *, compute_
 def plan_horizon(cfg: PretrainConfig, model_cfg: gpt.GPTConfig, n_devices: int) -> dict:
     """Batch size, grad accumulation, iterations, LR/WD scaling (nanochat's scripts/base_train.py), validated."""
     counts = gpt.num_params(model_cfg)
-    ref = gpt.num_params(gpt.GPTConfig.from_depth(12, vocab_size=model_cfg.vocab_size, max_seq_len=model_cfg.sequence_len))
+    d12 = gpt.GPTConfig.from_depth(12, vocab_size=model_cfg.vocab_size, max_seq_len=model_cfg.sequence_len)
+    ref = gpt.num_params(d12)
     ratio = cfg.target_param_data_ratio if cfg.target_param_data_ratio > 0 else 12.0
     target = optim.target_tokens(ratio, counts["scaling"])
     d_ref = ratio * ref["scaling"]
@@ -452,7 +454,8 @@ def plan_horizon(cfg: PretrainConfig, model_cfg: gpt.GPTConfig, n_devices: int) 
     micro_tokens = cfg.device_batch_size * cfg.max_seq_len * n_devices
     if B % micro_tokens:
         raise ValueError(f"--total-batch-size={B} is not a multiple of device_batch_size × max_seq_len × devices = "
-                         f"{cfg.device_batch_size} × {cfg.max_seq_len} × {n_devices} = {micro_tokens}; change one of them")
+                         f"{cfg.device_batch_size} × {cfg.max_seq_len} × {n_devices} = {micro_tokens}; "
+                         f"change one of them")
     n_iter = optim.horizon(total_batch_size=B, num_iterations=cfg.num_iterations, target_flops=cfg.target_flops,
                            target_param_data_ratio=cfg.target_param_data_ratio, scaling_params=counts["scaling"],
                            flops_per_token=gpt.flops_per_token(model_cfg))
@@ -502,8 +505,8 @@ def _pretrain(cfg: PretrainConfig, cleanup: contextlib.ExitStack) -> LoopState:
     loader = ShardedLoader(tokenizer, cfg.device_batch_size, cfg.max_seq_len, "train", files=train_files,
                            shard_indices=shards, num_shards=mesh.size, state=meta.get("loader_state"))
     cleanup.callback(loader.close)
-    print0(f"devices: {mesh.size} × {device.device_kind} ({jax.process_count()} process(es)); compute {model_cfg.compute_dtype}, "
-           f"attention {model_cfg.attn_backend}")
+    print0(f"devices: {mesh.size} × {device.device_kind} ({jax.process_count()} process(es)); "
+           f"compute {model_cfg.compute_dtype}, attention {model_cfg.attn_backend}")
     print0("model config " + json.dumps(model_cfg.to_dict()))
     print0("parameters " + ", ".join(f"{k} {v:,}" for k, v in plan["params"].items()))
     print0(f"FLOPs/token {plan['flops_per_token']:.6e}; total batch {B:,} tokens = grad_accum {grad_accum} × "
@@ -539,7 +542,8 @@ def _pretrain(cfg: PretrainConfig, cleanup: contextlib.ExitStack) -> LoopState:
         state = {"step": jax.device_put(jnp.asarray(resume_step, jnp.int32), shardings["step"]),
                  "params": params, "opt_state": opt_state}
         loop = LoopState(**{k: v for k, v in meta["loop_state"].items() if k != "history"})
-        print0(f"resumed {tag} from step {resume_step} of {n_iter}" + (" (already finished)" if resume_step >= n_iter else ""))
+        print0(f"resumed {tag} from step {resume_step} of {n_iter}"
+               + (" (already finished)" if resume_step >= n_iter else ""))
     else:
         state = jax.jit(lambda k: init_state(model_cfg, tx, k), out_shardings=shardings)(jax.random.key(cfg.seed))
     start = resume_step or 0
@@ -631,12 +635,14 @@ def _pretrain(cfg: PretrainConfig, cleanup: contextlib.ExitStack) -> LoopState:
              "tokens per scaling parameter": n_iter * B / plan["params"]["scaling"],
              "devices": f"{mesh.size} × {device.device_kind}", "attention": model_cfg.attn_backend,
              "compute dtype": model_cfg.compute_dtype,
-             "min val bpb": loop.min_val_bpb, "final val bpb": loop.val_bpb if loop.val_bpb is not None else float("nan"),
+             "min val bpb": loop.min_val_bpb,
+             "final val bpb": loop.val_bpb if loop.val_bpb is not None else float("nan"),
              **({"CORE estimate": loop.core_metric} if loop.core_metric is not None else {}),
              "MFU %": "-" if mfu is None else mfu,
              "total training FLOPs": f"{n_iter * B * flops_tok:.4e}",
              "training time": format_duration(loop.total_training_time)}], run_dir=run_dir(tag))
-    print0(f"done: {n_iter} steps, min val bpb {loop.min_val_bpb:.4f}, training time {format_duration(loop.total_training_time)}")
+    print0(f"done: {n_iter} steps, min val bpb {loop.min_val_bpb:.4f}, "
+           f"training time {format_duration(loop.total_training_time)}")
     finish_run(run_dir(tag), {"final_step": n_iter, "val_bpb": loop.val_bpb, "min_val_bpb": loop.min_val_bpb},
                start=start, losses=[[s_, l_] for s_, l_ in loop.history])
     return loop

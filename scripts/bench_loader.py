@@ -54,18 +54,20 @@ def main(argv=None) -> dict:
         packer = loader.packer
         packed0, cropped0 = packer.tokens_packed, packer.tokens_cropped
         t0 = time.perf_counter()
-        for i in range(cfg.num_batches):
+        for _ in range(cfg.num_batches):
             batch = next(loader)
         dt = time.perf_counter() - t0
         tokens = cfg.num_batches * batch["inputs"].size
         # packer counters run ahead by the prefetched batches; the ratio is what matters
-        crop = (packer.tokens_cropped - cropped0) / max(1, packer.tokens_packed - packed0 + packer.tokens_cropped - cropped0)
+        cropped, packed = packer.tokens_cropped - cropped0, packer.tokens_packed - packed0
+        crop = cropped / max(1, packed + cropped)
         epoch = loader.epoch
     result = {"tokens_per_s": tokens / dt, "batches": cfg.num_batches, "batch_shape": list(batch["inputs"].shape),
               "seconds": dt, "cropped_fraction": crop, "epoch": epoch,
               "keeps_up_with_8xH100": tokens / dt >= NODE_TOKENS_PER_S, "config": asdict(cfg)}
-    print(f"{tokens / dt:,.0f} tokens/s ({dt / cfg.num_batches * 1e3:.1f} ms per {cfg.device_batch_size}x{cfg.max_seq_len} "
-          f"batch), {100 * crop:.1f}% of document tokens cropped; an 8xH100 node needs ~{NODE_TOKENS_PER_S:,.0f}: "
+    print(f"{tokens / dt:,.0f} tokens/s ({dt / cfg.num_batches * 1e3:.1f} ms per "
+          f"{cfg.device_batch_size}x{cfg.max_seq_len} batch), {100 * crop:.1f}% of document tokens cropped; "
+          f"an 8xH100 node needs ~{NODE_TOKENS_PER_S:,.0f}: "
           f"{'keeps up' if result['keeps_up_with_8xH100'] else 'TOO SLOW'}")
     print(json.dumps(result))
     return result

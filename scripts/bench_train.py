@@ -2,7 +2,8 @@
 
     python scripts/bench_train.py --depth=20 --device-batch-size=16 --max-seq-len=2048 --attention=cudnn   # GPU
     python scripts/bench_train.py --depth=2 --max-seq-len=128 --device-batch-size=4 --vocab-size=4096     # CPU
-    python scripts/bench_train.py --depth=20 --device-batch-size=1 --compute-dtype=float32 --compile-only  # compile time
+    python scripts/bench_train.py --depth=20 --device-batch-size=1 --compute-dtype=float32 --compile-only
+                                                                                       # trace + compile time only
 
 The same step as training (scripts/pretrain.py): model, optimizer, sharding and donation. The last line is JSON.
 """

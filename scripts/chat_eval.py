@@ -34,7 +34,8 @@ class ChatEvalConfig:
     seed: int = flag(0, "seed of the sampling")
 
     def __post_init__(self):
-        require(self.source in ("base", "mid", "sft", "rl"), f"-i/--source must be base|mid|sft|rl, got {self.source!r}")
+        require(self.source in ("base", "mid", "sft", "rl"),
+                f"-i/--source must be base|mid|sft|rl, got {self.source!r}")
         require(self.num_samples >= 1 and self.max_new_tokens >= 1 and self.batch_size >= 1,
                 "-n, --max-new-tokens and --batch-size must be >= 1")
         require(0 <= self.temperature <= 2 and self.top_k >= 0, "-t must be in [0, 2] and -k >= 0")
@@ -70,7 +71,8 @@ def main(argv=None):
                               temperature=cfg.temperature, top_k=cfg.top_k, batch_size=cfg.batch_size, seed=cfg.seed)
     details = out.pop("details")
     for name, acc in out.items():
-        print0(f"{name}: {acc:.4f}" + (f" ({details[name]['passed']}/{details[name]['total']})" if name in details else ""))
+        counts = f" ({details[name]['passed']}/{details[name]['total']})" if name in details else ""
+        print0(f"{name}: {acc:.4f}{counts}")
     if jax.process_index() == 0:
         log = ScalarLog(run_dir(f"chat_eval_{cfg.source}_{tag}"))
         log(step or 0, **{f"chat_eval/{k}": v for k, v in out.items()})

@@ -117,8 +117,8 @@ def main(argv=None) -> None:
         print(f"{name:<12} {n_bytes:>9,} {n_tokens:>9,} {ratio:>7.2f}")
     from nanochat_jax.report import get_report
 
-    get_report().log("Tokenizer evaluation", {"vocab_size": ours.vocab_size,
-                                              **{f"{name} bytes/token": ratio for name, (_, _, ratio) in results.items()}})
+    ratios = {f"{name} bytes/token": ratio for name, (_, _, ratio) in results.items()}
+    get_report().log("Tokenizer evaluation", {"vocab_size": ours.vocab_size, **ratios})
 
     for label, enc_name in BASELINES.items():
         try:

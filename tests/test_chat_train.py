@@ -82,7 +82,7 @@ def test_sft_loss_drops_on_real_conversations(chats, tok_dir):
                               init_lr_frac=1.0, total_batch_size=batch, chatcore_tasks="ARC-Easy|GSM8K",
                               chatcore_max_problems=4, chatcore_max_new_tokens=8, task_data=str(shared_data()), **lrs),
                       train_data=Subset(train, 400), val_data=Subset(val, 40))
-    losses = [l for _, l in loop.history]
+    losses = [loss for _, loss in loop.history]
     assert len(losses) == 30
     assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 1.0, losses
     assert loop.val_bpb is not None and np.isfinite(loop.val_bpb)
@@ -117,7 +117,7 @@ def test_mid_runs_one_epoch_then_sft_resumes_exactly(chats, tok_dir):
     resumed = chat_train(cfg_for(tok_dir, stage="sft", model_tag="d2", num_iterations=6, resume=True),
                          train_data=small, val_data=vsmall)
     assert [s for s, _ in resumed.history] == [3, 4, 5]
-    assert [l for s, l in full.history if s >= 3] == [l for _, l in resumed.history]
+    assert [loss for s, loss in full.history if s >= 3] == [loss for _, loss in resumed.history]
 
 
 def test_masked_loss_counts_only_assistant_tokens(chats, tok_dir):

@@ -17,7 +17,8 @@ def random_conversations(n, seed=0):
     for i in range(n):
         msgs = []
         for turn in range(rng.choice([1, 1, 2, 3])):
-            msgs.append({"role": "user", "content": f"q{i}.{turn} " + " ".join(rng.choices(WORDS, k=rng.randint(1, 30)))})
+            words = " ".join(rng.choices(WORDS, k=rng.randint(1, 30)))
+            msgs.append({"role": "user", "content": f"q{i}.{turn} {words}"})
             if rng.random() < 0.3:
                 content = [{"type": "text", "text": "let me compute"}, {"type": "python", "text": "2+3"},
                            {"type": "python_output", "text": "5"}, {"type": "text", "text": " so 5"}]

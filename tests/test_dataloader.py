@@ -63,7 +63,8 @@ def test_packing_invariants(corpus):
                 segs = _segments(row, tok.bos_id)
                 assert sum(len(s) for s in segs) == T + 1, "no padding: the row is all document tokens"
                 for j, seg in enumerate(segs):
-                    matches = [k for k, d in enumerate(train_docs) if len(d) >= len(seg) and np.array_equal(d[:len(seg)], seg)]
+                    matches = [k for k, d in enumerate(train_docs)
+                               if len(d) >= len(seg) and np.array_equal(d[:len(seg)], seg)]
                     assert matches, "every token comes from some document, in order"
                     if j < len(segs) - 1:  # only the row's last doc may be cropped
                         assert any(len(train_docs[k]) == len(seg) for k in matches)
@@ -106,7 +107,8 @@ def test_process_striding(corpus):
     for fi, path in enumerate(files):
         pf = pq.ParquetFile(path)
         for rg in range(pf.num_row_groups):
-            where += [(tok.encode(t, prepend=tok.bos_id), (fi, rg)) for t in pf.read_row_group(rg).column(0).to_pylist()]
+            texts = pf.read_row_group(rg).column(0).to_pylist()
+            where += [(tok.encode(t, prepend=tok.bos_id), (fi, rg)) for t in texts]
     checked = 0
     with DataLoader(tok, 2, 64, files=files, process_index=1, process_count=2, buffer_docs=20) as loader:
         for _ in range(5):

@@ -53,7 +53,7 @@ def random_params(cfg: GPTConfig, seed: int = 0):
 def np_forward(p, idx, cfg: GPTConfig):
     p = jax.tree.map(lambda a: np.asarray(a, np.float64), p)
     B, T = idx.shape
-    L, H, K, hd, D = cfg.n_layer, cfg.n_head, cfg.n_kv_head, cfg.head_dim, cfg.n_embd
+    L, H, K, hd = cfg.n_layer, cfg.n_head, cfg.n_kv_head, cfg.head_dim
     eps = float(np.finfo(np.float32).eps)
 
     def rms(x):

@@ -35,7 +35,7 @@ def _cfg(data, **kw):
 
 def test_tiny_pretraining_learns_and_checkpoints(data):
     loop = train.pretrain(_cfg(data, num_iterations=30, eval_every=30, save_every=-1, profile_steps="2:4"))
-    losses = [l for _, l in loop.history]
+    losses = [loss for _, loss in loop.history]
     assert len(losses) == 30 and losses[-1] < losses[0] - 1.0, losses
     assert loop.val_bpb is not None and loop.val_bpb < 10
     with Checkpointer(checkpoint_dir("base", "d2")) as ckpt:
@@ -54,7 +54,7 @@ def test_resume_is_exact(data):
     resumed = train.pretrain(_cfg(data, num_iterations=8, eval_every=-1, save_every=4, model_tag="r",
                                   resume_from_step=4))
     # Same compiled program, same restored state and loader position, same host: bit-identical losses.
-    assert [l for s, l in full.history if s >= 4] == [l for _, l in resumed.history]
+    assert [loss for s, loss in full.history if s >= 4] == [loss for _, loss in resumed.history]
     assert [s for s, _ in resumed.history] == [4, 5, 6, 7]
     with pytest.raises(UserError, match="other settings .*n_layer: 2 → 3"):
         train.pretrain(_cfg(data, num_iterations=8, eval_every=-1, model_tag="r", resume=True, depth=3))
@@ -68,7 +68,7 @@ def test_rerun_continues_and_never_overwrites(data):
         ckpt._mngr.delete(4)  # as if it crashed after saving step 2
     again = train.pretrain(_cfg(data, num_iterations=4, eval_every=-1, save_every=2, model_tag="a"))
     assert [s for s, _ in again.history] == [2, 3]
-    assert [l for _, l in again.history] == [l for s, l in cut.history if s >= 2]
+    assert [loss for _, loss in again.history] == [loss for s, loss in cut.history if s >= 2]
     with pytest.raises(UserError, match=r"already holds checkpoints \(steps \[2, 4\]\).*--resume=0"):
         train.pretrain(_cfg(data, num_iterations=4, eval_every=-1, model_tag="a", resume=False))
     with pytest.raises(UserError, match="num_iterations: 4 → 6"):
@@ -103,7 +103,8 @@ def test_two_processes_match_one(data, tmp_path):
     2-process run resumed from a checkpoint continues exactly (every process's loader position is in it)."""
     args = [f"--data-dir={data[0]}", f"--tokenizer-dir={data[1]}", "--depth=2", "--aspect-ratio=64", "--head-dim=32",
             "--max-seq-len=64", "--device-batch-size=2", f"--total-batch-size={2 * 64 * 8}", "--num-iterations=4",
-            "--eval-every=-1", f"--eval-tokens={2 * 64 * 8}", "--sample-every=-1", "--warmup-steps=0", "--save-every=-1",
+            "--eval-every=-1", f"--eval-tokens={2 * 64 * 8}", "--sample-every=-1", "--warmup-steps=0",
+            "--save-every=-1",
             "--mesh=-1"]
     port = _free_port()
     procs = []
@@ -134,7 +135,7 @@ def test_two_processes_match_one(data, tmp_path):
     assert [s for s, _ in one_l] == [s for s, _ in two_l] == [0, 1, 2, 3]
     for (_, a), (_, b) in zip(one_l, two_l):
         assert abs(a - b) <= 1e-5 * abs(a), (one_l, two_l)  # same batches; only cross-process reduction order differs
-    assert resumed_l == [[s, l] for s, l in two_l if s >= 2]
+    assert resumed_l == [[s, loss] for s, loss in two_l if s >= 2]
 
 
 @pytest.mark.slow

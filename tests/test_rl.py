@@ -33,7 +33,7 @@ def test_rollout_batch_and_loss_match_numpy():
     vocab, T = 50, 12
     prompt_lens = [3, 4]
     seqs, masks = [], []
-    for g, pl in enumerate(prompt_lens):
+    for pl in prompt_lens:
         gs, gm = [], []
         for s in range(3):
             n = pl + rng.integers(2, 9)
@@ -66,7 +66,8 @@ def test_rollout_batch_and_loss_match_numpy():
     params = gpt.init_params(cfg, jax.random.key(0))
     loss = float(pg_loss_fn(cfg)(params, {k: jnp.asarray(v) for k, v in batch.items()}))
     logits = np.asarray(gpt.forward(params, jnp.asarray(batch["inputs"]), cfg), np.float64)
-    logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - logits.max(-1, keepdims=True)
+    top = logits.max(-1, keepdims=True)
+    logp = logits - np.log(np.exp(logits - top).sum(-1, keepdims=True)) - top
     obj = 0.0
     for r in range(6):
         for t in range(T):
@@ -147,7 +148,7 @@ def test_resume_is_exact(tok_dir):
         ck._mngr.delete(6)
     resumed = rl_train(RLConfig(**kw, resume=True), train_task=task, eval_task=task)
     assert [s for s, _ in resumed["losses"]] == [3, 4, 5]
-    assert [l for s, l in full["losses"] if s >= 3] == [l for _, l in resumed["losses"]]
+    assert [loss for s, loss in full["losses"] if s >= 3] == [loss for _, loss in resumed["losses"]]
     assert [r for s, r in full["reward"] if s >= 3] == [r for _, r in resumed["reward"]]
 
 
@@ -159,7 +160,8 @@ def test_rollout_seeds_agree_across_processes():
     import sys
 
     code = ("from nanochat_jax.rl import rollout_seed; "
-            "print([rollout_seed(s, k, st, ex) for s in (0, 1) for k in ('train', 'eval') for st in range(3) for ex in range(4)])")
+            "print([rollout_seed(s, k, st, ex) for s in (0, 1) for k in ('train', 'eval') for st in range(3) "
+            "for ex in range(4)])")
     outs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                            env={**os.environ, "PYTHONHASHSEED": salt}).stdout for salt in ("1", "2")]
     assert outs[0] == outs[1]

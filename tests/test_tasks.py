@@ -63,7 +63,7 @@ def test_lengths_match_readme(data, make, n):
     assert len(task) == n
     if isinstance(task, LocalChat):
         with pytest.raises(NotImplementedError, match="training-only"):
-            task.eval_type
+            _ = task.eval_type
     else:
         assert task.eval_type in ("categorical", "generative")
     for i in (0, n // 2, n - 1):  # well-formed conversations: user first, alternating, assistant last

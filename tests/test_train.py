@@ -13,7 +13,7 @@ from nanochat_jax import gpt, optim, sharding, train
 from nanochat_jax.loss_eval import make_bpb_fn, numpy_bpb
 
 CFG = gpt.GPTConfig.from_depth(2, aspect_ratio=64, head_dim=32, max_seq_len=32, vocab_size=300, short_window=16,
-                               embed_dtype="float32", compute_dtype="float32")  # bf16 rounding would dominate comparisons
+                               embed_dtype="float32", compute_dtype="float32")  # bf16 rounding would dominate
 
 
 def _setup(n_devices, cfg=CFG, A=2, B=16, fsdp=True):
@@ -104,7 +104,8 @@ def test_grad_accumulation_equals_one_big_batch():
     s_a, la = _run(m1, fn_a, s_a, [b])
     s_b, lb = _run(m1, fn_b, s_b, [big])
     np.testing.assert_allclose(la, lb, rtol=1e-5)
-    np.testing.assert_allclose(s_a["params"]["blocks"]["mlp"]["w_fc"], s_b["params"]["blocks"]["mlp"]["w_fc"], atol=1e-4)
+    np.testing.assert_allclose(s_a["params"]["blocks"]["mlp"]["w_fc"], s_b["params"]["blocks"]["mlp"]["w_fc"],
+                               atol=1e-4)
 
 
 def test_training_reduces_the_loss():

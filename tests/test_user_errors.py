@@ -69,7 +69,8 @@ def test_bad_shard_is_named_before_compiling(tmp_path, tok_dir, damage):
         pq.write_table(pa.table({"body": ["a", "b"]}), bad)
     proc = run("pretrain.py", *TINY, "--num-iterations=2", f"--data-dir={data}", f"--tokenizer-dir={tok_dir}",
                base_dir=tmp_path)
-    assert_one_line_error(proc, str(bad), "not a readable parquet file" if damage == "truncated" else "no 'text' column")
+    expected = "not a readable parquet file" if damage == "truncated" else "no 'text' column"
+    assert_one_line_error(proc, str(bad), expected)
     assert "compiled the train step" not in proc.stdout  # found before any compilation
 
 

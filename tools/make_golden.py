@@ -39,7 +39,8 @@ import sys
 from pathlib import Path
 
 os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")   # eager: no inductor, no C++ compiler needed
-os.environ.setdefault("NANOCHAT_DTYPE", "float32")  # current nanochat's COMPUTE_DTYPE: fp32 on CPU (the default there anyway)
+# current nanochat's COMPUTE_DTYPE: fp32 on CPU (the default there anyway)
+os.environ.setdefault("NANOCHAT_DTYPE", "float32")
 
 VOCAB = 300
 SEQ_LEN = 64          # model context
@@ -137,7 +138,7 @@ def main() -> None:
     # ---- brief training, so every block matrix (c_proj included) carries signal
     gen = torch.Generator().manual_seed(SEED)
     train_opts = optimizer(dict(CURRENT_OPT if preset == "current" else CLASSIC_OPT, weight_decay=0.0))
-    for step in range(TRAIN_STEPS):
+    for _ in range(TRAIN_STEPS):
         x, y = batch(gen)
         loss = model(x, y)
         loss.backward()

@@ -75,9 +75,9 @@ CHAT_SOURCES = {
 class LocalChat(Task):
     """The chat conversations of the local task-data folder: a stand-in for SmolTalk when offline.
 
-    split: "train", "test" or "all"; sources: names from CHAT_SOURCES (or "all"). The rows of all sources, in that order, are shuffled with
-    default_rng(seed); the first ceil(test_fraction * n) shuffled rows are split "test", the rest "train"
-    ("all" keeps every row).
+    split: "train", "test" or "all"; sources: names from CHAT_SOURCES (or "all"). The rows of all sources, in that
+    order, are shuffled with default_rng(seed); the first ceil(test_fraction * n) shuffled rows are split "test",
+    the rest "train" ("all" keeps every row).
     """
 
     def __init__(self, split: str = "train", sources: str | Sequence[str] = "all", data_dir=None,
