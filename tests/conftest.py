@@ -22,8 +22,11 @@ def _isolated_base_dir(tmp_path_factory, monkeypatch):
 
 
 def shared_data(*parts: str) -> Path:
-    """A path under ../shared/data, or skip the test when that folder is not there."""
+    """A path under ../shared/data, or skip the test, saying what is missing and where it should be."""
     path = SHARED_DATA.joinpath(*parts)
     if not path.exists():
-        pytest.skip(f"{path} not available")
+        what = "/".join(("shared", "data") + parts)
+        pytest.skip(f"needs ../{what} beside the checkout ({path} is missing): the project's folder of public "
+                    f"datasets (task files, Gutenberg parquet shards, the CORE bundle; see shared/data/README.md), "
+                    f"which is not part of the repository. Put it there to run this test")
     return path

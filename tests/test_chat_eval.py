@@ -1,4 +1,5 @@
-"""Chat evals: letter-logit scoring vs a direct forward, generative grading with known answers, ChatCORE, the script."""
+"""Chat evals: letter-logit scoring vs a direct forward, generative grading with known answers, ChatCORE, the script.
+The tasks come from tests/data/tasks, a few rows of each (no ../shared needed)."""
 
 import json
 import os
@@ -10,18 +11,20 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import REPO_ROOT, shared_data
+from conftest import REPO_ROOT
 from nanochat_jax import chat_eval, gpt, sharding
 from nanochat_jax.checkpoint import Checkpointer, checkpoint_dir
 from nanochat_jax.tokenizer import train_tokenizer
+
+TASKS = REPO_ROOT / "tests" / "data" / "tasks"
 
 
 @pytest.fixture(scope="module")
 def tok(tmp_path_factory):
     from nanochat_jax.tasks import ARC
 
-    arc = ARC("ARC-Easy", "train", data_dir=shared_data())
-    texts = [arc[i]["messages"][0]["content"] for i in range(200)]
+    arc = ARC("ARC-Easy", "train", data_dir=TASKS)
+    texts = [arc[i]["messages"][0]["content"] for i in range(len(arc))]
     t = train_tokenizer(iter(texts), vocab_size=400)
     d = tmp_path_factory.mktemp("tok")
     t.save(d)
@@ -47,8 +50,8 @@ def test_categorical_matches_direct_forward(tok):
     params, cfg = tiny_model(tok.vocab_size, seed=1)
     mesh = sharding.make_mesh(4)
     ev = chat_eval.CategoricalEvaluator(params, cfg, mesh, rows_per_batch=6)  # rounds up to 8 rows
-    arc = ARC("ARC-Challenge", "test", data_dir=shared_data())
-    mmlu = MMLU("all", "test", data_dir=shared_data())
+    arc = ARC("ARC-Challenge", "test", data_dir=TASKS)
+    mmlu = MMLU("all", "test", data_dir=TASKS)
     convs = [arc[i] for i in range(7)] + [mmlu[i] for i in range(5)]
     prompts = [tok.render_for_completion(c) for c in convs]
     letters = [chat_eval.letter_token_ids(tok, c["letters"]) for c in convs]
@@ -80,7 +83,7 @@ class ScriptedEngine:
 def test_generative_grading_with_known_answers(tok):
     from nanochat_jax.tasks import GSM8K
 
-    gsm = GSM8K("main", "test", data_dir=shared_data())
+    gsm = GSM8K("main", "test", data_dir=TASKS)
     by_prompt = {tuple(tok.render_for_completion(gsm[i])): gsm[i] for i in range(10)}
 
     def gold(p, k):
@@ -103,7 +106,7 @@ def test_generative_with_the_real_engine(tok):
     from nanochat_jax.tasks import SpellingBee
 
     params, cfg = tiny_model(tok.vocab_size, seed=2)
-    bee = SpellingBee(64, "test", data_dir=shared_data())
+    bee = SpellingBee(64, "test", data_dir=TASKS)
     engines = chat_eval.make_engines(params, cfg, tok, jax.local_devices()[:2])
     out = chat_eval.run_generative(bee, engines, tok, max_problems=4, max_new_tokens=6, batch_problems=2)
     assert out["total"] == 4 and out["passed"] == 0  # a random model does not answer "#### n"
@@ -116,7 +119,7 @@ def test_chat_eval_script(tok, tmp_path):
     with Checkpointer(checkpoint_dir("sft", "d2"), async_save=False) as ck:
         ck.save(5, params=params, meta={"step": 5, "model_config": cfg.to_dict()})
     cmd = [sys.executable, str(REPO_ROOT / "scripts" / "chat_eval.py"), "-i", "sft", "-a", "ARC-Easy|GSM8K", "-x", "4",
-           "--max-new-tokens=4", f"--task-data={shared_data()}", f"--tokenizer-dir={tok.dir}", "--mesh=2"]
+           "--max-new-tokens=4", f"--task-data={TASKS}", f"--tokenizer-dir={tok.dir}", "--mesh=2"]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     res = json.loads([line for line in out.stdout.splitlines() if line.startswith('{"source"')][-1])["results"]

@@ -39,7 +39,8 @@ def test_every_command_block_says_whether_it_is_tested():
 def test_readme_block_runs_as_printed(index, tmp_path):
     shared_data("gutenberg")
     if not (REPO_ROOT / ".venv" / "bin" / "activate").is_file():
-        pytest.skip("no .venv in the repo (the README's commands assume the one scripts/test.sh makes)")
+        pytest.skip("no .venv in the repo: the README's commands assume the one `bash scripts/test.sh` makes "
+                    "(run it once)")
     code = readme_blocks()[index][1]
     env = {k: v for k, v in os.environ.items() if not k.startswith("NANOCHAT_JAX_") and k != "XLA_FLAGS"}
     env.update(NANOCHAT_JAX_BASE_DIR=str(tmp_path / "base"), JAX_PLATFORMS="cpu")

@@ -14,11 +14,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import shared_data
 from nanochat_jax import tokenizer as tk
 from nanochat_jax.tokenizer import SPECIAL_TOKENS, Tokenizer, get_token_bytes, get_tokenizer, train_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
 
 WORDS = ("the of and to in is was for that with as on by it from at are this be which time water light river "
          "house morning people small great little could would should between through because machine learning "
@@ -426,11 +426,10 @@ def test_tok_train_script_rejects_small_vocab(tmp_path):
     assert "at least 265" in res.stderr
 
 
-@pytest.mark.skipif(not (SHARED_DATA / "gutenberg").is_dir(), reason="shared Gutenberg shards not present")
 def test_real_data_compression(tmp_path):
     import pyarrow.parquet as pq
 
-    data_dir = SHARED_DATA / "gutenberg"
+    data_dir = shared_data("gutenberg")
     res = run_script("tok_train.py", "--vocab-size=2048", "--max-chars=2_000_000", f"--data-dir={data_dir}",
                      base_dir=tmp_path)
     assert res.returncode == 0, res.stderr + res.stdout

@@ -381,7 +381,8 @@ setTimeout(() => {
 """
 
 
-@pytest.mark.skipif(shutil.which("node") is None, reason="no node to run the page's script")
+@pytest.mark.skipif(shutil.which("node") is None,
+                    reason="needs Node.js on PATH to run the page's script (e.g. apt-get install nodejs)")
 def test_page_shows_the_servers_limit_for_max_tokens(tok, models):
     """The page's footer and /maxtokens take the default and the limit from /health, not a built-in 512."""
     app = create_app(engines(tok, models["reply"]), defaults=SamplingDefaults())
