@@ -256,8 +256,9 @@ def fit(step_fn, state, batches: Iterator, *, start: int, n_iter: int | None,
     midtraining/SFT: the step that consumed the last batch is the last), whichever comes first.
 
     `batches` yields (device batch, loader state before that batch). The next batch is prepared while the
-    current step runs, and each step's metrics are read one step late (`report(step, metrics, seconds)`), so the
-    host never waits for the device except at the periodic actions. Returns the final state.
+    current step runs, and each step's metrics are read one step late (`report(step, metrics, seconds)` gets them
+    as host numpy values), so the host never waits for the device except at the periodic actions. Returns the
+    final state.
 
     A step's seconds run from the previous step's completion (or the end of the periodic actions) to its own. Its
     completion is when its metrics arrive, unless they were ready before we asked: then the backend ran the step
@@ -270,7 +271,11 @@ def fit(step_fn, state, batches: Iterator, *, start: int, n_iter: int | None,
         nonlocal pending, prev_done
         step_, metrics, dispatched = pending
         ready = all(x.is_ready() for x in jax.tree.leaves(metrics))
-        jax.block_until_ready(metrics)  # waits for that step only; the next one is already queued
+        # The loop's one read of device values, a step late: it waits for that step only (the next one is already
+        # queued). Everything else between steps stays on the host: tests run steady-state steps with device-to-host
+        # transfers disallowed outside this block.
+        with jax.transfer_guard_device_to_host("allow"):
+            metrics = jax.device_get(metrics)
         done = dispatched if ready else time.perf_counter()
         report(step_, metrics, max(done - prev_done, 1e-9))
         pending, prev_done = None, done
