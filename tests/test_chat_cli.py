@@ -42,6 +42,7 @@ def _run(*args):
                           text=True, timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})
 
 
+@pytest.mark.slow  # a subprocess end to end: ~30-50 s on a shared 2-core box
 def test_one_shot_stdout_is_only_the_conversation(tokenizer):  # noqa: F811
     save_hi_model(tokenizer)
     out = _run("-p", "hello", "-i", "base", "-t", "0", "--max-tokens=16")

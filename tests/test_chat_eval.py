@@ -112,6 +112,7 @@ def test_generative_with_the_real_engine(tok):
     assert out["total"] == 4 and out["passed"] == 0  # a random model does not answer "#### n"
 
 
+@pytest.mark.slow  # a subprocess end to end: ~30-50 s on a shared 2-core box
 def test_chat_eval_script(tok, tmp_path):
     params, cfg = tiny_model(tok.vocab_size, seed=3)
     env = {**os.environ, "NANOCHAT_JAX_BASE_DIR": str(tmp_path), "JAX_PLATFORMS": "cpu"}

@@ -240,6 +240,7 @@ def _run(args, **env):
                           env={**os.environ, "JAX_PLATFORMS": "cpu", **env})
 
 
+@pytest.mark.slow  # a subprocess end to end: ~30-50 s on a shared 2-core box
 def test_bench_infer_runs_on_cpu_without_grain_or_flask():
     code = ("import runpy, sys; sys.argv = ['bench_infer.py'] + sys.argv[1:]; "
             "runpy.run_path('scripts/bench_infer.py', run_name='__main__'); "

@@ -408,6 +408,7 @@ def run_bench(tmp_path, *flags):
     return proc.stdout
 
 
+@pytest.mark.slow  # a subprocess end to end: ~30-50 s on a shared 2-core box
 def test_bench_script_tiny_cpu_run(tmp_path):
     """The benchmark runs end to end on CPU (--tiny: small shapes, Pallas in interpret mode) and writes its
     markdown table atomically."""

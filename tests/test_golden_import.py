@@ -62,6 +62,7 @@ def test_import_brings_the_tokenizer_and_chats(preset, tmp_path, monkeypatch, no
     assert lines[0] == "User: The model" and lines[-1].startswith("Assistant: ") and len(lines[-1]) > 11
 
 
+@pytest.mark.slow  # a subprocess end to end: ~30-50 s on a shared 2-core box
 def test_two_commands_in_a_fresh_process(tmp_path):
     """The user's path, as processes: import, then one answer (torch unimportable in both)."""
     env = {**os.environ, "NANOCHAT_JAX_BASE_DIR": str(tmp_path / "base"), "JAX_PLATFORMS": "cpu"}

@@ -154,6 +154,7 @@ def test_plan_horizon_and_validation():
         sharding.make_mesh(16)
 
 
+@pytest.mark.slow  # a subprocess end to end: ~30-50 s on a shared 2-core box
 def test_bench_train_script_runs():
     import json
     import subprocess

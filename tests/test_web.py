@@ -580,6 +580,7 @@ def test_real_server_client_disconnect_frees_the_worker(loop_app):
 # ----------------------------------------------------------------------------------------------
 # scripts/chat_web.py end to end
 
+@pytest.mark.slow  # a subprocess end to end: ~30-50 s on a shared 2-core box
 def test_chat_web_script_serves_a_checkpoint(tok, models):
     from nanochat_jax.checkpoint import Checkpointer, checkpoint_dir
 
