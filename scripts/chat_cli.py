@@ -19,10 +19,10 @@ import contextlib
 import itertools
 import logging
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from nanochat_jax.common import run_main
-from nanochat_jax.config import parse_flags, print_config, require
+from nanochat_jax.config import flag, parse_flags, print_config, require
 
 PHASES = ("base", "mid", "sft", "rl")
 
@@ -30,18 +30,17 @@ PHASES = ("base", "mid", "sft", "rl")
 @dataclass(frozen=True)
 class ChatConfig:
     """Interactive chat with a checkpoint (see the module docstring)."""
-    source: str = field(default="sft", metadata={"help": "checkpoint phase: base|mid|sft|rl (-i)"})
-    model_tag: str | None = field(default=None, metadata={"help": "default: the largest d<N> of the phase"})
-    step: int | None = field(default=None, metadata={"help": "default: the latest step"})
-    prompt: str = field(default="", metadata={"help": "one-shot prompt: answer it and exit (-p)"})
-    temperature: float = field(default=0.6, metadata={"help": "0 = greedy (-t)"})
-    top_k: int = field(default=50, metadata={"help": "0 = off (-k)"})
-    max_tokens: int = field(default=256, metadata={"help": "per reply"})
-    seed: int = field(default=42, metadata={"help": "turn i samples with seed + i"})
-    verbose: bool = field(default=False, metadata={"help": "show the config and log lines (model loading, "
-                                                           "compilations) on stderr (-v)"})
-    tokenizer_dir: str | None = field(default=None, metadata={"help": "default: the one the checkpoint was trained "
-                                                                      "with, else <base dir>/tokenizer"})
+    source: str = flag("sft", "checkpoint phase: base|mid|sft|rl (-i)")
+    model_tag: str | None = flag(None, "default: the largest d<N> of the phase")
+    step: int | None = flag(None, "default: the latest step")
+    prompt: str = flag("", "one-shot prompt: answer it and exit (-p)")
+    temperature: float = flag(0.6, "0 = greedy (-t)")
+    top_k: int = flag(50, "0 = off (-k)")
+    max_tokens: int = flag(256, "per reply")
+    seed: int = flag(42, "turn i samples with seed + i")
+    verbose: bool = flag(False, "show the config and log lines (model loading, compilations) on stderr (-v)")
+    tokenizer_dir: str | None = flag(None, "default: the one the checkpoint was trained with, else "
+                                           "<base dir>/tokenizer")
 
     def __post_init__(self):
         require(self.source in PHASES, f"-i/--source must be one of {PHASES}, got {self.source!r}")

@@ -10,30 +10,27 @@ layout); it is saved in our format under <base dir>/imported_tokenizers/<phase>-
 checkpoint, so `scripts/chat_cli.py -i <phase> --model-tag=<tag>` finds it. Export needs torch (CPU build).
 """
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from nanochat_jax import convert
 from nanochat_jax.checkpoint import Checkpointer, checkpoint_dir, load_model
 from nanochat_jax.common import UserError, get_base_dir, run_main
-from nanochat_jax.config import parse_flags, print_config
+from nanochat_jax.config import flag, parse_flags, print_config
 
 
 @dataclass(frozen=True)
 class ConvertConfig:
     """Convert a checkpoint between nanochat's PyTorch format and ours."""
 
-    direction: str = field(default="import",
-                           metadata={"help": "import (nanochat -> ours) or export (ours -> nanochat)"})
-    source_dir: str = field(default="", metadata={"help": "nanochat checkpoint dir: read on import, written on export"})
-    step: int = field(default=-1, metadata={"help": "step to convert; -1 = the latest"})
-    phase: str = field(default="base", metadata={"help": "our checkpoint phase: base|mid|sft|rl"})
-    model_tag: str | None = field(default=None, metadata={
-        "help": "our model tag (import default: d<n_layer>; export default: the largest)"})
-    overwrite: bool = field(default=False, metadata={"help": "import: replace existing steps >= step"})
-    tokenizer_dir: str = field(default="", metadata={
-        "help": "import: nanochat tokenizer folder (tokenizer.pkl); default: the source dir, else "
-                "<source>/../../tokenizer"})
+    direction: str = flag("import", "import (nanochat -> ours) or export (ours -> nanochat)")
+    source_dir: str = flag("", "nanochat checkpoint dir: read on import, written on export")
+    step: int = flag(-1, "step to convert; -1 = the latest")
+    phase: str = flag("base", "our checkpoint phase: base|mid|sft|rl")
+    model_tag: str | None = flag(None, "our model tag (import default: d<n_layer>; export default: the largest)")
+    overwrite: bool = flag(False, "import: replace existing steps >= step")
+    tokenizer_dir: str = flag("", "import: nanochat tokenizer folder (tokenizer.pkl); default: the source dir, else "
+                                  "<source>/../../tokenizer")
 
 
 def find_nanochat_tokenizer(source: Path, given: str) -> Path | None:

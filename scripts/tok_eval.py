@@ -9,11 +9,11 @@ reported as unavailable and only our tokenizer's table is printed.
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from nanochat_jax import dataset
 from nanochat_jax.common import run_main
-from nanochat_jax.config import parse_flags, print_config
+from nanochat_jax.config import flag, parse_flags, print_config
 from nanochat_jax.tokenizer import Tokenizer, get_tokenizer
 
 NEWS = """\
@@ -77,8 +77,8 @@ BASELINES = {"GPT-2": "gpt2", "GPT-4": "cl100k_base"}
 @dataclass(frozen=True)
 class TokEvalConfig:
     """Compare our tokenizer's compression with GPT-2 and GPT-4."""
-    tokenizer_dir: str | None = field(default=None, metadata={"help": "tokenizer folder (None: <base dir>/tokenizer)"})
-    data_dir: str | None = field(default=None, metadata={"help": "parquet shards for the train/val samples"})
+    tokenizer_dir: str | None = flag(None, "tokenizer folder (None: <base dir>/tokenizer)")
+    data_dir: str | None = flag(None, "parquet shards for the train/val samples")
 
 
 def first_row_group_text(path) -> str:

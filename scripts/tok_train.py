@@ -9,11 +9,11 @@ Writes tokenizer.tiktoken, tokenizer.json and token_bytes.npy to --tokenizer-dir
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from nanochat_jax import dataset
 from nanochat_jax.common import Timer, print0, run_main
-from nanochat_jax.config import parse_flags, print_config
+from nanochat_jax.config import flag, parse_flags, print_config
 from nanochat_jax.tokenizer import (MIN_VOCAB_SIZE, SPECIAL_TOKENS, default_tokenizer_dir, iter_training_texts,
                                     token_bytes_stats, train_tokenizer)
 
@@ -21,12 +21,12 @@ from nanochat_jax.tokenizer import (MIN_VOCAB_SIZE, SPECIAL_TOKENS, default_toke
 @dataclass(frozen=True)
 class TokTrainConfig:
     """Train the BPE tokenizer on the train shards."""
-    max_chars: int = field(default=2_000_000_000, metadata={"help": "stop after this many training characters"})
-    doc_cap: int = field(default=10_000, metadata={"help": "use at most this many characters of each document"})
-    vocab_size: int = field(default=32768, metadata={"help": "vocab size including the 9 special tokens"})
-    data_dir: str | None = field(default=None, metadata={
-        "help": "folder of parquet shards (None: $NANOCHAT_JAX_DATA_DIR or <base dir>/base_data_climbmix)"})
-    tokenizer_dir: str | None = field(default=None, metadata={"help": "output folder (None: <base dir>/tokenizer)"})
+    max_chars: int = flag(2_000_000_000, "stop after this many training characters")
+    doc_cap: int = flag(10_000, "use at most this many characters of each document")
+    vocab_size: int = flag(32768, "vocab size including the 9 special tokens")
+    data_dir: str | None = flag(None, "folder of parquet shards (None: $NANOCHAT_JAX_DATA_DIR or "
+                                      "<base dir>/base_data_climbmix)")
+    tokenizer_dir: str | None = flag(None, "output folder (None: <base dir>/tokenizer)")
 
     def __post_init__(self):
         if self.max_chars <= 0 or self.doc_cap <= 0:
