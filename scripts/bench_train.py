@@ -85,6 +85,10 @@ def main(argv=None) -> dict:
         state, metrics = step_fn(state, batch)
     jax.block_until_ready(metrics)
     dt = (time.perf_counter() - t0) / cfg.steps
+    try:  # what the GPU really used (checks scripts/memory_estimate.py); CPUs report nothing
+        peak_bytes = (device.memory_stats() or {}).get("peak_bytes_in_use")
+    except Exception:  # noqa: BLE001 - not every backend has memory stats
+        peak_bytes = None
     tokens_per_step = cfg.grad_accum * rows * cfg.max_seq_len
     flops_tok = gpt.flops_per_token(model_cfg)
     result = {"depth": cfg.depth, "devices": mesh.size, "device_kind": device.device_kind,
@@ -92,7 +96,8 @@ def main(argv=None) -> dict:
               "params": gpt.num_params(model_cfg)["total"], "tokens_per_step": tokens_per_step,
               "step_seconds": dt, "tokens_per_s": tokens_per_step / dt,
               "mfu_percent": train.mfu_percent(flops_tok, tokens_per_step, dt, device.device_kind, mesh.size),
-              "compile_seconds": info["compile_seconds"], "loss": float(metrics["loss"]),
+              "compile_seconds": info["compile_seconds"], "peak_bytes_in_use": peak_bytes,
+              "loss": float(metrics["loss"]),
               "config": dataclasses.asdict(cfg)}
     mfu = "-" if result["mfu_percent"] is None else f"{result['mfu_percent']:.1f}%"
     print(f"{result['tokens_per_s']:,.0f} tokens/s, {dt * 1e3:.1f} ms/step, MFU {mfu} "
