@@ -145,7 +145,8 @@ def _umask() -> int:
 
 PEAK_BF16_FLOPS = [
     ("H200", 989e12),
-    ("H100", 989e12),  # SXM; PCIe parts are slower but report the same kind string prefix
+    ("H100 PCIE", 756e12),  # the PCIe card (device_kind "NVIDIA H100 PCIe")
+    ("H100", 989e12),  # SXM
     ("H800", 989e12),
     ("H20", 148e12),
     ("GH200", 989e12),

@@ -256,10 +256,57 @@ def layer_plan(cfg: GPTConfig, static_windows: bool = True) -> tuple[int, int, t
 # ----------------------------------------------------------------------------------------------
 # Building blocks
 
-def rms_norm(x):
-    """Parameter-free RMSNorm over the last axis, computed in fp32 (see RMS_EPS), returned in x's dtype."""
+def rms_norm(x, scale: float = 1.0):
+    """Parameter-free RMSNorm over the last axis, computed in fp32 (see RMS_EPS), returned in x's dtype, then
+    times `scale` (QK-norm's 1.2) in that dtype."""
+    return _rms_norm(float(scale), x)
+
+
+# Custom VJP so the backward keeps only the output (which the next matmul or attention keeps anyway) and the fp32
+# 1/rms, instead of autodiff's fp32 copies of x: y = x·r, r = (mean(x²) + eps)^-1/2  =>  dx = r·(dy - y·mean(dy·y)).
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _rms_norm(scale, x):
+    return _rms_norm_fwd(scale, x)[0]
+
+
+def _rms_norm_fwd(scale, x):
     x32 = x.astype(jnp.float32)
-    return (x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + RMS_EPS)).astype(x.dtype)
+    rstd = jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + RMS_EPS)
+    out = (x32 * rstd).astype(x.dtype)
+    if scale != 1.0:
+        out = out * jnp.asarray(scale, x.dtype)
+    return out, (out, rstd)
+
+
+def _rms_norm_bwd(scale, res, dout):
+    out, rstd = res
+    y32, dy32 = out.astype(jnp.float32) / scale, dout.astype(jnp.float32) * scale
+    return ((rstd * (dy32 - y32 * jnp.mean(dy32 * y32, axis=-1, keepdims=True))).astype(out.dtype),)
+
+
+_rms_norm.defvjp(_rms_norm_fwd, _rms_norm_bwd)
+
+
+def embedding_lookup(table_VD, idx):
+    """table[idx]. Custom VJP so the gradient's scatter-add accumulates in fp32 (as torch's embedding backward
+    does), rounded once to the table's dtype: a bf16 scatter-add would round after every repeated token."""
+    return _embedding_lookup(table_VD.shape, jnp.dtype(table_VD.dtype), table_VD, idx)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _embedding_lookup(shape, dtype, table_VD, idx):
+    return jnp.take(table_VD, idx, axis=0)
+
+
+def _embedding_lookup_fwd(shape, dtype, table_VD, idx):
+    return jnp.take(table_VD, idx, axis=0), idx
+
+
+def _embedding_lookup_bwd(shape, dtype, idx, g):
+    return jnp.zeros(shape, jnp.float32).at[idx].add(g.astype(jnp.float32)).astype(dtype), None
+
+
+_embedding_lookup.defvjp(_embedding_lookup_fwd, _embedding_lookup_bwd)
 
 
 def rope_tables(positions, head_dim: int, base: float, dtype):
@@ -409,11 +456,10 @@ class CausalSelfAttention(nnx.Module):
             ve_BTKd, gate_w = ve
             gate_BTK = 3.0 * jax.nn.sigmoid(_mm(h_BTD[..., :VE_GATE_CHANNELS], gate_w))
             v_BTKd = v_BTKd + gate_BTK[..., None] * ve_BTKd.astype(v_BTKd.dtype).reshape(B, T, K, hd)
-        # RoPE, QK-norm and the QK scale act per head vector: run them once over the queries and keys together.
-        qk = rms_norm(apply_rope(jnp.concatenate([q_BTHd, k_BTKd], axis=2), cos, sin))
-        if self.qk_scale != 1.0:
-            qk = qk * self.qk_scale
-        return qk[:, :, :H], qk[:, :, H:], v_BTKd
+        # RoPE, QK-norm and the QK scale, on q and k separately: the norm's saved outputs are the attention's inputs.
+        q_BTHd = rms_norm(apply_rope(q_BTHd, cos, sin), self.qk_scale)
+        k_BTKd = rms_norm(apply_rope(k_BTKd, cos, sin), self.qk_scale)
+        return q_BTHd, k_BTKd, v_BTKd
 
     def __call__(self, h_BTD, cos, sin, attend: Callable, ve=None, kv=None):
         """attend(q, k, v, kv) -> (y (B,T,H,hd), kv). Returns (the attention output (B,T,D), kv)."""
@@ -431,7 +477,14 @@ class MLP(nnx.Module):
         self.w_proj = _param(jnp.zeros((4 * D, D), jnp.float32), fsdp_axis=0)
 
     def __call__(self, x_BTD):
-        return _mm(jnp.square(jax.nn.relu(_mm(x_BTD, self.w_fc[...]))), self.w_proj[...])
+        h_BTF = _mm(x_BTD, self.w_fc[...])
+        return _relu2_proj(h_BTF, self.w_proj[...].astype(h_BTF.dtype))
+
+
+# Rematerialised so the backward keeps only the fc output and recomputes relu² (not relu², and a mask, of 4D each).
+@functools.partial(jax.checkpoint, policy=jax.checkpoint_policies.nothing_saveable, prevent_cse=False)
+def _relu2_proj(h_BTF, w_proj):
+    return _mm(jnp.square(jax.nn.relu(h_BTF)), w_proj)
 
 
 class Block(nnx.Module):
@@ -484,7 +537,7 @@ class GPT(nnx.Module):
     # --- embedding and head
     def token_embedding(self, idx_BT):
         """The normed token embedding before smear (what smear mixes in from the previous token)."""
-        return rms_norm(jnp.take(self.wte[...], idx_BT, axis=0).astype(self.cfg.dtype))
+        return rms_norm(embedding_lookup(self.wte[...], idx_BT).astype(self.cfg.dtype))
 
     def embed(self, idx_BT, x_prev_B1D=None):
         """Token embedding → compute dtype → RMSNorm → smear. `x_prev_B1D` is the normed embedding of the token
@@ -527,7 +580,7 @@ class GPT(nnx.Module):
             window = window_data if window is None else window
             if lambdas is not None:
                 x = lambdas[0].astype(cdt) * x + lambdas[1].astype(cdt) * x0_BTD
-            ve = None if ve is None else (jnp.take(ve[0], idx_BT, axis=0), ve[1])
+            ve = None if ve is None else (embedding_lookup(ve[0], idx_BT), ve[1])
             x, kv = nnx.merge(block_def, layer_state)(x, cos, sin, attend_for(window, layer), ve, kv)
             if cfg.use_backout:
                 x_backout = jnp.where(layer == L // 2, x, x_backout)
@@ -583,8 +636,10 @@ class GPT(nnx.Module):
             return lambda q, k, v, kv: (attention(q, k, v, window=window, backend=cfg.attn_backend), kv)
 
         x, _ = self.trunk(self.embed(idx_BT), idx_BT, cos, sin, attend_for)
-        logits = self.logits(x)
-        return logits if targets_BT is None else cross_entropy(logits, targets_BT, loss_reduction)
+        if targets_BT is None or loss_reduction == "none":  # 'none' (per-token losses) takes the logits
+            logits = self.logits(x)
+            return logits if targets_BT is None else cross_entropy(logits, targets_BT, loss_reduction)
+        return head_cross_entropy(x, self.lm_head[...][:, :cfg.vocab_size], targets_BT, cfg.softcap, loss_reduction)
 
     def forward_cached(self, idx_BT, cache: "KVCache", *, lengths_B=None, prev_idx_B=None):
         """See the module-level `forward_cached`."""
@@ -710,6 +765,92 @@ def cross_entropy(logits_BTV, targets_BT, reduction: str = "mean"):
     if reduction == "mean":
         return nll.sum() / jnp.maximum(valid.sum(), 1)
     raise ValueError(f"loss_reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+
+
+# The loss through the head, fused: what `cross_entropy(GPT.logits(x), targets)` computes, with its gradient taken
+# in the forward pass, chunk by chunk. The loss is a scalar, so its gradient is g times the gradient of the
+# unscaled loss, and each chunk's (B, Tc, V) fp32 logits die within the chunk: the backward keeps dL/dx and dL/dw
+# (the sizes of x and the head) instead of B×T×V fp32 logits, and its two matmuls read the logits' gradient where
+# it lies. (Autodiff of the unfused head made XLA:CPU transpose the 2048×32768 logits gradient before the weight
+# gradient's dot: ~0.7 s of a 2.2 s step at depth 4; docs/benchmarks.md.)
+HEAD_CHUNK_BYTES = 2**30  # largest fp32 logits chunk (global batch) of the fused head + loss
+
+
+def _head_chunk_len(B: int, T: int, V: int) -> int:
+    """The largest divisor Tc of T with B·Tc·V fp32 logits within HEAD_CHUNK_BYTES (1 at least)."""
+    fits = [c for c in range(1, T + 1) if T % c == 0 and B * c * V * 4 <= HEAD_CHUNK_BYTES]
+    return max(fits, default=1)
+
+
+def _head_chunk(x_BTD, w_DV, targets_BT, softcap: float, grads: bool):
+    """One chunk: the summed NLL of softcap(x @ w) (as `GPT.logits` and `cross_entropy`), and with grads also
+    its gradients w.r.t. x (x's dtype) and w (fp32)."""
+    wc = w_DV.astype(x_BTD.dtype)
+    z = jnp.matmul(x_BTD, wc).astype(jnp.float32)
+    tanh = jnp.tanh(z / softcap) if softcap else None
+    logits = softcap * tanh if softcap else z
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    valid = targets_BT >= 0
+    hit = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1) == targets_BT[..., None]
+    picked = jnp.sum(jnp.where(hit, logits, 0.0), axis=-1)  # exact: one nonzero term
+    nll = jnp.sum(jnp.where(valid, lse - picked, 0.0))
+    if not grads:
+        return nll
+    p = jnp.exp(logits - lse[..., None])
+    dlogits = jnp.where(valid[..., None], jnp.where(hit, p - 1.0, p), 0.0)  # softmax - onehot, 0 where ignored
+    dz = (dlogits * (1.0 - tanh * tanh) if softcap else dlogits).astype(x_BTD.dtype)  # d softcap·tanh(z/c)/dz
+    dx = jax.lax.dot_general(dz, wc, (((dz.ndim - 1,), (1,)), ((), ())))
+    dw = jax.lax.dot_general(x_BTD, dz, ((tuple(range(dz.ndim - 1)),) * 2, ((), ())),
+                             preferred_element_type=jnp.float32)
+    return nll, dx, dw
+
+
+def _head_nll(x_BTD, w_DV, targets_BT, softcap: float, grads: bool):
+    """`_head_chunk` over chunks of Tc positions (all B rows each, so a batch-sharded x stays local)."""
+    B, T, D = x_BTD.shape
+    Tc = _head_chunk_len(B, T, w_DV.shape[1])
+    if Tc == T:
+        return _head_chunk(x_BTD, w_DV, targets_BT, softcap, grads)
+    C = T // Tc
+    x_CBTD = x_BTD.reshape(B, C, Tc, D).swapaxes(0, 1)
+    t_CBT = targets_BT.reshape(B, C, Tc).swapaxes(0, 1)
+    if not grads:
+        return jax.lax.map(lambda a: _head_chunk(a[0], w_DV, a[1], softcap, False), (x_CBTD, t_CBT)).sum()
+
+    def step(dw, a):
+        nll, dx, dw_chunk = _head_chunk(a[0], w_DV, a[1], softcap, True)
+        return dw + dw_chunk, (nll, dx)
+
+    dw, (nll, dx) = jax.lax.scan(step, jnp.zeros(w_DV.shape, jnp.float32), (x_CBTD, t_CBT))
+    return nll.sum(), dx.swapaxes(0, 1).reshape(B, T, D), dw
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _head_nll_sum(x_BTD, w_DV, targets_BT, softcap: float):
+    return _head_nll(x_BTD, w_DV, targets_BT, softcap, grads=False)
+
+
+def _head_nll_sum_fwd(x_BTD, w_DV, targets_BT, softcap: float):
+    nll, dx, dw = _head_nll(x_BTD, w_DV, targets_BT, softcap, grads=True)
+    return nll, (dx, dw)
+
+
+def _head_nll_sum_bwd(softcap, res, g):
+    dx, dw = res
+    return (dx.astype(jnp.float32) * g).astype(dx.dtype), (dw * g).astype(dw.dtype), None
+
+
+_head_nll_sum.defvjp(_head_nll_sum_fwd, _head_nll_sum_bwd)
+
+
+def head_cross_entropy(x_BTD, w_DV, targets_BT, softcap: float = 0.0, reduction: str = "mean"):
+    """cross_entropy(softcap · tanh((x @ w) / softcap), targets, reduction) for 'mean' and 'sum' (softcap 0: no
+    cap), in fp32 after the matmul in x's dtype, as `GPT.logits` and `cross_entropy` compute it, without B×T×V
+    fp32 logits at once or for the backward (see HEAD_CHUNK_BYTES). w_DV: the head cropped to the vocab."""
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"head_cross_entropy takes reduction 'mean' or 'sum', got {reduction!r}")
+    nll = _head_nll_sum(x_BTD, w_DV, targets_BT, float(softcap))
+    return nll if reduction == "sum" else nll / jnp.maximum((targets_BT >= 0).sum(), 1)
 
 
 # ----------------------------------------------------------------------------------------------

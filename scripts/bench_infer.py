@@ -38,6 +38,8 @@ PEAK_HBM_BANDWIDTH = [
     ("A100-SXM4-80GB", 2.039e12), # A100 SXM4, 80 GB HBM2e
     ("A100 80GB PCIE", 1.935e12), # A100 PCIe, 80 GB HBM2e
     ("A100", 1.555e12),           # A100 40 GB (SXM4 and PCIe), HBM2
+    ("A800 80GB PCIE", 1.935e12), # A800 PCIe, 80 GB HBM2e
+    ("A800", 2.039e12),           # A800 SXM4, 80 GB HBM2e
 ]
 
 

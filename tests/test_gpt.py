@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from nanochat_jax import gpt
 from nanochat_jax.gpt import GPTConfig
@@ -505,3 +506,68 @@ def test_to_dict_from_dict_round_trip_and_legacy_defaults():
 def test_validation_errors(kw, match):
     with pytest.raises(ValueError, match=match):
         GPTConfig(**kw)
+
+
+# ----------------------------------------------------------------------------------------------
+# The lean backward: custom VJPs (RMSNorm, embedding lookup) and the rematerialised relu²
+
+def _rms_norm_f64(x, dy, scale):
+    """float64 RMSNorm (eps = fp32 epsilon), times scale, and its input gradient by the chain rule."""
+    x = x.astype(np.float64)
+    r = 1.0 / np.sqrt(np.mean(x * x, -1, keepdims=True) + gpt.RMS_EPS)
+    y = x * r
+    g = dy.astype(np.float64) * scale  # gradient wrt y
+    dx = r * g - x * r ** 3 * np.mean(g * x, -1, keepdims=True)
+    return y * scale, dx
+
+
+@pytest.mark.parametrize("dtype, scale, tol", [(jnp.float32, 1.0, 1e-5), (jnp.float32, 1.2, 1e-5),
+                                               (jnp.bfloat16, 1.0, 2e-2), (jnp.bfloat16, 1.2, 2e-2)])
+def test_rms_norm_value_and_grad_match_float64(dtype, scale, tol):
+    rng = np.random.default_rng()
+    x = (rng.standard_normal((3, 5, 64)) * rng.uniform(0.1, 10, (3, 5, 1))).astype(np.float32)
+    dy = rng.standard_normal((3, 5, 64)).astype(np.float32)
+    x_in, dy_in = jnp.asarray(x, dtype), jnp.asarray(dy, dtype)
+    y, vjp = jax.vjp(lambda a: gpt.rms_norm(a, scale), x_in)
+    (dx,) = vjp(dy_in)
+    assert y.dtype == dtype and dx.dtype == dtype
+    want_y, want_dx = _rms_norm_f64(np.asarray(x_in, np.float64), np.asarray(dy_in, np.float64), scale)
+    np.testing.assert_allclose(np.asarray(y, np.float64), want_y, rtol=tol, atol=tol)
+    np.testing.assert_allclose(np.asarray(dx, np.float64), want_dx, rtol=tol, atol=tol * np.abs(want_dx).max())
+
+
+def test_embedding_grad_accumulates_in_fp32():
+    rng = np.random.default_rng()
+    table = jnp.asarray(rng.standard_normal((16, 8)), jnp.bfloat16)
+    idx = jnp.asarray(np.concatenate([np.zeros(4096, np.int32), rng.integers(1, 16, 100)]))[None]
+    g = jnp.asarray(rng.uniform(0.5, 1.5, (1, idx.shape[1], 8)), jnp.bfloat16)
+    out, vjp = jax.vjp(lambda t: gpt.embedding_lookup(t, idx), table)
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(table)[np.asarray(idx)])
+    (dt,) = vjp(g)
+    assert dt.dtype == jnp.bfloat16
+    want = np.zeros((16, 8))
+    np.add.at(want, np.asarray(idx)[0], np.asarray(g, np.float64)[0])
+    # One rounding of the fp32 sum to bf16 (2^-8 relative); a bf16 scatter-add of 4096 rows stalls far below.
+    np.testing.assert_allclose(np.asarray(dt, np.float64), want, rtol=2 ** -8)
+
+
+def test_mlp_value_and_grads_match_float64():
+    cfg = tiny()
+    rng = np.random.default_rng()
+    mlp = gpt.MLP(cfg, rngs=nnx.Rngs(0))
+    w_fc = rng.standard_normal(mlp.w_fc.shape).astype(np.float32) / 8
+    w_proj = rng.standard_normal(mlp.w_proj.shape).astype(np.float32) / 8
+    mlp.w_fc[...], mlp.w_proj[...] = jnp.asarray(w_fc), jnp.asarray(w_proj)
+    x = rng.standard_normal((2, 4, cfg.n_embd)).astype(np.float32)
+    dy = rng.standard_normal((2, 4, cfg.n_embd)).astype(np.float32)
+    graphdef, state = nnx.split(mlp)
+    y, vjp = jax.vjp(lambda s, a: nnx.merge(graphdef, s)(a), state, jnp.asarray(x))
+    d_state, dx = vjp(jnp.asarray(dy))
+    h = x.astype(np.float64) @ w_fc
+    r = np.maximum(h, 0) ** 2
+    dh = (dy @ w_proj.T.astype(np.float64)) * 2 * np.maximum(h, 0)
+    np.testing.assert_allclose(np.asarray(y), r @ w_proj, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(dx), dh @ w_fc.T, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(d_state["w_proj"][...]), np.einsum("btf,btd->fd", r, dy),
+                               rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(d_state["w_fc"][...]), np.einsum("btd,btf->df", x, dh), rtol=1e-4, atol=1e-5)
