@@ -52,8 +52,9 @@ STUB = r'''#!{python}
 """Stands in for python3: records the state of OUT when a step starts, prints a canned result."""
 import json, os, sys
 out, record = os.environ["STUB_OUT"], os.environ["STUB_RECORD"]
-done = sum(1 for _ in open(os.path.join(out, "results.jsonl"))) if os.path.exists(os.path.join(out, "results.jsonl")) else 0
-summary = open(os.path.join(out, "summary.md")).read() if os.path.exists(os.path.join(out, "summary.md")) else ""
+results, summary_md = os.path.join(out, "results.jsonl"), os.path.join(out, "summary.md")
+done = sum(1 for _ in open(results)) if os.path.exists(results) else 0
+summary = open(summary_md).read() if os.path.exists(summary_md) else ""
 with open(record, "a") as f:
     f.write(json.dumps({{"argv": sys.argv[1:], "done": done, "summary": summary}}) + "\n")
 args = " ".join(sys.argv[1:])
@@ -70,8 +71,10 @@ elif "bench_train.py" in args:
                       "config": {{"device_batch_size": 16, "grad_accum": 4 if four else 1}}}}))
 elif "bench_infer.py" in args:
     print(json.dumps({{"device_kind": "NVIDIA H100", "compute_dtype": "bfloat16", "results": [
-        {{"batch": 1, "ttft_ms": 20.0, "tpot_ms": 2.5, "decode_tokens_per_s": 400.0, "bandwidth_util_percent": 72.5}},
-        {{"batch": 8, "ttft_ms": 30.0, "tpot_ms": 2.7, "decode_tokens_per_s": 2960.0, "bandwidth_util_percent": 70.1}}]}}))
+        {{"batch": 1, "ttft_ms": 20.0, "tpot_ms": 2.5, "decode_tokens_per_s": 400.0,
+          "bandwidth_util_percent": 72.5}},
+        {{"batch": 8, "ttft_ms": 30.0, "tpot_ms": 2.7, "decode_tokens_per_s": 2960.0,
+          "bandwidth_util_percent": 70.1}}]}}))
 elif "bench_attention.py" in args:
     dest = next(a.split("=", 1)[1] for a in sys.argv if a.startswith("--out="))
     open(dest, "w").write("| backend | fwd ms |\n|---|---|\n| cudnn | 1.0 |\n")
