@@ -23,8 +23,9 @@
 # so ~47.5 GB at the batch 16 used here (72 GB usable). XLA attention would also keep the T×T scores (~10 GB per
 # sequence at d20: 166 GB at batch 16), so it is not trained here; the attention step compares the kernels.
 set -uo pipefail
-cd "$(dirname "$0")/.."
 OUT="${1:-${OUT:-gpu_check_out}}"
+case "$OUT" in /*) ;; *) OUT="$PWD/$OUT" ;; esac  # relative to where it was called from
+cd "$(dirname "$0")/.."
 DRY="${GPU_CHECK_DRY_RUN:-0}"
 PY="${PYTHON:-python3}"
 case "$DRY" in 0|1|plan) ;; *) echo "error: GPU_CHECK_DRY_RUN must be 0, 1 or plan, got '$DRY'" >&2; exit 2;; esac
