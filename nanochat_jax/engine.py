@@ -43,10 +43,11 @@ bytes of fp32 weights) and compiled functions; use one Engine per thread.
 from __future__ import annotations
 
 import collections
+import itertools
 import time
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Iterator, Sequence
+from typing import Iterator, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -70,40 +71,132 @@ def _top_k_bucket(top_k: int | None, vocab_size: int) -> int:
     return min(bucket(top_k, 1), vocab_size)
 
 
-def sample_tokens(logits_BV, key, temperature, top_k, *, kmax: int):
-    """One token per row from fp32 logits (B, V), on device. temperature 0 → argmax. kmax > 0 → keep the top_k
-    (<= kmax, a traced int) largest logits. Row b draws with fold_in(key, b), so rows are independent."""
-    B = logits_BV.shape[0]
-    greedy = jnp.argmax(logits_BV, axis=-1)
+def row_keys(keydata_B2, index_B, sub_B):
+    """Row b's key for its token number index_B[b] of a reply: fold_in(fold_in(key(seed_b), index_B[b]), sub_B[b])
+    (sub: the row's sample number within its request). Nothing about the other rows enters, so a request samples
+    the same tokens whatever shares the batch with it."""
+    keys = jax.random.wrap_key_data(keydata_B2)
+    return jax.vmap(lambda k, i, s: jax.random.fold_in(jax.random.fold_in(k, i), s))(keys, index_B, sub_B)
+
+
+def sample_rows(logits_BV, keys_B, temperature_B, top_k_B, *, kmax: int, sample: bool = True):
+    """One token per row from fp32 logits (B, V), on device, each row with its own key, temperature (0: argmax)
+    and top_k (0: off; else the top_k <= kmax largest logits are kept). sample=False (every row greedy) skips the
+    sampler altogether: the argmax is what the sampler would return for such rows anyway."""
+    greedy = jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+    if not sample:
+        return greedy
     if kmax:
         top_vals = jax.lax.top_k(logits_BV, kmax)[0]  # (B, kmax), descending
-        kth = jnp.take(top_vals, jnp.clip(top_k, 1, kmax) - 1, axis=1)[:, None]
+        kth = jnp.take_along_axis(top_vals, jnp.clip(top_k_B, 1, kmax)[:, None] - 1, axis=1)
+        kth = jnp.where(top_k_B[:, None] > 0, kth, -jnp.inf)
         logits_BV = jnp.where(logits_BV >= kth, logits_BV, -jnp.inf)
-    t = jnp.where(temperature > 0, temperature, 1.0)
+    hot = temperature_B > 0
+    sampled = jax.vmap(jax.random.categorical)(keys_B, logits_BV / jnp.where(hot, temperature_B, 1.0)[:, None])
+    return jnp.where(hot, sampled, greedy).astype(jnp.int32)
+
+
+def sample_tokens(logits_BV, key, temperature, top_k, *, kmax: int):
+    """`sample_rows` with one temperature and top_k for all rows; row b draws with fold_in(key, b)."""
+    B = logits_BV.shape[0]
     keys = jax.vmap(partial(jax.random.fold_in, key))(jnp.arange(B))
-    sampled = jax.vmap(jax.random.categorical)(keys, logits_BV / t)
-    return jnp.where(temperature > 0, sampled, greedy).astype(jnp.int32)
+    return sample_rows(logits_BV, keys, jnp.broadcast_to(temperature, (B,)), jnp.broadcast_to(top_k, (B,)),
+                       kmax=kmax)
 
 
-def _prefill(params, idx_nT, lens_n, key, temperature, top_k, *, cfg, num_samples: int, max_len: int, kmax: int):
-    """Prefill the distinct prompts, repeat each num_samples times, sample every row's first token."""
+class Rows(NamedTuple):
+    """The device state of B decode rows (the slots of continuous batching): the KV cache and, per row, what the
+    decode loop needs to feed, sample and stop it. A free slot is a row with done set."""
+    cache: gpt.KVCache
+    tok: jax.Array          # (B,) int32: the newest token, emitted but not fed to the model yet
+    prev: jax.Array         # (B,) int32: the token before it (smear)
+    n: jax.Array            # (B,) int32: tokens generated, tok included (= the index of the next one)
+    done: jax.Array         # (B,) bool: stop token, max_tokens reached, cancelled, or a free slot
+    max_tokens: jax.Array   # (B,) int32
+    keydata: jax.Array      # (B, 2) uint32: key data of jax.random.key(request seed)
+    sub: jax.Array          # (B,) int32: the row's sample number within its request
+    temperature: jax.Array  # (B,) float32, 0 = greedy
+    top_k: jax.Array        # (B,) int32, 0 = off
+
+
+def _first_tokens(rows: Rows, logits_BV, *, kmax: int, stop_ids: tuple) -> Rows:
+    """Token 0 of each row, sampled from its prompt's last logits."""
+    keys = row_keys(rows.keydata, jnp.zeros_like(rows.n), rows.sub)
+    tok = sample_rows(logits_BV, keys, rows.temperature, rows.top_k, kmax=kmax)
+    return rows._replace(tok=tok, n=jnp.ones_like(rows.n),
+                         done=jnp.isin(tok, jnp.asarray(stop_ids, jnp.int32)) | (rows.max_tokens <= 1))
+
+
+def _prefill(params, idx_nT, lens_n, keydata, temperature, top_k, max_tokens, *, cfg, num_samples: int,
+             max_len: int, kmax: int, stop_ids: tuple) -> Rows:
+    """Prefill the distinct prompts into a cache of max_len, repeat each num_samples times, sample token 0."""
     n = idx_nT.shape[0]
+    B = n * num_samples
     logits, cache = gpt.forward_cached(params, idx_nT, cfg, gpt.init_cache(cfg, n, max_len), lengths_B=lens_n)
     prev = idx_nT[jnp.arange(n), lens_n - 1]
     if num_samples > 1:
         rep = partial(jnp.repeat, repeats=num_samples)
         cache = gpt.KVCache(rep(cache.k, axis=1), rep(cache.v, axis=1), rep(cache.pos, axis=0))
         logits, prev = rep(logits, axis=0), rep(prev, axis=0)
-    tok = sample_tokens(logits, jax.random.fold_in(key, 0), temperature, top_k, kmax=kmax)
-    return cache, tok, prev
+    full = lambda x, dt: jnp.broadcast_to(jnp.asarray(x, dt), (B,))  # noqa: E731
+    rows = Rows(cache, prev, prev, jnp.zeros(B, jnp.int32), jnp.zeros(B, bool), full(max_tokens, jnp.int32),
+                jnp.broadcast_to(keydata, (B, *keydata.shape)), jnp.arange(B, dtype=jnp.int32),
+                full(temperature, jnp.float32), full(top_k, jnp.int32))
+    return _first_tokens(rows, logits, kmax=kmax, stop_ids=stop_ids)
 
 
-def _decode(params, cache, tok_B, prev_B, forced_B, use_forced_B, key, step, temperature, top_k, *, cfg, kmax: int):
-    """Feed one token per row (the sampled one, or the forced one where use_forced_B), sample the next."""
-    inp_B = jnp.where(use_forced_B, forced_B, tok_B)
-    logits, cache = gpt.forward_cached(params, inp_B[:, None], cfg, cache, prev_idx_B=prev_B)
-    nxt = sample_tokens(logits, jax.random.fold_in(key, step), temperature, top_k, kmax=kmax)
-    return cache, nxt, inp_B
+def _insert(params, rows: Rows, idx_1T, len_1, slot, keydata, temperature, top_k, max_tokens, *, cfg, kmax: int,
+            stop_ids: tuple) -> Rows:
+    """Prefill one prompt (a cache of its bucket's length T) and write it into row `slot` of `rows` (donated:
+    dynamic_update_slice in place), its sampling settings too; sample its token 0."""
+    logits, c = gpt.forward_cached(params, idx_1T, cfg, gpt.init_cache(cfg, 1, idx_1T.shape[1]), lengths_B=len_1)
+    new = Rows(c, idx_1T[0, len_1 - 1], idx_1T[0, len_1 - 1], jnp.zeros(1, jnp.int32), jnp.zeros(1, bool),
+               jnp.reshape(max_tokens, (1,)), keydata[None], jnp.zeros(1, jnp.int32), jnp.reshape(temperature, (1,)),
+               jnp.reshape(top_k, (1,)))
+    new = _first_tokens(new, logits, kmax=kmax, stop_ids=stop_ids)
+    put = lambda a, b, axis=0: jax.lax.dynamic_update_slice_in_dim(a, b.astype(a.dtype), slot, axis)  # noqa: E731
+    cache = gpt.KVCache(put(rows.cache.k, new.cache.k, 1), put(rows.cache.v, new.cache.v, 1),
+                        put(rows.cache.pos, new.cache.pos))
+    return Rows(cache, *(put(a, b) for a, b in zip(rows[1:], new[1:])))
+
+
+def _decode(params, rows: Rows, forced_BC, nforced_B, cancel_B, *, cfg, kmax: int, sample: bool, stop_ids: tuple,
+            tool_end: int):
+    """Up to C = forced_BC.shape[1] decode steps in one device loop (lax.while_loop, the cache in its carry, so
+    updated in place). Each step feeds every live row's newest token, samples the next (or takes the row's next
+    forced token: row b's first nforced_B[b] tokens are forced_BC[b, :nforced_B[b]]), and marks rows done on a
+    stop token or max_tokens. Done rows (cancel_B: freed by the host) keep their cache position. The loop ends
+    after C steps, when every row is done, or after a step where a live row emitted <|python_end|> (tool_end): the
+    host runs the calculator before the row may go on. Returns (rows, tokens (C, B), count (B,)): row b's new
+    tokens are tokens[:count[b], b]."""
+    C = forced_BC.shape[1]
+    stop = jnp.asarray(stop_ids, jnp.int32)
+    rows = rows._replace(done=rows.done | cancel_B)
+    n0 = rows.n
+
+    def step(carry):
+        rows, used_B, out_CB, j, _ = carry
+        live = ~rows.done
+        logits, cache = gpt.forward_cached(params, rows.tok[:, None], cfg, rows.cache,
+                                           lengths_B=live.astype(jnp.int32), prev_idx_B=rows.prev)
+        nxt = sample_rows(logits, row_keys(rows.keydata, rows.n, rows.sub), rows.temperature, rows.top_k, kmax=kmax,
+                          sample=sample)
+        force = used_B < nforced_B
+        nxt = jnp.where(force, jnp.take_along_axis(forced_BC, jnp.minimum(used_B, C - 1)[:, None], 1)[:, 0], nxt)
+        nxt = jnp.where(live, nxt, rows.tok)
+        n = rows.n + live
+        done = rows.done | (live & (jnp.isin(nxt, stop) | (n >= rows.max_tokens)))
+        rows = rows._replace(cache=cache, tok=nxt, prev=jnp.where(live, rows.tok, rows.prev), n=n, done=done)
+        return rows, used_B + (live & force), out_CB.at[j].set(nxt), j + 1, jnp.any(live & (nxt == tool_end))
+
+    def more(carry):
+        rows, _, _, j, tool = carry
+        return (j < C) & ~tool & ~jnp.all(rows.done)
+
+    B = rows.tok.shape[0]
+    init = (rows, jnp.zeros(B, jnp.int32), jnp.zeros((C, B), jnp.int32), jnp.int32(0), jnp.bool_(False))
+    rows, _, out_CB, _, _ = jax.lax.while_loop(more, step, init)
+    return rows, out_CB, rows.n - n0
 
 
 @dataclass
@@ -113,31 +206,123 @@ class _Row:
     in_python: bool = False
     expr: list = field(default_factory=list)
     completed: bool = False
+    n: int = 0  # tokens generated so far
+    max_tokens: int = 0
+    temperature: float = 0.0
+
+
+class Batch:
+    """B decode rows on one Engine: the device state (`Rows`, a cache of cache_len tokens per row) and each row's
+    host state. `Engine.generate` fills every row with one batched prefill; continuous batching (the web server)
+    starts with every slot free (`Engine.open_batch`), `insert`s a request into a free slot while the others
+    are mid-reply and `free`s it when the request ends. `step` runs one decode chunk and returns what each row
+    emitted, after the host's part of tool use and stopping (`Engine._advance`)."""
+
+    def __init__(self, engine: "Engine", rows: Rows, host: list[_Row], cache_len: int, kmax: int):
+        self.engine, self.rows, self.host, self.cache_len, self.kmax = engine, rows, host, cache_len, kmax
+
+    def _start(self, b: int, tok: int) -> None:
+        row = self.host[b]
+        row.n = 1
+        self.engine._advance(row, tok)
+        row.completed |= row.n >= row.max_tokens
+
+    def insert(self, slot: int, prompt: Sequence[int], *, max_tokens: int, temperature: float, top_k: int | None,
+               seed: int) -> int:
+        """Prefill `prompt` into free row `slot` with its own sampling settings; returns its token 0 (mask 1)."""
+        e = self.engine
+        if not self.host[slot].completed:
+            raise ValueError(f"slot {slot} is in use")
+        (prompt,) = _as_prompts(prompt, e.cfg.vocab_size)
+        T = min(bucket(len(prompt), e.min_bucket), self.cache_len)
+        if len(prompt) + max_tokens > self.cache_len:
+            raise ValueError(f"prompt {len(prompt)} + max_tokens {max_tokens} > cache length {self.cache_len}")
+        idx = np.zeros((1, T), np.int32)
+        idx[0, :len(prompt)] = prompt
+        args = (e.params, self.rows, e._put(idx), e._put(np.array([len(prompt)], np.int32)), e._put(np.int32(slot)),
+                e._put(_key_data(seed)), e._put(np.float32(temperature)), e._put(np.int32(top_k or 0)),
+                e._put(np.int32(max_tokens)))
+        fn = e._get(("insert", T, self.cache_len, self.kmax), e._insert_jit, *args, cfg=e.cfg, kmax=self.kmax,
+                    stop_ids=e._stop)
+        self.rows = fn(*args)
+        tok = int(np.asarray(self.rows.tok[slot]))
+        self.host[slot] = _Row(max_tokens=max_tokens, temperature=temperature)
+        self._start(slot, tok)
+        return tok
+
+    def free(self, slot: int) -> None:
+        """End row `slot` (its request finished or went away); the device stops it at the start of the next step."""
+        self.host[slot].completed = True
+
+    @property
+    def active(self) -> int:
+        return sum(not r.completed for r in self.host)
+
+    def step(self, chunk: int) -> list[list[tuple[int, int]]]:
+        """One decode chunk of up to `chunk` steps; per row, the (token, mask) pairs it emitted (mask 0: forced
+        tool output), [] for done rows. A row's last pair is its stop token when it stopped on one."""
+        e, B = self.engine, len(self.host)
+        forced = np.zeros((B, chunk), np.int32)
+        nforced = np.zeros(B, np.int32)
+        for b, row in enumerate(self.host):
+            if row.forced and not row.completed:
+                f = list(itertools.islice(row.forced, chunk))
+                forced[b, :len(f)], nforced[b] = f, len(f)
+        sample = any(r.temperature > 0 for r in self.host if not r.completed)
+        args = (e.params, self.rows, e._put(forced), e._put(nforced),
+                e._put(np.array([r.completed for r in self.host])))
+        fn = e._get(("decode", B, chunk, sample, self.cache_len, self.kmax), e._decode_jit, *args, cfg=e.cfg,
+                    kmax=self.kmax, sample=sample, stop_ids=e._stop, tool_end=e._tool_end)
+        self.rows, out_CB, count_B = fn(*args)
+        out_CB, count_B = jax.device_get((out_CB, count_B))
+        emitted = []
+        for b, row in enumerate(self.host):
+            pairs = []
+            for j in range(int(count_B[b]) if not row.completed else 0):
+                tok = int(out_CB[j, b])
+                pairs.append((tok, 0 if j < nforced[b] else 1))
+                if j < nforced[b]:
+                    row.forced.popleft()
+                row.n += 1
+                e._advance(row, tok)
+            row.completed |= row.n >= row.max_tokens
+            emitted.append(pairs)
+        return emitted
+
+
+def _key_data(seed: int) -> np.ndarray:
+    return np.asarray(jax.random.key_data(jax.random.key(seed)))
 
 
 class Engine:
     """KV-cached generation for one model on one device (see the module docstring)."""
 
-    def __init__(self, params, cfg: gpt.GPTConfig, tokenizer=None, *, device=None, min_bucket: int = 16):
+    def __init__(self, params, cfg: gpt.GPTConfig, tokenizer=None, *, device=None, min_bucket: int = 16,
+                 chunk: int = 16):
         """params: the model pytree; tokenizer: needed for stop tokens and tool use (None: neither, e.g. for
-        benchmarks with random weights); device: where params and cache live (default: the first local device)."""
+        benchmarks with random weights); device: where params and cache live (default: the first local device);
+        chunk: decode steps per host round trip (tokens are streamed a chunk at a time)."""
         self.cfg = cfg
         self.tokenizer = tokenizer
         self.device = device if device is not None else jax.local_devices()[0]
         self.min_bucket = min_bucket
+        self.chunk = chunk
         self.set_params(params)
         self.compilations: list[tuple] = []
         self._compiled: dict[tuple, object] = {}
         self._log = get_logger()
-        donate = () if self.device.platform == "cpu" else (1,)  # CPU cannot donate; avoid the warning
-        self._prefill_jit = jax.jit(_prefill, static_argnames=("cfg", "num_samples", "max_len", "kmax"))
-        self._decode_jit = jax.jit(_decode, static_argnames=("cfg", "kmax"), donate_argnums=donate)
+        static = ("cfg", "kmax", "stop_ids")
+        self._prefill_jit = jax.jit(_prefill, static_argnames=(*static, "num_samples", "max_len"))
+        self._insert_jit = jax.jit(_insert, static_argnames=static, donate_argnums=(1,))
+        self._decode_jit = jax.jit(_decode, static_argnames=(*static, "sample", "tool_end"), donate_argnums=(1,))
         self.stop_ids: set[int] = set()
         self.tool_ids: dict[str, int] | None = None
         if tokenizer is not None:
             self.stop_ids = {tokenizer.encode_special(s) for s in STOP_TOKENS}
             self.tool_ids = {name: tokenizer.encode_special(f"<|{name}|>")
                              for name in ("python_start", "python_end", "output_start", "output_end")}
+        self._stop = tuple(sorted(self.stop_ids))
+        self._tool_end = self.tool_ids["python_end"] if self.tool_ids else -1
 
     def set_params(self, params) -> None:
         """Use new weights (same shapes), e.g. after an RL step; compiled functions are kept (params are arguments)."""
@@ -146,18 +331,20 @@ class Engine:
 
     # -- compilation ------------------------------------------------------------------------------
 
+    _KEY_NAMES = {"prefill": ("prompts", "samples", "prompt_len", "cache_len", "top_k_width"),
+                  "insert": ("prompt_len", "cache_len", "top_k_width"),
+                  "decode": ("rows", "chunk", "sampling", "cache_len", "top_k_width")}
+
     def _get(self, key: tuple, jitted, *args, **static):
         """The compiled executable for `key`, which must name every static shape and argument (compiled and
-        logged the first time)."""
+        logged the first time). Keys end with (cache_len, top_k_width)."""
         fn = self._compiled.get(key)
         if fn is None:
             t0 = time.perf_counter()
             fn = jitted.lower(*args, **static).compile()
             self._compiled[key] = fn
             self.compilations.append(key)
-            names = {"prefill": ("prompts", "samples", "prompt_len", "cache_len", "top_k_width"),
-                     "decode": ("rows", "cache_len", "top_k_width")}[key[0]]
-            shapes = " ".join(f"{k}={v}" for k, v in zip(names, key[1:]))
+            shapes = " ".join(f"{k}={v}" for k, v in zip(self._KEY_NAMES[key[0]], key[1:]))
             self._log.info(f"engine: compiled {key[0]} ({shapes}) on {self.device} in "
                            f"{time.perf_counter() - t0:.2f}s; {len(self.compilations)} compilation(s) so far")
         return fn
@@ -177,12 +364,24 @@ class Engine:
 
     # -- generation -------------------------------------------------------------------------------
 
+    def open_batch(self, rows: int, cache_len: int, max_top_k: int | None = None) -> Batch:
+        """`rows` free slots of cache_len tokens each, for continuous batching; requests may use top_k up to
+        max_top_k (the static width of the top-k pre-selection)."""
+        kmax = _top_k_bucket(max_top_k, self.cfg.vocab_size)
+        B = rows
+        cache = jax.tree.map(self._put, gpt.init_cache(self.cfg, B, cache_len))
+        z = lambda dt: self._put(np.zeros(B, dt))  # noqa: E731
+        state = Rows(cache, z(np.int32), z(np.int32), z(np.int32), self._put(np.ones(B, bool)), z(np.int32),
+                     self._put(np.tile(_key_data(0), (B, 1))), z(np.int32), z(np.float32), z(np.int32))
+        return Batch(self, state, [_Row(completed=True) for _ in range(B)], cache_len, kmax)
+
     def generate(self, tokens: Sequence[int] | Sequence[Sequence[int]], num_samples: int = 1, max_tokens: int = 256,
-                 temperature: float = 1.0, top_k: int | None = None, seed: int = 42
+                 temperature: float = 1.0, top_k: int | None = None, seed: int = 42, chunk: int | None = None
                  ) -> Iterator[tuple[list[int], list[int]]]:
         """Stream generation: yields (token_column, mask_column) per step, one entry per row (mask 1 = sampled,
-        0 = forced tool output). Rows that already finished keep receiving (meaningless) tokens until every row
-        is done or max_tokens steps have been yielded; track completion with `stop_ids` or use generate_batch."""
+        0 = forced tool output). Rows that already finished get their last token again (mask 0) until every
+        row is done or max_tokens steps have been yielded; track completion with `stop_ids` or use
+        generate_batch. Token 0 comes as soon as the prefill is done, the rest a decode chunk at a time."""
         prompts = _as_prompts(tokens, self.cfg.vocab_size)
         if not (isinstance(num_samples, int) and num_samples >= 1):
             raise ValueError(f"num_samples must be an int >= 1, got {num_samples!r}")
@@ -200,48 +399,29 @@ class Engine:
         idx = np.zeros((n, T), np.int32)
         for i, p in enumerate(prompts):
             idx[i, :len(p)] = p
-        key = self._put(jax.random.key(seed))
-        temp = self._put(np.float32(temperature))
-        k_arr = self._put(np.int32(top_k or 0))
+        args = (self.params, self._put(idx), self._put(lens), self._put(_key_data(seed)),
+                self._put(np.float32(temperature)), self._put(np.int32(top_k or 0)), self._put(np.int32(max_tokens)))
+        prefill = self._get(("prefill", n, num_samples, T, S, kmax), self._prefill_jit, *args, cfg=cfg,
+                            num_samples=num_samples, max_len=S, kmax=kmax, stop_ids=self._stop)
+        batch = Batch(self, prefill(*args), [_Row(max_tokens=max_tokens, temperature=temperature) for _ in range(B)],
+                      S, kmax)
+        last = np.asarray(batch.rows.tok).tolist()
+        for b, tok in enumerate(last):
+            batch._start(b, tok)
+        yield list(last), [1] * B
+        while batch.active:
+            emitted = batch.step(chunk or self.chunk)
+            if not any(emitted):
+                raise RuntimeError("engine: a decode chunk emitted nothing for unfinished rows")
+            for j in range(max(map(len, emitted))):
+                column, masks = [], []
+                for b, pairs in enumerate(emitted):
+                    tok, mask = pairs[j] if j < len(pairs) else (last[b], 0)
+                    last[b] = tok
+                    column.append(tok)
+                    masks.append(mask)
+                yield column, masks
 
-        prefill_args = (self.params, self._put(idx), self._put(lens), key, temp, k_arr)
-        prefill = self._get(("prefill", n, num_samples, T, S, kmax), self._prefill_jit, *prefill_args, cfg=cfg,
-                            num_samples=num_samples, max_len=S, kmax=kmax)
-        cache, raw_dev, prev_dev = prefill(*prefill_args)
-
-        rows = [_Row() for _ in range(B)]
-        no_forcing = (self._put(np.zeros(B, np.int32)), self._put(np.zeros(B, bool)))
-        decode = None
-        for i in range(max_tokens):
-            # Token i (raw_dev: sampled, not read yet) is forced where a tool result is queued; that depends only
-            # on tokens before i, so feeding token i can be dispatched before the host reads it.
-            use_forced = [bool(r.forced) and not r.completed for r in rows]
-            if i + 1 < max_tokens:
-                if any(use_forced):
-                    forcing = (self._put(np.array([r.forced[0] if u else 0 for r, u in zip(rows, use_forced)],
-                                                  np.int32)), self._put(np.array(use_forced)))
-                else:
-                    forcing = no_forcing
-                args = (self.params, cache, raw_dev, prev_dev, *forcing, key, self._put(np.int32(i + 1)), temp, k_arr)
-                if decode is None:
-                    decode = self._get(("decode", B, S, kmax), self._decode_jit, *args, cfg=cfg, kmax=kmax)
-                cache, next_raw_dev, prev_dev = decode(*args)
-            raw = np.asarray(raw_dev)  # waits for the previous step only; the one just dispatched keeps running
-            column, masks = [], []
-            for r, row in enumerate(rows):
-                if use_forced[r]:
-                    tok, mask = row.forced.popleft(), 0
-                else:
-                    tok, mask = int(raw[r]), 1
-                column.append(tok)
-                masks.append(mask)
-                if not row.completed:
-                    self._advance(row, tok)
-            yield column, masks
-            if all(r.completed for r in rows):
-                return
-            if i + 1 < max_tokens:
-                raw_dev = next_raw_dev
 
     def _advance(self, row: _Row, tok: int) -> None:
         """Stop tokens and the calculator tool for one row, given its newest token."""

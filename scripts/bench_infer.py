@@ -67,6 +67,8 @@ class BenchInferConfig:
     batch_sizes: str = flag("1,8,32", "comma-separated batch sizes to measure")
     prompt_len: int = flag(128, "prompt tokens per row")
     max_new_tokens: int = flag(128, "tokens generated per row")
+    chunk: int = flag(16, "decode steps per host round trip (the engine's on-device loop)")
+    repeats: int = flag(3, "timed generate calls per batch size after the compiling one (medians reported)")
     seed: int = flag(0, "seed of the random weights and prompts")
 
     def __post_init__(self):
@@ -74,6 +76,7 @@ class BenchInferConfig:
                 f"--source must be random|base|mid|sft|rl, got {self.source!r}")
         require(self.compute_dtype in ("auto", "bfloat16", "float32"),
                 f"--compute-dtype must be auto|bfloat16|float32, got {self.compute_dtype!r}")
+        require(self.chunk >= 1 and self.repeats >= 1, "--chunk and --repeats must be >= 1")
         require(self.prompt_len >= 1 and self.max_new_tokens >= 2,
                 "--prompt-len must be >= 1 and --max-new-tokens >= 2 (time per token needs two tokens)")
         try:
@@ -101,26 +104,26 @@ def decode_bytes_per_step(params, cfg: gpt.GPTConfig, batch: int, context: float
     return total
 
 
-def run_batch(engine: Engine, batch: int, prompt_len: int, max_new_tokens: int, seed: int) -> dict:
+def run_batch(engine: Engine, batch: int, prompt_len: int, max_new_tokens: int, seed: int, repeats: int = 3) -> dict:
     rng = np.random.default_rng(seed)
     prompts = rng.integers(0, engine.cfg.vocab_size, (batch, prompt_len)).tolist()
 
     def timed():
         t0 = time.perf_counter()
         stamps = [time.perf_counter() for _ in engine.generate(prompts, max_tokens=max_new_tokens, temperature=0.0)]
-        return t0, stamps
+        assert len(stamps) == max_new_tokens, (len(stamps), max_new_tokens)
+        # TTFT, time per later token (tokens arrive a decode chunk at a time: the mean over the call), whole call
+        return stamps[0] - t0, (stamps[-1] - stamps[0]) / (len(stamps) - 1), stamps[-1] - t0
 
     n_compiled = len(engine.compilations)
     timed()  # compile
     compile_count = len(engine.compilations) - n_compiled
-    t0, stamps = timed()
-    assert len(stamps) == max_new_tokens, (len(stamps), max_new_tokens)
-    ttft = stamps[0] - t0
-    tpot = (stamps[-1] - stamps[0]) / (len(stamps) - 1)
+    ttft, tpot, wall = (float(np.median(x)) for x in zip(*[timed() for _ in range(repeats)]))
     context = prompt_len + max_new_tokens / 2  # mean cached length over the decode steps
     step_bytes = decode_bytes_per_step(engine.params, engine.cfg, batch, context)
     peak = peak_bandwidth(engine.device.device_kind)
     result = {"batch": batch, "ttft_ms": 1e3 * ttft, "tpot_ms": 1e3 * tpot, "decode_tokens_per_s": batch / tpot,
+              "tokens_per_s": batch * max_new_tokens / wall,  # the whole call, prefill included (as the reference)
               "bytes_per_step": step_bytes, "achieved_gb_per_s": step_bytes / tpot / 1e9,
               "bandwidth_util_percent": None if peak is None else 100 * step_bytes / tpot / peak,
               "compilations": compile_count}
@@ -149,19 +152,21 @@ def main(argv=None) -> dict:
 
         overrides = {} if cfg.compute_dtype == "auto" else {"compute_dtype": cfg.compute_dtype}
         params, model_cfg, _ = load_model(cfg.source, cfg.model_tag, cfg.step, config_overrides=overrides)
-    engine = Engine(params, model_cfg, device=device)
+    engine = Engine(params, model_cfg, device=device, chunk=cfg.chunk)
     del params
     counts = gpt.num_params(model_cfg)
     print(f"model: {model_cfg.n_layer} layers, width {model_cfg.n_embd}, {counts['total']:,} params, "
           f"{model_cfg.compute_dtype}; device {device.device_kind}; peak HBM bandwidth "
           f"{peak_bandwidth(device.device_kind) or 'unknown'}")
     results = []
-    print(f"{'batch':>5} {'TTFT ms':>9} {'ms/token':>9} {'tokens/s':>10} {'MB/step':>9} {'GB/s':>8} {'BW util %':>9}")
+    print(f"{'batch':>5} {'TTFT ms':>9} {'ms/token':>9} {'decode tok/s':>12} {'call tok/s':>10} {'MB/step':>9} "
+          f"{'GB/s':>8} {'BW util %':>9}")
     for batch in [int(b) for b in cfg.batch_sizes.split(",")]:
-        r = run_batch(engine, batch, cfg.prompt_len, cfg.max_new_tokens, cfg.seed)
+        r = run_batch(engine, batch, cfg.prompt_len, cfg.max_new_tokens, cfg.seed, cfg.repeats)
         results.append(r)
         util = "-" if r["bandwidth_util_percent"] is None else f"{r['bandwidth_util_percent']:.1f}"
-        print(f"{batch:>5} {r['ttft_ms']:>9.1f} {r['tpot_ms']:>9.2f} {r['decode_tokens_per_s']:>10.1f} "
+        print(f"{batch:>5} {r['ttft_ms']:>9.1f} {r['tpot_ms']:>9.2f} {r['decode_tokens_per_s']:>12.1f} "
+              f"{r['tokens_per_s']:>10.1f} "
               f"{r['bytes_per_step'] / 1e6:>9.1f} {r['achieved_gb_per_s']:>8.1f} {util:>9}")
     out = {"device_kind": device.device_kind, "params": counts["total"], "compute_dtype": model_cfg.compute_dtype,
            "n_layer": model_cfg.n_layer, "results": results, "compilations": len(engine.compilations),

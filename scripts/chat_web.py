@@ -7,8 +7,9 @@
 Then open http://<host>:<port>/ , or point an OpenAI client at http://<host>:<port>/v1 (any API key):
     curl -N localhost:8000/chat/completions -d '{"messages": [{"role": "user", "content": "hi"}]}'
 
-One model replica per device (-n of them), each serving one chat at a time; more chats wait in a queue. The
-server is waitress (threaded); endpoints and limits are described in nanochat_jax/web/app.py.
+One model replica per device (-n of them), each decoding up to --max-batch chats at once (continuous batching: a
+new chat joins while the others are mid-reply); more chats wait in a queue. The server is waitress (threaded);
+endpoints and limits are described in nanochat_jax/web/app.py.
 """
 
 from __future__ import annotations
@@ -35,6 +36,10 @@ class WebConfig:
     max_tokens: int = field(default=512, metadata={"help": "default reply length when a request gives none (-m)"})
     max_context: int = field(default=0, metadata={"help": "prompt + reply tokens at most, up to the model's "
                                                           "sequence_len; 0 = the model's sequence_len"})
+    max_batch: int = field(default=8, metadata={"help": "chats each replica decodes at once (rows of its KV cache); "
+                                                        "1 = one at a time"})
+    chunk: int = field(default=16, metadata={"help": "decode steps per host round trip: tokens stream a chunk at a "
+                                                     "time, and a new or finished chat waits at most one chunk"})
     threads: int = field(default=64, metadata={"help": "server threads: streams plus queued requests plus "
                                                        "/health and /stats"})
     queue_timeout: float = field(default=300.0, metadata={"help": "seconds a request waits for a free worker, "
@@ -56,6 +61,8 @@ class WebConfig:
         require(0 <= self.top_k <= 200, f"-k/--top-k must be in [0, 200] (0 = off), got {self.top_k}")
         require(1 <= self.max_tokens <= 4096, f"-m/--max-tokens must be in [1, 4096], got {self.max_tokens}")
         require(self.max_context >= 0, f"--max-context must be >= 0 (0 = the model's), got {self.max_context}")
+        require(self.max_batch >= 1, f"--max-batch must be >= 1, got {self.max_batch}")
+        require(self.chunk >= 1, f"--chunk must be >= 1, got {self.chunk}")
         require(self.threads >= 2, f"--threads must be >= 2, got {self.threads}")
         require(self.queue_timeout > 0, f"--queue-timeout must be > 0, got {self.queue_timeout}")
         require(self.warmup_tokens >= 1, f"--warmup-tokens must be >= 1, got {self.warmup_tokens}")
@@ -91,12 +98,14 @@ def main(argv=None) -> None:
     tag = f"{cfg.source}-{model_tag}-step{meta.get('step')}"
     app = create_app(engines, defaults=SamplingDefaults(cfg.temperature, cfg.top_k, cfg.max_tokens),
                      max_context=cfg.max_context or None, queue_timeout=cfg.queue_timeout,
-                     model_name=f"nanochat-jax-{tag}", cors_origin=cfg.cors or None)
+                     model_name=f"nanochat-jax-{tag}", cors_origin=cfg.cors or None, max_batch=cfg.max_batch,
+                     chunk=cfg.chunk)
     if cfg.warmup:
         print0(f"compiling {len(engines)} replica(s)...")
         warm_up(app, cfg.warmup_tokens)
     server = make_server(app, host=cfg.host, port=cfg.port, threads=cfg.threads)
-    print0(f"nanochat-jax web chat ({tag}, {len(engines)} worker(s) on {devices[0].platform}) serving on "
+    print0(f"nanochat-jax web chat ({tag}, {len(engines)} worker(s) x {cfg.max_batch} slot(s) on "
+           f"{devices[0].platform}) serving on "
            f"http://{cfg.host}:{server.effective_port}/  (OpenAI API: /v1/chat/completions; Ctrl-C to stop)")
     try:
         server.run()

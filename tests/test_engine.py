@@ -115,7 +115,8 @@ def test_cache_is_never_longer_than_the_context_when_the_request_fits():
     for prompt, n_new in zip(prompts, (35, 7)):
         seqs, _ = engine.generate_batch(prompt, max_tokens=n_new, temperature=0.0)
         assert seqs == full_forward_greedy(params, cfg, [prompt], n_new)
-    assert engine.compilations == [("prefill", 1, 1, 16, 40, 0), ("decode", 1, 40, 0), ("prefill", 1, 1, 40, 40, 0)]
+    assert engine.compilations == [("prefill", 1, 1, 16, 40, 0), ("decode", 1, 16, False, 40, 0),
+                                   ("prefill", 1, 1, 40, 40, 0)]
 
 
 def test_seeds_rows_and_top_k(tiny_engine):
@@ -127,7 +128,8 @@ def test_seeds_rows_and_top_k(tiny_engine):
     for p, r0, r1 in zip(prompts, a[::2], a[1::2]):
         assert r0[:len(p)] == r1[:len(p)] == p and r0 != r1
     assert len({row[len(p)] for row, p in zip(a, [p for p in prompts for _ in range(2)])}) > 2
-    assert len(engine.compilations) == 2  # temperature and seed are runtime values
+    assert len(engine.compilations) == 3  # seed and temperature are runtime values; only greedy decoding skips the
+    assert engine.compilations[-1][:4] == ("decode", 6, 16, True)  # sampler (a decode of its own)
     # top_k=1 at any temperature is greedy.
     assert run(temperature=1.0, top_k=1, seed=3) == [g for g in greedy for _ in range(2)]
 
@@ -259,20 +261,84 @@ def test_bench_infer_runs_on_cpu_without_grain_or_flask():
 def test_compiled_prefill_and_decode_have_no_conditionals(depth):
     """Static per-layer windows in the cached path too: the engine's compiled prefill and decode hold no XLA
     conditional (each would cost a host round trip per layer and token on a GPU)."""
-    from nanochat_jax.engine import _decode, _prefill
+    from nanochat_jax.engine import _decode, _insert, _prefill
     from test_train import hlo_ops
 
     cfg = gpt.GPTConfig.from_depth(depth, max_seq_len=256, vocab_size=32768, compute_dtype="float32")
     params = gpt.param_shapes(cfg)
-    i32, f32, key = jnp.int32, jnp.float32, jax.eval_shape(lambda: jax.random.key(0))
+    i32, f32 = jnp.int32, jnp.float32
     sds = jax.ShapeDtypeStruct
-    prefill = jax.jit(_prefill, static_argnames=("cfg", "num_samples", "max_len", "kmax")).lower(
-        params, sds((1, 32), i32), sds((1,), i32), key, sds((), f32), sds((), i32), cfg=cfg, num_samples=2,
-        max_len=256, kmax=64).compile()
-    cache = jax.eval_shape(lambda: gpt.init_cache(cfg, 2, 256))
-    row = sds((2,), i32)
-    decode = jax.jit(_decode, static_argnames=("cfg", "kmax")).lower(
-        params, cache, row, row, row, sds((2,), bool), key, sds((), i32), sds((), f32), sds((), i32), cfg=cfg,
-        kmax=64).compile()
-    for compiled in (prefill, decode):
+    keydata = sds((2,), jnp.uint32)
+    static = dict(cfg=cfg, kmax=64, stop_ids=(1, 2))
+    prefill = jax.jit(_prefill, static_argnames=("cfg", "num_samples", "max_len", "kmax", "stop_ids")).lower(
+        params, sds((1, 32), i32), sds((1,), i32), keydata, sds((), f32), sds((), i32), sds((), i32),
+        num_samples=2, max_len=256, **static).compile()
+    rows = jax.eval_shape(lambda p, x, n: _prefill(p, x, n, jnp.zeros(2, jnp.uint32), 1.0, 5, 9, num_samples=2,
+                                                   max_len=256, **static), params, sds((1, 32), i32), sds((1,), i32))
+    insert = jax.jit(_insert, static_argnames=("cfg", "kmax", "stop_ids")).lower(
+        params, rows, sds((1, 32), i32), sds((1,), i32), sds((), i32), keydata, sds((), f32), sds((), i32),
+        sds((), i32), **static).compile()
+    decode = jax.jit(_decode, static_argnames=("cfg", "kmax", "stop_ids", "sample", "tool_end")).lower(
+        params, rows, sds((2, 16), i32), sds((2,), i32), sds((2,), bool), sample=True, tool_end=3,
+        **static).compile()
+    for compiled in (prefill, insert, decode):
         assert hlo_ops(compiled)["conditional"] == 0
+
+
+# ----------------------------------------------------------------------------------------------
+# The on-device decode loop and continuous batching (Batch)
+
+def test_chunk_size_changes_no_token(tiny_engine):
+    """Seeded sampling draws token i of row r with a key folded from (seed, i, r) only: one step per round trip
+    or a chunk of 16 (or a loop cut short by the rows finishing) give the same tokens."""
+    cfg, params, engine, prompts, greedy = tiny_engine
+    run = lambda chunk: engine.generate_batch(prompts, num_samples=2, max_tokens=20, temperature=0.9, top_k=7,  # noqa: E731
+                                              seed=5, chunk=chunk)
+    assert run(1) == run(16) == run(5)
+
+
+def test_continuous_batching_rows_are_independent(tiny_engine):
+    """A request's tokens depend on its own prompt and settings only: alone in a 4-slot batch, or inserted into
+    another slot while three other requests (greedy and sampled, other top-k, seeds and lengths) are mid-reply.
+    Greedy rows equal the full forward; a freed slot takes a new request."""
+    cfg, params, engine, prompts, greedy = tiny_engine
+    rng = np.random.default_rng(31)
+    others = [rng.integers(0, cfg.vocab_size, n).tolist() for n in (3, 11, 7)]
+
+    def drain(batch, outputs):
+        while batch.active:
+            for slot, pairs in enumerate(batch.step(4)):
+                outputs.setdefault(slot, []).extend(tok for tok, _ in pairs)
+
+    def alone(slot, prompt, **settings):
+        batch = engine.open_batch(4, 64, max_top_k=50)
+        out = {slot: [batch.insert(slot, prompt, **settings)]}
+        drain(batch, out)
+        return out[slot]
+
+    sampled = dict(max_tokens=18, temperature=1.0, top_k=20, seed=123)
+    want_sampled = alone(2, prompts[0], **sampled)
+    want_greedy = alone(0, prompts[1], max_tokens=20, temperature=0.0, top_k=0, seed=1)
+    assert prompts[1] + want_greedy == greedy[1]
+
+    batch = engine.open_batch(4, 64, max_top_k=50)
+    out = {0: [batch.insert(0, others[0], max_tokens=30, temperature=0.7, top_k=0, seed=9)]}
+    out[3] = [batch.insert(3, others[1], max_tokens=9, temperature=1.3, top_k=3, seed=4)]
+    for slot, pairs in enumerate(batch.step(4)):
+        out.setdefault(slot, []).extend(tok for tok, _ in pairs)
+    out[1] = [batch.insert(1, prompts[0], **sampled)]  # joins mid-reply, in another slot than alone
+    for slot, pairs in enumerate(batch.step(3)):
+        out.setdefault(slot, []).extend(tok for tok, _ in pairs)
+    out[2] = [batch.insert(2, prompts[1], max_tokens=20, temperature=0.0, top_k=0, seed=77)]
+    drain(batch, out)
+    assert out[1] == want_sampled and len(out[1]) == 18
+    assert out[2] == want_greedy
+    assert len(out[0]) == 30 and len(out[3]) == 9  # per-row max_tokens
+    # Free slots are reused: a request in slot 3 after its first occupant finished.
+    assert batch.host[3].completed
+    out[3] = [batch.insert(3, prompts[0], **sampled)]
+    drain(batch, out)
+    assert out[3] == want_sampled
+    batch.insert(0, prompts[0], **sampled)
+    with pytest.raises(ValueError, match="in use"):
+        batch.insert(0, prompts[0], **sampled)

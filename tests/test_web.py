@@ -26,7 +26,7 @@ from werkzeug.test import EnvironBuilder
 
 from conftest import REPO_ROOT
 from nanochat_jax import gpt
-from nanochat_jax.engine import Engine
+from nanochat_jax.engine import Batch, Engine
 from nanochat_jax.tokenizer import train_tokenizer
 from nanochat_jax.web import (BackgroundServer, RequestError, SamplingDefaults, WorkerPool, create_app, get_pool,
                               parse_chat_request, parse_messages, render_prompt, warm_up)
@@ -419,9 +419,8 @@ def test_server_errors_are_json_500_and_free_the_worker(reply_app, monkeypatch):
 
     def broken(*args, **kwargs):
         raise RuntimeError("device fell over")
-        yield
 
-    monkeypatch.setattr(engine, "generate", broken)
+    monkeypatch.setattr(Batch, "step", broken)  # the first decode chunk, after the prefill's token
     resp = client.post("/chat/completions", json={"messages": user()})  # headers are out: error in the stream
     assert resp.status_code == 200
     events = sse(resp.get_data(as_text=True))
@@ -458,6 +457,44 @@ def test_closing_a_stream_stops_generation_and_frees_the_worker(loop_app):
     assert statuses == ["200 OK"] and pool.stats()["busy_workers"] == 1
     body.close()
     assert_idle(loop_app, cancelled=before["requests_cancelled"] + 2)
+
+
+def test_continuous_batching_frees_a_closed_slot_within_a_chunk(tok, models, monkeypatch):
+    """Two streams share a worker (max_batch=2); closing one frees its slot before the next-but-one decode chunk,
+    while the other keeps streaming, and a third chat then takes the freed slot and completes."""
+    app = create_app(engines(tok, models["loop"]), defaults=GREEDY, max_context=512, max_batch=2, chunk=4)
+    pool, worker = get_pool(app), get_pool(app).workers[0]
+    chunks = []  # the busy slots at the start of each decode chunk
+    real_step = Batch.step
+
+    def step(self, chunk):
+        chunks.append({s for s, row in enumerate(self.host) if not row.completed})
+        return real_step(self, chunk)
+
+    monkeypatch.setattr(Batch, "step", step)
+    client = app.test_client()
+    tokens = lambda body, n: [json.loads(next(body).decode()[len("data: "):])["token"] for _ in range(n)]  # noqa: E731
+    a = client.post("/chat/completions", json={"messages": user(), "max_tokens": 400}, buffered=False)
+    a_body = iter(a.response)
+    assert tokens(a_body, 3) == ["h", "i", "h"]
+    b = client.post("/chat/completions", json={"messages": user(), "max_tokens": 400}, buffered=False)
+    b_body = iter(b.response)
+    assert tokens(b_body, 2) == ["h", "i"]
+    s = pool.stats()
+    assert (s["slots_in_use"], s["busy_workers"], s["queue_length"]) == (2, 1, 0) and set(worker.slots) == {0, 1}
+    seen = len(chunks)
+    a.close()
+    deadline = time.time() + 20
+    while 0 in worker.slots and time.time() < deadline:
+        time.sleep(0.01)
+    assert 0 not in worker.slots
+    assert sum(0 in busy for busy in chunks[seen:]) <= 1  # at most the chunk already under way when it closed
+    c = sse(client.post("/chat/completions", json={"messages": user(), "max_tokens": 5}).get_data(True))
+    assert "".join(e["token"] for e in c[:-1]) == "hihih" and c[-1]["finish_reason"] == "length"
+    assert tokens(b_body, 3) == ["h", "i", "h"]  # b streamed on all along
+    b.close()
+    s = assert_idle(app, served=3, cancelled=2)
+    assert s["slots_in_use"] == 0 and s["tokens_per_s"] > 0
 
 
 def test_busy_pool_queues_then_answers_503(loop_app):
@@ -507,8 +544,9 @@ def stream_chat(url, path, payload, timeout=120):
         return sse(r.content.decode())
 
 
-def test_real_server_32_concurrent_streams_all_complete(tok, models):
-    app = create_app(engines(tok, models["reply"], n=2), defaults=GREEDY)
+@pytest.mark.parametrize("max_batch", [1, 8])
+def test_real_server_32_concurrent_streams_all_complete(tok, models, max_batch):
+    app = create_app(engines(tok, models["reply"], n=2), defaults=GREEDY, max_batch=max_batch)
     results, errors = [None] * 32, []
 
     def client(k):
@@ -538,7 +576,8 @@ def test_real_server_32_concurrent_streams_all_complete(tok, models):
         assert stats["requests_served"] == 32 and stats["requests_cancelled"] == 0
         assert stats["tokens_generated"] == 32 * 5
         assert all(w["requests_served"] > 0 for w in stats["workers"])  # both replicas served
-        assert stats["max_queue_length"] >= 1  # 32 chats on 2 workers: some waited
+        assert stats["max_queue_length"] >= 1  # 32 chats on 2 workers x max_batch slots: some waited
+        assert stats["slots_in_use"] == 0 and stats["slots_total"] == 2 * max_batch
         assert requests.get(server.url + "/health", timeout=10).json()["available_workers"] == 2
 
 

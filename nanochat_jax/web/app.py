@@ -13,12 +13,16 @@ Endpoints
                                `data: [DONE]`, otherwise one chat.completion JSON object. GET /v1/models.
     GET  /health, GET /stats   readiness, the context and the defaults a request gets (max_tokens already cut to
                                the context; the page shows them); workers busy/idle, queue length, requests
-                               served, tokens generated
+                               served, tokens generated, slots in use, tokens/s over the last 10 s
 
-Workers. Each Engine (one per device) belongs to one Worker; a request leases a free worker for the whole reply
-and waits in a queue while all are busy (503 after queue_timeout). The lease ends exactly once: when the reply
-finishes, when streaming fails, or when the client disconnects (the WSGI server then closes the response, which
-closes the generator: GeneratorExit stops the engine's loop and the worker goes back to the pool).
+Workers and continuous batching. Each Engine (one per device) belongs to one Worker, which decodes up to max_batch
+requests at once, each in its own row (slot) of one static KV cache: a scheduler thread prefills a new request
+into a free slot while the others keep decoding, runs the engine's on-device decode loop a chunk of steps at a time
+for all busy slots (each with its own temperature, top-k, max_tokens and seed), and hands every request its
+tokens. A request leases a slot on the least loaded worker and waits in a queue while all slots are taken (503
+after queue_timeout). The lease ends exactly once: when the reply finishes, when streaming fails, or when the
+client disconnects (the WSGI server then closes the response, which closes the generator); the scheduler frees
+the slot before its next decode chunk. max_batch=1 serves one request per worker at a time.
 
 Text. Tokens are turned into bytes and fed through an incremental UTF-8 decoder, so only complete characters are
 ever sent: a character split over several tokens goes out when its last byte arrives (invalid bytes become
@@ -39,6 +43,7 @@ from __future__ import annotations
 import codecs
 import collections
 import json
+import queue
 import random
 import threading
 import time
@@ -52,7 +57,7 @@ from flask import Flask, Response, jsonify, request, send_from_directory
 from werkzeug.exceptions import HTTPException
 
 from nanochat_jax.common import get_logger
-from nanochat_jax.engine import make_engines  # noqa: F401 (part of this module's API)
+from nanochat_jax.engine import bucket, make_engines  # noqa: F401 (make_engines: part of this module's API)
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 
@@ -208,103 +213,213 @@ def render_prompt(tokenizer, messages: Sequence[tuple[str, str]]) -> list[int]:
 
 
 # ----------------------------------------------------------------------------------------------
-# Worker pool
+# Worker pool and continuous batching
 
 class Worker:
-    """One Engine (one device) and its counters; serves one request at a time."""
+    """One Engine (one device) serving up to max_batch requests at once (continuous batching). A scheduler
+    thread owns the engine's `Batch` (max_batch rows of a cache of cache_len tokens) and loops: free the slots
+    of requests that finished or went away, prefill waiting requests into free slots, run one decode chunk for
+    every busy slot, hand each request its tokens. A request joins while the others are mid-reply, and a slot is
+    free again within one chunk of its request ending."""
 
-    def __init__(self, index: int, engine):
-        self.index, self.engine = index, engine
-        self.busy = False
+    def __init__(self, index: int, engine, max_batch: int = 1, cache_len: int | None = None,
+                 chunk: int | None = None, max_top_k: int = TOP_K_RANGE[1]):
+        self.index, self.engine, self.max_batch = index, engine, max_batch
+        self.cache_len, self.chunk, self.max_top_k = cache_len, chunk, max_top_k
+        self.leased = 0      # requests admitted by the pool (<= max_batch), counted under the pool's lock
         self.requests = 0
         self.tokens = 0
+        self.slots: dict[int, "Generation"] = {}  # scheduler thread only
+        self._pending: collections.deque = collections.deque()
+        self._cond = threading.Condition()
+        self._lock = threading.Lock()  # held while the engine's batch is in use (scheduler, warm-up)
+        self._batch = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def busy(self) -> bool:
+        return self.leased > 0
+
+    def batch(self):
+        """The engine's Batch, made on first use (the cache is allocated then)."""
+        if self._batch is None:
+            self._batch = self.engine.open_batch(self.max_batch, self.cache_len or self.engine.cfg.sequence_len,
+                                                 self.max_top_k)
+        return self._batch
+
+    def submit(self, gen: "Generation") -> None:
+        with self._cond:
+            self._pending.append(gen)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._schedule, name=f"nanochat-worker-{self.index}",
+                                                daemon=True)
+                self._thread.start()
+            self._cond.notify()
+
+    def _schedule(self) -> None:
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self._pending or self.slots, timeout=1.0)
+                admit = []
+                with self._lock:
+                    for slot, gen in list(self.slots.items()):
+                        if gen.cancelled:
+                            self._free(slot)
+                    free = [s for s in range(self.max_batch) if s not in self.slots]
+                    while self._pending and free:
+                        admit.append((free.pop(0), self._pending.popleft()))
+            with self._lock:
+                try:
+                    self._run(admit)
+                except Exception as e:  # noqa: BLE001 (the engine failed: every request on it gets the error)
+                    get_logger().exception(f"web: worker {self.index} failed")
+                    for slot in list(self.slots):
+                        self.slots[slot].events.put(("error", e))
+                        del self.slots[slot]
+                    for _, gen in admit:
+                        gen.events.put(("error", e))
+                    self._batch = None  # its buffers may be gone (donated): start over
+
+    def _run(self, admit: list) -> None:
+        batch = self.batch()
+        for slot, gen in admit:
+            if gen.cancelled:
+                continue
+            req = gen.request
+            self.slots[slot] = gen
+            tok = batch.insert(slot, gen.prompt, max_tokens=gen.max_tokens, temperature=req.temperature,
+                               top_k=req.top_k, seed=req.seed)
+            self._deliver(batch, slot, [tok])  # the first token goes out as soon as the prefill is done
+        if batch.active:
+            emitted = batch.step(self.chunk or self.engine.chunk)
+            for slot in list(self.slots):
+                self._deliver(batch, slot, [tok for tok, _ in emitted[slot]])
+
+    def _deliver(self, batch, slot: int, tokens: list[int]) -> None:
+        gen = self.slots[slot]
+        if tokens:
+            gen.events.put(("tokens", tokens))
+        if batch.host[slot].completed:
+            gen.events.put(("end", None))
+            self._free(slot)
+
+    def _free(self, slot: int) -> None:
+        self._batch.free(slot)
+        del self.slots[slot]
 
 
 class WorkerPool:
-    """Free workers handed out in turn; callers wait while all are busy. Thread-safe."""
+    """Hands out request leases: each worker takes up to its max_batch requests at once (the least loaded worker
+    first); callers wait while all are full. Thread-safe."""
 
-    def __init__(self, engines: Sequence):
+    def __init__(self, engines: Sequence, max_batch: int = 1, cache_len: int | None = None, chunk: int | None = None):
         if not engines:
             raise ValueError("WorkerPool needs at least one engine")
-        self.workers = [Worker(i, e) for i, e in enumerate(engines)]
-        self._free = collections.deque(self.workers)
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        self.workers = [Worker(i, e, max_batch, cache_len, chunk) for i, e in enumerate(engines)]
         self._cond = threading.Condition()
         self.waiting = 0
         self.max_waiting = 0
         self.requests_served = 0
         self.requests_cancelled = 0
         self.tokens_generated = 0
+        self._recent: collections.deque = collections.deque()  # (time, tokens) of the last TOKENS_PER_S_WINDOW s
         self.started = time.time()
 
+    def _free_worker(self) -> Worker | None:
+        free = [w for w in self.workers if w.leased < w.max_batch]
+        return min(free, key=lambda w: w.leased) if free else None
+
     def acquire(self, timeout: float | None = None) -> Worker | None:
-        """A free worker, waiting up to `timeout` seconds (None: forever); None if none came free in time."""
+        """A worker with a free slot, waiting up to `timeout` seconds (None: forever); None if none came free."""
         with self._cond:
-            if not self._free:
+            if self._free_worker() is None:
                 self.waiting += 1
                 self.max_waiting = max(self.max_waiting, self.waiting)
                 try:
-                    if not self._cond.wait_for(lambda: self._free, timeout):
+                    if not self._cond.wait_for(lambda: self._free_worker() is not None, timeout):
                         return None
                 finally:
                     self.waiting -= 1
-            worker = self._free.popleft()
-            worker.busy = True
+            worker = self._free_worker()
+            worker.leased += 1
             return worker
 
     def count_tokens(self, worker: Worker, n: int = 1) -> None:
         with self._cond:
             worker.tokens += n
             self.tokens_generated += n
+            self._recent.append((time.time(), n))
 
     def release(self, worker: Worker, *, cancelled: bool = False) -> None:
         with self._cond:
-            if not worker.busy:
+            if worker.leased <= 0:
                 raise RuntimeError(f"worker {worker.index} released twice")
-            worker.busy = False
+            worker.leased -= 1
             worker.requests += 1
             self.requests_served += 1
             self.requests_cancelled += int(cancelled)
-            self._free.append(worker)
             self._cond.notify()
 
     def stats(self) -> dict:
         with self._cond:
+            now = time.time()
+            while self._recent and self._recent[0][0] < now - TOKENS_PER_S_WINDOW:
+                self._recent.popleft()
+            window = min(TOKENS_PER_S_WINDOW, max(now - self.started, 1e-9))
             busy = sum(w.busy for w in self.workers)
             return {
                 "total_workers": len(self.workers), "busy_workers": busy, "idle_workers": len(self.workers) - busy,
+                "max_batch": self.workers[0].max_batch, "slots_total": sum(w.max_batch for w in self.workers),
+                "slots_in_use": sum(w.leased for w in self.workers),
                 "queue_length": self.waiting, "max_queue_length": self.max_waiting,
                 "requests_served": self.requests_served, "requests_cancelled": self.requests_cancelled,
-                "tokens_generated": self.tokens_generated, "uptime_s": round(time.time() - self.started, 3),
-                "workers": [{"id": w.index, "device": str(w.engine.device), "busy": w.busy, "requests_served":
-                             w.requests, "tokens_generated": w.tokens} for w in self.workers],
+                "tokens_generated": self.tokens_generated,
+                "tokens_per_s": round(sum(n for _, n in self._recent) / window, 1),
+                "uptime_s": round(now - self.started, 3),
+                "workers": [{"id": w.index, "device": str(w.engine.device), "busy": w.busy, "slots_in_use": w.leased,
+                             "requests_served": w.requests, "tokens_generated": w.tokens} for w in self.workers],
             }
 
 
+TOKENS_PER_S_WINDOW = 10.0  # /stats tokens_per_s: tokens streamed over the last this many seconds
+
+
 class Generation:
-    """One reply on a leased worker. Iterate it for text pieces (complete UTF-8 characters only); afterwards
-    finish_reason is "stop" (a stop token) or "length" (max_tokens). close() ends generation and returns the
-    worker to the pool, once, whatever called it first (the end of the stream, an error, a client disconnect)."""
+    """One reply on a leased worker slot. Iterate it for text pieces (complete UTF-8 characters only); afterwards
+    finish_reason is "stop" (a stop token) or "length" (max_tokens). The worker's scheduler puts the tokens in
+    `events` a decode chunk at a time. close() ends the reply and returns the lease to the pool, once, whatever
+    called it first (the end of the stream, an error, a client disconnect); the scheduler frees the slot before
+    its next chunk."""
 
     def __init__(self, pool: WorkerPool, worker: Worker, tokenizer, prompt: list[int], req: ChatRequest,
                  max_tokens: int):
         self.pool, self.worker, self.tokenizer, self.request = pool, worker, tokenizer, req
+        self.prompt, self.max_tokens = prompt, max_tokens
         self.prompt_tokens = len(prompt)
         self.completion_tokens = 0
         self.finish_reason: str | None = None
-        self._steps = worker.engine.generate(prompt, num_samples=1, max_tokens=max_tokens,
-                                             temperature=req.temperature, top_k=req.top_k, seed=req.seed)
+        self.cancelled = False
+        self.events: queue.Queue = queue.Queue()
         self._pieces = self._run()
         self._lock = threading.Lock()
         self._closed = False
         self._t0 = time.perf_counter()
+        worker.submit(self)
 
     def _run(self) -> Iterator[str]:
-        engine = self.worker.engine
+        stop_ids = self.worker.engine.stop_ids
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        try:
-            for column, _ in self._steps:
-                token = column[0]
-                if token in engine.stop_ids:
+        while True:
+            kind, payload = self.events.get()
+            if kind == "error":
+                raise payload
+            if kind == "end":
+                self.finish_reason = "length"
+                return
+            for token in payload:
+                if token in stop_ids:
                     self.finish_reason = "stop"
                     return
                 self.completion_tokens += 1
@@ -312,9 +427,6 @@ class Generation:
                 text = decoder.decode(self.tokenizer.id_to_bytes(token))
                 if text:
                     yield text
-            self.finish_reason = "length"
-        finally:
-            self._steps.close()  # a no-op if it already ended
 
     def __iter__(self) -> Iterator[str]:
         return self._pieces
@@ -324,8 +436,9 @@ class Generation:
             if self._closed:
                 return
             self._closed = True
+        self.cancelled = True  # the scheduler frees the slot before its next chunk
         try:
-            self._pieces.close()  # GeneratorExit inside _run if it is mid-reply: the engine loop stops here
+            self._pieces.close()
         finally:
             self.pool.release(self.worker, cancelled=self.finish_reason is None)
             dt = time.perf_counter() - self._t0
@@ -350,29 +463,33 @@ def reply_tokens(prompt_len: int, max_tokens: int, max_context: int) -> int:
 
 
 def warm_up(app: Flask, prompt_tokens: int = 64) -> int:
-    """Compile, on every engine of `app` in parallel, what chats with the app's defaults hit: the prefill of
-    each prompt-length bucket up to `prompt_tokens` (a short message, with or without a system prompt, renders
-    to a few dozen tokens) and the decode that follows it. Short first chats then compile nothing; a longer
-    prompt compiles its bucket when it first comes. Returns the number of programs compiled per engine."""
+    """Compile, on every worker of `app` in parallel, what chats with the app's defaults hit: the prefill (insert)
+    of each prompt-length bucket up to `prompt_tokens` (a short message, with or without a system prompt, renders
+    to a few dozen tokens) and the decode chunk. Short first chats then compile nothing; a longer prompt compiles
+    its bucket when it first comes. Returns the number of programs compiled per engine."""
     pool, settings = get_pool(app), app.extensions["nanochat_settings"]
     defaults, max_context, bos = settings["defaults"], settings["max_context"], settings["tokenizer"].bos_id
 
-    def run(engine) -> int:
+    def run(worker: Worker) -> int:
+        engine = worker.engine
         before = len(engine.compilations)
-        shapes = {}  # (prompt bucket, cache length) → one prompt length that has them
-        for n in range(1, min(prompt_tokens, max_context - 1) + 1):
-            max_tokens = reply_tokens(n, defaults.max_tokens, max_context)
-            shapes.setdefault(engine.lengths(n, max_tokens), (n, max_tokens))
-        for n, max_tokens in shapes.values():
-            steps = engine.generate([bos] * n, max_tokens=max_tokens, temperature=defaults.temperature,
-                                    top_k=defaults.top_k)
-            next(steps)  # the prefill has run and the first decode step is compiled and dispatched
-            steps.close()
+        with worker._lock:
+            batch = worker.batch()
+            slot = next(s for s in range(worker.max_batch) if s not in worker.slots)
+            lengths = {}  # prompt bucket → one prompt length that has it
+            for n in range(1, min(prompt_tokens, max_context - 1) + 1):
+                lengths.setdefault(min(bucket(n, engine.min_bucket), batch.cache_len), n)
+            for n in lengths.values():
+                batch.insert(slot, [bos] * n, max_tokens=reply_tokens(n, defaults.max_tokens, max_context),
+                             temperature=defaults.temperature, top_k=defaults.top_k, seed=0)
+                batch.host[slot].completed = False  # run one chunk for it even if it stopped at once
+                batch.step(worker.chunk or engine.chunk)
+                batch.free(slot)
         return len(engine.compilations) - before
 
     t0 = time.perf_counter()
     with ThreadPoolExecutor(len(pool.workers)) as ex:
-        counts = list(ex.map(run, [w.engine for w in pool.workers]))
+        counts = list(ex.map(run, pool.workers))
     get_logger().info(f"web: warm-up compiled {max(counts)} program(s) per engine for prompts of up to "
                       f"{prompt_tokens} tokens in {time.perf_counter() - t0:.1f}s")
     return max(counts)
@@ -388,12 +505,14 @@ def _sse(obj) -> str:
 def create_app(engines: Sequence | None = None, *, params=None, cfg=None, tokenizer=None, devices=None,
                num_workers: int | None = None, defaults: SamplingDefaults = SamplingDefaults(),
                max_context: int | None = None, queue_timeout: float | None = 300.0,
-               model_name: str = "nanochat-jax", cors_origin: str | None = None) -> Flask:
+               model_name: str = "nanochat-jax", cors_origin: str | None = None, max_batch: int = 1,
+               chunk: int | None = None) -> Flask:
     """The chat app over `engines`, or over one Engine per device built from (params, cfg, tokenizer).
 
     max_context: prompt + reply tokens at most (default: the model's sequence_len); longer prompts are a 400, and
     max_tokens (the default one too) is cut to what is left. queue_timeout: seconds a request waits for a free
-    worker before a 503.
+    worker before a 503. max_batch: requests each worker decodes at once (continuous batching; each holds one
+    row of a cache of max_context tokens); chunk: decode steps per round trip to the host (default: the engine's).
     cors_origin: sent as Access-Control-Allow-Origin (e.g. "*") so pages on other origins may call the API."""
     if engines is None:
         if params is None or cfg is None or tokenizer is None:
@@ -409,7 +528,7 @@ def create_app(engines: Sequence | None = None, *, params=None, cfg=None, tokeni
     if max_context < 2:
         raise ValueError(f"create_app: max_context must be >= 2 tokens, got {max_context}")
     defaults = replace(defaults, max_tokens=min(defaults.max_tokens, max_context))
-    pool = WorkerPool(engines)
+    pool = WorkerPool(engines, max_batch=max_batch, cache_len=max_context, chunk=chunk)
     log = get_logger()
 
     app = Flask(__name__, static_folder=str(STATIC_DIR), static_url_path="/static")
