@@ -636,8 +636,10 @@ class GPT(nnx.Module):
             return lambda q, k, v, kv: (attention(q, k, v, window=window, backend=cfg.attn_backend), kv)
 
         x, _ = self.trunk(self.embed(idx_BT), idx_BT, cos, sin, attend_for)
-        logits = self.logits(x)
-        return logits if targets_BT is None else cross_entropy(logits, targets_BT, loss_reduction)
+        if targets_BT is None or loss_reduction == "none":  # 'none' (per-token losses) takes the logits
+            logits = self.logits(x)
+            return logits if targets_BT is None else cross_entropy(logits, targets_BT, loss_reduction)
+        return head_cross_entropy(x, self.lm_head[...][:, :cfg.vocab_size], targets_BT, cfg.softcap, loss_reduction)
 
     def forward_cached(self, idx_BT, cache: "KVCache", *, lengths_B=None, prev_idx_B=None):
         """See the module-level `forward_cached`."""
@@ -763,6 +765,92 @@ def cross_entropy(logits_BTV, targets_BT, reduction: str = "mean"):
     if reduction == "mean":
         return nll.sum() / jnp.maximum(valid.sum(), 1)
     raise ValueError(f"loss_reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+
+
+# The loss through the head, fused: what `cross_entropy(GPT.logits(x), targets)` computes, with its gradient taken
+# in the forward pass, chunk by chunk. The loss is a scalar, so its gradient is g times the gradient of the
+# unscaled loss, and each chunk's (B, Tc, V) fp32 logits die within the chunk: the backward keeps dL/dx and dL/dw
+# (the sizes of x and the head) instead of B×T×V fp32 logits, and its two matmuls read the logits' gradient where
+# it lies. (Autodiff of the unfused head made XLA:CPU transpose the 2048×32768 logits gradient before the weight
+# gradient's dot: ~0.7 s of a 2.2 s step at depth 4; docs/benchmarks.md.)
+HEAD_CHUNK_BYTES = 2**30  # largest fp32 logits chunk (global batch) of the fused head + loss
+
+
+def _head_chunk_len(B: int, T: int, V: int) -> int:
+    """The largest divisor Tc of T with B·Tc·V fp32 logits within HEAD_CHUNK_BYTES (1 at least)."""
+    fits = [c for c in range(1, T + 1) if T % c == 0 and B * c * V * 4 <= HEAD_CHUNK_BYTES]
+    return max(fits, default=1)
+
+
+def _head_chunk(x_BTD, w_DV, targets_BT, softcap: float, grads: bool):
+    """One chunk: the summed NLL of softcap(x @ w) (as `GPT.logits` and `cross_entropy`), and with grads also
+    its gradients w.r.t. x (x's dtype) and w (fp32)."""
+    wc = w_DV.astype(x_BTD.dtype)
+    z = jnp.matmul(x_BTD, wc).astype(jnp.float32)
+    tanh = jnp.tanh(z / softcap) if softcap else None
+    logits = softcap * tanh if softcap else z
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    valid = targets_BT >= 0
+    hit = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1) == targets_BT[..., None]
+    picked = jnp.sum(jnp.where(hit, logits, 0.0), axis=-1)  # exact: one nonzero term
+    nll = jnp.sum(jnp.where(valid, lse - picked, 0.0))
+    if not grads:
+        return nll
+    p = jnp.exp(logits - lse[..., None])
+    dlogits = jnp.where(valid[..., None], jnp.where(hit, p - 1.0, p), 0.0)  # softmax - onehot, 0 where ignored
+    dz = (dlogits * (1.0 - tanh * tanh) if softcap else dlogits).astype(x_BTD.dtype)  # d softcap·tanh(z/c)/dz
+    dx = jax.lax.dot_general(dz, wc, (((dz.ndim - 1,), (1,)), ((), ())))
+    dw = jax.lax.dot_general(x_BTD, dz, ((tuple(range(dz.ndim - 1)),) * 2, ((), ())),
+                             preferred_element_type=jnp.float32)
+    return nll, dx, dw
+
+
+def _head_nll(x_BTD, w_DV, targets_BT, softcap: float, grads: bool):
+    """`_head_chunk` over chunks of Tc positions (all B rows each, so a batch-sharded x stays local)."""
+    B, T, D = x_BTD.shape
+    Tc = _head_chunk_len(B, T, w_DV.shape[1])
+    if Tc == T:
+        return _head_chunk(x_BTD, w_DV, targets_BT, softcap, grads)
+    C = T // Tc
+    x_CBTD = x_BTD.reshape(B, C, Tc, D).swapaxes(0, 1)
+    t_CBT = targets_BT.reshape(B, C, Tc).swapaxes(0, 1)
+    if not grads:
+        return jax.lax.map(lambda a: _head_chunk(a[0], w_DV, a[1], softcap, False), (x_CBTD, t_CBT)).sum()
+
+    def step(dw, a):
+        nll, dx, dw_chunk = _head_chunk(a[0], w_DV, a[1], softcap, True)
+        return dw + dw_chunk, (nll, dx)
+
+    dw, (nll, dx) = jax.lax.scan(step, jnp.zeros(w_DV.shape, jnp.float32), (x_CBTD, t_CBT))
+    return nll.sum(), dx.swapaxes(0, 1).reshape(B, T, D), dw
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _head_nll_sum(x_BTD, w_DV, targets_BT, softcap: float):
+    return _head_nll(x_BTD, w_DV, targets_BT, softcap, grads=False)
+
+
+def _head_nll_sum_fwd(x_BTD, w_DV, targets_BT, softcap: float):
+    nll, dx, dw = _head_nll(x_BTD, w_DV, targets_BT, softcap, grads=True)
+    return nll, (dx, dw)
+
+
+def _head_nll_sum_bwd(softcap, res, g):
+    dx, dw = res
+    return (dx.astype(jnp.float32) * g).astype(dx.dtype), (dw * g).astype(dw.dtype), None
+
+
+_head_nll_sum.defvjp(_head_nll_sum_fwd, _head_nll_sum_bwd)
+
+
+def head_cross_entropy(x_BTD, w_DV, targets_BT, softcap: float = 0.0, reduction: str = "mean"):
+    """cross_entropy(softcap · tanh((x @ w) / softcap), targets, reduction) for 'mean' and 'sum' (softcap 0: no
+    cap), in fp32 after the matmul in x's dtype, as `GPT.logits` and `cross_entropy` compute it, without B×T×V
+    fp32 logits at once or for the backward (see HEAD_CHUNK_BYTES). w_DV: the head cropped to the vocab."""
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"head_cross_entropy takes reduction 'mean' or 'sum', got {reduction!r}")
+    nll = _head_nll_sum(x_BTD, w_DV, targets_BT, float(softcap))
+    return nll if reduction == "sum" else nll / jnp.maximum((targets_BT >= 0).sum(), 1)
 
 
 # ----------------------------------------------------------------------------------------------
