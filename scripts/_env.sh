@@ -47,8 +47,8 @@ fi
 export PATH="$VENV/bin:$PATH"
 export PYTHONUNBUFFERED=1
 # GPU runs: XLA may take 92% of each GPU's memory (JAX preallocates 75% by default, too little for the d20
-# speedrun's batch; scripts/memory_estimate.py plans with 90%), and compiled programs persist across runs (a rerun of a stage skips
-# its minutes of compilation). Values set beforehand win.
+# speedrun's batch; scripts/memory_estimate.py plans with 90%), and compiled programs persist across runs (a rerun
+# of a stage skips its minutes of compilation). Values set beforehand win.
 if [[ ",${NANOCHAT_JAX_EXTRAS:-}," == *,gpu,* ]] || command -v nvidia-smi >/dev/null 2>&1; then
   export XLA_PYTHON_CLIENT_MEM_FRACTION="${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.92}"
   _cache_root="${NANOCHAT_JAX_BASE_DIR:-$HOME/.cache/nanochat_jax}"
