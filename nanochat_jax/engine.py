@@ -23,21 +23,34 @@ in [p - w, p]: when w + 1 < S it reads only that slice of the cache (a per-row d
 cache with a mask. Smear mixes the previous token's normed embedding into the current one; the step recomputes it
 from the previous token id (the prompt's last token for the first step), so nothing else has to be cached.
 
-Host/device split. Sampling (temperature, top-k, per-row keys folded from the request seed, the step and the row)
-happens on device; the host reads back only the sampled token ids. The loop is pipelined one step deep: step i
-(which feeds token i) is dispatched before the host reads token i from step i-1, because whether token i is
-forced (tool output) depends only on tokens before it. Forced tokens replace the sampled ones on device
-(`where(use_forced, forced, sampled)`) and are fed through the model like sampled ones; their mask is 0.
+The decode loop runs on the device (`_decode`): one jitted lax.while_loop over up to `chunk` steps (the cache and
+each row's state, `Rows`, in its carry; the Rows argument is donated, so nothing is copied between chunks). Each
+step samples every live row's next token (temperature, top-k and key per row; a chunk where every row is greedy
+skips the sampler: argmax) and marks a row done on a stop token or max_tokens; a done row keeps its cache position.
+The loop returns to the host after `chunk` steps, when every row is done, or right after a row emits
+<|python_end|> (the host runs the calculator, then the next chunk forces its output). Token 0 is sampled by the
+prefill and streamed as soon as it is read back; the rest come a chunk at a time.
+
+Sampling keys. Token i of a row is drawn with fold_in(fold_in(key(seed), i), r), r the row's sample number within
+its request (the row index in `generate`, 0 for a web request): independent of the chunk size and of whatever else
+shares the batch, so a seeded request is reproducible however it is served.
+
+Continuous batching (`Batch`, `Engine.open_batch`). The rows of one cache of fixed length are slots: `insert`
+prefills a request (batch 1, its own prompt bucket) and writes its cache and settings into a free row in place
+(dynamic_update_slice) while the other rows are mid-reply; `free` ends a row (the device stops it at the next
+step); `step` runs one decode chunk for all rows. `generate` is the same loop over rows filled by one batched
+prefill. The host keeps each row's tool-use state (`_Row`) and the tokens to force.
 
 Tool use (as the reference): <|python_start|> opens an expression; on <|python_end|> its decoded text goes to
 nanochat_jax.execution.use_calculator, and a non-None result forces <|output_start|> result <|output_end|> into the
 stream. A row finishes when it emits <|assistant_end|> or <|bos|>, or after max_tokens tokens (forced ones count).
 
-Compilation. Prefill and decode are compiled ahead of time per static shape key (rows, prompt bucket, cache
-bucket, top-k bucket) and kept per Engine; every compilation is logged and counted (`engine.compilations`), so a
-chat that grows its context recompiles only when a bucket changes. An Engine holds its own params (cast once to
-the compute dtype: every matmul casts weights to it anyway, so outputs are bit-identical and decode reads half the
-bytes of fp32 weights) and compiled functions; use one Engine per thread.
+Compilation. Prefill, insert and decode are compiled ahead of time per static shape key (rows, prompt bucket,
+chunk, greedy or sampling, cache bucket, top-k bucket) and kept per Engine; every compilation is logged and
+counted (`engine.compilations`), so a chat that grows its context recompiles only when a bucket changes. An Engine
+holds its own params (cast once to the compute dtype: every matmul casts weights to it anyway, so outputs are
+bit-identical and decode reads half the bytes of fp32 weights) and compiled functions; use one Engine per thread
+(the web server's scheduler thread owns its engine's Batch).
 """
 
 from __future__ import annotations
@@ -230,25 +243,34 @@ class Batch:
     def insert(self, slot: int, prompt: Sequence[int], *, max_tokens: int, temperature: float, top_k: int | None,
                seed: int) -> int:
         """Prefill `prompt` into free row `slot` with its own sampling settings; returns its token 0 (mask 1)."""
+        return self.insert_many([(slot, prompt, dict(max_tokens=max_tokens, temperature=temperature, top_k=top_k,
+                                                     seed=seed))])[0]
+
+    def insert_many(self, requests: Sequence[tuple[int, Sequence[int], dict]]) -> list[int]:
+        """`insert` for several (slot, prompt, settings) at once: the prefills are queued on the device one after
+        the other and their first tokens read back together."""
         e = self.engine
-        if not self.host[slot].completed:
-            raise ValueError(f"slot {slot} is in use")
-        (prompt,) = _as_prompts(prompt, e.cfg.vocab_size)
-        T = min(bucket(len(prompt), e.min_bucket), self.cache_len)
-        if len(prompt) + max_tokens > self.cache_len:
-            raise ValueError(f"prompt {len(prompt)} + max_tokens {max_tokens} > cache length {self.cache_len}")
-        idx = np.zeros((1, T), np.int32)
-        idx[0, :len(prompt)] = prompt
-        args = (e.params, self.rows, e._put(idx), e._put(np.array([len(prompt)], np.int32)), e._put(np.int32(slot)),
-                e._put(_key_data(seed)), e._put(np.float32(temperature)), e._put(np.int32(top_k or 0)),
-                e._put(np.int32(max_tokens)))
-        fn = e._get(("insert", T, self.cache_len, self.kmax), e._insert_jit, *args, cfg=e.cfg, kmax=self.kmax,
-                    stop_ids=e._stop)
-        self.rows = fn(*args)
-        tok = int(np.asarray(self.rows.tok[slot]))
-        self.host[slot] = _Row(max_tokens=max_tokens, temperature=temperature)
-        self._start(slot, tok)
-        return tok
+        for slot, prompt, kw in requests:
+            if not self.host[slot].completed:
+                raise ValueError(f"slot {slot} is in use")
+            (prompt,) = _as_prompts(prompt, e.cfg.vocab_size)
+            T = min(bucket(len(prompt), e.min_bucket), self.cache_len)
+            if len(prompt) + kw["max_tokens"] > self.cache_len:
+                raise ValueError(f"prompt {len(prompt)} + max_tokens {kw['max_tokens']} > cache length "
+                                 f"{self.cache_len}")
+            idx = np.zeros((1, T), np.int32)
+            idx[0, :len(prompt)] = prompt
+            args = (e.params, self.rows, e._put(idx), e._put(np.array([len(prompt)], np.int32)),
+                    e._put(np.int32(slot)), e._put(_key_data(kw["seed"])), e._put(np.float32(kw["temperature"])),
+                    e._put(np.int32(kw["top_k"] or 0)), e._put(np.int32(kw["max_tokens"])))
+            fn = e._get(("insert", len(self.host), T, self.cache_len, self.kmax), e._insert_jit, *args, cfg=e.cfg,
+                        kmax=self.kmax, stop_ids=e._stop)
+            self.rows = fn(*args)
+            self.host[slot] = _Row(max_tokens=kw["max_tokens"], temperature=kw["temperature"])
+        first = np.asarray(self.rows.tok)
+        for slot, _, _ in requests:
+            self._start(slot, int(first[slot]))
+        return [int(first[slot]) for slot, _, _ in requests]
 
     def free(self, slot: int) -> None:
         """End row `slot` (its request finished or went away); the device stops it at the start of the next step."""
@@ -332,7 +354,7 @@ class Engine:
     # -- compilation ------------------------------------------------------------------------------
 
     _KEY_NAMES = {"prefill": ("prompts", "samples", "prompt_len", "cache_len", "top_k_width"),
-                  "insert": ("prompt_len", "cache_len", "top_k_width"),
+                  "insert": ("rows", "prompt_len", "cache_len", "top_k_width"),
                   "decode": ("rows", "chunk", "sampling", "cache_len", "top_k_width")}
 
     def _get(self, key: tuple, jitted, *args, **static):

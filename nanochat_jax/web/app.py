@@ -282,14 +282,14 @@ class Worker:
 
     def _run(self, admit: list) -> None:
         batch = self.batch()
+        admit = [(slot, gen) for slot, gen in admit if not gen.cancelled]
         for slot, gen in admit:
-            if gen.cancelled:
-                continue
-            req = gen.request
             self.slots[slot] = gen
-            tok = batch.insert(slot, gen.prompt, max_tokens=gen.max_tokens, temperature=req.temperature,
-                               top_k=req.top_k, seed=req.seed)
-            self._deliver(batch, slot, [tok])  # the first token goes out as soon as the prefill is done
+        settings = lambda r: dict(temperature=r.temperature, top_k=r.top_k, seed=r.seed)  # noqa: E731
+        first = batch.insert_many([(slot, gen.prompt, dict(max_tokens=gen.max_tokens, **settings(gen.request)))
+                                   for slot, gen in admit]) if admit else []
+        for (slot, _), tok in zip(admit, first):
+            self._deliver(batch, slot, [tok])  # the first token goes out as soon as the prefills are done
         if batch.active:
             emitted = batch.step(self.chunk or self.engine.chunk)
             for slot in list(self.slots):
@@ -408,7 +408,7 @@ class Generation:
         self._t0 = time.perf_counter()
         worker.submit(self)
 
-    def _run(self) -> Iterator[str]:
+    def _run(self) -> Iterator[list[str]]:
         stop_ids = self.worker.engine.stop_ids
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         while True:
@@ -418,18 +418,28 @@ class Generation:
             if kind == "end":
                 self.finish_reason = "length"
                 return
+            pieces = []
             for token in payload:
                 if token in stop_ids:
                     self.finish_reason = "stop"
-                    return
+                    break
                 self.completion_tokens += 1
                 self.pool.count_tokens(self.worker)
                 text = decoder.decode(self.tokenizer.id_to_bytes(token))
                 if text:
-                    yield text
+                    pieces.append(text)
+            if pieces:
+                yield pieces
+            if self.finish_reason:
+                return
+
+    def chunks(self) -> Iterator[list[str]]:
+        """The text pieces a delivery at a time (the first token, then a decode chunk's worth): a stream sends
+        each delivery's events in one write."""
+        return self._pieces
 
     def __iter__(self) -> Iterator[str]:
-        return self._pieces
+        return (piece for pieces in self._pieces for piece in pieces)
 
     def close(self) -> None:
         with self._lock:
@@ -617,8 +627,8 @@ def create_app(engines: Sequence | None = None, *, params=None, cfg=None, tokeni
 
         def events():
             try:
-                for text in gen:
-                    yield _sse({"token": text, "worker": gen.worker.index})
+                for pieces in gen.chunks():
+                    yield "".join(_sse({"token": text, "worker": gen.worker.index}) for text in pieces)
                 yield _sse({"done": True, "finish_reason": gen.finish_reason, "prompt_tokens": gen.prompt_tokens,
                             "completion_tokens": gen.completion_tokens})
             except Exception as e:  # headers are out: the error travels in the stream
@@ -657,8 +667,8 @@ def create_app(engines: Sequence | None = None, *, params=None, cfg=None, tokeni
         def events():
             try:
                 yield chunk({"role": "assistant", "content": ""}, None)
-                for text in gen:
-                    yield chunk({"content": text}, None)
+                for pieces in gen.chunks():
+                    yield "".join(chunk({"content": text}, None) for text in pieces)
                 yield chunk({}, gen.finish_reason)
                 if include_usage:
                     yield _sse({"id": rid, "object": "chat.completion.chunk", "created": created,
