@@ -446,16 +446,15 @@ class CausalSelfAttention(nnx.Module):
         self.wo = _param(jnp.zeros((H * hd, D), jnp.float32), fsdp_axis=0)
 
     def qkv(self, h_BTD, cos, sin, ve=None):
-        """q (B,T,H,hd), k and v (B,T,K,hd). `ve` is (ve_BTKd, gate weight (12, K)) on value-embedding layers."""
+        """q (B,T,H,hd), k and v (B,T,K,hd). `ve` is (gate weight (12, K), the layer's value-embedding table
+        (Vp, K*hd), idx_BT) on value-embedding layers."""
         B, T, _ = h_BTD.shape
         H, K, hd = self.n_head, self.n_kv_head, self.head_dim
         q_BTHd = _mm(h_BTD, self.wq[...]).reshape(B, T, H, hd)
         k_BTKd = _mm(h_BTD, self.wk[...]).reshape(B, T, K, hd)
         v_BTKd = _mm(h_BTD, self.wv[...]).reshape(B, T, K, hd)
         if ve is not None:
-            ve_BTKd, gate_w = ve
-            gate_BTK = 3.0 * jax.nn.sigmoid(_mm(h_BTD[..., :VE_GATE_CHANNELS], gate_w))
-            v_BTKd = v_BTKd + gate_BTK[..., None] * ve_BTKd.astype(v_BTKd.dtype).reshape(B, T, K, hd)
+            v_BTKd = _add_value_embed(v_BTKd, h_BTD[..., :VE_GATE_CHANNELS], *ve)
         # RoPE, QK-norm and the QK scale, on q and k separately: the norm's saved outputs are the attention's inputs.
         q_BTHd = rms_norm(apply_rope(q_BTHd, cos, sin), self.qk_scale)
         k_BTKd = rms_norm(apply_rope(k_BTKd, cos, sin), self.qk_scale)
@@ -466,6 +465,15 @@ class CausalSelfAttention(nnx.Module):
         B, T, _ = h_BTD.shape
         y_BTHd, kv = attend(*self.qkv(h_BTD, cos, sin, ve), kv)
         return _mm(y_BTHd.reshape(B, T, -1), self.wo[...]), kv
+
+
+# Rematerialised so the backward gathers the value-embedding rows again instead of keeping them (B, T, K·hd a layer).
+@functools.partial(jax.checkpoint, policy=jax.checkpoint_policies.nothing_saveable, prevent_cse=False)
+def _add_value_embed(v_BTKd, gate_in_BTC, gate_w, table_VE, idx_BT):
+    """v + 3·sigmoid(gate_in @ gate_w) · table[idx], per kv head."""
+    gate_BTK = 3.0 * jax.nn.sigmoid(_mm(gate_in_BTC, gate_w))
+    ve_BTKd = embedding_lookup(table_VE, idx_BT).astype(v_BTKd.dtype).reshape(v_BTKd.shape)
+    return v_BTKd + gate_BTK[..., None] * ve_BTKd
 
 
 class MLP(nnx.Module):
@@ -580,7 +588,7 @@ class GPT(nnx.Module):
             window = window_data if window is None else window
             if lambdas is not None:
                 x = lambdas[0].astype(cdt) * x + lambdas[1].astype(cdt) * x0_BTD
-            ve = None if ve is None else (embedding_lookup(ve[0], idx_BT), ve[1])
+            ve = None if ve is None else (ve[1], ve[0], idx_BT)
             x, kv = nnx.merge(block_def, layer_state)(x, cos, sin, attend_for(window, layer), ve, kv)
             if cfg.use_backout:
                 x_backout = jnp.where(layer == L // 2, x, x_backout)
