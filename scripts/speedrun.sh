@@ -8,7 +8,10 @@
 # Options: --depth=N  --ratio=R (tokens per scaling parameter; default 8 at d>=24, else 20)
 #          --device-batch-size=N (default 16 at d>=24, else 32)  --mesh=N (default: all devices)
 #          --shards=N (pretraining shards to download; default 170)  --rl  --fresh (forget finished stages)
-#          --dry-run (print the stage commands and exit)
+#          --gpu=a800-80gb|a100-80gb|a100-40gb|h100|h200 (default: read from nvidia-smi)  --dry-run (print the
+#          stage commands and exit)
+# Without --device-batch-size, the device batch is the recipe's default halved until scripts/memory_estimate.py
+# says the train step fits on --gpu (gradient accumulation keeps the total batch the same).
 # Every stage is skipped when it already finished (markers in <base>/pipeline_state/speedrun_d<N>), and a training
 # stage cut short continues from its last checkpoint (pretraining saves every 1000 steps, mid/SFT every 200, RL every
 # 60), so rerunning after a crash continues where it stopped. --fresh forgets the stage markers but keeps the
@@ -22,7 +25,7 @@ source "$(dirname "$0")/_stages.sh"
 cd "$REPO_ROOT"
 PIPELINE=speedrun
 
-DEPTH=24; RATIO=""; DBS=""; MESH=-1; SHARDS=170; RL=0; FRESH=0
+DEPTH=24; RATIO=""; DBS=""; MESH=-1; SHARDS=170; RL=0; FRESH=0; GPU=""
 for arg in "$@"; do
   case "$arg" in
     --depth=*) DEPTH="${arg#--depth=}" ;;
@@ -30,18 +33,47 @@ for arg in "$@"; do
     --device-batch-size=*) DBS="${arg#--device-batch-size=}" ;;
     --mesh=*) MESH="${arg#--mesh=}" ;;
     --shards=*) SHARDS="${arg#--shards=}" ;;
+    --gpu=*) GPU="${arg#--gpu=}" ;;
     --rl) RL=1 ;;
     --fresh) FRESH=1 ;;
     --dry-run) DRY_RUN=1 ;;
     *) echo "unknown argument: $arg (see the header of scripts/speedrun.sh)" >&2; exit 2 ;;
   esac
 done
+USER_DBS="$DBS"
 if [ "$DEPTH" -ge 24 ]; then RATIO="${RATIO:-8}"; DBS="${DBS:-16}"; else RATIO="${RATIO:-20}"; DBS="${DBS:-32}"; fi
+
+gpu_kind() {  # nvidia-smi's first GPU as a memory_estimate.py --gpu name, or nothing
+  command -v nvidia-smi >/dev/null 2>&1 || return 0
+  nvidia-smi --query-gpu=name,memory.total --format=csv,noheader,nounits 2>/dev/null | head -1 | python -c '
+import sys
+name, mib = (sys.stdin.read().rsplit(",", 1) + ["0"])[:2]
+name, gb = name.upper(), float(mib or 0) / 1024
+kind = ("h200" if "H200" in name else "h100" if "H100" in name else "a800-80gb" if "A800" in name
+        else ("a100-80gb" if gb > 60 else "a100-40gb") if "A100" in name else "")
+print(kind)'
+}
+fitting_batch() {  # the largest of DBS, DBS/2, ... whose train step the memory estimate fits on $GPU
+  local b="$DBS" n
+  n="$(nvidia-smi -L 2>/dev/null | wc -l)"; [ "$MESH" -gt 0 ] && n="$MESH"; [ "${n:-0}" -gt 0 ] || n=8
+  while [ "$b" -gt 1 ] && ! python scripts/memory_estimate.py --depth="$DEPTH" --device-batch-size="$b" \
+      --mesh="$n" --gpu="$GPU" 2>/dev/null | tail -1 | python -c 'import json, sys; sys.exit(0 if json.load(sys.stdin)["fits"] else 1)'; do
+    echo "[speedrun] device batch $b does not fit on $GPU (scripts/memory_estimate.py); trying $((b / 2))" >&2
+    b=$((b / 2))
+  done
+  echo "$b"
+}
+[ -n "$GPU" ] || GPU="$(gpu_kind)"
+if [ -z "$USER_DBS" ] && [ -n "$GPU" ]; then
+  DBS="$(fitting_batch)"
+elif [ -z "$USER_DBS" ]; then
+  echo "[speedrun] unknown GPU, so device batch $DBS is unchecked (pass --gpu=NAME, or check with scripts/memory_estimate.py)"
+fi
 TAG="d$DEPTH"
 BASE_DIR="$(python -c 'from nanochat_jax.common import get_base_dir; print(get_base_dir())')"
 STATE_DIR="$BASE_DIR/pipeline_state/speedrun_$TAG"
 [ "$FRESH" = 1 ] && rm -rf "$STATE_DIR"
-echo "[speedrun] depth $DEPTH, ratio $RATIO, device batch $DBS, mesh $MESH, base dir $BASE_DIR"
+echo "[speedrun] depth $DEPTH, ratio $RATIO, device batch $DBS${GPU:+ (fits on $GPU)}, mesh $MESH, base dir $BASE_DIR"
 if [ "${DRY_RUN:-0}" != 1 ]; then
   python -c 'import jax; d = jax.devices(); print(f"[speedrun] {len(d)} × {d[0].device_kind} ({jax.default_backend()})")'
   [ -f "$STATE_DIR/report-reset.done" ] || python -m nanochat_jax.report reset

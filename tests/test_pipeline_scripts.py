@@ -38,6 +38,16 @@ def test_speedrun_plan_d24_and_d20_are_one_flag_apart(tmp_path):
     assert list(with_rl)[-2:] == ["rl", "chat_eval_rl"] and "-a GSM8K" in with_rl["chat_eval_rl"]
 
 
+@pytest.mark.slow
+def test_speedrun_halves_the_device_batch_until_the_memory_estimate_fits(tmp_path):
+    # d20 at device batch 32 needs ~55 GB per device (scripts/memory_estimate.py): over a 40 GB card's 36 GB usable,
+    # so the recipe halves it; pretraining's gradient accumulation keeps the total batch. A given batch is kept as is.
+    d20 = dry_run(tmp_path, "--depth=20", "--gpu=a100-40gb")
+    assert "--depth=20 --target-param-data-ratio=20 --device-batch-size=16 --model-tag=d20" in d20["pretrain"]
+    d20 = dry_run(tmp_path, "--depth=20", "--gpu=a100-40gb", "--device-batch-size=32")
+    assert "--device-batch-size=32" in d20["pretrain"]
+
+
 def test_speedrun_rejects_unknown_flags(tmp_path):
     env = {**os.environ, "NANOCHAT_JAX_EXTRAS": "", "NANOCHAT_JAX_BASE_DIR": str(tmp_path)}
     out = subprocess.run(["bash", str(REPO_ROOT / "scripts" / "speedrun.sh"), "--deepth=20"], env=env,
