@@ -554,7 +554,7 @@ def stream_chat(url, path, payload, timeout=120):
         return sse(r.content.decode())
 
 
-@pytest.mark.parametrize("max_batch", [1, 8])
+@pytest.mark.parametrize("max_batch", [1, pytest.param(8, marks=pytest.mark.slow)])
 def test_real_server_32_concurrent_streams_all_complete(tok, models, max_batch):
     app = create_app(engines(tok, models["reply"], n=2), defaults=GREEDY, max_batch=max_batch)
     results, errors = [None] * 32, []
