@@ -492,6 +492,8 @@ def test_continuous_batching_frees_a_closed_slot_within_a_chunk(tok, models, mon
     assert tokens(b_body, 2) == ["h", "i"]
     s = pool.stats()
     assert (s["slots_in_use"], s["busy_workers"], s["queue_length"]) == (2, 1, 0) and set(worker.slots) == {0, 1}
+    health = client.get("/health").get_json()
+    assert (health["available_workers"], health["free_slots"]) == (0, 0)
     seen = len(chunks)
     a.close()
     deadline = time.time() + 20

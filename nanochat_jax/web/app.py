@@ -613,7 +613,9 @@ def create_app(engines: Sequence | None = None, *, params=None, cfg=None, tokeni
     def health():
         s = pool.stats()
         return jsonify({"status": "ok", "ready": True, "num_workers": s["total_workers"],
-                        "available_workers": s["idle_workers"], "model": model_name, "max_context": max_context,
+                        "available_workers": sum(w["slots_in_use"] < s["max_batch"] for w in s["workers"]),
+                        "free_slots": s["slots_total"] - s["slots_in_use"], "model": model_name,
+                        "max_context": max_context,
                         "defaults": {"temperature": defaults.temperature, "top_k": defaults.top_k,
                                      "max_tokens": defaults.max_tokens}})
 
