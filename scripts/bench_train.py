@@ -10,8 +10,12 @@ The same step as training (scripts/pretrain.py): model, optimizer, sharding and 
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import glob
 import json
+import os
+import re
 import time
 from dataclasses import dataclass
 
@@ -42,10 +46,30 @@ class BenchTrainConfig:
     steps: int = flag(10, "timed steps")
     warmup_steps: int = flag(3, "steps run before timing (compilation included)")
     compile_only: bool = flag(False, "stop after compiling (trace + compile time of the step, nothing allocated)")
+    profile_dir: str = flag("", "after timing, trace 2 more steps with jax.profiler into this dir (TensorBoard/xprof "
+                                "can open it) and print the XLA ops with the most time")
 
     def __post_init__(self):
         if self.steps < 1 or self.warmup_steps < 1 or self.grad_accum < 1:
             raise ValueError("--steps, --warmup-steps and --grad-accum must be >= 1")
+
+
+def print_top_ops(trace_dir: str, hlo_text: str, steps: int, n: int = 15):
+    """The n XLA ops with the most time per step in the newest jax.profiler trace under trace_dir, summed over the
+    executor's threads (ops that run at the same time both count in full), with the op_name they came from."""
+    files = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True)
+    data = jax.profiler.ProfileData.from_file(max(files, key=os.path.getmtime))
+    ns = collections.Counter()
+    for plane in data.planes:
+        for line in plane.lines:
+            if "XLAEigen" in line.name or line.name == "XLA Ops":  # XLA:CPU worker threads; a GPU's op line
+                for ev in line.events:
+                    if not ev.name.startswith(("ThunkExecutor", "SlinkyThreadPool")):
+                        ns[ev.name] += ev.duration_ns
+    source = dict(re.findall(r'^\s+(?:ROOT )?%?([\w.\-]+) = .*?op_name="([^"]*)"', hlo_text, re.M))
+    print(f"top ops (ms/step; all ops: {sum(ns.values()) / steps / 1e6:.0f} ms/step):")
+    for name, t in ns.most_common(n):
+        print(f"  {t / steps / 1e6:8.1f}  {name:32} {source.get(name, '')[:100]}")
 
 
 def main(argv=None) -> dict:
@@ -80,11 +104,19 @@ def main(argv=None) -> dict:
     for _ in range(cfg.warmup_steps):
         state, metrics = step_fn(state, batch)
     jax.block_until_ready(metrics)
-    t0 = time.perf_counter()
+    step_times = []  # each step waited for (XLA:CPU runs a step during dispatch anyway; a GPU idles ~ms per step)
     for _ in range(cfg.steps):
+        t0 = time.perf_counter()
         state, metrics = step_fn(state, batch)
-    jax.block_until_ready(metrics)
-    dt = (time.perf_counter() - t0) / cfg.steps
+        jax.block_until_ready(metrics)
+        step_times.append(time.perf_counter() - t0)
+    dt = float(np.mean(step_times))
+    if cfg.profile_dir:
+        with jax.profiler.trace(cfg.profile_dir):
+            for _ in range(2):
+                state, metrics = step_fn(state, batch)
+            jax.block_until_ready(metrics)
+        print_top_ops(cfg.profile_dir, step_fn.as_text(), steps=2)
     try:  # what the GPU really used (checks scripts/memory_estimate.py); CPUs report nothing
         peak_bytes = (device.memory_stats() or {}).get("peak_bytes_in_use")
     except Exception:  # noqa: BLE001 - not every backend has memory stats
@@ -94,14 +126,15 @@ def main(argv=None) -> dict:
     result = {"depth": cfg.depth, "devices": mesh.size, "device_kind": device.device_kind,
               "attention": model_cfg.attn_backend, "compute_dtype": model_cfg.compute_dtype,
               "params": gpt.num_params(model_cfg)["total"], "tokens_per_step": tokens_per_step,
-              "step_seconds": dt, "tokens_per_s": tokens_per_step / dt,
+              "step_seconds": dt, "step_seconds_median": float(np.median(step_times)),
+              "step_seconds_min": min(step_times), "tokens_per_s": tokens_per_step / dt,
               "mfu_percent": train.mfu_percent(flops_tok, tokens_per_step, dt, device.device_kind, mesh.size),
               "compile_seconds": info["compile_seconds"], "peak_bytes_in_use": peak_bytes,
               "loss": float(metrics["loss"]),
               "config": dataclasses.asdict(cfg)}
     mfu = "-" if result["mfu_percent"] is None else f"{result['mfu_percent']:.1f}%"
-    print(f"{result['tokens_per_s']:,.0f} tokens/s, {dt * 1e3:.1f} ms/step, MFU {mfu} "
-          f"({mesh.size} × {device.device_kind})")
+    print(f"{result['tokens_per_s']:,.0f} tokens/s, {dt * 1e3:.1f} ms/step (median {np.median(step_times) * 1e3:.1f}), "
+          f"MFU {mfu} ({mesh.size} × {device.device_kind})")
     print(json.dumps(result))
     return result
 

@@ -155,7 +155,7 @@ def test_plan_horizon_and_validation():
 
 
 @pytest.mark.slow  # a subprocess end to end: ~30-50 s on a shared 2-core box
-def test_bench_train_script_runs():
+def test_bench_train_script_runs(tmp_path):
     import json
     import subprocess
     import sys
@@ -164,10 +164,14 @@ def test_bench_train_script_runs():
 
     out = subprocess.run([sys.executable, str(REPO_ROOT / "scripts" / "bench_train.py"), "--depth=1", "--head-dim=32",
                           "--aspect-ratio=64", "--max-seq-len=64", "--device-batch-size=2", "--vocab-size=512",
-                          "--steps=2", "--warmup-steps=1", "--mesh=2"], capture_output=True, text=True, timeout=300)
+                          "--steps=3", "--warmup-steps=1", "--mesh=2", f"--profile-dir={tmp_path}"],
+                         capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["devices"] == 2 and result["tokens_per_step"] == 2 * 2 * 64 and result["tokens_per_s"] > 0
+    assert result["step_seconds_min"] <= result["step_seconds_median"] <= 3 * result["step_seconds"]
+    top = out.stdout.split("top ops (ms/step")[1].splitlines()[1:4]  # the profiled steps' busiest ops, named
+    assert len(top) == 3 and all(float(line.split()[0]) >= 0 for line in top), out.stdout[-2000:]
 
 
 def hlo_ops(compiled) -> collections.Counter:
