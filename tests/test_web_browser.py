@@ -34,14 +34,19 @@ def server(tok, models):  # noqa: F811
 
 
 def slowed(engine_list, delay_s=0.005):
-    """Engines that pause after each step, so a 4000-token reply lasts ~20 s and Stop surely lands mid-stream
-    (unslowed, the tiny model can finish before the click on a fast machine)."""
+    """Engines whose serving batches pause delay_s per emitted token after each decode chunk, so a 4000-token
+    reply lasts ~20 s and Stop surely lands mid-stream (unslowed, the tiny model finishes before the click)."""
     for engine in engine_list:
-        def generate(*args, _orig=engine.generate, **kwargs):
-            for item in _orig(*args, **kwargs):
-                time.sleep(delay_s)
-                yield item
-        engine.generate = generate
+        def open_batch(*args, _orig=engine.open_batch, **kwargs):
+            batch = _orig(*args, **kwargs)
+
+            def step(chunk, _step=batch.step):
+                emitted = _step(chunk)
+                time.sleep(delay_s * max(map(len, emitted), default=1))
+                return emitted
+            batch.step = step
+            return batch
+        engine.open_batch = open_batch
     return engine_list
 
 
