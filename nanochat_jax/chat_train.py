@@ -27,8 +27,9 @@ import numpy as np
 from nanochat_jax import gpt, optim, sharding
 from nanochat_jax.common import format_duration, print0
 from nanochat_jax.config import flag, require
+from nanochat_jax.checkpoint import open_source
 from nanochat_jax.train import (LoopState, Periodic, ScalarLog, StepLogger, abstract_tree, compile_train_step,
-                                finish_run, fit, init_state, open_source, run_dir)
+                                finish_run, fit, init_state, run_dir)
 
 SOURCE_OF = {"mid": "base", "sft": "mid"}
 

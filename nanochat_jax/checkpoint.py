@@ -25,6 +25,7 @@ import contextlib
 import json
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,7 @@ import orbax.checkpoint as ocp
 
 from nanochat_jax import gpt
 from nanochat_jax.common import UserError, get_base_dir, path_str
+from nanochat_jax.config import runtime_settings
 
 PHASE_DIRS = {"base": "base_checkpoints", "mid": "mid_checkpoints", "sft": "chatsft_checkpoints",
               "rl": "chatrl_checkpoints"}
@@ -166,7 +168,9 @@ class Checkpointer:
                                f"(latest is {self.latest_step()})")
 
     # --- restore
-    def _resolve_step(self, step: int | None) -> int:
+    def resolve_step(self, step: int | None) -> int:
+        """`step` if it was saved, the latest step if None (waiting for an in-flight save); else one line naming the
+        directory and the steps it has."""
         self.wait()  # never read a step that is still being written
         steps = self.all_steps()
         if not steps:
@@ -202,7 +206,7 @@ class Checkpointer:
         """(params, opt_state or None, meta) of `step` (None: latest). The abstract trees are ShapeDtypeStructs
         with shardings; arrays come back placed that way (it may differ from how they were saved) and cast to
         the target dtypes."""
-        step = self._resolve_step(step)
+        step = self.resolve_step(step)
         saved = self._saved_items(step)
         targets = {"params": abstract_params}
         if abstract_opt_state is not None:
@@ -222,7 +226,7 @@ class Checkpointer:
 
     def read_meta(self, step: int | None = None) -> dict:
         """The JSON metadata of `step` (None: latest), without touching the arrays."""
-        step = self._resolve_step(step)
+        step = self.resolve_step(step)
         with self._reading(step):
             meta = self._mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
         if not isinstance(meta, dict):
@@ -364,7 +368,7 @@ def load_model(phase: str = "base", model_tag: str | None = None, step: int | No
     with Checkpointer(directory, async_save=False) as ckpt:
         if not ckpt.all_steps():
             raise FileNotFoundError(f"no finished checkpoints in {directory}; {hint}")
-        step = ckpt._resolve_step(step)
+        step = ckpt.resolve_step(step)
         meta = ckpt.read_meta(step)
         if "model_config" not in meta:
             raise ValueError(f"checkpoint meta in {directory} (step {step}) has no 'model_config'; "
@@ -392,5 +396,37 @@ def load_tokenizer(meta: dict, tokenizer_dir: str | os.PathLike | None = None):
     return get_tokenizer()
 
 
-__all__ = ["Checkpointer", "load_tokenizer", "resolve_model_tag", "require_same_vocab", "checkpoint_dir",
+@dataclass
+class Source:
+    """The checkpoint a later stage (mid, SFT, RL) starts from: its Checkpointer (close it when done), step,
+    metadata and model config (with this run's runtime settings)."""
+    phase: str
+    tag: str
+    step: int
+    meta: dict
+    model_cfg: gpt.GPTConfig
+    ckpt: Checkpointer
+
+    def lrs(self, **flags: float) -> dict[str, float]:
+        """Learning rates: each flag if >= 0, else what the source stage used (before its init_lr_frac), else
+        the pretraining default."""
+        used = self.meta.get("lrs", self.meta.get("user_config", {}))
+        defaults = {"matrix_lr": 0.02, "embedding_lr": 0.3, "unembedding_lr": 0.008, "scalar_lr": 0.5}
+        return {k: flags[k] if flags.get(k, -1) >= 0 else float(used.get(k, d)) for k, d in defaults.items()}
+
+
+def open_source(phase: str, model_tag: str | None, step: int | None, *, compute_dtype: str = "auto",
+                attention: str = "auto", on_gpu: bool = False) -> Source:
+    """The `step` (None: latest) checkpoint of `phase`/`model_tag` (None: the largest tag) for a later stage to
+    start from, its model config with this run's runtime settings ("auto" resolved for the platform)."""
+    tag = resolve_model_tag(phase, model_tag, required=True)
+    ckpt = Checkpointer(checkpoint_dir(phase, tag), async_save=False)
+    step = ckpt.resolve_step(step)
+    meta = ckpt.read_meta(step)
+    model_cfg = gpt.GPTConfig.from_dict({**meta["model_config"], **runtime_settings(compute_dtype, attention, on_gpu)})
+    return Source(phase, tag, step, meta, model_cfg, ckpt)
+
+
+__all__ = ["Checkpointer", "Source", "open_source",
+           "load_tokenizer", "resolve_model_tag", "require_same_vocab", "checkpoint_dir",
            "find_largest_model", "load_model", "with_sharding", "PHASE_DIRS"]

@@ -131,3 +131,9 @@ def print_config(cfg: Any, file=None) -> None:
 
     text = json.dumps(config_to_dict(cfg), indent=2, sort_keys=False)
     print0(f"{type(cfg).__name__} {text}", file=file or sys.stdout)
+
+
+def runtime_settings(compute_dtype: str, attention: str, on_gpu: bool) -> dict:
+    """The `auto` flags resolved: bf16 + cuDNN attention on GPU, fp32 + XLA attention elsewhere."""
+    return {"compute_dtype": compute_dtype if compute_dtype != "auto" else ("bfloat16" if on_gpu else "float32"),
+            "attn_backend": attention if attention != "auto" else ("cudnn" if on_gpu else "xla")}

@@ -167,8 +167,9 @@ def rl_train(cfg: RLConfig, *, train_task=None, eval_task=None, reward_fn=None) 
     from nanochat_jax.checkpoint import resume_step as resume_from
     from nanochat_jax.engine import make_engines
     from nanochat_jax.tokenizer import get_tokenizer
+    from nanochat_jax.checkpoint import open_source
     from nanochat_jax.train import (LoopState, ScalarLog, abstract_tree, compile_train_step, finish_run, init_state,
-                                    open_source, run_dir)
+                                    run_dir)
 
     sharding.maybe_initialize_distributed(cfg.distributed)
     mesh = sharding.make_mesh(cfg.mesh)

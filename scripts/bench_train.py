@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import jax
 import numpy as np
 
-from nanochat_jax import gpt, optim, sharding, train
+from nanochat_jax import gpt, optim, pretrain, sharding, train
 from nanochat_jax.common import run_main
 from nanochat_jax.config import flag, parse_flags, print_config
 
@@ -77,10 +77,10 @@ def main(argv=None) -> dict:
     print_config(cfg)
     mesh = sharding.make_mesh(cfg.mesh)
     device = mesh.devices.flat[0]
-    pcfg = train.PretrainConfig(depth=cfg.depth, aspect_ratio=cfg.aspect_ratio, head_dim=cfg.head_dim,
+    pcfg = pretrain.PretrainConfig(depth=cfg.depth, aspect_ratio=cfg.aspect_ratio, head_dim=cfg.head_dim,
                                 n_kv_head=cfg.n_kv_head, max_seq_len=cfg.max_seq_len, window_pattern=cfg.window_pattern,
                                 attention=cfg.attention, compute_dtype=cfg.compute_dtype, remat=cfg.remat)
-    model_cfg = train.build_model_config(pcfg, cfg.vocab_size, device.platform == "gpu")
+    model_cfg = pretrain.build_model_config(pcfg, cfg.vocab_size, device.platform == "gpu")
     shapes = gpt.param_shapes(model_cfg)
     tx = optim.build_optimizer(shapes, optim.OptimConfig(num_iterations=1000, model_dim=model_cfg.n_embd))
     state_shapes = jax.eval_shape(lambda k: train.init_state(model_cfg, tx, k), jax.random.key(0))

@@ -43,7 +43,7 @@ from dataclasses import dataclass  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from nanochat_jax import gpt, optim, sharding, train  # noqa: E402
+from nanochat_jax import gpt, optim, pretrain, sharding, train  # noqa: E402
 from nanochat_jax.common import run_main  # noqa: E402
 from nanochat_jax.config import flag, parse_flags, print_config, require  # noqa: E402
 
@@ -133,11 +133,11 @@ def compiled_memory(model_cfg, tx, mesh, state_shapes, batch_shape, shard: bool)
 
 def estimate(cfg: MemoryEstimateConfig) -> dict:
     mesh = sharding.make_mesh(cfg.mesh)
-    pcfg = train.PretrainConfig(depth=cfg.depth, aspect_ratio=cfg.aspect_ratio, head_dim=cfg.head_dim,
+    pcfg = pretrain.PretrainConfig(depth=cfg.depth, aspect_ratio=cfg.aspect_ratio, head_dim=cfg.head_dim,
                                 n_kv_head=cfg.n_kv_head, max_seq_len=cfg.max_seq_len,
                                 window_pattern=cfg.window_pattern, attention="xla", compute_dtype="bfloat16",
                                 remat=cfg.remat)
-    model_cfg = train.build_model_config(pcfg, cfg.vocab_size, on_gpu=False)
+    model_cfg = pretrain.build_model_config(pcfg, cfg.vocab_size, on_gpu=False)
     shapes = gpt.param_shapes(model_cfg)
     tx = optim.build_optimizer(shapes, optim.OptimConfig(num_iterations=1000, model_dim=model_cfg.n_embd))
     state_shapes = jax.eval_shape(lambda k: train.init_state(model_cfg, tx, k), jax.random.key(0))

@@ -7,7 +7,7 @@
 
 from nanochat_jax.common import run_main
 from nanochat_jax.config import parse_flags, print_config
-from nanochat_jax.train import PretrainConfig, pretrain
+from nanochat_jax.pretrain import PretrainConfig, pretrain
 
 if __name__ == "__main__":
     cfg = parse_flags(PretrainConfig)

@@ -10,7 +10,7 @@ import jax
 import pytest
 from conftest import REPO_ROOT
 
-from nanochat_jax import common, gpt, optim, sharding, train
+from nanochat_jax import common, gpt, optim, pretrain, sharding, train
 
 
 def load_script(name: str):
@@ -37,9 +37,9 @@ def test_memory_estimate_json_and_compiled_memory_analysis(capsys):
 
     # Independently: compile the same step (flash stand-in attention, bf16) at device batch 4.
     mesh = sharding.make_mesh(8)
-    pcfg = train.PretrainConfig(depth=1, aspect_ratio=32, head_dim=32, max_seq_len=64, attention="xla",
+    pcfg = pretrain.PretrainConfig(depth=1, aspect_ratio=32, head_dim=32, max_seq_len=64, attention="xla",
                                 compute_dtype="bfloat16")
-    model_cfg = train.build_model_config(pcfg, 512, on_gpu=False)
+    model_cfg = pretrain.build_model_config(pcfg, 512, on_gpu=False)
     tx = optim.build_optimizer(gpt.param_shapes(model_cfg), optim.OptimConfig(num_iterations=1000,
                                                                               model_dim=model_cfg.n_embd))
     state_shapes = jax.eval_shape(lambda k: train.init_state(model_cfg, tx, k), jax.random.key(0))

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from conftest import REPO_ROOT
-from nanochat_jax import train
+from nanochat_jax import pretrain, train
 from nanochat_jax.checkpoint import Checkpointer, checkpoint_dir
 from nanochat_jax.common import UserError
 from test_dataloader import _write_shards
@@ -30,11 +30,11 @@ def data(tmp_path_factory):
 
 
 def _cfg(data, **kw):
-    return train.PretrainConfig(data_dir=data[0], tokenizer_dir=data[1], **{**TINY, **kw})
+    return pretrain.PretrainConfig(data_dir=data[0], tokenizer_dir=data[1], **{**TINY, **kw})
 
 
 def test_tiny_pretraining_learns_and_checkpoints(data):
-    loop = train.pretrain(_cfg(data, num_iterations=30, eval_every=30, save_every=-1, profile_steps="2:4"))
+    loop = pretrain.pretrain(_cfg(data, num_iterations=30, eval_every=30, save_every=-1, profile_steps="2:4"))
     losses = [loss for _, loss in loop.history]
     assert len(losses) == 30 and losses[-1] < losses[0] - 1.0, losses
     assert loop.val_bpb is not None and loop.val_bpb < 10
@@ -50,33 +50,33 @@ def test_tiny_pretraining_learns_and_checkpoints(data):
 
 
 def test_resume_is_exact(data):
-    full = train.pretrain(_cfg(data, num_iterations=8, eval_every=-1, save_every=4, model_tag="r"))
-    resumed = train.pretrain(_cfg(data, num_iterations=8, eval_every=-1, save_every=4, model_tag="r",
+    full = pretrain.pretrain(_cfg(data, num_iterations=8, eval_every=-1, save_every=4, model_tag="r"))
+    resumed = pretrain.pretrain(_cfg(data, num_iterations=8, eval_every=-1, save_every=4, model_tag="r",
                                   resume_from_step=4))
     # Same compiled program, same restored state and loader position, same host: bit-identical losses.
     assert [loss for s, loss in full.history if s >= 4] == [loss for _, loss in resumed.history]
     assert [s for s, _ in resumed.history] == [4, 5, 6, 7]
     with pytest.raises(UserError, match="other settings .*n_layer: 2 → 3"):
-        train.pretrain(_cfg(data, num_iterations=8, eval_every=-1, model_tag="r", resume=True, depth=3))
+        pretrain.pretrain(_cfg(data, num_iterations=8, eval_every=-1, model_tag="r", resume=True, depth=3))
 
 
 def test_rerun_continues_and_never_overwrites(data):
     """A second run of the same tag continues from its latest checkpoint (the default); one whose settings differ,
     or that asks to start fresh over existing checkpoints, is refused with a one-line reason, and nothing is lost."""
-    cut = train.pretrain(_cfg(data, num_iterations=4, eval_every=-1, save_every=2, model_tag="a"))
+    cut = pretrain.pretrain(_cfg(data, num_iterations=4, eval_every=-1, save_every=2, model_tag="a"))
     with Checkpointer(checkpoint_dir("base", "a")) as ckpt:
         ckpt._mngr.delete(4)  # as if it crashed after saving step 2
-    again = train.pretrain(_cfg(data, num_iterations=4, eval_every=-1, save_every=2, model_tag="a"))
+    again = pretrain.pretrain(_cfg(data, num_iterations=4, eval_every=-1, save_every=2, model_tag="a"))
     assert [s for s, _ in again.history] == [2, 3]
     assert [loss for _, loss in again.history] == [loss for s, loss in cut.history if s >= 2]
     with pytest.raises(UserError, match=r"already holds checkpoints \(steps \[2, 4\]\).*--resume=0"):
-        train.pretrain(_cfg(data, num_iterations=4, eval_every=-1, model_tag="a", resume=False))
+        pretrain.pretrain(_cfg(data, num_iterations=4, eval_every=-1, model_tag="a", resume=False))
     with pytest.raises(UserError, match="num_iterations: 4 → 6"):
-        train.pretrain(_cfg(data, num_iterations=6, eval_every=-1, model_tag="a"))
+        pretrain.pretrain(_cfg(data, num_iterations=6, eval_every=-1, model_tag="a"))
     with Checkpointer(checkpoint_dir("base", "a")) as ckpt:
         assert ckpt.all_steps() == [2, 4]
     with pytest.raises(UserError, match="--resume: no checkpoint"):
-        train.pretrain(_cfg(data, num_iterations=4, eval_every=-1, model_tag="fresh", resume=True))
+        pretrain.pretrain(_cfg(data, num_iterations=4, eval_every=-1, model_tag="fresh", resume=True))
 
 
 def _free_port():
@@ -145,7 +145,7 @@ def test_core_metric_during_training(data):
     from conftest import shared_data
 
     bundle = shared_data("core_eval")
-    loop = train.pretrain(_cfg(data, num_iterations=2, eval_every=-1, model_tag="core", core_metric_every=2,
+    loop = pretrain.pretrain(_cfg(data, num_iterations=2, eval_every=-1, model_tag="core", core_metric_every=2,
                                core_metric_max_per_task=2, eval_bundle=str(bundle)))
     assert loop.core_metric is not None and -1.0 <= loop.core_metric <= 1.0
     section = json.loads((train.run_dir("core").parent.parent / "report" / "base-model-training.json").read_text())

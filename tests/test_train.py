@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from nanochat_jax import gpt, optim, sharding, train
+from nanochat_jax import gpt, optim, pretrain, sharding, train
 from nanochat_jax.loss_eval import make_bpb_fn, numpy_bpb
 
 CFG = gpt.GPTConfig.from_depth(2, aspect_ratio=64, head_dim=32, max_seq_len=32, vocab_size=300, short_window=16,
@@ -133,23 +133,23 @@ def test_bpb_matches_numpy():
 
 
 def test_plan_horizon_and_validation():
-    cfg = train.PretrainConfig(depth=2, max_seq_len=32, device_batch_size=4, total_batch_size=4 * 32 * 8 * 3,
+    cfg = pretrain.PretrainConfig(depth=2, max_seq_len=32, device_batch_size=4, total_batch_size=4 * 32 * 8 * 3,
                                num_iterations=7)
-    plan = train.plan_horizon(cfg, train.build_model_config(cfg, 300, on_gpu=False), n_devices=8)
+    plan = pretrain.plan_horizon(cfg, pretrain.build_model_config(cfg, 300, on_gpu=False), n_devices=8)
     assert plan["grad_accum"] == 3 and plan["num_iterations"] == 7
     bad = dataclasses.replace(cfg, total_batch_size=1000)
     with pytest.raises(ValueError, match="not a multiple"):
-        train.plan_horizon(bad, train.build_model_config(bad, 300, on_gpu=False), n_devices=8)
+        pretrain.plan_horizon(bad, pretrain.build_model_config(bad, 300, on_gpu=False), n_devices=8)
     # reference speedrun d24: ratio 8 → 5,568 steps at B = 2^20 on 8 devices × 16 rows × 2048
-    ref = train.PretrainConfig(depth=24, target_param_data_ratio=8, device_batch_size=16)
-    plan = train.plan_horizon(ref, train.build_model_config(ref, 32768, on_gpu=True), n_devices=8)
+    ref = pretrain.PretrainConfig(depth=24, target_param_data_ratio=8, device_batch_size=16)
+    plan = pretrain.plan_horizon(ref, pretrain.build_model_config(ref, 32768, on_gpu=True), n_devices=8)
     assert plan["total_batch_size"] == 2**20 and plan["num_iterations"] == 5568 and plan["grad_accum"] == 4
     for kwargs, msg in [({"depth": 0}, "--depth"), ({"attention": "flash"}, "--attention"),
                         ({"profile_steps": "5"}, "START:STOP"), ({"device_batch_size": 0}, "device-batch-size"),
                         ({"lr_schedule": "cosine"}, "--lr-schedule must be one of reference|constant"),
                         ({"adamw_style": "torch"}, "--adamw-style")]:
         with pytest.raises(ValueError, match=msg):
-            train.PretrainConfig(**kwargs)
+            pretrain.PretrainConfig(**kwargs)
     with pytest.raises(ValueError, match="--mesh=16"):
         sharding.make_mesh(16)
 
