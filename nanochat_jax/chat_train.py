@@ -28,8 +28,8 @@ from nanochat_jax import gpt, optim, sharding
 from nanochat_jax.common import format_duration, print0
 from nanochat_jax.config import flag, require
 from nanochat_jax.checkpoint import open_source
-from nanochat_jax.train import (LoopState, Periodic, ScalarLog, StepLogger, abstract_tree, compile_train_step,
-                                finish_run, fit, init_state, run_dir)
+from nanochat_jax.train import (LoopState, Periodic, ScalarLog, StepLogger, abstract_state, abstract_tree,
+                                compile_train_step, finish_run, fit, run_dir)
 
 SOURCE_OF = {"mid": "base", "sft": "mid"}
 
@@ -220,7 +220,7 @@ def chat_train(cfg: ChatTrainConfig, *, train_data=None, val_data=None) -> LoopS
         muon_momentum_start=0.85, muon_momentum_peak=0.95, muon_momentum_warmup_steps=300,
         muon_momentum_final=0.95)
     tx = optim.build_optimizer(gpt.param_shapes(model_cfg), opt_cfg, lr_schedule=lambda it: jnp.float32(1.0))
-    state_shapes = jax.eval_shape(lambda k: init_state(model_cfg, tx, k), jax.random.key(0))
+    state_shapes = abstract_state(model_cfg, tx)
     batch_shape = (grad_accum, dev_B * mesh.size, T_len)
     step_fn, shardings, info = compile_train_step(model_cfg, tx, mesh, state_shapes, batch_shape,
                                                   shard_params=cfg.fsdp, lr_input=True)

@@ -16,9 +16,9 @@ import jax.numpy as jnp
 from nanochat_jax import gpt, optim, sharding
 from nanochat_jax.common import format_duration, print0
 from nanochat_jax.config import flag, require, runtime_settings
-from nanochat_jax.train import (LoopState, Periodic, ScalarLog, StepLogger, abstract_tree, compile_train_step,
-                                finish_run, fit, greedy_samples, init_state, parse_profile_steps, run_dir,
-                                stack_micro_batches)
+from nanochat_jax.train import (LoopState, Periodic, ScalarLog, StepLogger, abstract_state, abstract_tree,
+                                compile_train_step, finish_run, fit, greedy_samples, init_state, parse_profile_steps,
+                                run_dir, stack_micro_batches)
 
 
 @dataclass(frozen=True)
@@ -197,7 +197,7 @@ def _pretrain(cfg: PretrainConfig, cleanup: contextlib.ExitStack) -> LoopState:
                                 adamw_weight_decay=cfg.adamw_weight_decay, grad_clip=cfg.grad_clip)
     param_shapes = gpt.param_shapes(model_cfg)
     tx = optim.build_optimizer(param_shapes, opt_cfg)
-    state_shapes = jax.eval_shape(lambda k: init_state(model_cfg, tx, k), jax.random.key(0))
+    state_shapes = abstract_state(model_cfg, tx)
     step_fn, shardings, info = compile_train_step(model_cfg, tx, mesh, state_shapes,
                                                   (grad_accum, cfg.device_batch_size * mesh.size, cfg.max_seq_len),
                                                   shard_params=cfg.fsdp)

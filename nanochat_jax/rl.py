@@ -168,8 +168,8 @@ def rl_train(cfg: RLConfig, *, train_task=None, eval_task=None, reward_fn=None) 
     from nanochat_jax.engine import make_engines
     from nanochat_jax.tokenizer import get_tokenizer
     from nanochat_jax.checkpoint import open_source
-    from nanochat_jax.train import (LoopState, ScalarLog, abstract_tree, compile_train_step, finish_run, init_state,
-                                    run_dir)
+    from nanochat_jax.train import (LoopState, ScalarLog, abstract_state, abstract_tree, compile_train_step,
+                                    finish_run, run_dir)
 
     sharding.maybe_initialize_distributed(cfg.distributed)
     mesh = sharding.make_mesh(cfg.mesh)
@@ -203,7 +203,7 @@ def rl_train(cfg: RLConfig, *, train_task=None, eval_task=None, reward_fn=None) 
                                 muon_momentum_peak=0.95, muon_momentum_final=0.95)
     tx = optim.build_optimizer(gpt.param_shapes(model_cfg), opt_cfg,
                                lr_schedule=lambda it: 1.0 - it.astype(jnp.float32) / num_steps)  # reference: 1 − step/N
-    state_shapes = jax.eval_shape(lambda k: init_state(model_cfg, tx, k), jax.random.key(0))
+    state_shapes = abstract_state(model_cfg, tx)
     T = cfg.train_seq_len
     A, R = grad_accum, micro_rows
     step_fn, shardings, info = compile_train_step(

@@ -84,6 +84,11 @@ def init_state(model_cfg: gpt.GPTConfig, tx: optax.GradientTransformation, key):
     return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
 
 
+def abstract_state(model_cfg: gpt.GPTConfig, tx: optax.GradientTransformation):
+    """ShapeDtypeStructs of init_state(model_cfg, tx, key), without allocating anything."""
+    return jax.eval_shape(lambda k: init_state(model_cfg, tx, k), jax.random.key(0))
+
+
 def state_shardings(model_cfg: gpt.GPTConfig, state_shapes, mesh, shard: bool = True):
     """Params and optimizer state as the model's Params say (gpt.param_sharding_axes); the step counter replicated."""
     axes = gpt.param_sharding_axes(model_cfg)

@@ -83,7 +83,7 @@ def main(argv=None) -> dict:
     model_cfg = pretrain.build_model_config(pcfg, cfg.vocab_size, device.platform == "gpu")
     shapes = gpt.param_shapes(model_cfg)
     tx = optim.build_optimizer(shapes, optim.OptimConfig(num_iterations=1000, model_dim=model_cfg.n_embd))
-    state_shapes = jax.eval_shape(lambda k: train.init_state(model_cfg, tx, k), jax.random.key(0))
+    state_shapes = train.abstract_state(model_cfg, tx)
     rows = cfg.device_batch_size * mesh.size
     batch_shape = (cfg.grad_accum, rows, cfg.max_seq_len)
     step_fn, shardings, info = train.compile_train_step(model_cfg, tx, mesh, state_shapes, batch_shape,

@@ -140,7 +140,7 @@ def estimate(cfg: MemoryEstimateConfig) -> dict:
     model_cfg = pretrain.build_model_config(pcfg, cfg.vocab_size, on_gpu=False)
     shapes = gpt.param_shapes(model_cfg)
     tx = optim.build_optimizer(shapes, optim.OptimConfig(num_iterations=1000, model_dim=model_cfg.n_embd))
-    state_shapes = jax.eval_shape(lambda k: train.init_state(model_cfg, tx, k), jax.random.key(0))
+    state_shapes = train.abstract_state(model_cfg, tx)
     shardings = train.state_shardings(model_cfg, state_shapes, mesh, cfg.fsdp)
     params_b = per_device_bytes(state_shapes["params"], shardings["params"])
     opt_b = per_device_bytes(state_shapes["opt_state"], shardings["opt_state"])
