@@ -34,7 +34,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from nanochat_jax import gpt
-from nanochat_jax.common import UserError, get_base_dir, path_str
+from nanochat_jax.common import UserError, get_base_dir, held_background_errors, path_str
 from nanochat_jax.config import runtime_settings
 
 PHASE_DIRS = {"base": "base_checkpoints", "mid": "mid_checkpoints", "sft": "chatsft_checkpoints",
@@ -244,7 +244,8 @@ class Checkpointer:
         """A checkpoint that fails to read (truncated or corrupt files) becomes one UserError naming it and the fix;
         orbax's own error (often a chain of asyncio tracebacks) stays behind NANOCHAT_JAX_DEBUG=1."""
         try:
-            yield
+            with held_background_errors():
+                yield
         except UserError:
             raise
         except Exception as e:

@@ -36,6 +36,46 @@ def debug_enabled() -> bool:
     return os.environ.get(DEBUG_ENV, "").strip().lower() not in ("", "0", "false", "no")
 
 
+@contextlib.contextmanager
+def held_background_errors():
+    """Hold the tracebacks a library's background work reports while the block runs: exceptions printed from
+    threads (sys.excepthook, threading.excepthook), unraisable ones, and asyncio's "Task exception was never
+    retrieved" log. If the block succeeds they are replayed as they came; if it raises, its own exception speaks
+    for the failure and the others stay held for the rest of the process (orbax's concurrent reads of a damaged
+    checkpoint keep failing, and printing, for a moment after the first one raised). NANOCHAT_JAX_DEBUG=1 shows
+    them all."""
+    import threading
+
+    held = []
+    saved = (sys.excepthook, sys.unraisablehook, threading.excepthook)
+    asyncio_log = logging.getLogger("asyncio")
+
+    class Hold(logging.Filter):
+        def filter(self, record):
+            held.append((asyncio_log.handle, (record,)))
+            return False
+
+    log_filter = Hold()
+    sys.excepthook = lambda *a: held.append((saved[0], a))
+    sys.unraisablehook = lambda u: held.append((saved[1], (u,)))
+    threading.excepthook = lambda a: held.append((saved[2], (a,)))
+    asyncio_log.addFilter(log_filter)
+
+    def release():
+        sys.excepthook, sys.unraisablehook, threading.excepthook = saved
+        asyncio_log.removeFilter(log_filter)
+        for hook, args in held:
+            hook(*args)
+
+    try:
+        yield
+    except BaseException:
+        if debug_enabled():
+            release()
+        raise
+    release()
+
+
 def run_main(main, *args, **kwargs):
     """Run a script's entry point. A user's mistake (USER_ERRORS) ends it with `error: <message>` on stderr and
     exit status 1; Ctrl-C with status 130. NANOCHAT_JAX_DEBUG=1 re-raises, to show the traceback."""

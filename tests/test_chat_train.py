@@ -69,6 +69,7 @@ def test_lr_schedules():
     assert lr_multiplier(0.9, 0.2, final_lr_frac=0.1) == pytest.approx(0.5 * 1 + 0.5 * 0.1)
 
 
+@pytest.mark.slow
 def test_sft_loss_drops_on_real_conversations(chats, tok_dir):
     make_base_checkpoint()
     train, val = chats
@@ -183,6 +184,7 @@ def test_mixtures(monkeypatch):
         build_mixture(ChatTrainConfig(stage="sft", mixture="default", task_data=root), "train")
 
 
+@pytest.mark.slow
 def test_sft_can_start_from_the_source_optimizer_state(chats, tok_dir):
     """--load-optimizer: the base checkpoint's optimizer state (momentum buffers) is restored into SFT's optimizer."""
     from nanochat_jax import optim

@@ -134,6 +134,7 @@ def test_toy_reward_rises(tok_dir):
     assert section["steps"] == 30 and section["last reward"] == rewards[-1]
 
 
+@pytest.mark.slow
 def test_resume_is_exact(tok_dir):
     d, tok = tok_dir
     cfg = tiny_cfg(tok.vocab_size)

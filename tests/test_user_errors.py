@@ -1,6 +1,7 @@
 """A user's mistake ends a script with one line on stderr that names the file and the fix (no traceback), a
 non-zero exit status, and the traceback behind NANOCHAT_JAX_DEBUG=1; bad data met mid-run keeps the last checkpoint."""
 
+import logging
 import os
 import subprocess
 import sys
@@ -105,3 +106,48 @@ def test_bad_row_group_mid_run_keeps_the_last_checkpoint_and_corrupt_checkpoint_
     proc = run("base_loss.py", "--model-tag=d2", "--device-batch-size=2", f"--split-tokens={2 * 64 * 2}",
                "--eval=bpb", f"--data-dir={data}", f"--tokenizer-dir={tok_dir}", "--mesh=2", base_dir=tmp_path)
     assert_one_line_error(proc, f"checkpoint {step_dir} cannot be read", "damaged")
+
+
+def _raise_in_thread(message):
+    import threading
+
+    def boom():
+        raise RuntimeError(message)
+
+    t = threading.Thread(target=boom)
+    t.start()
+    t.join()
+
+
+def _log_asyncio(message):
+    logging.getLogger("asyncio").error(message)
+
+
+def test_background_errors_are_replayed_after_success_and_held_after_a_failure(monkeypatch, caplog):
+    import threading
+
+    from nanochat_jax.common import held_background_errors
+    seen = []
+    monkeypatch.setattr(threading, "excepthook", lambda a: seen.append(str(a.exc_value)))
+    mine = threading.excepthook
+    # The failure case below leaves its holds installed (as a script would, on its way out): undo them afterwards.
+    monkeypatch.setattr(sys, "excepthook", sys.excepthook)
+    monkeypatch.setattr(sys, "unraisablehook", sys.unraisablehook)
+    monkeypatch.setattr(logging.getLogger("asyncio"), "filters", list(logging.getLogger("asyncio").filters))
+    monkeypatch.delenv("NANOCHAT_JAX_DEBUG", raising=False)
+    # Success: what background work reported comes out afterwards, in order, through the original hooks.
+    with held_background_errors():
+        _raise_in_thread("first")
+        _log_asyncio("task one")
+        assert seen == [] and "task one" not in caplog.text
+    assert seen == ["first"] and "task one" in caplog.text
+    assert threading.excepthook is mine
+    # Failure: the block's own exception is the report; background noise during and after it stays held.
+    caplog.clear()
+    with pytest.raises(ValueError, match="the real error"):
+        with held_background_errors():
+            _raise_in_thread("during")
+            raise ValueError("the real error")
+    _raise_in_thread("after")
+    _log_asyncio("task two")
+    assert seen == ["first"] and "task two" not in caplog.text
