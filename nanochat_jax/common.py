@@ -1,4 +1,4 @@
-"""Things every stage needs: the base directory, logging, atomic writes, peak FLOPs for MFU.
+"""Things every stage needs: the base directory, logging, atomic writes, downloads, peak FLOPs for MFU.
 
 Floor 1: imports nothing from the package. JAX is imported lazily so that data and tokenizer
 tools work (and start fast) without initialising a backend.
@@ -177,6 +177,68 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+# ----------------------------------------------------------------------------------------------
+# Downloads: the one HTTP fetch every dataset, bundle and task file goes through.
+
+class DownloadError(RuntimeError):
+    """A download failed: after its last attempt, or at once where retrying cannot help."""
+
+
+class RetryDownload(Exception):
+    """A failure another attempt may fix (HTTP 408/429/5xx, a short body, a file `validate` finds truncated)."""
+
+
+def download(url: str, path: str | os.PathLike, *, attempts: int = 5, backoff: float = 2.0, timeout: float = 60.0,
+             validate=None) -> Path:
+    """Stream `url` into `path` through a dot-temp file in the same folder, renamed once complete and accepted by
+    `validate(temp_path)`, so the final name only ever holds a whole file. Connection errors, timeouts, HTTP
+    408/429/5xx, short bodies and RetryDownload from `validate` are retried after backoff**attempt seconds; other
+    HTTP statuses fail at once (DownloadError), as does any other exception `validate` raises."""
+    import requests
+
+    if attempts < 1:
+        raise ValueError(f"attempts must be >= 1, got {attempts}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    last = None
+    for attempt in range(1, attempts + 1):
+        tmp = path.with_name(f".{path.name}.{os.urandom(4).hex()}.tmp")  # dot: folder listings skip it
+        try:
+            with requests.get(url, stream=True, timeout=timeout) as r:
+                if r.status_code != 200:
+                    retry = r.status_code in (408, 429) or r.status_code >= 500
+                    raise (RetryDownload if retry else DownloadError)(f"HTTP {r.status_code} {r.reason}")
+                n_bytes = 0
+                with open(tmp, "xb") as f:
+                    for chunk in r.iter_content(1 << 20):  # stream: never hold a ~100 MB shard in memory
+                        f.write(chunk)
+                        n_bytes += len(chunk)
+                    f.flush()
+                    os.fsync(f.fileno())
+                # iter_content undoes any Content-Encoding, so only compare sizes for plain bodies
+                expected = r.headers.get("Content-Length")
+                if expected is not None and r.headers.get("Content-Encoding", "identity") == "identity" \
+                        and n_bytes != int(expected):
+                    raise RetryDownload(f"connection closed after {n_bytes} of {expected} bytes")
+            if validate is not None:
+                validate(tmp)
+            os.replace(tmp, path)
+            return path
+        except DownloadError as e:
+            raise DownloadError(f"{url}: {e}") from None
+        except requests.RequestException as e:
+            last = f"{type(e).__name__}: {e}"
+        except RetryDownload as e:
+            last = str(e)
+        finally:
+            tmp.unlink(missing_ok=True)
+        if attempt < attempts:
+            delay = backoff ** attempt
+            print0(f"{path.name}: attempt {attempt}/{attempts} failed ({last}); retrying in {delay:.2f} s")
+            time.sleep(delay)
+    raise DownloadError(f"{url}: failed after {attempts} attempts; last error: {last}")
 
 
 # ----------------------------------------------------------------------------------------------

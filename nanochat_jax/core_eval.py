@@ -52,7 +52,7 @@ from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
 
-from nanochat_jax.common import atomic_write, get_base_dir, print0
+from nanochat_jax.common import DownloadError, atomic_write, download, get_base_dir, print0
 
 EVAL_BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
 TASK_TYPES = ("multiple_choice", "schema", "language_modeling")
@@ -651,7 +651,10 @@ def ensure_eval_bundle(eval_bundle: str | os.PathLike | None = None, *, url: str
             return target
         with tempfile.TemporaryDirectory(prefix=".eval_bundle.", dir=base) as tmp:
             zip_path = Path(tmp) / "eval_bundle.zip"
-            _download(url, zip_path, max_attempts=max_attempts, backoff=backoff, timeout=timeout)
+            try:
+                download(url, zip_path, attempts=max_attempts, backoff=backoff, timeout=timeout)
+            except DownloadError as e:
+                raise DownloadError(f"{e}; without internet, pass --eval-bundle=<a local eval_bundle dir>") from None
             extracted = Path(tmp) / "x"
             with zipfile.ZipFile(zip_path) as zf:
                 zf.extractall(extracted)
@@ -663,39 +666,6 @@ def ensure_eval_bundle(eval_bundle: str | os.PathLike | None = None, *, url: str
             os.replace(found[0].parent, target)
     print0(f"placed the eval bundle at {target}")
     return target
-
-
-def _download(url: str, dest: Path, *, max_attempts: int, backoff: float, timeout: float) -> None:
-    """Stream url to dest, retrying connection errors, timeouts, 408/429/5xx and short reads."""
-    import requests
-
-    last = None
-    for attempt in range(1, max_attempts + 1):
-        try:
-            print0(f"downloading {url} (attempt {attempt}/{max_attempts})")
-            with requests.get(url, stream=True, timeout=timeout) as r:
-                if r.status_code != 200:
-                    if r.status_code in (408, 429) or r.status_code >= 500:
-                        raise requests.HTTPError(f"HTTP {r.status_code} {r.reason}")
-                    raise RuntimeError(f"{url}: HTTP {r.status_code} {r.reason} (not retried)")
-                n = 0
-                with open(dest, "wb") as f:
-                    for chunk in r.iter_content(1 << 20):
-                        f.write(chunk)
-                        n += len(chunk)
-                expected = r.headers.get("Content-Length")
-                if expected is not None and r.headers.get("Content-Encoding", "identity") == "identity" \
-                        and n != int(expected):
-                    raise requests.ConnectionError(f"connection closed after {n} of {expected} bytes")
-            return
-        except requests.RequestException as e:
-            last = f"{type(e).__name__}: {e}"
-        if attempt < max_attempts:
-            delay = backoff ** attempt
-            print0(f"  failed ({last}); retrying in {delay:.1f}s")
-            time.sleep(delay)
-    raise RuntimeError(f"could not download {url} after {max_attempts} attempts (last error: {last}); without "
-                       f"internet, pass --eval-bundle=<a local eval_bundle directory>")
 
 
 __all__ = ["EVAL_BUNDLE_URL", "TASK_TYPES", "CoreTask", "Row", "ScoreFn", "Scorer", "ScoringSession", "TaskProgress",

@@ -26,7 +26,8 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from nanochat_jax.common import DATA_DIR_ENV, UserError, get_base_dir, print0, run_main
+from nanochat_jax.common import (DATA_DIR_ENV, DownloadError, RetryDownload, UserError, download, get_base_dir, print0,
+                                 run_main)
 
 # name -> (HF dataset repo, last shard index = validation shard, folder under the base dir)
 DATASETS = {
@@ -114,22 +115,9 @@ def iter_texts(files: Sequence[str | os.PathLike], column: str = "text") -> Iter
 
 
 # ----------------------------------------------------------------------------------------------
-# Download: shard i of a dataset -> <data dir>/shard_{i:05d}.parquet, via a dot-temp file, with retries.
+# Download: shard i of a dataset -> <data dir>/shard_{i:05d}.parquet (common.download: a dot-temp file, retries).
 
 DATA_URL_ENV = "NANOCHAT_JAX_DATA_URL"
-CHUNK_BYTES = 1 << 20  # 1 MB: stream, never hold a ~100 MB shard in memory
-
-
-class ShardDownloadError(RuntimeError):
-    """A shard could not be downloaded: after the last retry, or at once when retrying cannot help (404, bad schema)."""
-
-
-class _Retryable(Exception):
-    """A failure another attempt may fix: HTTP 5xx/429/408, short or corrupt body."""
-
-
-class _Fatal(Exception):
-    """A failure no retry will fix: 404 and other 4xx, a parquet without a `text` column."""
 
 
 def _check_dataset(dataset: str) -> None:
@@ -160,81 +148,37 @@ def _validate_shard(path: Path) -> None:
         with pq.ParquetFile(path) as pf:
             names = pf.schema_arrow.names
     except Exception as e:  # pyarrow raises ArrowInvalid/OSError for truncated or non-parquet bytes
-        raise _Retryable(f"not a readable parquet file (truncated or corrupt?): {type(e).__name__}: {e}") from e
+        raise RetryDownload(f"not a readable parquet file (truncated or corrupt?): {type(e).__name__}: {e}") from e
     if "text" not in names:
-        raise _Fatal(f"parquet file has no `text` column (columns: {names}); wrong dataset or --base-url?")
-
-
-def _fetch(url: str, tmp: Path, timeout: float) -> None:
-    """Stream `url` into the new file `tmp`; classify HTTP errors as retryable or fatal."""
-    import requests
-
-    with requests.get(url, stream=True, timeout=timeout) as r:
-        if r.status_code in (408, 429) or r.status_code >= 500:
-            raise _Retryable(f"HTTP {r.status_code} {r.reason}")
-        if r.status_code != 200:
-            raise _Fatal(f"HTTP {r.status_code} {r.reason}")
-        n_bytes = 0
-        with open(tmp, "xb") as f:
-            for chunk in r.iter_content(CHUNK_BYTES):
-                f.write(chunk)
-                n_bytes += len(chunk)
-            f.flush()
-            os.fsync(f.fileno())
-        # iter_content undoes any Content-Encoding, so only compare sizes for plain bodies
-        expected = r.headers.get("Content-Length")
-        if expected is not None and r.headers.get("Content-Encoding", "identity") == "identity" \
-                and n_bytes != int(expected):
-            raise _Retryable(f"connection closed after {n_bytes} of {expected} bytes")
+        raise DownloadError(f"parquet file has no `text` column (columns: {names}); wrong dataset or --base-url?")
 
 
 def _download(index: int, out_dir: Path, dataset: str, base_url: str | None, max_attempts: int,
               backoff: float, timeout: float) -> tuple[Path, bool]:
     """(path, True) after a download, (path, False) when a valid file was already there."""
-    import requests
-
-    if max_attempts < 1:
-        raise ValueError(f"max_attempts must be >= 1, got {max_attempts}")
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / shard_name(index)
+    path = Path(out_dir) / shard_name(index)
     if path.exists():
         try:
             _validate_shard(path)
             return path, False
-        except (_Retryable, _Fatal) as e:
+        except (RetryDownload, DownloadError) as e:
             print0(f"{path.name}: existing file is invalid ({e}); downloading it again")
-    url = shard_url(index, dataset, base_url)
-    last_error = None
-    for attempt in range(1, max_attempts + 1):
-        tmp = out_dir / f".{path.name}.{os.urandom(4).hex()}.tmp"  # dot prefix: list_parquet_files ignores it
-        try:
-            _fetch(url, tmp, timeout)
-            _validate_shard(tmp)
-            os.replace(tmp, path)  # atomic: the final name only ever holds a complete, valid file
-            return path, True
-        except _Fatal as e:
-            hint = ""
-            if "HTTP 404" in str(e):
-                hint = (f"; shard {index} is beyond the end of {dataset!r} (shards 0..{DATASETS[dataset][1]}) "
-                        f"or the base URL is wrong")
-            raise ShardDownloadError(f"{url}: {e}{hint}") from None
-        except (requests.RequestException, _Retryable) as e:
-            last_error = f"{type(e).__name__}: {e}" if isinstance(e, requests.RequestException) else str(e)
-        finally:
-            tmp.unlink(missing_ok=True)
-        if attempt < max_attempts:
-            delay = backoff ** attempt
-            print0(f"{path.name}: attempt {attempt}/{max_attempts} failed ({last_error}); retrying in {delay:.2f} s")
-            time.sleep(delay)
-    raise ShardDownloadError(f"{url}: failed after {max_attempts} attempts; last error: {last_error}")
+    try:
+        download(shard_url(index, dataset, base_url), path, attempts=max_attempts, backoff=backoff, timeout=timeout,
+                 validate=_validate_shard)
+    except DownloadError as e:
+        if "HTTP 404" not in str(e):
+            raise
+        raise DownloadError(f"{e}; shard {index} is beyond the end of {dataset!r} (shards 0..{DATASETS[dataset][1]}) "
+                            f"or the base URL is wrong") from None
+    return path, True
 
 
 def download_shard(index: int, out_dir: str | os.PathLike, *, dataset: str = DEFAULT_DATASET,
                    base_url: str | None = None, max_attempts: int = 5, backoff: float = 2.0,
                    timeout: float = 30) -> Path:
     """Download shard `index` into out_dir (skipped if a valid file is there). Waits backoff**attempt s between
-    attempts; raises ShardDownloadError after the last one, or at once on HTTP 404 / a parquet without `text`."""
+    attempts; raises DownloadError after the last one, or at once on HTTP 404 / a parquet without `text`."""
     return _download(index, Path(out_dir), dataset, base_url, max_attempts, backoff, timeout)[0]
 
 
@@ -286,7 +230,7 @@ def download_shards(indices: Sequence[int], out_dir: str | os.PathLike | None = 
            f"({n_new} new, {len(paths) - n_new} already there)")
     if errors:
         listed = "; ".join(f"{shard_name(i)}: {e}" for i, e in sorted(errors.items()))
-        raise ShardDownloadError(f"{len(errors)} of {len(wanted)} shards failed (indices {sorted(errors)}): {listed}. "
+        raise DownloadError(f"{len(errors)} of {len(wanted)} shards failed (indices {sorted(errors)}): {listed}. "
                                  f"Rerun the same command to retry them; finished shards are skipped.")
     return [paths[i] for i in wanted]
 
@@ -340,7 +284,7 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
     try:
         return download_shards(indices, data_dir, dataset=args.dataset, num_workers=args.num_workers,
                                base_url=args.base_url)
-    except ShardDownloadError as e:
+    except DownloadError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(1) from None
 

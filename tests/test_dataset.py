@@ -19,9 +19,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from nanochat_jax.common import UserError
+from nanochat_jax.common import DownloadError, UserError
 from nanochat_jax import dataset as ds
-from nanochat_jax.dataset import (DATASETS, ShardDownloadError, download_shard, download_shards, iter_texts,
+from nanochat_jax.dataset import (DATASETS, download_shard, download_shards, iter_texts,
                                   list_parquet_files, main, shard_url, split_files, train_shard_indices)
 
 VAL = DATASETS["climbmix"][1]  # download_shards always adds the validation shard
@@ -170,7 +170,7 @@ def test_truncated_once_then_succeeds(server, tmp_path):
 
 
 def test_always_truncated_fails_cleanly(server, tmp_path):
-    with pytest.raises(ShardDownloadError, match=r"shard_00003\.parquet: failed after 3 attempts.*parquet"):
+    with pytest.raises(DownloadError, match=r"shard_00003\.parquet: failed after 3 attempts.*parquet"):
         download_shard(3, tmp_path, base_url=server.url, max_attempts=3, **FAST)
     assert server.requests["shard_00003.parquet"] == 3
     assert leftovers(tmp_path) == []  # no partial file under the final name, no temp files
@@ -179,20 +179,20 @@ def test_always_truncated_fails_cleanly(server, tmp_path):
 def test_backoff_grows_exponentially(server, tmp_path, monkeypatch):
     sleeps = []
     monkeypatch.setattr(ds.time, "sleep", sleeps.append)
-    with pytest.raises(ShardDownloadError):
+    with pytest.raises(DownloadError):
         download_shard(3, tmp_path, base_url=server.url, max_attempts=4, backoff=3.0, timeout=5)
     assert sleeps == [3.0, 9.0, 27.0]  # backoff ** attempt between attempts, none after the last
 
 
 def test_404_fails_fast(server, tmp_path):
-    with pytest.raises(ShardDownloadError, match=r"HTTP 404.*beyond the end"):
+    with pytest.raises(DownloadError, match=r"HTTP 404.*beyond the end"):
         download_shard(9, tmp_path, base_url=server.url, **FAST)
     assert server.requests["shard_00009.parquet"] == 1
     assert leftovers(tmp_path) == []
 
 
 def test_missing_text_column_fails_fast(server, tmp_path):
-    with pytest.raises(ShardDownloadError, match="no `text` column"):
+    with pytest.raises(DownloadError, match="no `text` column"):
         download_shard(6, tmp_path, base_url=server.url, **FAST)
     assert server.requests["shard_00006.parquet"] == 1
     assert leftovers(tmp_path) == []
@@ -203,7 +203,7 @@ def test_connection_refused_retries_then_fails(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     t0 = time.perf_counter()
-    with pytest.raises(ShardDownloadError, match="failed after 2 attempts.*ConnectionError"):
+    with pytest.raises(DownloadError, match="failed after 2 attempts.*ConnectionError"):
         download_shard(0, tmp_path, base_url=f"http://127.0.0.1:{port}", max_attempts=2, **FAST)
     assert time.perf_counter() - t0 < 10
     assert leftovers(tmp_path) == []
@@ -245,7 +245,7 @@ def test_download_shards_parallel_in_index_order(server, tmp_path, capsys):
 
 
 def test_download_shards_reports_failures_after_finishing_others(server, tmp_path, capsys):
-    with pytest.raises(ShardDownloadError, match=r"2 of 4 shards failed \(indices \[3, 9\]\)") as info:
+    with pytest.raises(DownloadError, match=r"2 of 4 shards failed \(indices \[3, 9\]\)") as info:
         download_shards([9, 3, 1], tmp_path, num_workers=2, base_url=server.url, max_attempts=2, **FAST)
     assert "shard_00003.parquet" in str(info.value) and "HTTP 404" in str(info.value)
     assert leftovers(tmp_path) == ["shard_00001.parquet", f"shard_{VAL:05d}.parquet"]
@@ -278,7 +278,7 @@ def test_cli_downloads_into_data_dir(server, tmp_path, capsys):
 
 
 def test_cli_download_failure_exits_1(server, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(ds, "download_shards", lambda *a, **k: (_ for _ in ()).throw(ShardDownloadError("boom")))
+    monkeypatch.setattr(ds, "download_shards", lambda *a, **k: (_ for _ in ()).throw(DownloadError("boom")))
     with pytest.raises(SystemExit) as info:
         main(["-n", "1", "--data-dir", str(tmp_path), "--base-url", server.url])
     assert info.value.code == 1 and "error: boom" in capsys.readouterr().err

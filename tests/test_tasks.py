@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from conftest import shared_data
+from nanochat_jax import common
 from nanochat_jax.execution import use_calculator
 from nanochat_jax.tasks import (ARC, CHAT_SOURCES, GSM8K, MMLU, CustomJSON, DownloadError, HumanEval, LocalChat,
                                 SimpleSpelling, SmolTalk, SpellingBee, Task, TaskMixture, TaskSequence, render_mc)
@@ -434,8 +435,20 @@ def test_local_chat_splits(data):
 # HuggingFace parquet export: download + cache, and the offline error
 
 class FakeResponse:
+    """What common.download reads of a streamed requests.Response."""
+
     def __init__(self, status, content):
-        self.status_code, self.content = status, content
+        self.status_code, self.content, self.reason = status, content, "Fake"
+        self.headers = {"Content-Length": str(len(content))}
+
+    def iter_content(self, chunk_size):
+        return (self.content[i:i + chunk_size] for i in range(0, len(self.content), chunk_size))
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
 
 
 def test_smoltalk_offline_fails_clearly(monkeypatch):
@@ -443,12 +456,12 @@ def test_smoltalk_offline_fails_clearly(monkeypatch):
 
     calls = []
 
-    def offline(url, timeout=None):
+    def offline(url, stream=False, timeout=None):
         calls.append(url)
         raise requests.ConnectionError("no route to huggingface.co")
 
     monkeypatch.setattr(requests, "get", offline)
-    monkeypatch.setattr(tc.time, "sleep", lambda s: None)
+    monkeypatch.setattr(common.time, "sleep", lambda s: None)
     with pytest.raises(DownloadError) as e:
         SmolTalk(split="test")
     msg = str(e.value)
@@ -474,7 +487,7 @@ def test_parquet_export_download_and_cache(monkeypatch, tmp_path):
     calls = []
     fails = {"https://x/1.parquet": 1}  # one transient failure, then success
 
-    def fake_get(url, timeout=None):
+    def fake_get(url, stream=False, timeout=None):
         calls.append(url)
         if fails.get(url):
             fails[url] -= 1
@@ -482,7 +495,7 @@ def test_parquet_export_download_and_cache(monkeypatch, tmp_path):
         return FakeResponse(200, served[url]) if url in served else FakeResponse(404, b"")
 
     monkeypatch.setattr(requests, "get", fake_get)
-    monkeypatch.setattr(tc.time, "sleep", lambda s: None)
+    monkeypatch.setattr(common.time, "sleep", lambda s: None)
     task = SmolTalk(split="train")
     assert len(task) == 10
     perm = np.random.default_rng(42).permutation(10)
@@ -497,7 +510,7 @@ def test_parquet_export_download_and_cache(monkeypatch, tmp_path):
 def test_local_folder_without_the_dataset_falls_back_then_explains(monkeypatch, tmp_path):
     import requests
 
-    monkeypatch.setattr(requests, "get", lambda url, timeout=None: FakeResponse(404, b""))
+    monkeypatch.setattr(requests, "get", lambda url, stream=False, timeout=None: FakeResponse(404, b""))
     with pytest.raises(DownloadError) as e:
         GSM8K("socratic", "train", data_dir=tmp_path)
     assert "train_socratic.jsonl" in str(e.value) and str(tmp_path) in str(e.value)
