@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from nanochat_jax import gpt, sharding
+from nanochat_jax.common import pow2_bucket
 from nanochat_jax.engine import make_engines, map_on_engines
 
 ALL_TASKS = ("ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "SpellingBee")
@@ -53,10 +54,6 @@ def load_task(name: str, data_dir=None):
 def chatcore(results: dict[str, float]) -> float:
     """Mean centered accuracy over the tasks in `results`."""
     return float(np.mean([(acc - BASELINES[t]) / (1 - BASELINES[t]) for t, acc in results.items()]))
-
-
-def _bucket(n: int, minimum: int = 64) -> int:
-    return max(minimum, 1 << (n - 1).bit_length())
 
 
 class _Progress:
@@ -105,7 +102,7 @@ class CategoricalEvaluator:
         out = np.zeros(len(prompts), np.int64)
         for s in range(0, len(order), self.rows):
             chunk = order[s:s + self.rows]
-            T = _bucket(max(len(prompts[i]) for i in chunk))
+            T = pow2_bucket(max(len(prompts[i]) for i in chunk), 64)
             self.shapes_seen.add(T)
             idx = np.zeros((self.rows, T), np.int32)
             last = np.zeros(self.rows, np.int32)

@@ -305,6 +305,11 @@ class Timer:
         return False
 
 
+def pow2_bucket(n: int, minimum: int = 1) -> int:
+    """The power of two >= max(n, minimum): lengths padded to these give few static shapes, so few compilations."""
+    return 1 << (max(n, minimum) - 1).bit_length()
+
+
 def format_duration(seconds: float) -> str:
     seconds = max(0, int(seconds))
     h, rem = divmod(seconds, 3600)

@@ -35,7 +35,6 @@ plug in their own model or logits.
 
 from __future__ import annotations
 
-import bisect
 import collections
 import collections.abc
 import csv
@@ -52,7 +51,7 @@ from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
 
-from nanochat_jax.common import DownloadError, atomic_write, download, get_base_dir, print0
+from nanochat_jax.common import DownloadError, atomic_write, download, get_base_dir, pow2_bucket, print0
 
 EVAL_BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
 TASK_TYPES = ("multiple_choice", "schema", "language_modeling")
@@ -239,10 +238,12 @@ def crop_row(row: Row, max_len: int) -> Row:
 # Scoring: buckets, fixed batches, one jitted function
 
 def bucket_lengths(max_len: int, min_bucket: int = 64) -> tuple[int, ...]:
-    """Powers of two from min_bucket up to max_len, and max_len itself."""
+    """Powers of two from min_bucket (a power of two) up to max_len, and max_len itself."""
     if max_len < 2:
         raise ValueError(f"max_len must be >= 2, got {max_len}")
-    out, b = [], max(2, min(min_bucket, max_len))
+    if min_bucket < 1 or pow2_bucket(min_bucket) != min_bucket:
+        raise ValueError(f"min_bucket must be a power of two, got {min_bucket}")
+    out, b = [], min_bucket
     while b < max_len:
         out.append(b)
         b *= 2
@@ -274,7 +275,7 @@ class Scorer:
         self.n_devices = self.mesh.size
         self.max_len, self.pad_id, self.batch_tokens = int(max_len), int(pad_id), int(batch_tokens)
         self.crop = bool(crop)
-        self.buckets = bucket_lengths(self.max_len, min_bucket)
+        self.buckets, self.min_bucket = bucket_lengths(self.max_len, min_bucket), min_bucket
         self._replicated = sharding.replicated(self.mesh)
         self._batch_sharding = {nd: sharding.batch_sharding(self.mesh, 0, nd) for nd in (1, 2)}
         self.traces = 0
@@ -290,11 +291,10 @@ class Scorer:
         self.params = jax.device_put(params, self._replicated) if place else params
 
     def bucket_for(self, n_tokens: int) -> int:
-        i = bisect.bisect_left(self.buckets, n_tokens)
-        if i < len(self.buckets):
-            return self.buckets[i]
-        length = 1 << (n_tokens - 1).bit_length()  # past max_len (crop=False): the next power of two
-        self.buckets = tuple(sorted(set(self.buckets) | {length}))
+        length = pow2_bucket(n_tokens, self.min_bucket)
+        if n_tokens <= self.max_len < length:
+            return self.max_len
+        self.buckets = tuple(sorted(set(self.buckets) | {length}))  # past max_len (crop=False): one more bucket
         return length
 
     def rows_per_batch(self, length: int) -> int:

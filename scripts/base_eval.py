@@ -37,7 +37,7 @@ class BaseEvalConfig:
     max_len: int = flag(-1, "top length bucket; -1 = the model's sequence_len")
     crop: bool = flag(False, "crop longer prompts from the left to max_len (default: score them whole in larger "
                              "power-of-two buckets, as nanochat does for its own GPT)")
-    min_bucket: int = flag(64, "shortest length bucket (buckets: powers of two up to max_len)")
+    min_bucket: int = flag(64, "shortest length bucket, a power of two (buckets: powers of two up to max_len)")
     attention: str = flag("auto", "auto (cudnn on GPU, xla elsewhere) | xla | cudnn | pallas")
     mesh: int = flag(-1, "devices in the (\"data\",) mesh; -1 = all")
     distributed: bool | None = flag(None, "None: auto-detect a multi-process launcher")
@@ -47,7 +47,8 @@ class BaseEvalConfig:
         require(self.max_per_task == -1 or self.max_per_task > 0, "--max-per-task must be > 0 or -1 (all)")
         require(self.batch_tokens >= 1, "--batch-tokens must be >= 1")
         require(self.max_len == -1 or self.max_len >= 2, "--max-len must be >= 2 or -1 (the model's sequence_len)")
-        require(self.min_bucket >= 2, "--min-bucket must be >= 2")
+        require(self.min_bucket >= 2 and self.min_bucket & (self.min_bucket - 1) == 0,
+                "--min-bucket must be a power of two >= 2")
         require(self.attention in ("auto", "xla", "cudnn", "pallas"), "--attention must be auto|xla|cudnn|pallas")
 
 

@@ -131,6 +131,9 @@ def test_bucket_lengths():
     assert ce.bucket_lengths(2048) == (64, 128, 256, 512, 1024, 2048)
     assert ce.bucket_lengths(100, 8) == (8, 16, 32, 64, 100)
     assert ce.bucket_lengths(32) == (32,)
+    with pytest.raises(ValueError, match="power of two"):
+        ce.bucket_lengths(100, 48)
+    assert [ce.pow2_bucket(n, 64) for n in (1, 64, 65, 1000)] == [64, 64, 128, 1024]
 
 
 # ----------------------------------------------------------------------------------------------
