@@ -33,7 +33,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from nanochat_jax import gpt
+from nanochat_jax import gpt, sharding
 from nanochat_jax.common import UserError, get_base_dir, held_background_errors, path_str
 from nanochat_jax.config import runtime_settings
 
@@ -324,7 +324,7 @@ def find_largest_model(phase_dir: str | os.PathLike) -> str:
 
 def _as_sharding(mesh_or_sharding) -> jax.sharding.Sharding:
     if mesh_or_sharding is None:
-        return jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        return jax.sharding.SingleDeviceSharding(sharding.local_devices()[0])
     if isinstance(mesh_or_sharding, jax.sharding.Mesh):
         return jax.sharding.NamedSharding(mesh_or_sharding, jax.sharding.PartitionSpec())
     if isinstance(mesh_or_sharding, jax.sharding.Sharding):

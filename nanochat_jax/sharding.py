@@ -139,10 +139,27 @@ def local_batch_rows(global_rows: int, mesh: Mesh) -> int:
     return global_rows * n_local // mesh.size
 
 
+def local_devices(n: int | None = None) -> list:
+    """This process's first `n` devices (all when None); one-device work (an Engine, a restore without a mesh)
+    goes to local_devices()[0]."""
+    devices = jax.local_devices()
+    if n is not None and not 1 <= n <= len(devices):
+        raise ValueError(f"{n} devices asked for, but this process has {len(devices)} local devices")
+    return devices[:n]
+
+
+def gather_to_process(tree):
+    """`tree` with every array whole on this process, e.g. for an Engine on one local device: arrays spread over
+    several processes are all-gathered (a collective: every process calls it); in one process they already are."""
+    if jax.process_count() == 1:
+        return tree
+    from jax.experimental import multihost_utils
+
+    return multihost_utils.process_allgather(tree, tiled=True)
+
+
 def process_sum(x):
     """Elementwise sum of a small host array over all processes (each passes its own); a collective."""
-    import numpy as np
-
     x = np.asarray(x)
     if jax.process_count() == 1:
         return x
@@ -159,7 +176,6 @@ def allgather_json(obj) -> list:
         return [obj]
     import json
 
-    import numpy as np
     from jax.experimental import multihost_utils
 
     data = np.frombuffer(json.dumps(obj).encode(), np.uint8)

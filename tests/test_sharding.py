@@ -54,3 +54,25 @@ def test_maybe_initialize_distributed_starts_only_for_several_processes(monkeypa
     monkeypatch.setattr(sharding.jax.distributed, "initialize", lambda **kw: seen.append(kw))
     sharding.maybe_initialize_distributed(flag)
     assert seen == calls
+
+
+def test_local_devices():
+    import jax
+
+    assert sharding.local_devices() == jax.local_devices() and len(jax.local_devices()) == 8
+    assert sharding.local_devices(3) == jax.local_devices()[:3]
+    for bad in (0, 9):
+        with pytest.raises(ValueError, match="has 8 local devices"):
+            sharding.local_devices(bad)
+
+
+def test_gather_to_process_gives_arrays_an_engine_can_take():
+    import jax
+    import numpy as np
+
+    x = np.random.default_rng().normal(size=(16, 4)).astype(np.float32)
+    mesh = sharding.make_mesh(8)
+    tree = {"w": jax.device_put(x, sharding.batch_sharding(mesh))}
+    whole = sharding.gather_to_process(tree)
+    one = jax.device_put(whole["w"], sharding.local_devices()[0])  # what Engine.set_params does
+    np.testing.assert_array_equal(np.asarray(one), x)
