@@ -7,9 +7,9 @@ scripts/base_loss.py; current nanochat folds it into base_eval --eval=bpb,sample
 
 bpb: --split-tokens tokens of each split (rounded down to whole steps of device_batch_size × sequence_len ×
 devices) from the pretraining loader (same BOS-aligned best-fit packing; train = every shard but the last, val =
-the last one), through loss_eval.evaluate_bpb. Samples: greedy 16-token continuations of nanochat's 7 prompts, and
---num-samples unconditioned samples (from BOS alone, stopped at the next BOS) of --sample-tokens tokens at
---temperature. There is no KV cache here: each new token is one fixed-shape forward, plenty for a few samples.
+the last one), through loss_eval.evaluate_bpb. Samples, from the Engine: greedy 16-token continuations of
+nanochat's 7 prompts, and --num-samples unconditioned samples (from BOS alone, stopped at the next BOS) of
+--sample-tokens tokens at --temperature.
 
 Writes <base dir>/base_eval/base_loss_<tag>_<step:06d>.json atomically and prints a final JSON line.
 """
@@ -20,7 +20,6 @@ import json
 import time
 from dataclasses import dataclass
 
-import numpy as np
 
 from nanochat_jax.common import run_main
 from nanochat_jax.config import flag, parse_flags, print_config, require
@@ -57,25 +56,6 @@ class BaseLossConfig:
         require(self.attention in ("auto", "xla", "cudnn", "pallas"), "--attention must be auto|xla|cudnn|pallas")
 
 
-def sample_unconditioned(step_fn, params, bos_id: int, num_samples: int, max_tokens: int, seed: int) -> list[list[int]]:
-    """Token lists [BOS, ...] sampled from BOS alone; step_fn(params, buf_BT, pos, key) -> next tokens (B,) for
-    position pos. Each row ends before the first BOS it generates (the end of a document)."""
-    import jax
-
-    buf = np.full((num_samples, max_tokens + 1), bos_id, np.int32)
-    key = jax.random.key(seed)
-    for pos in range(1, max_tokens + 1):
-        key, sub = jax.random.split(key)
-        buf[:, pos] = np.asarray(step_fn(params, buf, pos, sub))
-    out = []
-    for row in buf:
-        generated = row[1:].tolist()
-        if bos_id in generated:
-            generated = generated[:generated.index(bos_id)]
-        out.append([bos_id] + generated)
-    return out
-
-
 def main(cfg: BaseLossConfig) -> dict:
     import jax
     import jax.numpy as jnp
@@ -87,7 +67,8 @@ def main(cfg: BaseLossConfig) -> dict:
     from nanochat_jax.dataset import list_parquet_files, resolve_data_dir, split_files
     from nanochat_jax.loss_eval import evaluate_bpb, make_bpb_fn
     from nanochat_jax.tokenizer import get_tokenizer
-    from nanochat_jax.train import greedy_samples
+    from nanochat_jax.engine import Engine
+    from nanochat_jax.train import SAMPLE_PROMPTS
 
     evals = [e.strip() for e in cfg.eval.split(",") if e.strip()]
     sharding.maybe_initialize_distributed(cfg.distributed)
@@ -131,32 +112,19 @@ def main(cfg: BaseLossConfig) -> dict:
                    f"{steps * tokens_per_step / dt:,.0f} tok/s)")
 
     if "sample" in evals:
-        # every process runs the forwards (params live on the whole mesh); inputs and outputs are replicated
-        def put(x):
-            x = np.asarray(x)
-            return jax.make_array_from_callback(x.shape, replicated, lambda index: x[index])
-
-        fwd = jax.jit(lambda p, x: gpt.forward(p, x, model_cfg), out_shardings=replicated)
+        # as nanochat's scripts/base_eval.py: the Engine, on this process's first device, with the params gathered
+        # whole (every process joins; process 0 prints)
+        engine = Engine(sharding.gather_to_process(params), model_cfg, tokenizer)
+        prompts = [tokenizer.encode(p, prepend=tokenizer.bos_id) for p in SAMPLE_PROMPTS]
+        samples = [tokenizer.decode(s) for s in engine.generate_batch(prompts, max_tokens=16, temperature=0)[0]]
         print0("\nconditioned samples (greedy):")
-        samples = greedy_samples(params, model_cfg, tokenizer, forward_fn=lambda p, x: fwd(p, put(x)))
         for text in samples:
             print0("-" * 80 + "\n" + text)
-
-        temperature = cfg.temperature
-
-        def next_token(p, buf_BT, pos, key):
-            logits_BV = jax.lax.dynamic_index_in_dim(gpt.forward(p, buf_BT, model_cfg), pos - 1, axis=1,
-                                                     keepdims=False)
-            if temperature == 0:
-                return jnp.argmax(logits_BV, axis=-1)
-            return jax.random.categorical(key, logits_BV / temperature, axis=-1)
-
-        step_fn = jax.jit(next_token, out_shardings=replicated)
         uncond = []
         if cfg.num_samples > 0:
             print0(f"\nunconditioned samples (temperature {cfg.temperature}, {cfg.sample_tokens} tokens):")
-            rows = sample_unconditioned(lambda p, b, pos, k: step_fn(p, put(b), pos, k), params, tokenizer.bos_id,
-                                        cfg.num_samples, cfg.sample_tokens, cfg.seed)
+            rows, _ = engine.generate_batch([tokenizer.bos_id], num_samples=cfg.num_samples,
+                                            max_tokens=cfg.sample_tokens, temperature=cfg.temperature, seed=cfg.seed)
             uncond = [tokenizer.decode(r) for r in rows]
             for text in uncond:
                 print0("-" * 80 + "\n" + text)
