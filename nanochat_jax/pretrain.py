@@ -16,8 +16,9 @@ import jax.numpy as jnp
 from nanochat_jax import gpt, optim, sharding
 from nanochat_jax.common import format_duration, print0
 from nanochat_jax.config import flag, require, runtime_settings
-from nanochat_jax.train import (LoopState, Periodic, ScalarLog, StepLogger, abstract_state, abstract_tree,
-                                compile_train_step, finish_run, fit, greedy_samples, init_state, parse_profile_steps,
+from nanochat_jax.engine import Engine
+from nanochat_jax.train import (SAMPLE_PROMPTS, LoopState, Periodic, ScalarLog, StepLogger, abstract_state,
+                                abstract_tree, compile_train_step, finish_run, fit, init_state, parse_profile_steps,
                                 run_dir, stack_micro_batches)
 
 
@@ -220,7 +221,7 @@ def _pretrain(cfg: PretrainConfig, cleanup: contextlib.ExitStack) -> LoopState:
 
     bpb_fn = jax.jit(make_bpb_fn(model_cfg), in_shardings=(shardings["params"], sharding.batch_sharding(mesh),
                                                             sharding.batch_sharding(mesh), sharding.replicated(mesh)))
-    fwd_fn = jax.jit(lambda p, x: gpt.forward(p, x, model_cfg))
+    prompts = [tokenizer.encode(p, prepend=tokenizer.bos_id) for p in SAMPLE_PROMPTS]
     eval_steps = max(1, cfg.eval_tokens // (cfg.device_batch_size * cfg.max_seq_len * mesh.size))
 
     def val_batches():
@@ -247,9 +248,11 @@ def _pretrain(cfg: PretrainConfig, cleanup: contextlib.ExitStack) -> LoopState:
         log(step, **{"val/bpb": loop.val_bpb})
 
     def sample(step, state, _):
-        # every process joins (params may be sharded across processes); process 0 prints
-        for text in greedy_samples(state["params"], model_cfg, tokenizer, forward_fn=fwd_fn):
-            print0(f"  sample: {text!r}")
+        # an Engine per sampling, as nanochat/scripts/base_train.py; every process gathers the params whole (they
+        # may span processes) and samples on its first device; process 0 prints
+        engine = Engine(sharding.gather_to_process(state["params"]), model_cfg, tokenizer)
+        for seq in engine.generate_batch(prompts, max_tokens=16, temperature=0)[0]:
+            print0(f"  sample: {tokenizer.decode(seq)!r}")
 
     core = {}
     if cfg.core_metric_every > 0:  # resolve the bundle now: a missing one fails here, not hours into the run

@@ -139,27 +139,6 @@ def compile_train_step(model_cfg, tx, mesh, state_shapes, batch_shape, *, shard_
 
 
 # ----------------------------------------------------------------------------------------------
-# Greedy samples of the fixed prompts (no KV cache: a fixed-shape forward per new token; the engine does better)
-
-def greedy_samples(params, model_cfg, tokenizer, prompts=SAMPLE_PROMPTS, max_new_tokens: int = 16,
-                   forward_fn=None) -> list[str]:
-    ids = [tokenizer.encode(p, prepend=tokenizer.bos_id) for p in prompts]
-    length = max(map(len, ids)) + max_new_tokens
-    buf = np.full((len(ids), length), tokenizer.bos_id, np.int32)
-    pos = np.array([len(x) for x in ids])
-    for i, x in enumerate(ids):
-        buf[i, :len(x)] = x
-    forward_fn = forward_fn or jax.jit(lambda p, x: gpt.forward(p, x, model_cfg))
-    rows = np.arange(len(ids))
-    for _ in range(max_new_tokens):
-        logits = forward_fn(params, jnp.asarray(buf))
-        nxt = np.asarray(jnp.argmax(logits[rows, pos - 1], axis=-1))
-        buf[rows, pos] = nxt
-        pos += 1
-    return [tokenizer.decode(buf[i, :pos[i]].tolist()) for i in range(len(ids))]
-
-
-# ----------------------------------------------------------------------------------------------
 # Logging to TensorBoard (process 0 only; lazy import)
 
 class ScalarLog:
