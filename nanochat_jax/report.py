@@ -17,7 +17,6 @@ else "n/a" and why (no rate is recorded for CPUs).
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import platform
@@ -81,22 +80,9 @@ def _json_default(o):
         return str(o)
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _write_bytes(path: Path, write) -> None:
-    """atomic_write, then the temp file's mode set to what open() would create (mkstemp makes it 0600) before the
-    rename, so the report and its plots are readable like any other file."""
-    with atomic_write(path) as f:
-        write(f)
-        os.fchmod(f.fileno(), 0o666 & ~_umask())
-
-
 def _write_text(path: Path, text: str) -> None:
-    _write_bytes(path, lambda f: f.write(text.encode("utf-8")))
+    with atomic_write(path) as f:
+        f.write(text.encode("utf-8"))
 
 
 def _run(cmd: list[str]) -> str:
@@ -124,6 +110,11 @@ def bloat() -> dict:
         text = p.read_text(encoding="utf-8", errors="replace")
         chars, lines = chars + len(text), lines + text.count("\n")
     return {"files": len(files), "lines": lines, "chars": chars, "tokens": chars // 4}
+
+
+def _bloat_lines(b: dict) -> list[str]:
+    return [f"- Characters: {b['chars']:,}", f"- Lines: {b['lines']:,}", f"- Files: {b['files']:,}",
+            f"- Tokens (approx): {b['tokens']:,}"]
 
 
 def hourly_rate(device_kind: str) -> float:
@@ -269,12 +260,11 @@ class Report:
         path = self.dir / "report.md"
         _write_text(path, "\n".join(parts))
         if copy_to is not None:
-            dst = Path(copy_to) / "report.md"
-            _write_text(dst, path.read_text(encoding="utf-8"))
+            _write_text(Path(copy_to) / "report.md", path.read_text(encoding="utf-8"))
         return path
 
     def _header_md(self, head: dict) -> str:
-        g, env, b = head["git"], head["env"], head["bloat"]
+        g, env = head["git"], head["env"]
         started = datetime.fromtimestamp(head["started"]).strftime("%Y-%m-%d %H:%M:%S")
         lines = ["# nanochat-jax training report", "", f"Generated: {datetime.now():%Y-%m-%d %H:%M:%S}", "",
                  "## Environment", "", "### Git",
@@ -292,9 +282,7 @@ class Report:
                          f"${env['gpu_hourly_rate'] * env['device_count']:.2f}/hour")
         lines += ["", "### Software", f"- Python: {env.get('python', '?')}",
                   f"- JAX: {env.get('jax', '?')} (jaxlib {env.get('jaxlib', '?')})", "",
-                  "### Bloat", f"- Characters: {b['chars']:,}", f"- Lines: {b['lines']:,}",
-                  f"- Files: {b['files']:,}", f"- Tokens (approx): {b['tokens']:,}", "",
-                  f"Run started: {started}", "", "---", ""]
+                  "### Bloat", *_bloat_lines(head["bloat"]), "", f"Run started: {started}", "", "---", ""]
         return "\n".join(lines)
 
     def _section_md(self, rec: dict) -> str:
@@ -311,9 +299,7 @@ class Report:
         order, table = self.summary_table()
         lines = ["## Summary", ""]
         if head:
-            b = head["bloat"]
-            lines += [f"- Characters: {b['chars']:,}", f"- Lines: {b['lines']:,}", f"- Files: {b['files']:,}",
-                      f"- Tokens (approx): {b['tokens']:,}", ""]
+            lines += [*_bloat_lines(head["bloat"]), ""]
         if order:
             lines += ["| Metric | " + " | ".join(COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
             for m in order:
@@ -361,7 +347,8 @@ class Report:
             ax.grid(alpha=0.3)
             fig.tight_layout()
             rel = f"plots/{slugify(rec['section'])}-{slugify(tag)}.png"
-            _write_bytes(self.dir / rel, functools.partial(fig.savefig, format="png", dpi=120))
+            with atomic_write(self.dir / rel) as f:
+                fig.savefig(f, format="png", dpi=120)
             plt.close(fig)
             out.append(rel)
         return out
@@ -374,6 +361,7 @@ def read_scalars(logdir: str | os.PathLike, tags: list[str]) -> dict[str, list[t
     if not logdir.is_dir():
         return {}
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.util import tensor_util
 
     by_tag: dict[str, dict[int, float]] = {}
     for events in sorted(logdir.glob("events.out.tfevents.*")):
@@ -383,19 +371,11 @@ def read_scalars(logdir: str | os.PathLike, tags: list[str]) -> dict[str, list[t
         for tag in tags:
             if tag in have.get("tensors", []):  # tensorboard.summary.Writer stores scalars as tensors
                 for ev in acc.Tensors(tag):
-                    by_tag.setdefault(tag, {})[ev.step] = float(ev.tensor_proto.float_val[0]
-                                                                if ev.tensor_proto.float_val else
-                                                                _tensor_value(ev.tensor_proto))
+                    by_tag.setdefault(tag, {})[ev.step] = float(tensor_util.make_ndarray(ev.tensor_proto))
             elif tag in have.get("scalars", []):
                 for ev in acc.Scalars(tag):
                     by_tag.setdefault(tag, {})[ev.step] = float(ev.value)
     return {tag: sorted(points.items()) for tag, points in by_tag.items() if points}
-
-
-def _tensor_value(proto) -> float:
-    from tensorboard.util import tensor_util
-
-    return float(tensor_util.make_ndarray(proto))
 
 
 def get_report(report_dir: str | os.PathLike | None = None) -> Report:
