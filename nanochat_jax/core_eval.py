@@ -49,8 +49,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Protocol, Sequence
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
+from nanochat_jax import gpt, sharding
 from nanochat_jax.common import DownloadError, atomic_write, download, get_base_dir, pow2_bucket, print0
 
 EVAL_BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
@@ -113,13 +116,12 @@ def task_data_path(bundle_dir: str | os.PathLike, task: CoreTask) -> Path:
 
 
 def load_task_data(bundle_dir: str | os.PathLike, task: CoreTask, max_per_task: int = -1) -> list[dict]:
-    """The task's examples, shuffled with random.Random(1337), then the first max_per_task (all if <= 0)."""
     with open(task_data_path(bundle_dir, task), encoding="utf-8") as f:
-        data = [json.loads(line) for line in f if line.strip()]
-    return shuffle_and_truncate(data, max_per_task)
+        return shuffle_and_truncate([json.loads(line) for line in f if line.strip()], max_per_task)
 
 
 def shuffle_and_truncate(data: list[dict], max_per_task: int = -1) -> list[dict]:
+    """Shuffled with random.Random(1337), then the first max_per_task (all if <= 0)."""
     data = list(data)
     random.Random(SHUFFLE_SEED).shuffle(data)
     return data[:max_per_task] if max_per_task > 0 else data
@@ -265,10 +267,6 @@ class Scorer:
 
     def __init__(self, logits_fn: Callable, params: Any, *, max_len: int, pad_id: int, mesh=None, crop: bool = False,
                  min_bucket: int = 64, batch_tokens: int = 16384, place_params: bool = True):
-        import jax
-
-        from nanochat_jax import sharding
-
         if batch_tokens < 1:
             raise ValueError(f"batch_tokens must be >= 1, got {batch_tokens}")
         self.mesh = mesh if mesh is not None else sharding.make_mesh(1)
@@ -280,14 +278,12 @@ class Scorer:
         self._batch_sharding = {nd: sharding.batch_sharding(self.mesh, 0, nd) for nd in (1, 2)}
         self.traces = 0
         self.stats = {"rows": 0, "cropped": 0, "long": 0, "batches": 0, "tokens": 0, "padded_tokens": 0}
-        self.params = jax.device_put(params, self._replicated) if place_params else params
         self._fn = jax.jit(self._score_batch, out_shardings=self._replicated)
         self._logits_fn = logits_fn
+        self.set_params(params, place_params)
 
     def set_params(self, params, place: bool = True) -> None:
         """New weights, same compiled functions (e.g. CORE every N training steps)."""
-        import jax
-
         self.params = jax.device_put(params, self._replicated) if place else params
 
     def bucket_for(self, n_tokens: int) -> int:
@@ -302,10 +298,6 @@ class Scorer:
         return self.n_devices * max(1, self.batch_tokens // length)
 
     def _score_batch(self, params, tokens_BT, start_B, end_B):
-        import jax.numpy as jnp
-
-        from nanochat_jax import gpt
-
         self.traces += 1  # Python side effect: runs once per trace, i.e. per compiled shape
         logits_BTV = self._logits_fn(params, tokens_BT).astype(jnp.float32)
         targets_BT = jnp.roll(tokens_BT, -1, axis=1)  # position t predicts token t+1 (the last column is unused)
@@ -321,8 +313,6 @@ class Scorer:
         return mean_B, correct_B
 
     def _put(self, x: np.ndarray):
-        import jax
-
         return jax.make_array_from_callback(x.shape, self._batch_sharding[x.ndim], lambda index: x[index])
 
     def _dispatch(self, length: int, members: list[tuple[int, Row]]):
@@ -409,8 +399,6 @@ def make_model_scorer(params, model_cfg, mesh=None, *, pad_id: int, max_len: int
     """A Scorer for a GPT (gpt.forward). max_len defaults to the model's sequence_len; longer rows are scored whole
     in larger buckets (nanochat's behaviour for its GPT) unless crop=True. place_params=False keeps params as given
     (e.g. FSDP-sharded training state) instead of replicating them over the mesh."""
-    from nanochat_jax import gpt
-
     return Scorer(lambda p, x: gpt.forward(p, x, model_cfg), params, mesh=mesh, pad_id=pad_id,
                   max_len=max_len or model_cfg.sequence_len, crop=crop, min_bucket=min_bucket,
                   batch_tokens=batch_tokens, place_params=place_params)
@@ -666,10 +654,3 @@ def ensure_eval_bundle(eval_bundle: str | os.PathLike | None = None, *, url: str
             os.replace(found[0].parent, target)
     print0(f"placed the eval bundle at {target}")
     return target
-
-
-__all__ = ["EVAL_BUNDLE_URL", "TASK_TYPES", "CoreTask", "Row", "ScoreFn", "Scorer", "ScoringSession", "TaskProgress",
-           "bucket_lengths", "centered_accuracy", "crop_row", "ensure_eval_bundle", "evaluate_core", "evaluate_task",
-           "example_rows", "fewshot_indices", "find_common_length", "format_core_table", "load_core_tasks",
-           "load_task_data", "make_model_scorer", "prepare_task", "read_core_csv", "render_prompts",
-           "render_prompts_lm", "render_prompts_mc", "render_prompts_schema", "shuffle_and_truncate", "write_core_csv"]

@@ -56,8 +56,7 @@ TOKENIZER_DIRNAME = "tokenizer"
 RANKS_FILE = "tokenizer.tiktoken"
 META_FILE = "tokenizer.json"
 TOKEN_BYTES_FILE = "token_bytes.npy"
-NANOCHAT_PICKLE = "tokenizer.pkl"      # nanochat's tokenizer directory: a pickled tiktoken Encoding ...
-NANOCHAT_TOKEN_BYTES = "token_bytes.pt"  # ... and a torch int32 tensor (we recompute it from the tokenizer)
+NANOCHAT_PICKLE = "tokenizer.pkl"  # nanochat's pickled tiktoken Encoding (its token_bytes.pt we recompute)
 
 PRETRAINED = {"gpt2": "<|endoftext|>", "cl100k_base": "<|endoftext|>"}  # name -> BOS token
 
@@ -211,9 +210,6 @@ class Tokenizer:
         if hasattr(ids, "tolist"):  # numpy / jax arrays
             ids = ids.tolist()
         return self.enc.decode(list(ids))
-
-    def id_to_token(self, token_id: int) -> str:
-        return self.enc.decode([int(token_id)])
 
     def id_to_bytes(self, token_id: int) -> bytes:
         """Raw bytes of one token (a special token gives its name's bytes)."""
@@ -373,15 +369,6 @@ class Tokenizer:
         ids.append(self.encode_special("<|assistant_start|>"))
         return ids
 
-    def visualize(self, ids: Sequence[int], mask: Sequence[int] | None = None) -> str:
-        """Debug view: tokens joined by '|', trained-on tokens (mask 1) in green, the rest in grey."""
-        green, grey, reset = "\033[92m", "\033[90m", "\033[0m"
-        out = []
-        for i, token_id in enumerate(ids):
-            color = green if (mask is not None and mask[i]) else grey
-            out.append(f"{color}{self.id_to_token(token_id)}{reset}")
-        return "|".join(out)
-
 
 # ----------------------------------------------------------------------------------------------
 # nanochat's tokenizer.pkl, without running pickle code
@@ -461,12 +448,13 @@ def load_nanochat_tokenizer(path: str | os.PathLike) -> Tokenizer:
 
 
 # ----------------------------------------------------------------------------------------------
-# Conversation validation (shared by render_conversation and render_for_completion)
+# Conversation validation (render_conversation and render_for_completion)
 
 _PART_TYPES = ("text", "python", "python_output")
 
 
-def _check_has_messages(conversation) -> None:
+def _normalized_messages(conversation) -> list[tuple[int, str, str | list]]:
+    """Validated (original index, role, content) triples with a leading system message merged into the user one."""
     if not isinstance(conversation, dict):
         raise ValueError(f"conversation must be a dict with a 'messages' list, got {type(conversation).__name__}")
     if "messages" not in conversation:
@@ -476,12 +464,6 @@ def _check_has_messages(conversation) -> None:
         raise ValueError(f"conversation['messages'] must be a list, got {type(messages).__name__}")
     if not messages:
         raise ValueError("conversation['messages'] is empty")
-
-
-def _normalized_messages(conversation) -> list[tuple[int, str, str | list]]:
-    """Validated (original index, role, content) triples with a leading system message merged into the user one."""
-    _check_has_messages(conversation)
-    messages = conversation["messages"]
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or "role" not in m or "content" not in m:
             raise ValueError(f"message {i} must be a dict with 'role' and 'content', got {m!r:.100}")

@@ -128,14 +128,12 @@ def main(argv=None) -> None:
 def chat(cfg: ChatConfig) -> None:
     if cfg.verbose:
         print_config(cfg, file=sys.stderr)
-    from nanochat_jax.checkpoint import load_model, load_tokenizer
+    from nanochat_jax.checkpoint import load_model, load_tokenizer, require_same_vocab
     from nanochat_jax.engine import Engine
 
     params, model_cfg, meta = load_model(cfg.source, cfg.model_tag, cfg.step)
     tokenizer = load_tokenizer(meta, cfg.tokenizer_dir)
-    if tokenizer.vocab_size != model_cfg.vocab_size:
-        raise SystemExit(f"the tokenizer has {tokenizer.vocab_size} tokens but the model was trained with "
-                         f"{model_cfg.vocab_size}; pass the matching --tokenizer-dir")
+    require_same_vocab(model_cfg, tokenizer, f"the {cfg.source} model")
     engine = Engine(params, model_cfg, tokenizer)
     del params
     sp = tokenizer.encode_special
