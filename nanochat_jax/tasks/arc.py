@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from nanochat_jax.tasks.common import Task, check_letter_answer, load_hub_dataset, read_jsonl, render_mc, require_file
+from nanochat_jax.tasks.common import MultipleChoice, load_hub_dataset, read_jsonl, render_mc, require_file
 
 SUBSETS = ("ARC-Easy", "ARC-Challenge")
 SPLITS = ("train", "validation", "test")
@@ -15,9 +15,8 @@ def read_local(root: Path, subset: str, split: str) -> list[dict]:
     return read_jsonl(require_file(root, "arc", f"{subset}-{split}.jsonl"))
 
 
-class ARC(Task):
-    """Categorical: the assistant answers with the bare letter; `letters` holds this question's labels
-    (mostly A-D, sometimes 1-4 or 3/5 choices)."""
+class ARC(MultipleChoice):
+    """`letters` holds this question's labels (mostly A-D, sometimes 1-4 or 3/5 choices)."""
 
     def __init__(self, subset: str, split: str, data_dir=None, **kwargs):
         super().__init__(**kwargs)
@@ -29,13 +28,6 @@ class ARC(Task):
         self.ds = load_hub_dataset("allenai/ai2_arc", subset, split, data_dir=data_dir,
                                    local_reader=read_local).shuffle(seed=42)
 
-    @property
-    def eval_type(self) -> str:
-        return "categorical"
-
-    def num_examples(self) -> int:
-        return len(self.ds)
-
     def get_example(self, index: int) -> dict:
         row = self.ds[index]
         letters, choices, answer = row["choices"]["label"], row["choices"]["text"], row["answerKey"]
@@ -46,7 +38,3 @@ class ARC(Task):
                          {"role": "assistant", "content": answer}],
             "letters": letters,  # categorical eval compares only these letters' logits
         }
-
-    def evaluate(self, conversation: dict, completion: str) -> bool:
-        check_letter_answer(conversation["letters"], completion, "ARC")
-        return completion == conversation["messages"][-1]["content"]

@@ -46,19 +46,27 @@ class Task:
             raise ValueError(f"step must be >= 1, got {step}")
         self.start, self.stop, self.step = start, stop, step
 
+    kind: str | None = None  # eval_type; None: a training-only task
+
     @property
     def eval_type(self) -> str:
         """'categorical' (score the answer letter's logits) or 'generative' (sample, then evaluate)."""
-        raise NotImplementedError(f"{type(self).__name__} is a training-only task: it has no eval_type")
+        if self.kind is None:
+            raise NotImplementedError(f"{type(self).__name__} is a training-only task: it has no eval_type")
+        return self.kind
 
     def num_examples(self) -> int:
-        raise NotImplementedError
+        return len(self.ds)  # the dataset rows most tasks keep in self.ds
 
     def get_example(self, index: int) -> dict:
         raise NotImplementedError
 
     def evaluate(self, conversation: dict, completion: str):
         raise NotImplementedError(f"{type(self).__name__} has no evaluate()")
+
+    def reward(self, conversation: dict, completion: str) -> float:
+        """RL reward: the evaluation as a float."""
+        return float(self.evaluate(conversation, completion))
 
     def __len__(self) -> int:
         n = self.num_examples()
@@ -142,10 +150,17 @@ def render_mc(question: str, letters: Sequence[str], choices: Sequence[str]) -> 
     return f"Multiple Choice question: {question}\n{lines}\nRespond only with the letter of the correct answer."
 
 
-def check_letter_answer(letters: Sequence[str], response: str, task_name: str) -> None:
-    if response not in letters:
-        raise ValueError(f"{task_name}: the answer must be one of the letters {list(letters)}, got {response!r} "
-                         f"(categorical evaluation picks among the allowed letters' logits)")
+class MultipleChoice(Task):
+    """Categorical: the assistant answers with the bare letter, one of the example's `letters`."""
+
+    kind = "categorical"
+
+    def evaluate(self, conversation: dict, completion: str) -> bool:
+        letters = conversation["letters"]
+        if completion not in letters:
+            raise ValueError(f"{type(self).__name__}: the answer must be one of the letters {list(letters)}, got "
+                             f"{completion!r} (categorical evaluation picks among the allowed letters' logits)")
+        return completion == conversation["messages"][-1]["content"]
 
 
 def validate_messages(messages, where: str) -> None:

@@ -37,6 +37,8 @@ def answer_to_parts(answer: str) -> list[dict]:
 
 
 class GSM8K(Task):
+    kind = "generative"
+
     def __init__(self, subset: str = "main", split: str = "test", data_dir=None, **kwargs):
         super().__init__(**kwargs)
         if subset not in ("main", "socratic"):
@@ -47,13 +49,6 @@ class GSM8K(Task):
         self.ds = load_hub_dataset("openai/gsm8k", subset, split, data_dir=data_dir,
                                    local_reader=read_local).shuffle(seed=42)
 
-    @property
-    def eval_type(self) -> str:
-        return "generative"
-
-    def num_examples(self) -> int:
-        return len(self.ds)
-
     def get_example(self, index: int) -> dict:
         row = self.ds[index]
         return {"messages": [{"role": "user", "content": row["question"]},
@@ -62,11 +57,6 @@ class GSM8K(Task):
     def evaluate(self, conversation: dict, completion: str) -> int:
         """1 if the '#### number' in the completion equals the reference's (as strings, commas removed), else 0."""
         return int(_reference_answer(conversation) == extract_answer(completion))
-
-    def reward(self, conversation: dict, completion: str) -> float:
-        """RL reward: the 0/1 evaluation as a float."""
-        return float(self.evaluate(conversation, completion))
-
 
 def _reference_answer(conversation: dict) -> str | None:
     last = conversation["messages"][-1]

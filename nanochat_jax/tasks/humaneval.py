@@ -49,19 +49,14 @@ class HumanEval(Task):
     """Generative. The user message is the prompt (signature + docstring); the reference reply is prompt +
     canonical solution. evaluate() runs the completion against the tests with execute_code."""
 
+    kind = "generative"
+
     def __init__(self, data_dir=None, timeout_s: float = 5.0, memory_mb: int | None = 256, **kwargs):
         super().__init__(**kwargs)
         self.timeout_s, self.memory_mb = timeout_s, memory_mb
         # HF's parquet export names this dataset's single config "openai_humaneval"
         self.ds = load_hub_dataset("openai/openai_humaneval", "openai_humaneval", "test", data_dir=data_dir,
                                    local_reader=read_local).shuffle(seed=42)
-
-    @property
-    def eval_type(self) -> str:
-        return "generative"
-
-    def num_examples(self) -> int:
-        return len(self.ds)
 
     def get_example(self, index: int) -> dict:
         row = self.ds[index]

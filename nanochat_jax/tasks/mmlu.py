@@ -9,7 +9,7 @@ import csv
 from pathlib import Path
 
 from nanochat_jax.common import print0
-from nanochat_jax.tasks.common import Task, check_letter_answer, load_hub_dataset, render_mc
+from nanochat_jax.tasks.common import MultipleChoice, load_hub_dataset, render_mc
 
 LETTERS = ("A", "B", "C", "D")
 SPLITS = ("test", "validation", "dev", "auxiliary_train")
@@ -43,8 +43,8 @@ def read_local(root: Path, subset: str, split: str) -> list[dict]:
     return [row for subject in sorted(files) for row in _read_csv(files[subject], subject)]
 
 
-class MMLU(Task):
-    """Categorical, letters A-D. subset "all" (current nanochat) with split test|validation|dev|auxiliary_train;
+class MMLU(MultipleChoice):
+    """Letters A-D. subset "all" (current nanochat) with split test|validation|dev|auxiliary_train;
     the older spelling subset="auxiliary_train", split="train" means the same auxiliary_train rows."""
 
     letters = LETTERS
@@ -61,13 +61,6 @@ class MMLU(Task):
         self.ds = load_hub_dataset("cais/mmlu", subset, split, data_dir=data_dir,
                                    local_reader=read_local).shuffle(seed=42)
 
-    @property
-    def eval_type(self) -> str:
-        return "categorical"
-
-    def num_examples(self) -> int:
-        return len(self.ds)
-
     def get_example(self, index: int) -> dict:
         row = self.ds[index]
         if "train" in row and "question" not in row:  # the HF auxiliary_train config wraps each row
@@ -80,7 +73,3 @@ class MMLU(Task):
             "subject": row["subject"],
             "letters": self.letters,
         }
-
-    def evaluate(self, conversation: dict, completion: str) -> bool:
-        check_letter_answer(self.letters, completion, "MMLU")
-        return completion == conversation["messages"][-1]["content"]

@@ -21,9 +21,6 @@ class SmolTalk(Task):
                                 f"task-data folder) instead of SmolTalk") from None
         self.ds = self.ds.shuffle(seed=42)
 
-    def num_examples(self) -> int:
-        return len(self.ds)
-
     def get_example(self, index: int) -> dict:
         messages = self.ds[index]["messages"]
         validate_messages(messages, f"SmolTalk {self.split} row {index}")

@@ -157,15 +157,13 @@ def reply_parts(word: str, letter: str) -> list[dict]:
 class SpellingBee(Task):
     """Generative: count a letter in a word. `size` examples; graded by the '#### n' answer like GSM8K."""
 
+    kind = "generative"
+
     def __init__(self, size: int = 1000, split: str = "train", data_dir=None, **kwargs):
         super().__init__(**kwargs)
         _check(size, split)
         self.size, self.split = size, split
         self.words = _load_words(str(word_list_path(data_dir)), None)
-
-    @property
-    def eval_type(self) -> str:
-        return "generative"
 
     def num_examples(self) -> int:
         return self.size
@@ -182,22 +180,16 @@ class SpellingBee(Task):
         reference = extract_hash_answer(conversation["messages"][-1]["content"][-1]["text"])
         return int(reference == extract_hash_answer(completion))
 
-    def reward(self, conversation: dict, completion: str) -> float:
-        return float(self.evaluate(conversation, completion))
-
-
 class SimpleSpelling(Task):
     """Generative: "Spell the word: w" -> "w:w,o,r,d" (words in a Random(42) shuffled order, unlike SpellingBee)."""
+
+    kind = "generative"
 
     def __init__(self, size: int = 1000, split: str = "train", data_dir=None, **kwargs):
         super().__init__(**kwargs)
         _check(size, split)
         self.size, self.split = size, split
         self.words = _load_words(str(word_list_path(data_dir)), 42)
-
-    @property
-    def eval_type(self) -> str:
-        return "generative"
 
     def num_examples(self) -> int:
         return self.size
