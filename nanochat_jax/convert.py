@@ -28,10 +28,11 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
+import jax
 import numpy as np
 
 from nanochat_jax import gpt
-from nanochat_jax.common import UserError, atomic_write
+from nanochat_jax.common import UserError, atomic_write, path_str
 from nanochat_jax.gpt import GPTConfig
 
 NANOCHAT_PAD_VOCAB = 64       # current nanochat pads wte/lm_head/value_embeds rows to a multiple of this
@@ -39,7 +40,6 @@ COMPILE_PREFIX = "_orig_mod."  # torch.compile'd modules save their keys with th
 _EXTRA_KEYS = ("resid_lambdas", "x0_lambdas", "smear_gate.weight", "smear_lambda", "backout_lambda")
 _BLOCK_MATS = {"attn.c_q": ("attn", "wq"), "attn.c_k": ("attn", "wk"), "attn.c_v": ("attn", "wv"),
                "attn.c_proj": ("attn", "wo"), "mlp.c_fc": ("mlp", "w_fc"), "mlp.c_proj": ("mlp", "w_proj")}
-_TORCH_HINT = "pip install torch (CPU build is enough)"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -237,13 +237,8 @@ def state_dict_from_params(params: gpt.Params, cfg: GPTConfig) -> dict[str, np.n
     return sd
 
 
-def _leaf_paths(tree, prefix: str = "") -> dict[str, tuple[int, ...]]:
-    if isinstance(tree, dict):
-        out = {}
-        for k, v in tree.items():
-            out.update(_leaf_paths(v, f"{prefix}{k}/"))
-        return out
-    return {prefix.rstrip("/"): tuple(np.shape(tree))}
+def _leaf_paths(tree) -> dict[str, tuple[int, ...]]:
+    return {path_str(path): tuple(np.shape(leaf)) for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
 
 
 def nanochat_model_config(cfg: GPTConfig) -> dict[str, Any]:
@@ -372,14 +367,6 @@ def read_pt_state_dict(path: str | Path) -> dict[str, np.ndarray]:
 # ----------------------------------------------------------------------------------------------
 # Files
 
-def _import_torch():
-    try:
-        import torch
-    except ImportError as e:
-        raise ImportError(f"reading/writing nanochat .pt checkpoints needs PyTorch: {_TORCH_HINT}") from e
-    return torch
-
-
 def find_nanochat_steps(directory: str | Path) -> list[int]:
     directory = Path(directory)
     if not directory.is_dir():
@@ -421,7 +408,11 @@ def load_nanochat_checkpoint(directory: str | Path, step: int | None = None, **c
 def save_nanochat_checkpoint(directory: str | Path, step: int, params: gpt.Params, cfg: GPTConfig,
                              meta: dict[str, Any] | None = None) -> Path:
     """Write model_<step>.pt and meta_<step>.json as nanochat does (meta gets step and model_config set)."""
-    torch = _import_torch()
+    try:
+        import torch
+    except ImportError as e:
+        raise ImportError("writing nanochat .pt checkpoints needs PyTorch: pip install torch (CPU build is "
+                          "enough)") from e
     sd = {}
     for k, a in state_dict_from_params(params, cfg).items():
         if a.dtype == np.dtype(gpt._DTYPES["bfloat16"]):
@@ -437,7 +428,3 @@ def save_nanochat_checkpoint(directory: str | Path, step: int, params: gpt.Param
         json.dump(full_meta, f, indent=2)
     return model_path
 
-
-__all__ = ["read_pt", "read_pt_state_dict", "config_from_nanochat", "config_from_nanochat_meta", "nanochat_format",
-           "params_from_state_dict", "state_dict_from_params", "nanochat_model_config", "read_nanochat_checkpoint",
-           "load_nanochat_checkpoint", "save_nanochat_checkpoint", "find_nanochat_steps", "strip_compile_prefix"]
