@@ -20,6 +20,7 @@ from __future__ import annotations
 import sys
 import threading
 import time
+from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import jax
@@ -82,7 +83,7 @@ class CategoricalEvaluator:
         self.rows = max(mesh.size, -(-rows_per_batch // mesh.size) * mesh.size)
         rep, rows = sharding.replicated(mesh), sharding.batch_sharding(mesh)
         rows1 = sharding.batch_sharding(mesh, ndim=1)
-        self.params = jax.device_put(params, rep)
+        self.set_params(params)
 
         def letter_logits(params, idx_BT, last_B, letters_BL):
             logits_BTV = gpt.forward(params, idx_BT, model_cfg)
@@ -176,37 +177,40 @@ def run_generative(task, engines: Sequence, tokenizer, *, num_samples: int = 1, 
     return {"accuracy": passed / max(total, 1), "passed": passed, "total": total, "seconds": time.perf_counter() - t0}
 
 
+@dataclass
+class ChatEvalCache:
+    """What evaluate_chat_model keeps between calls (periodic evals during training): the loaded tasks by name,
+    the categorical evaluator and the engines (with their compilations)."""
+    tasks: dict = field(default_factory=dict)
+    evaluator: CategoricalEvaluator | None = None
+    engines: list = field(default_factory=list)
+
+
 def evaluate_chat_model(params, model_cfg: gpt.GPTConfig, tokenizer, mesh, task_names: Sequence[str], *,
                         data_dir=None, max_problems: int | None = None, num_samples: int = 1,
                         max_new_tokens: int = 512, temperature: float = 0.0, top_k: int = 50,
                         batch_size: int = 8, seed: int = 0, tasks: dict | None = None,
-                        cache: dict | None = None) -> dict:
-    """{task: accuracy, ..., "ChatCORE": ... (when every task ran)} plus "details".
-
-    tasks: already-loaded tasks by name (else loaded here); cache: a dict kept between calls (periodic evals during
-    training) so the evaluator, the engines, their compilations and the loaded tasks are reused."""
+                        cache: ChatEvalCache | None = None) -> dict:
+    """{task: accuracy, ..., "ChatCORE": ... (when every task ran)} plus "details". tasks: already-loaded tasks by
+    name (else loaded here)."""
     results, details = {}, {}
-    cache = {} if cache is None else cache
-    tasks = cache.setdefault("tasks", dict(tasks or {}))
-    if "evaluator" in cache:
-        cache["evaluator"].set_params(params)
-    for e in cache.get("engines", []):
-        e.set_params(params)
+    cache = ChatEvalCache() if cache is None else cache
+    cache.tasks.update({k: v for k, v in (tasks or {}).items() if k not in cache.tasks})
+    for runner in ([cache.evaluator] if cache.evaluator else []) + cache.engines:
+        runner.set_params(params)
     for name in task_names:
-        if name not in tasks:
-            tasks[name] = load_task(name, data_dir)
-        task = tasks[name]
+        if name not in cache.tasks:
+            cache.tasks[name] = load_task(name, data_dir)
+        task = cache.tasks[name]
         if task.eval_type == "categorical":
-            if "evaluator" not in cache:
-                cache["evaluator"] = CategoricalEvaluator(params, model_cfg, mesh, rows_per_batch=max(batch_size, 8))
-            evaluator = cache["evaluator"]
-            out = run_categorical(task, evaluator, tokenizer, max_problems=max_problems, name=name)
+            if cache.evaluator is None:
+                cache.evaluator = CategoricalEvaluator(params, model_cfg, mesh, rows_per_batch=max(batch_size, 8))
+            out = run_categorical(task, cache.evaluator, tokenizer, max_problems=max_problems, name=name)
         else:
-            if "engines" not in cache:
+            if not cache.engines:
                 mine = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
-                cache["engines"] = make_engines(params, model_cfg, tokenizer, mine)
-            engines = cache["engines"]
-            out = run_generative(task, engines, tokenizer, num_samples=num_samples, max_new_tokens=max_new_tokens,
+                cache.engines = make_engines(params, model_cfg, tokenizer, mine)
+            out = run_generative(task, cache.engines, tokenizer, num_samples=num_samples, max_new_tokens=max_new_tokens,
                                  temperature=temperature, top_k=top_k, max_problems=max_problems,
                                  batch_problems=batch_size, seed=seed, name=name)
         results[name], details[name] = out["accuracy"], out

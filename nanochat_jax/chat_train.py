@@ -297,11 +297,11 @@ def chat_train(cfg: ChatTrainConfig, *, train_data=None, val_data=None) -> LoopS
         log(step, **{"val/bpb": loop.val_bpb})
 
     chat_names = [t for t in cfg.chatcore_tasks.split("|") if t.strip()] if stage == "sft" else []
-    chat_cache: dict = {}
+    from nanochat_jax.chat_eval import ChatEvalCache, evaluate_chat_model
+
+    chat_cache = ChatEvalCache()  # the evaluator, engines and tasks, kept between evaluations
 
     def chat_evals(step, state, _):
-        from nanochat_jax.chat_eval import evaluate_chat_model
-
         out = evaluate_chat_model(state["params"], model_cfg, tokenizer, mesh, chat_names, data_dir=cfg.task_data,
                                   max_problems=None if cfg.chatcore_max_problems < 0 else cfg.chatcore_max_problems,
                                   max_new_tokens=cfg.chatcore_max_new_tokens, cache=chat_cache)
