@@ -13,7 +13,7 @@ import time
 from dataclasses import asdict, dataclass
 
 from nanochat_jax.common import run_main
-from nanochat_jax.config import flag, parse_flags, print_config
+from nanochat_jax.config import flag, parse_flags, print_config, require
 from nanochat_jax.dataloader import DataLoader
 from nanochat_jax.dataset import list_parquet_files, resolve_data_dir, split_files
 from nanochat_jax.tokenizer import get_tokenizer
@@ -35,10 +35,8 @@ class BenchLoaderConfig:
     buffer_docs: int = flag(1000, "documents buffered for best-fit packing")
 
     def __post_init__(self):
-        if self.num_batches < 1 or self.warmup_batches < 0:
-            raise ValueError("--num-batches must be >= 1 and --warmup-batches >= 0")
-        if self.split not in ("train", "val"):
-            raise ValueError(f"--split must be train or val, got {self.split!r}")
+        require(self.num_batches >= 1 and self.warmup_batches >= 0, "--num-batches must be >= 1, --warmup-batches >= 0")
+        require(self.split in ("train", "val"), f"--split must be train or val, got {self.split!r}")
 
 
 def main(argv=None) -> dict:

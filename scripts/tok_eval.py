@@ -82,9 +82,7 @@ class TokEvalConfig:
 
 
 def first_row_group_text(path) -> str:
-    from nanochat_jax.dataset import open_shard, read_shard_texts
-
-    return "\n".join(read_shard_texts(open_shard(path), path, 0))
+    return "\n".join(dataset.read_shard_texts(dataset.open_shard(path), path, 0))
 
 
 def shard_samples(data_dir: str | None) -> dict[str, str]:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from nanochat_jax import dataset
 from nanochat_jax.common import Timer, print0, run_main
-from nanochat_jax.config import flag, parse_flags, print_config
+from nanochat_jax.config import flag, parse_flags, print_config, require
 from nanochat_jax.tokenizer import (MIN_VOCAB_SIZE, SPECIAL_TOKENS, default_tokenizer_dir, iter_training_texts,
                                     token_bytes_stats, train_tokenizer)
 
@@ -29,11 +29,10 @@ class TokTrainConfig:
     tokenizer_dir: str | None = flag(None, "output folder (None: <base dir>/tokenizer)")
 
     def __post_init__(self):
-        if self.max_chars <= 0 or self.doc_cap <= 0:
-            raise ValueError(f"--max-chars and --doc-cap must be positive, got {self.max_chars} and {self.doc_cap}")
-        if self.vocab_size < MIN_VOCAB_SIZE:
-            raise ValueError(f"--vocab-size must be at least {MIN_VOCAB_SIZE} (256 bytes + 9 specials), "
-                             f"got {self.vocab_size}")
+        require(self.max_chars > 0 and self.doc_cap > 0,
+                f"--max-chars and --doc-cap must be positive, got {self.max_chars} and {self.doc_cap}")
+        require(self.vocab_size >= MIN_VOCAB_SIZE,
+                f"--vocab-size must be at least {MIN_VOCAB_SIZE} (256 bytes + 9 specials), got {self.vocab_size}")
 
 
 def main(argv=None) -> None:
