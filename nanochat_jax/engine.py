@@ -35,11 +35,12 @@ Sampling keys. Token i of a row is drawn with fold_in(fold_in(key(seed), i), r),
 its request (the row index in `generate`, 0 for a web request): independent of the chunk size and of whatever else
 shares the batch, so a seeded request is reproducible however it is served.
 
-Continuous batching (`Batch`, `Engine.open_batch`). The rows of one cache of fixed length are slots: `insert`
-prefills a request (batch 1, its own prompt bucket) and writes its cache and settings into a free row in place
-(dynamic_update_slice) while the other rows are mid-reply; `free` ends a row (the device stops it at the next
-step); `step` runs one decode chunk for all rows. `generate` is the same loop over rows filled by one batched
-prefill. The host keeps each row's tool-use state (`_Row`) and the tokens to force.
+Continuous batching (`Batch`, `Engine.open_batch`). The rows of one cache of fixed length are slots: `insert_many`
+prefills the requests admitted together, those of one prompt bucket in calls of a fixed number of rows
+(`prefill_rows`, padded, so a request's numbers never depend on its batch-mates), and scatters each one's cache and
+settings into its free row in place while the other rows are mid-reply; `free` ends a row (the device stops it at
+the next step); `step` runs one decode chunk for all rows. `generate` is the same loop over rows filled by one
+batched prefill. The host keeps each row's tool-use state (`_Row`) and the tokens to force.
 
 Tool use (as the reference): <|python_start|> opens an expression; on <|python_end|> its decoded text goes to
 nanochat_jax.execution.use_calculator, and a non-None result forces <|output_start|> result <|output_end|> into the
@@ -70,6 +71,7 @@ from nanochat_jax import gpt
 from nanochat_jax.common import get_logger
 
 STOP_TOKENS = ("<|assistant_end|>", "<|bos|>")
+PREFILL_ROWS = 8  # rows of a continuous batch's prefill call (Batch.insert_many)
 
 
 def bucket(n: int, minimum: int = 16) -> int:
@@ -96,7 +98,9 @@ def sample_rows(logits_BV, keys_B, temperature_B, top_k_B, *, kmax: int, sample:
     """One token per row from fp32 logits (B, V), on device, each row with its own key, temperature (0: argmax)
     and top_k (0: off; else the top_k <= kmax largest logits are kept). sample=False (every row greedy) skips the
     sampler altogether: the argmax is what the sampler would return for such rows anyway."""
-    greedy = jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+    # jnp.argmax's first maximum as a max and a min: its (value, index) reduce is ~6x slower on XLA:CPU.
+    iota = jax.lax.broadcasted_iota(jnp.int32, logits_BV.shape, 1)
+    greedy = jnp.min(jnp.where(logits_BV == logits_BV.max(-1, keepdims=True), iota, logits_BV.shape[1]), axis=-1)
     if not sample:
         return greedy
     if kmax:
@@ -158,18 +162,20 @@ def _prefill(params, idx_nT, lens_n, keydata, temperature, top_k, max_tokens, *,
     return _first_tokens(rows, logits, kmax=kmax, stop_ids=stop_ids)
 
 
-def _insert(params, rows: Rows, idx_1T, len_1, slot, keydata, temperature, top_k, max_tokens, *, cfg, kmax: int,
-            stop_ids: tuple) -> Rows:
-    """Prefill one prompt (a cache of its bucket's length T) and write it into row `slot` of `rows` (donated:
-    dynamic_update_slice in place), its sampling settings too; sample its token 0."""
-    logits, c = gpt.forward_cached(params, idx_1T, cfg, gpt.init_cache(cfg, 1, idx_1T.shape[1]), lengths_B=len_1)
-    new = Rows(c, idx_1T[0, len_1 - 1], idx_1T[0, len_1 - 1], jnp.zeros(1, jnp.int32), jnp.zeros(1, bool),
-               jnp.reshape(max_tokens, (1,)), keydata[None], jnp.zeros(1, jnp.int32), jnp.reshape(temperature, (1,)),
-               jnp.reshape(top_k, (1,)))
-    new = _first_tokens(new, logits, kmax=kmax, stop_ids=stop_ids)
-    put = lambda a, b, axis=0: jax.lax.dynamic_update_slice_in_dim(a, b.astype(a.dtype), slot, axis)  # noqa: E731
-    cache = gpt.KVCache(put(rows.cache.k, new.cache.k, 1), put(rows.cache.v, new.cache.v, 1),
-                        put(rows.cache.pos, new.cache.pos))
+def _insert(params, rows: Rows, idx_RT, lens_R, slots_R, seed_R, temperature_R, top_k_R, max_tokens_R, *, cfg,
+            kmax: int, stop_ids: tuple) -> Rows:
+    """Prefill R right-padded prompts (a cache of their bucket's length T) and write each into row slots_R[r] of
+    `rows` (donated: scattered in place), its sampling settings and key (seed_R: uint32, the seed mod 2**32, as
+    jax.random.key takes it) too; sample their token 0. A slot past the last row (padding) writes nothing."""
+    R, T = idx_RT.shape
+    logits, c = gpt.forward_cached(params, idx_RT, cfg, gpt.init_cache(cfg, R, T), lengths_B=lens_R)
+    prev, zeros = idx_RT[jnp.arange(R), lens_R - 1], jnp.zeros(R, jnp.int32)
+    keydata = jax.random.key_data(jax.vmap(jax.random.key)(seed_R))
+    new = _first_tokens(Rows(c, prev, prev, zeros, zeros.astype(bool), max_tokens_R, keydata, zeros,
+                             temperature_R, top_k_R), logits, kmax=kmax, stop_ids=stop_ids)
+    put = lambda a, b: a.at[slots_R].set(b.astype(a.dtype), mode="drop")  # noqa: E731
+    kv = lambda a, b: a.at[:, slots_R, :T].set(b, mode="drop")  # noqa: E731
+    cache = gpt.KVCache(kv(rows.cache.k, new.cache.k), kv(rows.cache.v, new.cache.v), put(rows.cache.pos, c.pos))
     return Rows(cache, *(put(a, b) for a, b in zip(rows[1:], new[1:])))
 
 
@@ -231,8 +237,10 @@ class Batch:
     are mid-reply and `free`s it when the request ends. `step` runs one decode chunk and returns what each row
     emitted, after the host's part of tool use and stopping (`Engine._advance`)."""
 
-    def __init__(self, engine: "Engine", rows: Rows, host: list[_Row], cache_len: int, kmax: int):
+    def __init__(self, engine: "Engine", rows: Rows, host: list[_Row], cache_len: int, kmax: int,
+                 prefill_rows: int = 1):
         self.engine, self.rows, self.host, self.cache_len, self.kmax = engine, rows, host, cache_len, kmax
+        self.prefill_rows = prefill_rows
 
     def _start(self, b: int, tok: int) -> None:
         row = self.host[b]
@@ -247,26 +255,33 @@ class Batch:
                                                      seed=seed))])[0]
 
     def insert_many(self, requests: Sequence[tuple[int, Sequence[int], dict]]) -> list[int]:
-        """`insert` for several (slot, prompt, settings) at once: the prefills are queued on the device one after
-        the other and their first tokens read back together."""
-        e = self.engine
+        """`insert` for several (slot, prompt, settings) at once. Requests whose prompts share a length bucket are
+        prefilled together, `prefill_rows` rows per call however many there are (padding rows write nothing), so
+        a request's numbers never depend on what it is prefilled with; first tokens are read back together."""
+        e, B, R = self.engine, len(self.host), self.prefill_rows
+        groups = collections.defaultdict(list)
+        if len({slot for slot, _, _ in requests}) < len(requests):
+            raise ValueError("insert_many: a slot is given twice")
         for slot, prompt, kw in requests:
             if not self.host[slot].completed:
                 raise ValueError(f"slot {slot} is in use")
             (prompt,) = _as_prompts(prompt, e.cfg.vocab_size)
-            T = min(bucket(len(prompt), e.min_bucket), self.cache_len)
             if len(prompt) + kw["max_tokens"] > self.cache_len:
                 raise ValueError(f"prompt {len(prompt)} + max_tokens {kw['max_tokens']} > cache length "
                                  f"{self.cache_len}")
-            idx = np.zeros((1, T), np.int32)
-            idx[0, :len(prompt)] = prompt
-            args = (e.params, self.rows, e._put(idx), e._put(np.array([len(prompt)], np.int32)),
-                    e._put(np.int32(slot)), e._put(_key_data(kw["seed"])), e._put(np.float32(kw["temperature"])),
-                    e._put(np.int32(kw["top_k"] or 0)), e._put(np.int32(kw["max_tokens"])))
-            fn = e._get(("insert", len(self.host), T, self.cache_len, self.kmax), e._insert_jit, *args, cfg=e.cfg,
-                        kmax=self.kmax, stop_ids=e._stop)
-            self.rows = fn(*args)
-            self.host[slot] = _Row(max_tokens=kw["max_tokens"], temperature=kw["temperature"])
+            groups[min(bucket(len(prompt), e.min_bucket), self.cache_len)].append((slot, prompt, kw))
+        for T, group in groups.items():
+            for part in (group[i:i + R] for i in range(0, len(group), R)):
+                idx, lens, slots = np.zeros((R, T), np.int32), np.ones(R, np.int32), np.full(R, B, np.int32)
+                seeds, temp, top_k, maxt = np.zeros(R, np.uint32), np.zeros(R, np.float32), *np.ones((2, R), np.int32)
+                for r, (slot, prompt, kw) in enumerate(part):
+                    idx[r, :len(prompt)], lens[r], slots[r], seeds[r] = prompt, len(prompt), slot, kw["seed"] % 2**32
+                    temp[r], top_k[r], maxt[r] = kw["temperature"], kw["top_k"] or 0, kw["max_tokens"]
+                    self.host[slot] = _Row(max_tokens=kw["max_tokens"], temperature=kw["temperature"])
+                args = (e.params, self.rows, *map(e._put, (idx, lens, slots, seeds, temp, top_k, maxt)))
+                fn = e._get(("insert", B, R, T, self.cache_len, self.kmax), e._insert_jit, *args, cfg=e.cfg,
+                            kmax=self.kmax, stop_ids=e._stop)
+                self.rows = fn(*args)
         first = np.asarray(self.rows.tok)
         for slot, _, _ in requests:
             self._start(slot, int(first[slot]))
@@ -354,7 +369,7 @@ class Engine:
     # -- compilation ------------------------------------------------------------------------------
 
     _KEY_NAMES = {"prefill": ("prompts", "samples", "prompt_len", "cache_len", "top_k_width"),
-                  "insert": ("rows", "prompt_len", "cache_len", "top_k_width"),
+                  "insert": ("rows", "prefill_rows", "prompt_len", "cache_len", "top_k_width"),
                   "decode": ("rows", "chunk", "sampling", "cache_len", "top_k_width")}
 
     def _get(self, key: tuple, jitted, *args, **static):
@@ -386,16 +401,19 @@ class Engine:
 
     # -- generation -------------------------------------------------------------------------------
 
-    def open_batch(self, rows: int, cache_len: int, max_top_k: int | None = None) -> Batch:
+    def open_batch(self, rows: int, cache_len: int, max_top_k: int | None = None, prefill_rows: int | None = None
+                   ) -> Batch:
         """`rows` free slots of cache_len tokens each, for continuous batching; requests may use top_k up to
-        max_top_k (the static width of the top-k pre-selection)."""
+        max_top_k (the static width of the top-k pre-selection). Requests inserted together are prefilled
+        prefill_rows at a time (default: min(rows, PREFILL_ROWS))."""
         kmax = _top_k_bucket(max_top_k, self.cfg.vocab_size)
         B = rows
         cache = jax.tree.map(self._put, gpt.init_cache(self.cfg, B, cache_len))
         z = lambda dt: self._put(np.zeros(B, dt))  # noqa: E731
         state = Rows(cache, z(np.int32), z(np.int32), z(np.int32), self._put(np.ones(B, bool)), z(np.int32),
                      self._put(np.tile(_key_data(0), (B, 1))), z(np.int32), z(np.float32), z(np.int32))
-        return Batch(self, state, [_Row(completed=True) for _ in range(B)], cache_len, kmax)
+        return Batch(self, state, [_Row(completed=True) for _ in range(B)], cache_len, kmax,
+                     prefill_rows or min(B, PREFILL_ROWS))
 
     def generate(self, tokens: Sequence[int] | Sequence[Sequence[int]], num_samples: int = 1, max_tokens: int = 256,
                  temperature: float = 1.0, top_k: int | None = None, seed: int = 42, chunk: int | None = None

@@ -276,8 +276,8 @@ def test_compiled_prefill_and_decode_have_no_conditionals(depth):
     rows = jax.eval_shape(lambda p, x, n: _prefill(p, x, n, jnp.zeros(2, jnp.uint32), 1.0, 5, 9, num_samples=2,
                                                    max_len=256, **static), params, sds((1, 32), i32), sds((1,), i32))
     insert = jax.jit(_insert, static_argnames=("cfg", "kmax", "stop_ids")).lower(
-        params, rows, sds((1, 32), i32), sds((1,), i32), sds((), i32), keydata, sds((), f32), sds((), i32),
-        sds((), i32), **static).compile()
+        params, rows, sds((2, 32), i32), sds((2,), i32), sds((2,), i32), sds((2,), jnp.uint32), sds((2,), f32),
+        sds((2,), i32), sds((2,), i32), **static).compile()
     decode = jax.jit(_decode, static_argnames=("cfg", "kmax", "stop_ids", "sample", "tool_end")).lower(
         params, rows, sds((2, 16), i32), sds((2,), i32), sds((2,), bool), sample=True, tool_end=3,
         **static).compile()
@@ -298,6 +298,20 @@ def test_chunk_size_changes_no_token(tiny_engine):
     assert run(3) == run(16)
 
 
+def drain(batch, outputs):
+    while batch.active:
+        for slot, pairs in enumerate(batch.step(4)):
+            outputs.setdefault(slot, []).extend(tok for tok, _ in pairs)
+
+
+def alone(engine, slot, prompt, prefill_rows=None, **settings):
+    """A request's tokens when it is the only one in a 4-slot batch."""
+    batch = engine.open_batch(4, 64, max_top_k=50, prefill_rows=prefill_rows)
+    out = {slot: [batch.insert(slot, prompt, **settings)]}
+    drain(batch, out)
+    return out[slot]
+
+
 def test_continuous_batching_rows_are_independent(tiny_engine):
     """A request's tokens depend on its own prompt and settings only: alone in a 4-slot batch, or inserted into
     another slot while three other requests (greedy and sampled, other top-k, seeds and lengths) are mid-reply.
@@ -305,21 +319,9 @@ def test_continuous_batching_rows_are_independent(tiny_engine):
     cfg, params, engine, prompts, greedy = tiny_engine
     rng = np.random.default_rng(31)
     others = [rng.integers(0, cfg.vocab_size, n).tolist() for n in (3, 11, 7)]
-
-    def drain(batch, outputs):
-        while batch.active:
-            for slot, pairs in enumerate(batch.step(4)):
-                outputs.setdefault(slot, []).extend(tok for tok, _ in pairs)
-
-    def alone(slot, prompt, **settings):
-        batch = engine.open_batch(4, 64, max_top_k=50)
-        out = {slot: [batch.insert(slot, prompt, **settings)]}
-        drain(batch, out)
-        return out[slot]
-
     sampled = dict(max_tokens=18, temperature=1.0, top_k=20, seed=123)
-    want_sampled = alone(2, prompts[0], **sampled)
-    want_greedy = alone(0, prompts[1], max_tokens=20, temperature=0.0, top_k=0, seed=1)
+    want_sampled = alone(engine, 2, prompts[0], **sampled)
+    want_greedy = alone(engine, 0, prompts[1], max_tokens=20, temperature=0.0, top_k=0, seed=1)
     assert prompts[1] + want_greedy == greedy[1]
 
     batch = engine.open_batch(4, 64, max_top_k=50)
@@ -343,3 +345,28 @@ def test_continuous_batching_rows_are_independent(tiny_engine):
     batch.insert(0, prompts[0], **sampled)
     with pytest.raises(ValueError, match="in use"):
         batch.insert(0, prompts[0], **sampled)
+
+
+def test_requests_admitted_together_are_prefilled_together_as_if_alone(tiny_engine):
+    """insert_many prefills the requests of one prompt bucket together, prefill_rows (here 2) rows per call however
+    many there are (a padding row writes nothing): four requests in two buckets, admitted at once, get the tokens
+    each gets alone (row 0 of its call, beside padding), whichever row of a call and which slot they land in.
+    The greedy one equals the full forward."""
+    cfg, params, engine, prompts, greedy = tiny_engine
+    long = np.random.default_rng(33).integers(0, cfg.vocab_size, 20).tolist()  # bucket 32; the others 16
+    requests = [(prompts[0], dict(max_tokens=18, temperature=1.0, top_k=20, seed=123)),
+                (prompts[1], dict(max_tokens=20, temperature=0.0, top_k=0, seed=1)),
+                (long, dict(max_tokens=12, temperature=0.8, top_k=0, seed=5)),
+                (prompts[2], dict(max_tokens=10, temperature=1.3, top_k=3, seed=2**32 + 4))]
+    want = [alone(engine, 0, p, prefill_rows=2, **kw) for p, kw in requests]
+    assert prompts[1] + want[1] == greedy[1]
+    batch = engine.open_batch(4, 64, max_top_k=50, prefill_rows=2)
+    slots = [3, 1, 0, 2]
+    out = {s: [tok] for s, tok in zip(slots, batch.insert_many([(s, p, kw) for s, (p, kw) in zip(slots, requests)]))}
+    drain(batch, out)
+    assert [out[s] for s in slots] == want
+    assert [len(w) for w in want] == [18, 20, 12, 10]
+    inserts = [key for key in engine.compilations if key[0] == "insert" and key[2] == 2]
+    assert sorted(inserts) == [("insert", 4, 2, 16, 64, 64), ("insert", 4, 2, 32, 64, 64)]
+    with pytest.raises(ValueError, match="twice"):
+        batch.insert_many([(0, long, requests[2][1]), (0, long, requests[2][1])])
