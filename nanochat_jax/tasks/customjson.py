@@ -40,7 +40,17 @@ def read_conversations(path: str | os.PathLike) -> list[list[dict]]:
     return conversations
 
 
-class CustomJSON(Task):
+class _Conversations(Task):
+    """Conversations held in memory, in `self.conversations`."""
+
+    def num_examples(self) -> int:
+        return len(self.conversations)
+
+    def get_example(self, index: int) -> dict:
+        return {"messages": self.conversations[index]}
+
+
+class CustomJSON(_Conversations):
     """All conversations of one JSONL file, in file order (no shuffle, as in nanochat)."""
 
     def __init__(self, filepath: str | os.PathLike, missing_ok: bool = False, **kwargs):
@@ -56,12 +66,6 @@ class CustomJSON(Task):
                 f"{self.filepath} does not exist. For the identity conversations: curl -L -o {self.filepath} "
                 f"{IDENTITY_CONVERSATIONS_URL} (or pass missing_ok=True to go on without them)")
 
-    def num_examples(self) -> int:
-        return len(self.conversations)
-
-    def get_example(self, index: int) -> dict:
-        return {"messages": self.conversations[index]}
-
 
 # name -> file under <task data>/chat
 CHAT_SOURCES = {
@@ -72,7 +76,7 @@ CHAT_SOURCES = {
 }
 
 
-class LocalChat(Task):
+class LocalChat(_Conversations):
     """The chat conversations of the local task-data folder: a stand-in for SmolTalk when offline.
 
     split: "train", "test" or "all"; sources: names from CHAT_SOURCES (or "all"). The rows of all sources, in that
@@ -107,9 +111,3 @@ class LocalChat(Task):
         order = {"train": order[n_test:], "test": order[:n_test], "all": order}[split]
         self.conversations = [conversations[i] for i in order]
         self.sources, self.split = names, split
-
-    def num_examples(self) -> int:
-        return len(self.conversations)
-
-    def get_example(self, index: int) -> dict:
-        return {"messages": self.conversations[index]}
