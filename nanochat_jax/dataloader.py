@@ -23,7 +23,7 @@ import bisect
 import gc
 import os
 from pathlib import Path
-from typing import Iterator, Protocol, Sequence
+from typing import Protocol, Sequence
 
 import numpy as np
 
@@ -168,7 +168,21 @@ class BestFitPacker:
             self._add(tokens[doc_id], doc_id)
 
 
-class DataLoader:
+class _Closing:
+    """An iterator that is also a context manager: leaving the `with` block calls close()."""
+
+    def __iter__(self):
+        return self
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
+
+
+class DataLoader(_Closing):
     """Iterator of {"inputs", "targets"} int32 (B, T) numpy batches with exact, JSON-able state.
 
     B is this process's batch (the global batch is B × process_count). Use `get_state()` after consuming a batch
@@ -197,9 +211,6 @@ class DataLoader:
         if state is not None:
             self.set_state(state)
 
-    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
-        return self
-
     def __next__(self) -> dict[str, np.ndarray]:
         return next(self._it)
 
@@ -224,15 +235,9 @@ class DataLoader:
         self._threads, self._it, self.packer = [], None, None
         gc.collect()
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-        return False
 
 
-class ShardedLoader:
+class ShardedLoader(_Closing):
     """One DataLoader per local device, each reading row groups strided by its global device index (like nanochat's
     one-process-per-GPU ranks), concatenated along the batch axis in device order. The global batch therefore
     depends only on the mesh size, not on how devices are split over processes."""
@@ -244,9 +249,6 @@ class ShardedLoader:
         self.shard_indices = list(shard_indices)
         if state is not None:
             self.set_state(state)
-
-    def __iter__(self):
-        return self
 
     def __next__(self) -> dict[str, np.ndarray]:
         batches = [next(loader) for loader in self.loaders]
@@ -271,12 +273,6 @@ class ShardedLoader:
         for loader in self.loaders:
             loader.close()
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-        return False
 
 
 # ----------------------------------------------------------------------------------------------
