@@ -43,24 +43,20 @@ def resolve_data_dir(data_dir: str | os.PathLike | None = None, dataset: str = D
         return Path(data_dir).expanduser()
     if os.environ.get(DATA_DIR_ENV):
         return Path(os.environ[DATA_DIR_ENV]).expanduser()
-    if dataset not in DATASETS:
-        raise ValueError(f"unknown dataset {dataset!r}; choose one of {sorted(DATASETS)}")
+    _check_dataset(dataset)
     return get_base_dir() / DATASETS[dataset][2]
 
 
 def list_parquet_files(data_dir: str | os.PathLike) -> list[Path]:
     """All *.parquet files in data_dir, sorted by name (temp files from downloads are skipped)."""
     data_dir = Path(data_dir)
-    if not data_dir.is_dir():
-        raise FileNotFoundError(
-            f"data directory {str(data_dir)!r} does not exist. Download shards with "
-            f"`python -m nanochat_jax.dataset -n 8` or point --data-dir / ${DATA_DIR_ENV} at a folder of *.parquet "
-            f"files with a `text` column.")
-    files = sorted(p for p in data_dir.iterdir() if p.suffix == ".parquet" and not p.name.startswith("."))
+    exists = data_dir.is_dir()
+    files = sorted(p for p in data_dir.iterdir() if p.suffix == ".parquet" and not p.name.startswith(".")
+                   ) if exists else []
     if not files:
-        raise FileNotFoundError(
-            f"no *.parquet files in {str(data_dir)!r}. Download shards with `python -m nanochat_jax.dataset -n 8` "
-            f"or point --data-dir / ${DATA_DIR_ENV} at a folder of parquet files with a `text` column.")
+        what = f"no *.parquet files in {str(data_dir)!r}" if exists else f"data directory {data_dir} does not exist"
+        raise FileNotFoundError(f"{what}. Download shards with `python -m nanochat_jax.dataset -n 8` or point "
+                                f"--data-dir / ${DATA_DIR_ENV} at a folder of *.parquet files with a `text` column.")
     return files
 
 
