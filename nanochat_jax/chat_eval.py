@@ -39,14 +39,14 @@ MAX_LETTERS = 8  # letter slots per row (ARC has up to 5 choices); fixed so one 
 
 def load_task(name: str, data_dir=None):
     """The evaluation split of a chat task by its report name."""
-    from nanochat_jax import tasks as T
+    from nanochat_jax import tasks
 
-    makers = {"ARC-Easy": lambda: T.ARC("ARC-Easy", "test", data_dir=data_dir),
-              "ARC-Challenge": lambda: T.ARC("ARC-Challenge", "test", data_dir=data_dir),
-              "MMLU": lambda: T.MMLU("all", "test", data_dir=data_dir),
-              "GSM8K": lambda: T.GSM8K("main", "test", data_dir=data_dir),
-              "HumanEval": lambda: T.HumanEval(data_dir=data_dir),
-              "SpellingBee": lambda: T.SpellingBee(256, "test", data_dir=data_dir)}
+    makers = {"ARC-Easy": lambda: tasks.ARC("ARC-Easy", "test", data_dir=data_dir),
+              "ARC-Challenge": lambda: tasks.ARC("ARC-Challenge", "test", data_dir=data_dir),
+              "MMLU": lambda: tasks.MMLU("all", "test", data_dir=data_dir),
+              "GSM8K": lambda: tasks.GSM8K("main", "test", data_dir=data_dir),
+              "HumanEval": lambda: tasks.HumanEval(data_dir=data_dir),
+              "SpellingBee": lambda: tasks.SpellingBee(256, "test", data_dir=data_dir)}
     if name not in makers:
         raise ValueError(f"unknown chat task {name!r}; choose from {'|'.join(ALL_TASKS)}")
     return makers[name]()
