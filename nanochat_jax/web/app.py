@@ -226,19 +226,14 @@ class Worker:
                  chunk: int | None = None, max_top_k: int = TOP_K_RANGE[1]):
         self.index, self.engine, self.max_batch = index, engine, max_batch
         self.cache_len, self.chunk, self.max_top_k = cache_len, chunk, max_top_k
-        self.leased = 0      # requests admitted by the pool (<= max_batch), counted under the pool's lock
-        self.requests = 0
-        self.tokens = 0
+        self.leased = 0  # requests admitted by the pool (<= max_batch), counted under the pool's lock
+        self.requests = self.tokens = 0
         self.slots: dict[int, "Generation"] = {}  # scheduler thread only
         self._pending: collections.deque = collections.deque()
         self._cond = threading.Condition()
         self._lock = threading.Lock()  # held while the engine's batch is in use (scheduler, warm-up)
         self._batch = None
         self._thread: threading.Thread | None = None
-
-    @property
-    def busy(self) -> bool:
-        return self.leased > 0
 
     def batch(self):
         """The engine's Batch, made on first use (the cache is allocated then)."""
@@ -319,11 +314,7 @@ class WorkerPool:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         self.workers = [Worker(i, e, max_batch, cache_len, chunk) for i, e in enumerate(engines)]
         self._cond = threading.Condition()
-        self.waiting = 0
-        self.max_waiting = 0
-        self.requests_served = 0
-        self.requests_cancelled = 0
-        self.tokens_generated = 0
+        self.waiting = self.max_waiting = self.requests_served = self.requests_cancelled = self.tokens_generated = 0
         self._recent: collections.deque = collections.deque()  # (time, tokens) of the last TOKENS_PER_S_WINDOW s
         self.started = time.time()
 
@@ -368,7 +359,7 @@ class WorkerPool:
             while self._recent and self._recent[0][0] < now - TOKENS_PER_S_WINDOW:
                 self._recent.popleft()
             window = min(TOKENS_PER_S_WINDOW, max(now - self.started, 1e-9))
-            busy = sum(w.busy for w in self.workers)
+            busy = sum(w.leased > 0 for w in self.workers)
             return {
                 "total_workers": len(self.workers), "busy_workers": busy, "idle_workers": len(self.workers) - busy,
                 "max_batch": self.workers[0].max_batch, "slots_total": sum(w.max_batch for w in self.workers),
@@ -378,8 +369,9 @@ class WorkerPool:
                 "tokens_generated": self.tokens_generated,
                 "tokens_per_s": round(sum(n for _, n in self._recent) / window, 1),
                 "uptime_s": round(now - self.started, 3),
-                "workers": [{"id": w.index, "device": str(w.engine.device), "busy": w.busy, "slots_in_use": w.leased,
-                             "requests_served": w.requests, "tokens_generated": w.tokens} for w in self.workers],
+                "workers": [{"id": w.index, "device": str(w.engine.device), "busy": w.leased > 0,
+                             "slots_in_use": w.leased, "requests_served": w.requests, "tokens_generated": w.tokens}
+                            for w in self.workers],
             }
 
 
@@ -418,16 +410,17 @@ class Generation:
             if kind == "end":
                 self.finish_reason = "length"
                 return
-            pieces = []
+            pieces, n = [], 0
             for token in payload:
                 if token in stop_ids:
                     self.finish_reason = "stop"
                     break
-                self.completion_tokens += 1
-                self.pool.count_tokens(self.worker)
+                n += 1
                 text = decoder.decode(self.tokenizer.id_to_bytes(token))
                 if text:
                     pieces.append(text)
+            self.completion_tokens += n
+            self.pool.count_tokens(self.worker, n)  # once per delivery: the pool's lock is shared by every stream
             if pieces:
                 yield pieces
             if self.finish_reason:
@@ -512,18 +505,8 @@ def _sse(obj) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
-def create_app(engines: Sequence | None = None, *, params=None, cfg=None, tokenizer=None, devices=None,
-               num_workers: int | None = None, defaults: SamplingDefaults = SamplingDefaults(),
-               max_context: int | None = None, queue_timeout: float | None = 300.0,
-               model_name: str = "nanochat-jax", cors_origin: str | None = None, max_batch: int = 1,
-               chunk: int | None = None) -> Flask:
-    """The chat app over `engines`, or over one Engine per device built from (params, cfg, tokenizer).
-
-    max_context: prompt + reply tokens at most (default: the model's sequence_len); longer prompts are a 400, and
-    max_tokens (the default one too) is cut to what is left. queue_timeout: seconds a request waits for a free
-    worker before a 503. max_batch: requests each worker decodes at once (continuous batching; each holds one
-    row of a cache of max_context tokens); chunk: decode steps per round trip to the host (default: the engine's).
-    cors_origin: sent as Access-Control-Allow-Origin (e.g. "*") so pages on other origins may call the API."""
+def _engines_for(engines, params, cfg, tokenizer, devices, num_workers, max_context) -> tuple[list, object, int]:
+    """create_app's (engines, tokenizer, max_context), checked: engines built from params if none are given."""
     if engines is None:
         if params is None or cfg is None or tokenizer is None:
             raise ValueError("create_app needs engines, or params, cfg and tokenizer to build them")
@@ -537,14 +520,11 @@ def create_app(engines: Sequence | None = None, *, params=None, cfg=None, tokeni
     max_context = max_context or engines[0].cfg.sequence_len
     if max_context < 2:
         raise ValueError(f"create_app: max_context must be >= 2 tokens, got {max_context}")
-    defaults = replace(defaults, max_tokens=min(defaults.max_tokens, max_context))
-    pool = WorkerPool(engines, max_batch=max_batch, cache_len=max_context, chunk=chunk)
-    log = get_logger()
+    return engines, tokenizer, max_context
 
-    app = Flask(__name__, static_folder=str(STATIC_DIR), static_url_path="/static")
-    app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
-    app.extensions["nanochat_pool"] = pool
-    app.extensions["nanochat_settings"] = {"defaults": defaults, "max_context": max_context, "tokenizer": tokenizer}
+
+def _add_error_handlers(app: Flask, cors_origin: str | None) -> None:
+    """JSON errors (RequestError: its status; HTTP errors; anything else: 500) and the CORS headers."""
 
     @app.errorhandler(RequestError)
     def _request_error(e: RequestError):
@@ -562,7 +542,7 @@ def create_app(engines: Sequence | None = None, *, params=None, cfg=None, tokeni
 
     @app.errorhandler(Exception)
     def _server_error(e: Exception):
-        log.exception("web: unhandled error")
+        get_logger().exception("web: unhandled error")
         return jsonify(error_body(f"internal server error ({type(e).__name__}: {str(e)[:200]})",
                                   "server_error")), 500
 
@@ -574,58 +554,69 @@ def create_app(engines: Sequence | None = None, *, params=None, cfg=None, tokeni
             resp.headers["Access-Control-Allow-Methods"] = "GET, POST, OPTIONS"
             return resp
 
-    def json_body():
-        body = request.get_json(force=True, silent=True)
-        if body is None:
-            raise RequestError("the request body is not valid JSON")
-        return body
 
-    def start(body, openai: bool) -> Generation:
+def _json_body():
+    body = request.get_json(force=True, silent=True)
+    if body is None:
+        raise RequestError("the request body is not valid JSON")
+    return body
+
+
+def _event_stream(gen: Generation, body: Iterator[str]) -> Response:
+    resp = Response(body, mimetype="text/event-stream",
+                    headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    resp.call_on_close(gen.close)  # also frees the worker if the body was never iterated
+    return resp
+
+
+@dataclass
+class _Routes:
+    """The app's endpoints over one worker pool (create_app registers each method under its route)."""
+    pool: WorkerPool
+    tokenizer: object
+    defaults: SamplingDefaults
+    max_context: int
+    queue_timeout: float | None
+    model_name: str
+
+    def start(self, body, openai: bool) -> Generation:
         """Validate and tokenize, then lease a worker (waiting in the queue); the caller must close the result."""
-        req = parse_chat_request(body, defaults, openai=openai)
-        prompt = render_prompt(tokenizer, req.messages)
-        if len(prompt) >= max_context:
-            raise RequestError(f"the conversation is {len(prompt)} tokens; this model's context is {max_context} "
-                               f"tokens: shorten it or start a new chat", "messages")
-        worker = pool.acquire(queue_timeout)
+        req = parse_chat_request(body, self.defaults, openai=openai)
+        prompt = render_prompt(self.tokenizer, req.messages)
+        if len(prompt) >= self.max_context:
+            raise RequestError(f"the conversation is {len(prompt)} tokens; this model's context is "
+                               f"{self.max_context} tokens: shorten it or start a new chat", "messages")
+        worker = self.pool.acquire(self.queue_timeout)
         if worker is None:
-            raise RequestError(f"all {len(pool.workers)} workers are busy; try again shortly", status=503,
+            raise RequestError(f"all {len(self.pool.workers)} workers are busy; try again shortly", status=503,
                                kind="server_busy")
         try:
-            gen = Generation(pool, worker, tokenizer, prompt, req, reply_tokens(len(prompt), req.max_tokens,
-                                                                                 max_context))
+            return Generation(self.pool, worker, self.tokenizer, prompt, req,
+                              reply_tokens(len(prompt), req.max_tokens, self.max_context))
         except BaseException:
-            pool.release(worker, cancelled=True)
+            self.pool.release(worker, cancelled=True)
             raise
-        return gen
 
-    def event_stream(gen: Generation, body: Iterator[str]) -> Response:
-        resp = Response(body, mimetype="text/event-stream",
-                        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        resp.call_on_close(gen.close)  # also frees the worker if the body was never iterated
-        return resp
-
-    @app.get("/")
-    def index():
+    def index(self):
         return send_from_directory(STATIC_DIR, "index.html")
 
-    @app.get("/health")
-    def health():
-        s = pool.stats()
+    def health(self):
+        s, d = self.pool.stats(), self.defaults
         return jsonify({"status": "ok", "ready": True, "num_workers": s["total_workers"],
                         "available_workers": sum(w["slots_in_use"] < s["max_batch"] for w in s["workers"]),
-                        "free_slots": s["slots_total"] - s["slots_in_use"], "model": model_name,
-                        "max_context": max_context,
-                        "defaults": {"temperature": defaults.temperature, "top_k": defaults.top_k,
-                                     "max_tokens": defaults.max_tokens}})
+                        "free_slots": s["slots_total"] - s["slots_in_use"], "model": self.model_name,
+                        "max_context": self.max_context,
+                        "defaults": {"temperature": d.temperature, "top_k": d.top_k, "max_tokens": d.max_tokens}})
 
-    @app.get("/stats")
-    def stats():
-        return jsonify(pool.stats())
+    def stats(self):
+        return jsonify(self.pool.stats())
 
-    @app.post("/chat/completions")
-    def chat_completions():
-        gen = start(json_body(), openai=False)
+    def models(self):
+        return jsonify({"object": "list", "data": [{"id": self.model_name, "object": "model",
+                                                    "created": int(self.pool.started), "owned_by": "nanochat-jax"}]})
+
+    def chat_completions(self):
+        gen = self.start(_json_body(), openai=False)
 
         def events():
             try:
@@ -634,37 +625,32 @@ def create_app(engines: Sequence | None = None, *, params=None, cfg=None, tokeni
                 yield _sse({"done": True, "finish_reason": gen.finish_reason, "prompt_tokens": gen.prompt_tokens,
                             "completion_tokens": gen.completion_tokens})
             except Exception as e:  # headers are out: the error travels in the stream
-                log.exception("web: generation failed")
+                get_logger().exception("web: generation failed")
                 yield _sse({"error": f"generation failed ({type(e).__name__}: {str(e)[:200]})", "done": True})
             finally:
                 gen.close()
 
-        return event_stream(gen, events())
+        return _event_stream(gen, events())
 
-    @app.get("/v1/models")
-    def models():
-        return jsonify({"object": "list", "data": [{"id": model_name, "object": "model",
-                                                    "created": int(pool.started), "owned_by": "nanochat-jax"}]})
-
-    @app.post("/v1/chat/completions")
-    def openai_chat_completions():
-        body = json_body()
-        gen = start(body, openai=True)
-        rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+    def openai_chat_completions(self):
+        body = _json_body()
+        gen = self.start(body, openai=True)
+        rid, created, model = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), self.model_name
         usage = lambda: {"prompt_tokens": gen.prompt_tokens, "completion_tokens": gen.completion_tokens,  # noqa: E731
                          "total_tokens": gen.prompt_tokens + gen.completion_tokens}
         if not gen.request.stream:
             with gen:
                 text = "".join(gen)
-            return jsonify({"id": rid, "object": "chat.completion", "created": created, "model": model_name,
+            return jsonify({"id": rid, "object": "chat.completion", "created": created, "model": model,
                             "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
                                          "finish_reason": gen.finish_reason}], "usage": usage()})
         opts = body.get("stream_options")
         include_usage = isinstance(opts, dict) and opts.get("include_usage") is True
 
-        def chunk(delta: dict, finish: str | None) -> str:
-            return _sse({"id": rid, "object": "chat.completion.chunk", "created": created, "model": model_name,
-                         "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
+        def chunk(delta: dict | None, finish: str | None, **extra) -> str:
+            choices = [] if delta is None else [{"index": 0, "delta": delta, "finish_reason": finish}]
+            return _sse({"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
+                         "choices": choices, **extra})
 
         def events():
             try:
@@ -673,17 +659,46 @@ def create_app(engines: Sequence | None = None, *, params=None, cfg=None, tokeni
                     yield "".join(chunk({"content": text}, None) for text in pieces)
                 yield chunk({}, gen.finish_reason)
                 if include_usage:
-                    yield _sse({"id": rid, "object": "chat.completion.chunk", "created": created,
-                                "model": model_name, "choices": [], "usage": usage()})
+                    yield chunk(None, None, usage=usage())
             except Exception as e:
-                log.exception("web: generation failed")
+                get_logger().exception("web: generation failed")
                 yield _sse(error_body(f"generation failed ({type(e).__name__}: {str(e)[:200]})", "server_error"))
             finally:
                 gen.close()
             yield "data: [DONE]\n\n"
 
-        return event_stream(gen, events())
+        return _event_stream(gen, events())
 
+
+ROUTES = (("GET", "/", "index"), ("GET", "/health", "health"), ("GET", "/stats", "stats"),
+          ("POST", "/chat/completions", "chat_completions"), ("GET", "/v1/models", "models"),
+          ("POST", "/v1/chat/completions", "openai_chat_completions"))
+
+
+def create_app(engines: Sequence | None = None, *, params=None, cfg=None, tokenizer=None, devices=None,
+               num_workers: int | None = None, defaults: SamplingDefaults = SamplingDefaults(),
+               max_context: int | None = None, queue_timeout: float | None = 300.0,
+               model_name: str = "nanochat-jax", cors_origin: str | None = None, max_batch: int = 1,
+               chunk: int | None = None) -> Flask:
+    """The chat app over `engines`, or over one Engine per device built from (params, cfg, tokenizer).
+
+    max_context: prompt + reply tokens at most (default: the model's sequence_len); longer prompts are a 400, and
+    max_tokens (the default one too) is cut to what is left. queue_timeout: seconds a request waits for a free
+    worker before a 503. max_batch: requests each worker decodes at once (continuous batching; each holds one
+    row of a cache of max_context tokens); chunk: decode steps per round trip to the host (default: the engine's).
+    cors_origin: sent as Access-Control-Allow-Origin (e.g. "*") so pages on other origins may call the API."""
+    engines, tokenizer, max_context = _engines_for(engines, params, cfg, tokenizer, devices, num_workers,
+                                                   max_context)
+    defaults = replace(defaults, max_tokens=min(defaults.max_tokens, max_context))
+    pool = WorkerPool(engines, max_batch=max_batch, cache_len=max_context, chunk=chunk)
+    app = Flask(__name__, static_folder=str(STATIC_DIR), static_url_path="/static")
+    app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
+    app.extensions["nanochat_pool"] = pool
+    app.extensions["nanochat_settings"] = {"defaults": defaults, "max_context": max_context, "tokenizer": tokenizer}
+    _add_error_handlers(app, cors_origin)
+    routes = _Routes(pool, tokenizer, defaults, max_context, queue_timeout, model_name)
+    for method, rule, name in ROUTES:
+        app.add_url_rule(rule, name, getattr(routes, name), methods=[method])
     return app
 
 
