@@ -240,7 +240,7 @@ class Batch:
     def __init__(self, engine: "Engine", rows: Rows, host: list[_Row], cache_len: int, kmax: int,
                  prefill_rows: int = 1):
         self.engine, self.rows, self.host, self.cache_len, self.kmax = engine, rows, host, cache_len, kmax
-        self.prefill_rows = prefill_rows
+        self.prefill_rows, self._unforced = prefill_rows, {}
 
     def _start(self, b: int, tok: int) -> None:
         row = self.host[b]
@@ -306,8 +306,11 @@ class Batch:
                 f = list(itertools.islice(row.forced, chunk))
                 forced[b, :len(f)], nforced[b] = f, len(f)
         sample = any(r.temperature > 0 for r in self.host if not r.completed)
-        args = (e.params, self.rows, e._put(forced), e._put(nforced),
-                e._put(np.array([r.completed for r in self.host])))
+        if nforced.any():
+            to_force = e._put(forced), e._put(nforced)
+        else:  # the usual chunk: nothing forced, zeros already on the device (two transfers less)
+            to_force = self._unforced.get(chunk) or self._unforced.setdefault(chunk, (e._put(forced), e._put(nforced)))
+        args = (e.params, self.rows, *to_force, e._put(np.array([r.completed for r in self.host])))
         fn = e._get(("decode", B, chunk, sample, self.cache_len, self.kmax), e._decode_jit, *args, cfg=e.cfg,
                     kmax=self.kmax, sample=sample, stop_ids=e._stop, tool_end=e._tool_end)
         self.rows, out_CB, count_B = fn(*args)
