@@ -15,7 +15,6 @@ tokens the stage trains on) every --eval-every steps, and saves `mid_checkpoints
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import time
 from dataclasses import dataclass
@@ -25,17 +24,19 @@ import jax.numpy as jnp
 import numpy as np
 
 from nanochat_jax import gpt, optim, sharding
+from nanochat_jax.chat_eval import ChatEvalCache, evaluate_chat_model
+from nanochat_jax.checkpoint import Checkpointer, checkpoint_dir, require_same_vocab
 from nanochat_jax.common import format_duration, print0
-from nanochat_jax.config import flag, require
-from nanochat_jax.checkpoint import open_source
-from nanochat_jax.train import (LoopState, Periodic, ScalarLog, StepLogger, abstract_state, abstract_tree,
-                                compile_train_step, finish_run, fit, run_dir)
+from nanochat_jax.config import RuntimeFlags, flag, require
+from nanochat_jax.dataloader import ConversationPacker
+from nanochat_jax.stage import Stage, bpb_eval, finish, gathered, loop_state, saver
+from nanochat_jax.train import LoopState, Periodic, ScalarLog, StepLogger, fit, run_dir
 
 SOURCE_OF = {"mid": "base", "sft": "mid"}
 
 
 @dataclass(frozen=True)
-class ChatTrainConfig:
+class ChatTrainConfig(RuntimeFlags):
     """Flags shared by scripts/midtrain.py and scripts/sft.py (-1 / None: inherit from the source checkpoint)."""
     stage: str = flag("sft", "mid | sft (set by the script)")
     source: str = flag("", "checkpoint phase to start from: \"\" = base for mid, mid for sft")
@@ -71,22 +72,14 @@ class ChatTrainConfig:
     resume: bool | None = flag(None, "None: continue this stage's latest checkpoint if its settings match; "
                                      "1: require one; 0: start fresh (refused if checkpoints exist)")
     log_every: int = flag(1, "steps between log lines")
-    # where and how
-    mesh: int = flag(-1, "devices in the (\"data\",) mesh; -1 = all")
-    distributed: bool | None = flag(None, "multi-process run (jax.distributed); None: auto-detect a launcher")
-    fsdp: bool = flag(True, "shard params/optimizer state over the mesh (ZeRO/FSDP); else replicate")
-    attention: str = flag("auto", "auto | xla | cudnn | pallas (auto: cudnn on GPU, xla elsewhere)")
-    compute_dtype: str = flag("auto", "auto (bf16 on GPU, fp32 on CPU) | bfloat16 | float32")
-    tokenizer_dir: str | None = flag(None, "tokenizer folder (default <base dir>/tokenizer)")
     seed: int = flag(42, "recorded with the run (the mixture's order is fixed by the tasks' own seeds)")
 
     def __post_init__(self):
+        super().__post_init__()
         need = require
         need(self.stage in SOURCE_OF, f"stage must be mid or sft, got {self.stage!r}")
         need(self.source in ("", "base", "mid", "sft"), f"--source must be base|mid|sft, got {self.source!r}")
         need(self.mixture in ("default", "local"), f"--mixture must be default|local, got {self.mixture!r}")
-        need(self.attention in ("auto", "xla", "cudnn", "pallas"), "--attention must be auto|xla|cudnn|pallas")
-        need(self.compute_dtype in ("auto", "bfloat16", "float32"), "--compute-dtype must be auto|bfloat16|float32")
         need(self.eval_every != 0 and self.save_every != 0, "--eval-every/--save-every must be > 0 or -1 (off)")
         need(self.final_lr_frac >= 0 and (self.warmdown_ratio == -1 or 0 <= self.warmdown_ratio <= 1),
              "--warmdown-ratio must be in [0, 1] and --final-lr-frac >= 0")
@@ -160,196 +153,145 @@ class _Head:
 
 def chat_train(cfg: ChatTrainConfig, *, train_data=None, val_data=None) -> LoopState:
     """Run midtraining or SFT. train_data/val_data (indexable conversation datasets) replace the mixtures (tests)."""
-    from nanochat_jax.checkpoint import Checkpointer, checkpoint_dir, require_same_vocab
-    from nanochat_jax.checkpoint import resume_step as resume_from
-    from nanochat_jax.dataloader import ConversationPacker
-    from nanochat_jax.loss_eval import evaluate_bpb, make_bpb_fn
-    from nanochat_jax.tokenizer import get_tokenizer
-
-    sharding.maybe_initialize_distributed(cfg.distributed)
-    mesh = sharding.make_mesh(cfg.mesh)
-    device = mesh.devices.flat[0]
-    on_gpu = device.platform == "gpu"
-    stage, src_phase = cfg.stage, cfg.source_phase
-    tokenizer = get_tokenizer(cfg.tokenizer_dir)
-    token_bytes = jnp.asarray(tokenizer.token_bytes(), jnp.int32)
-
-    # --- the source checkpoint: model config and the base run's settings ---
-    src = open_source(src_phase, cfg.model_tag, cfg.model_step, compute_dtype=cfg.compute_dtype,
-                      attention=cfg.attention, on_gpu=on_gpu)
-    tag, src_step, src_meta, model_cfg = src.tag, src.step, src.meta, src.model_cfg
-    require_same_vocab(model_cfg, tokenizer, f"the {src_phase} checkpoint {tag}")
-    base_user = src_meta.get("user_config", {})
-    pick = lambda v, key, default: v if v != -1 else src_meta.get(key, base_user.get(key, default))  # noqa: E731
-    T_len = pick(cfg.max_seq_len, "max_seq_len", model_cfg.sequence_len)
-    dev_B = pick(cfg.device_batch_size, "device_batch_size", 16)
-    B = pick(cfg.total_batch_size, "total_batch_size", dev_B * T_len * mesh.size)
-    micro_tokens = dev_B * T_len * mesh.size
-    require(B % micro_tokens == 0, f"total batch {B} tokens is not a multiple of device_batch_size × max_seq_len × "
-                                   f"devices = {dev_B} × {T_len} × {mesh.size}; set --total-batch-size")
-    grad_accum = B // micro_tokens
-
-    # --- data: this process reads every process_count-th conversation ---
+    st = Stage.open(cfg)
+    mesh, tokenizer, stage = st.mesh, st.tokenizer, cfg.stage
+    src = st.source(cfg.source_phase, cfg.model_tag, cfg.model_step)
+    tag, model_cfg, source = src.tag, src.model_cfg, f"{src.phase}/{src.tag}/{src.step}"
+    require_same_vocab(model_cfg, tokenizer, f"the {src.phase} checkpoint {tag}")
+    T_len, dev_B, B = _batch_shape(cfg, src, mesh.size)
+    grad_accum = B // (dev_B * T_len * mesh.size)
     train_data = build_mixture(cfg, "train") if train_data is None else train_data
     val_data = build_mixture(cfg, "val") if val_data is None else val_data
-    local_rows = sharding.local_batch_rows(dev_B * mesh.size, mesh)
-    mode = "mid" if stage == "mid" else "sft"
-    pi, pc = jax.process_index(), jax.process_count()
-    packer = ConversationPacker(train_data, tokenizer, local_rows, T_len, mode=mode, shard=pi, num_shards=pc)
-    # Steps of one epoch, estimated from a sample of rendered lengths (only for the schedule's ETA and Muon's
-    # horizon; the loop itself stops when the data is consumed).
-    rng = np.random.default_rng(0)
-    sample = rng.choice(len(train_data), size=min(256, len(train_data)), replace=False)
-    mean_len = np.mean([len(tokenizer.render_conversation(train_data[int(i)], T_len + 1)[0]) for i in sample])
-    est_steps = max(1, math.ceil(len(train_data) * mean_len / B))
+    pi, pc = jax.process_index(), jax.process_count()  # this process reads every pc-th conversation
+
+    def packer(data):
+        return ConversationPacker(data, tokenizer, sharding.local_batch_rows(dev_B * mesh.size, mesh), T_len,
+                                  mode=stage, shard=pi, num_shards=pc)
+
+    train_rows = packer(train_data)
+    mean_len, est_steps = _epoch_steps(tokenizer, train_data, T_len, B)
     n_iter = cfg.num_iterations if cfg.num_iterations > 0 else None
-    planned = n_iter or est_steps
-
-    init_lr_frac = cfg.init_lr_frac if cfg.init_lr_frac >= 0 else (1.0 if stage == "mid" else 0.8)
     warmdown = cfg.warmdown_ratio if cfg.warmdown_ratio >= 0 else (0.2 if stage == "mid" else 0.5)
-    lrs = src.lrs(matrix_lr=cfg.matrix_lr, embedding_lr=cfg.embedding_lr, unembedding_lr=cfg.unembedding_lr,
-                  scalar_lr=cfg.scalar_lr)
-    # The lr flags are written for a 2^19-token batch, which pretraining scales by sqrt(B / 2^19); the reference's
-    # chat stages inherit them unscaled, harmless at its 2^19-token batches (scale 1) but an 11x lr shock at the CPU
-    # demo's 4,096 (midtraining's loss went 6.4 → 13.4 at step 1). So scale by this stage's batch, as pretraining does.
-    lr_scale = optim.batch_lr_scale(B)
-    opt_cfg = optim.OptimConfig(
-        num_iterations=planned, model_dim=model_cfg.n_embd, **lrs,
-        weight_decay=0.0, batch_lr_scale=lr_scale, init_lr_frac=init_lr_frac, warmup_steps=0,
-        # Muon momentum 0.85 → 0.95 over 300 steps, then flat (reference chat_sft/mid_train)
-        muon_momentum_start=0.85, muon_momentum_peak=0.95, muon_momentum_warmup_steps=300,
-        muon_momentum_final=0.95)
+    opt_cfg, lrs = _optim_config(cfg, src, n_iter or est_steps, B)
     tx = optim.build_optimizer(gpt.param_shapes(model_cfg), opt_cfg, lr_schedule=lambda it: jnp.float32(1.0))
-    state_shapes = abstract_state(model_cfg, tx)
-    batch_shape = (grad_accum, dev_B * mesh.size, T_len)
-    step_fn, shardings, info = compile_train_step(model_cfg, tx, mesh, state_shapes, batch_shape,
-                                                  shard_params=cfg.fsdp, lr_input=True)
-    abstract = abstract_tree(state_shapes, shardings)
-    print0(f"{stage}: from {src_phase}/{tag} step {src_step}; devices {mesh.size} × {device.device_kind}; "
+    prog = st.compile(model_cfg, tx, (grad_accum, dev_B * mesh.size, T_len), lr_input=True)
+    print0(f"{stage}: from {src.phase}/{tag} step {src.step}; devices {mesh.size} × {st.device.device_kind}; "
            f"{len(train_data):,} train / {len(val_data):,} val conversations; batch {B:,} tokens = {grad_accum} × "
-           f"{dev_B} × {T_len} × {mesh.size}; ~{est_steps:,} steps per epoch "
-           f"(mean {mean_len:.0f} tokens/conversation); "
-           f"compiled in {info['compile_seconds']:.1f}s")
+           f"{dev_B} × {T_len} × {mesh.size}; ~{est_steps:,} steps per epoch (mean {mean_len:.0f} "
+           f"tokens/conversation); compiled in {prog.info['compile_seconds']:.1f}s")
 
-    # --- state: resume this stage, or start from the source ---
     ckpt = Checkpointer(checkpoint_dir(stage, tag), keep=cfg.keep_checkpoints)
-    loop = LoopState()
-    start = 0
-
-    resume_step = resume_from(ckpt, cfg.resume, {**model_cfg.to_dict(), "source": f"{src_phase}/{tag}/{src_step}",
-                                                 "total_batch_size": B, "max_seq_len": T_len},
-                              close_on_error=(ckpt, src.ckpt))
-    if resume_step is not None:
-        params, opt_state, meta = ckpt.restore(resume_step, abstract_params=abstract["params"],
-                                               abstract_opt_state=abstract["opt_state"])
-        packer.set_state(meta["loader_state"][str(pi)])
-        loop = LoopState(**{k: v for k, v in meta["loop_state"].items() if k != "history"})
-        start = resume_step
-        print0(f"resumed {stage}/{tag} from step {resume_step}")
-    else:
-        opt_abstract = abstract["opt_state"] if cfg.load_optimizer else None
-        params, opt_state, _ = src.ckpt.restore(src_step, abstract_params=abstract["params"],
-                                                abstract_opt_state=opt_abstract)
-        if opt_state is None:
-            opt_state = jax.jit(tx.init, out_shardings=shardings["opt_state"])(params)
-    src.ckpt.close()
-    state = {"step": jax.device_put(jnp.asarray(start, jnp.int32), shardings["step"]), "params": params,
-             "opt_state": opt_state}
-
-    # --- loop pieces ---
+    state, start, meta = prog.continue_or_start(
+        ckpt, cfg.resume, {**model_cfg.to_dict(), "source": source, "total_batch_size": B, "max_seq_len": T_len},
+        src, f"{stage}/{tag}", optimizer=cfg.load_optimizer)
+    loop = LoopState() if meta is None else loop_state(meta)
+    if meta is not None:
+        train_rows.set_state(meta["loader_state"][str(pi)])
     lrm_of: dict[int, float] = {}  # step → the lr multiplier its batch carried (for the log line)
 
     def batches():
         step = start
         while True:
-            pos = {str(pi): packer.get_state()}
+            pos = {str(pi): train_rows.get_state()}
             # The lrm is a replicated input, so every process must compute the same one: average the progress.
-            progress = float(sharding.process_sum([packer.progress])[0]) / pc
-            lrm = lr_multiplier(progress if n_iter is None else step / n_iter, warmdown, cfg.final_lr_frac)
-            rows = [next(packer) for _ in range(grad_accum)]
-            host = {k: np.stack([r[k] for r in rows]) for k in ("inputs", "targets")}
-            batch = {k: sharding.global_batch(v, mesh, batch_axis=1) for k, v in host.items()}
-            batch["lrm"] = jax.device_put(jnp.float32(lrm), sharding.replicated(mesh))
-            lrm_of[step] = lrm
+            progress = float(sharding.process_sum([train_rows.progress])[0]) / pc
+            lrm_of[step] = lr_multiplier(progress if n_iter is None else step / n_iter, warmdown, cfg.final_lr_frac)
+            rows = [next(train_rows) for _ in range(grad_accum)]
+            batch = {k: sharding.global_batch(np.stack([r[k] for r in rows]), mesh, batch_axis=1)
+                     for k in ("inputs", "targets")}
+            batch["lrm"] = jax.device_put(jnp.float32(lrm_of[step]), sharding.replicated(mesh))
             step += 1
             yield batch, pos
             # one epoch: the batch that wrapped the data was the last (on any process: all stop together)
-            if n_iter is None and sharding.process_sum([packer.epochs_done > 0])[0]:
+            if n_iter is None and sharding.process_sum([train_rows.epochs_done > 0])[0]:
                 return
 
-    bpb_fn = jax.jit(make_bpb_fn(model_cfg), in_shardings=(shardings["params"], sharding.batch_sharding(mesh),
-                                                            sharding.batch_sharding(mesh), sharding.replicated(mesh)))
-    eval_steps = max(1, cfg.eval_tokens // (dev_B * T_len * mesh.size))
-
     def val_batches():
-        val = ConversationPacker(val_data, tokenizer, local_rows, T_len, mode=mode, shard=pi, num_shards=pc)
+        val = packer(val_data)
         while True:
             yield {k: sharding.global_batch(v, mesh) for k, v in next(val).items()}
 
-    log = ScalarLog(run_dir(f"{stage}_{tag}"))
-    step_log = StepLogger(loop, log, planned, B, gpt.flops_per_token(model_cfg), device.device_kind, mesh.size,
-                          cfg.log_every)
-
-    def evaluate(step, state, _):
-        loop.val_bpb = evaluate_bpb(bpb_fn, state["params"], val_batches(), token_bytes, eval_steps)
-        loop.min_val_bpb = min(loop.min_val_bpb, loop.val_bpb)
-        print0(f"step {step:05d} | validation bpb {loop.val_bpb:.4f}")
-        log(step, **{"val/bpb": loop.val_bpb})
-
-    chat_names = [t for t in cfg.chatcore_tasks.split("|") if t.strip()] if stage == "sft" else []
-    from nanochat_jax.chat_eval import ChatEvalCache, evaluate_chat_model
-
-    chat_cache = ChatEvalCache()  # the evaluator, engines and tasks, kept between evaluations
-
-    def chat_evals(step, state, _):
-        out = evaluate_chat_model(state["params"], model_cfg, tokenizer, mesh, chat_names, data_dir=cfg.task_data,
-                                  max_problems=None if cfg.chatcore_max_problems < 0 else cfg.chatcore_max_problems,
-                                  max_new_tokens=cfg.chatcore_max_new_tokens, cache=chat_cache)
-        out.pop("details")
-        loop_chat.update(out)
-        print0(f"step {step:05d} | " + " | ".join(f"{k} {v:.4f}" for k, v in out.items()))
-        log(step, **{f"chat_eval/{k}": v for k, v in out.items()})
-
-    loop_chat: dict = {}
-
-    def save(step, state, loader_state):
-        meta = {"step": step, "stage": stage, "source": f"{src_phase}/{tag}/{src_step}",
-                "model_config": model_cfg.to_dict(), "user_config": dataclasses.asdict(cfg), "lrs": lrs,
-                "device_batch_size": dev_B, "max_seq_len": T_len, "total_batch_size": B, "val_bpb": loop.val_bpb,
-                # every process's packer position, merged: the meta is written by process 0 alone
-                "loader_state": {k: v for part in sharding.allgather_json(loader_state or {str(pi): packer.get_state()})
-                                 for k, v in part.items()},
-                "loop_state": {k: v for k, v in dataclasses.asdict(loop).items() if k != "history"}}
-        ckpt.save(step, params=state["params"], opt_state=state["opt_state"], meta=meta, overwrite=True)
-        print0(f"saved {stage} checkpoint {tag} step {step} to {ckpt.directory}")
-
-    def report(step, metrics, dt):
-        step_log(step, metrics, dt, lrm_of.pop(step, 1.0), f"progress {packer.progress:.3f}")
-
-    periodic = [Periodic(cfg.eval_every, evaluate), Periodic(cfg.save_every, save, after_start=True)]
-    if chat_names:
-        periodic.insert(1, Periodic(cfg.eval_every, chat_evals, at_end=cfg.eval_every > 0))
+    run = run_dir(f"{stage}_{tag}")
+    log, last_chat = ScalarLog(run), {}
+    step_log = StepLogger(loop, log, n_iter or est_steps, B, gpt.flops_per_token(model_cfg), st.device.device_kind,
+                          mesh.size, cfg.log_every)
+    save = saver(ckpt, cfg, model_cfg, f"{stage} checkpoint {tag}", loop=loop, stage=stage, source=source, lrs=lrs,
+                 device_batch_size=dev_B, max_seq_len=T_len, total_batch_size=B,
+                 data_meta=lambda pos: {"loader_state": gathered(pos or {str(pi): train_rows.get_state()})})
+    periodic = [Periodic(cfg.eval_every, bpb_eval(st, prog, loop, log, val_batches,
+                                                  max(1, cfg.eval_tokens // (dev_B * T_len * mesh.size)))),
+                Periodic(cfg.eval_every, _chat_eval(cfg, st, model_cfg, log, last_chat), at_end=cfg.eval_every > 0),
+                Periodic(cfg.save_every, save, after_start=True)]
     t0 = time.perf_counter()
     try:
-        fit(step_fn, state, batches(), start=start, n_iter=n_iter, report=report, periodic=periodic)
+        fit(prog.step_fn, state, batches(), start=start, n_iter=n_iter, periodic=periodic,
+            report=lambda s, m, dt: step_log(s, m, dt, lrm_of.pop(s, 1.0), f"progress {train_rows.progress:.3f}"))
     finally:
         ckpt.close()
         log.close()
-    final_step = loop.history[-1][0] + 1 if loop.history else start
-    if pi == 0:
-        from nanochat_jax.report import get_report
-
-        get_report().log("Midtraining" if stage == "mid" else "Chat SFT", {
-            "source": f"{src_phase}/{tag}/{src_step}", "train conversations": len(train_data),
-            "steps": final_step, "total batch size": B, "max seq len": T_len,
-            **{k: v * init_lr_frac * lr_scale for k, v in lrs.items()}, "init_lr_frac": init_lr_frac,
-            "batch lr scale": lr_scale,
-            "min val bpb": loop.min_val_bpb,
-            "final val bpb": loop.val_bpb if loop.val_bpb is not None else float("nan"),
-            **{f"last eval {k}": v for k, v in loop_chat.items()},
-            "wall time": format_duration(time.perf_counter() - t0)}, run_dir=run_dir(f"{stage}_{tag}"))
-    print0(f"{stage} done: {final_step} steps, val bpb {loop.val_bpb:.4f}, "
-           f"wall time {format_duration(time.perf_counter() - t0)}")
-    finish_run(run_dir(f"{stage}_{tag}"), {"stage": stage, "final_step": final_step, "val_bpb": loop.val_bpb},
-               start=start, losses=[[s_, l_] for s_, l_ in loop.history])
+    steps = loop.history[-1][0] + 1 if loop.history else start
+    took = format_duration(time.perf_counter() - t0)
+    finish(run, "Midtraining" if stage == "mid" else "Chat SFT", {
+        "source": source, "train conversations": len(train_data), "steps": steps, "total batch size": B,
+        "max seq len": T_len, **{k: v * opt_cfg.init_lr_frac * opt_cfg.batch_lr_scale for k, v in lrs.items()},
+        "init_lr_frac": opt_cfg.init_lr_frac, "batch lr scale": opt_cfg.batch_lr_scale,
+        "min val bpb": loop.min_val_bpb, "final val bpb": loop.val_bpb if loop.val_bpb is not None else float("nan"),
+        **{f"last eval {k}": v for k, v in last_chat.items()}, "wall time": took},
+           f"{stage} done: {steps} steps, val bpb {loop.val_bpb:.4f}, wall time {took}",
+           {"stage": stage, "final_step": steps, "val_bpb": loop.val_bpb},
+           start=start, losses=[[s, loss] for s, loss in loop.history])
     return loop
+
+
+def _batch_shape(cfg: ChatTrainConfig, src, n_devices: int) -> tuple[int, int, int]:
+    """(max_seq_len, device_batch_size, total_batch_size): each flag, else the source run's."""
+    base_user = src.meta.get("user_config", {})
+    pick = lambda v, key, default: v if v != -1 else src.meta.get(key, base_user.get(key, default))  # noqa: E731
+    T_len = pick(cfg.max_seq_len, "max_seq_len", src.model_cfg.sequence_len)
+    dev_B = pick(cfg.device_batch_size, "device_batch_size", 16)
+    B = pick(cfg.total_batch_size, "total_batch_size", dev_B * T_len * n_devices)
+    require(B % (dev_B * T_len * n_devices) == 0, f"total batch {B} tokens is not a multiple of device_batch_size × "
+            f"max_seq_len × devices = {dev_B} × {T_len} × {n_devices}; set --total-batch-size")
+    return T_len, dev_B, B
+
+
+def _epoch_steps(tokenizer, data, T_len: int, B: int) -> tuple[float, int]:
+    """(mean tokens per conversation, steps of one epoch), estimated from a sample of rendered lengths (only for the
+    schedule's ETA and Muon's horizon; the loop itself stops when the data is consumed)."""
+    sample = np.random.default_rng(0).choice(len(data), size=min(256, len(data)), replace=False)
+    mean_len = np.mean([len(tokenizer.render_conversation(data[int(i)], T_len + 1)[0]) for i in sample])
+    return mean_len, max(1, math.ceil(len(data) * mean_len / B))
+
+
+def _optim_config(cfg: ChatTrainConfig, src, planned: int, B: int) -> tuple[optim.OptimConfig, dict]:
+    lrs = src.lrs(matrix_lr=cfg.matrix_lr, embedding_lr=cfg.embedding_lr, unembedding_lr=cfg.unembedding_lr,
+                  scalar_lr=cfg.scalar_lr)
+    # The lr flags are written for a 2^19-token batch, which pretraining scales by sqrt(B / 2^19); the reference's
+    # chat stages inherit them unscaled, harmless at its 2^19-token batches (scale 1) but an 11x lr shock at the CPU
+    # demo's 4,096 (midtraining's loss went 6.4 → 13.4 at step 1). So scale by this stage's batch, as pretraining does.
+    return optim.OptimConfig(
+        num_iterations=planned, model_dim=src.model_cfg.n_embd, **lrs, weight_decay=0.0,
+        batch_lr_scale=optim.batch_lr_scale(B), warmup_steps=0,
+        init_lr_frac=cfg.init_lr_frac if cfg.init_lr_frac >= 0 else (1.0 if cfg.stage == "mid" else 0.8),
+        # Muon momentum 0.85 → 0.95 over 300 steps, then flat (reference chat_sft/mid_train)
+        muon_momentum_start=0.85, muon_momentum_peak=0.95, muon_momentum_warmup_steps=300,
+        muon_momentum_final=0.95), lrs
+
+
+def _chat_eval(cfg: ChatTrainConfig, st: Stage, model_cfg, log, last: dict):
+    """SFT's periodic ChatCORE subset (None in midtraining or with --chatcore-tasks=""); `last` keeps its scores."""
+    names = [t for t in cfg.chatcore_tasks.split("|") if t.strip()] if cfg.stage == "sft" else []
+    if not names:
+        return None
+    cache = ChatEvalCache()  # the evaluator, engines and tasks, kept between evaluations
+
+    def chat_evals(step, state, _):
+        out = evaluate_chat_model(state["params"], model_cfg, st.tokenizer, st.mesh, names, data_dir=cfg.task_data,
+                                  max_problems=None if cfg.chatcore_max_problems < 0 else cfg.chatcore_max_problems,
+                                  max_new_tokens=cfg.chatcore_max_new_tokens, cache=cache)
+        out.pop("details")
+        last.update(out)
+        print0(f"step {step:05d} | " + " | ".join(f"{k} {v:.4f}" for k, v in out.items()))
+        log(step, **{f"chat_eval/{k}": v for k, v in out.items()})
+
+    return chat_evals

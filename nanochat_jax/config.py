@@ -16,6 +16,7 @@ import re
 import sys
 import types
 import typing
+from dataclasses import dataclass
 from typing import Any, Sequence, TypeVar
 
 C = TypeVar("C")
@@ -121,15 +122,11 @@ def require(ok: bool, msg: str) -> None:
         raise ValueError(msg)
 
 
-def config_to_dict(cfg: Any) -> dict:
-    return dataclasses.asdict(cfg)
-
-
 def print_config(cfg: Any, file=None) -> None:
     """Print the resolved config as one JSON block, so every run's settings are in its log."""
     from nanochat_jax.common import print0
 
-    text = json.dumps(config_to_dict(cfg), indent=2, sort_keys=False)
+    text = json.dumps(dataclasses.asdict(cfg), indent=2)
     print0(f"{type(cfg).__name__} {text}", file=file or sys.stdout)
 
 
@@ -137,3 +134,20 @@ def runtime_settings(compute_dtype: str, attention: str, on_gpu: bool) -> dict:
     """The `auto` flags resolved: bf16 + cuDNN attention on GPU, fp32 + XLA attention elsewhere."""
     return {"compute_dtype": compute_dtype if compute_dtype != "auto" else ("bfloat16" if on_gpu else "float32"),
             "attn_backend": attention if attention != "auto" else ("cudnn" if on_gpu else "xla")}
+
+
+@dataclass(frozen=True)
+class RuntimeFlags:
+    """Where and how a training stage runs; each stage's config extends it (nanochat_jax/stage.py resolves it)."""
+    mesh: int = flag(-1, "devices in the (\"data\",) mesh; -1 = all")
+    distributed: bool | None = flag(None, "multi-process run (jax.distributed); None: auto-detect a launcher")
+    fsdp: bool = flag(True, "shard params/optimizer state over the mesh (ZeRO/FSDP); else replicate")
+    attention: str = flag("auto", "auto | xla | cudnn | pallas (auto: cudnn on GPU, xla elsewhere)")
+    compute_dtype: str = flag("auto", "auto (bf16 on GPU, fp32 on CPU) | bfloat16 | float32")
+    tokenizer_dir: str | None = flag(None, "tokenizer folder (default <base dir>/tokenizer)")
+    seed: int = flag(42, "seed of the parameter init and the sampling")
+
+    def __post_init__(self):
+        require(self.attention in ("auto", "xla", "cudnn", "pallas"),
+                f"--attention must be auto|xla|cudnn|pallas, got {self.attention!r}")
+        require(self.compute_dtype in ("auto", "bfloat16", "float32"), "--compute-dtype must be auto|bfloat16|float32")

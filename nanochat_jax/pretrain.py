@@ -6,24 +6,27 @@ train step of nanochat_jax/train.py and runs its `fit` loop with evaluation, sam
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
+import re
 from dataclasses import dataclass
 
 import jax
-import jax.numpy as jnp
+import numpy as np
 
-from nanochat_jax import gpt, optim, sharding
+from nanochat_jax import core_eval, gpt, optim, sharding
+from nanochat_jax.checkpoint import Checkpointer, checkpoint_dir
+from nanochat_jax.checkpoint import resume_step as resume_from
 from nanochat_jax.common import format_duration, print0
-from nanochat_jax.config import flag, require, runtime_settings
+from nanochat_jax.config import RuntimeFlags, flag, require, runtime_settings
+from nanochat_jax.dataloader import ShardedLoader
+from nanochat_jax.dataset import list_parquet_files, resolve_data_dir, split_files
+from nanochat_jax.stage import Stage, bpb_eval, finish, gathered, loop_state, saver
 from nanochat_jax.engine import Engine
-from nanochat_jax.train import (SAMPLE_PROMPTS, LoopState, Periodic, ScalarLog, StepLogger, abstract_state,
-                                abstract_tree, compile_train_step, finish_run, fit, init_state, parse_profile_steps,
-                                run_dir, stack_micro_batches)
+from nanochat_jax.train import SAMPLE_PROMPTS, LoopState, Periodic, ScalarLog, StepLogger, fit, run_dir
 
 
 @dataclass(frozen=True)
-class PretrainConfig:
+class PretrainConfig(RuntimeFlags):
     """Base-model pretraining (nanochat's base_train flags, dash style, plus --mesh/--data-dir/--attention/--resume)."""
     # model
     depth: int = flag(20, "transformer layers; width = depth * aspect_ratio rounded up to head_dim")
@@ -32,8 +35,6 @@ class PretrainConfig:
     n_kv_head: int = flag(-1, "key/value heads (GQA); -1 = n_head (no GQA)")
     max_seq_len: int = flag(2048, "context length in tokens")
     window_pattern: str = flag("SSSL", "attention windows per layer, repeated: L = full context, S = a quarter of it")
-    attention: str = flag("auto", "auto | xla | cudnn | pallas (auto: cudnn on GPU, xla elsewhere)")
-    compute_dtype: str = flag("auto", "auto (bf16 on GPU, fp32 on CPU) | bfloat16 | float32")
     remat: bool = flag(False, "recompute each block's activations in the backward pass (less memory, more time)")
     # horizon and batch
     num_iterations: int = flag(-1, "optimizer steps; -1 = from --target-flops or --target-param-data-ratio")
@@ -73,22 +74,15 @@ class PretrainConfig:
     resume_from_step: int = flag(-1, "resume from this step instead of the latest (-1 = latest)")
     log_every: int = flag(1, "steps between log lines")
     profile_steps: str = flag("", "START:STOP, writes a jax.profiler trace under the run dir")
-    # where and how
-    mesh: int = flag(-1, "devices in the (\"data\",) mesh; -1 = all")
-    distributed: bool | None = flag(None, "multi-process run (jax.distributed); None: auto-detect a launcher")
-    fsdp: bool = flag(True, "shard params/optimizer state over the mesh (ZeRO/FSDP); else replicate")
+    # where (mesh, fsdp, attention, compute dtype, tokenizer, seed: RuntimeFlags)
     data_dir: str | None = flag(None, "pretraining shards folder (default <base dir>/base_data)")
-    tokenizer_dir: str | None = flag(None, "tokenizer folder (default <base dir>/tokenizer)")
-    seed: int = flag(42, "seed of the parameter init and the sampling")
 
     def __post_init__(self):
+        super().__post_init__()
         need = require
         need(self.depth >= 1, f"--depth must be >= 1, got {self.depth}")
         need(self.max_seq_len >= 2, f"--max-seq-len must be >= 2, got {self.max_seq_len}")
         need(self.device_batch_size >= 1, f"--device-batch-size must be >= 1, got {self.device_batch_size}")
-        need(self.attention in ("auto", "xla", "cudnn", "pallas"),
-             f"--attention must be auto|xla|cudnn|pallas, got {self.attention!r}")
-        need(self.compute_dtype in ("auto", "bfloat16", "float32"), "--compute-dtype must be auto|bfloat16|float32")
         need(self.num_iterations > 0 or self.target_flops > 0 or self.target_param_data_ratio > 0,
              "set one of --num-iterations, --target-flops or --target-param-data-ratio to a positive value")
         need(self.total_batch_size == -1 or self.total_batch_size > 0, "--total-batch-size must be > 0 or -1 (auto)")
@@ -138,6 +132,23 @@ def plan_horizon(cfg: PretrainConfig, model_cfg: gpt.GPTConfig, n_devices: int) 
             "params": counts, "flops_per_token": gpt.flops_per_token(model_cfg)}
 
 
+def optim_config(cfg: PretrainConfig, model_cfg: gpt.GPTConfig, plan: dict) -> optim.OptimConfig:
+    names = ("matrix_lr", "embedding_lr", "unembedding_lr", "scalar_lr", "weight_decay", "warmup_steps",
+             "warmdown_ratio", "final_lr_frac", "lr_schedule", "muon_momentum_schedule", "weight_decay_schedule",
+             "adamw_style", "adamw_weight_decay", "grad_clip")
+    return optim.OptimConfig(num_iterations=plan["num_iterations"], model_dim=model_cfg.n_embd,
+                             weight_decay_scaled=plan["weight_decay_scaled"], batch_lr_scale=plan["batch_lr_scale"],
+                             **{k: getattr(cfg, k) for k in names})
+
+
+def parse_profile_steps(spec: str) -> tuple[int, int] | None:
+    """--profile-steps "START:STOP" → (START, STOP); "" → None."""
+    m = re.fullmatch(r"(\d+):(\d+)", spec)
+    require(not spec or (m and int(m[1]) < int(m[2])),
+            f"--profile-steps must be START:STOP with 0 <= START < STOP (e.g. 5:8), got {spec!r}")
+    return (int(m[1]), int(m[2])) if spec else None
+
+
 def pretrain(cfg: PretrainConfig) -> LoopState:
     """The base-training loop. Returns the final LoopState (loss history of this run included)."""
     with contextlib.ExitStack() as cleanup:  # checkpointer, loader threads, log: closed however the run ends
@@ -145,107 +156,56 @@ def pretrain(cfg: PretrainConfig) -> LoopState:
 
 
 def _pretrain(cfg: PretrainConfig, cleanup: contextlib.ExitStack) -> LoopState:
-    from nanochat_jax.checkpoint import Checkpointer, checkpoint_dir
-    from nanochat_jax.checkpoint import resume_step as resume_from
-    from nanochat_jax.dataloader import ShardedLoader
-    from nanochat_jax.dataset import list_parquet_files, resolve_data_dir, split_files
-    from nanochat_jax.loss_eval import evaluate_bpb, make_bpb_fn
-    from nanochat_jax.tokenizer import get_tokenizer
-
-    sharding.maybe_initialize_distributed(cfg.distributed)
-    mesh = sharding.make_mesh(cfg.mesh)
-    device = mesh.devices.flat[0]
-    on_gpu = device.platform == "gpu"
+    st = Stage.open(cfg)
+    mesh, tokenizer = st.mesh, st.tokenizer
     # Inputs first (tokenizer, shards, the checkpoint to continue): a wrong path fails in a second, not after compiling.
-    tokenizer = get_tokenizer(cfg.tokenizer_dir)
-    token_bytes = jnp.asarray(tokenizer.token_bytes(), jnp.int32)
     files = list_parquet_files(resolve_data_dir(cfg.data_dir))
-    train_files, val_files = split_files(files, "train"), split_files(files, "val")
-    model_cfg = build_model_config(cfg, tokenizer.vocab_size, on_gpu)
+    model_cfg = build_model_config(cfg, tokenizer.vocab_size, st.on_gpu)
     plan = plan_horizon(cfg, model_cfg, mesh.size)
     n_iter, grad_accum, B = plan["num_iterations"], plan["grad_accum"], plan["total_batch_size"]
     tag = cfg.model_tag or f"d{cfg.depth}"
     ckpt = Checkpointer(checkpoint_dir("base", tag), keep=cfg.keep_checkpoints)
     cleanup.callback(ckpt.close)  # however the run ends, an in-flight async save is committed before exit
-
     must_match = {**model_cfg.to_dict(), "total_batch_size": B, "num_iterations": n_iter}  # to continue a run
     resume_step = resume_from(ckpt, cfg.resume, must_match, from_step=cfg.resume_from_step)
     meta = ckpt.read_meta(resume_step) if resume_step is not None else {}
     # one reader per device, strided by the device's place in the mesh: same global batches however many processes
     shards = [i for i, d in enumerate(mesh.devices.flat) if d.process_index == jax.process_index()]
-    loader = ShardedLoader(tokenizer, cfg.device_batch_size, cfg.max_seq_len, "train", files=train_files,
-                           shard_indices=shards, num_shards=mesh.size, state=meta.get("loader_state"))
+
+    def reader(split, state=None):
+        return ShardedLoader(tokenizer, cfg.device_batch_size, cfg.max_seq_len, split, files=split_files(files, split),
+                             shard_indices=shards, num_shards=mesh.size, state=state)
+
+    loader = reader("train", meta.get("loader_state"))
     cleanup.callback(loader.close)
-    print0(f"devices: {mesh.size} × {device.device_kind} ({jax.process_count()} process(es)); "
-           f"compute {model_cfg.compute_dtype}, attention {model_cfg.attn_backend}")
-    print0("model config " + json.dumps(model_cfg.to_dict()))
-    print0("parameters " + ", ".join(f"{k} {v:,}" for k, v in plan["params"].items()))
-    print0(f"FLOPs/token {plan['flops_per_token']:.6e}; total batch {B:,} tokens = grad_accum {grad_accum} × "
-           f"{cfg.device_batch_size} rows × {cfg.max_seq_len} × {mesh.size} devices; {n_iter:,} iterations "
-           f"({n_iter * B:,} tokens, {n_iter * B / plan['params']['scaling']:.2f} tokens/scaling param, "
-           f"{n_iter * B * plan['flops_per_token']:.3e} FLOPs); lr scale {plan['batch_lr_scale']:.4f}, "
-           f"wd {plan['weight_decay_scaled']:.4f}")
-    print0(f"data: {len(train_files)} train + 1 val shard(s) in {files[0].parent}; checkpoints: {ckpt.directory}")
-
-    opt_cfg = optim.OptimConfig(num_iterations=n_iter, model_dim=model_cfg.n_embd, matrix_lr=cfg.matrix_lr,
-                                embedding_lr=cfg.embedding_lr, unembedding_lr=cfg.unembedding_lr,
-                                scalar_lr=cfg.scalar_lr, weight_decay=cfg.weight_decay,
-                                weight_decay_scaled=plan["weight_decay_scaled"], batch_lr_scale=plan["batch_lr_scale"],
-                                warmup_steps=cfg.warmup_steps, warmdown_ratio=cfg.warmdown_ratio,
-                                final_lr_frac=cfg.final_lr_frac, lr_schedule=cfg.lr_schedule,
-                                muon_momentum_schedule=cfg.muon_momentum_schedule,
-                                weight_decay_schedule=cfg.weight_decay_schedule, adamw_style=cfg.adamw_style,
-                                adamw_weight_decay=cfg.adamw_weight_decay, grad_clip=cfg.grad_clip)
-    param_shapes = gpt.param_shapes(model_cfg)
-    tx = optim.build_optimizer(param_shapes, opt_cfg)
-    state_shapes = abstract_state(model_cfg, tx)
-    step_fn, shardings, info = compile_train_step(model_cfg, tx, mesh, state_shapes,
-                                                  (grad_accum, cfg.device_batch_size * mesh.size, cfg.max_seq_len),
-                                                  shard_params=cfg.fsdp)
-    print0(f"compiled the train step in {info['compile_seconds']:.1f}s; memory {info.get('memory', 'n/a')}")
-
-    # state: fresh or restored
+    _print_plan(cfg, st, model_cfg, plan, files, ckpt)
+    opt_cfg = optim_config(cfg, model_cfg, plan)
+    prog = st.compile(model_cfg, optim.build_optimizer(gpt.param_shapes(model_cfg), opt_cfg),
+                      (grad_accum, cfg.device_batch_size * mesh.size, cfg.max_seq_len))
+    print0(f"compiled the train step in {prog.info['compile_seconds']:.1f}s; memory {prog.info.get('memory', 'n/a')}")
     loop = LoopState()
     if resume_step is not None:
-        abstract = abstract_tree(state_shapes, shardings)
-        params, opt_state, meta = ckpt.restore(resume_step, abstract_params=abstract["params"],
-                                               abstract_opt_state=abstract["opt_state"])
-        state = {"step": jax.device_put(jnp.asarray(resume_step, jnp.int32), shardings["step"]),
-                 "params": params, "opt_state": opt_state}
-        loop = LoopState(**{k: v for k, v in meta["loop_state"].items() if k != "history"})
+        state, meta = prog.restore(ckpt, resume_step)
+        loop = loop_state(meta)
         print0(f"resumed {tag} from step {resume_step} of {n_iter}"
                + (" (already finished)" if resume_step >= n_iter else ""))
     else:
-        state = jax.jit(lambda k: init_state(model_cfg, tx, k), out_shardings=shardings)(jax.random.key(cfg.seed))
+        state = prog.init(cfg.seed)
     start = resume_step or 0
 
-    bpb_fn = jax.jit(make_bpb_fn(model_cfg), in_shardings=(shardings["params"], sharding.batch_sharding(mesh),
-                                                            sharding.batch_sharding(mesh), sharding.replicated(mesh)))
-    prompts = [tokenizer.encode(p, prepend=tokenizer.bos_id) for p in SAMPLE_PROMPTS]
-    eval_steps = max(1, cfg.eval_tokens // (cfg.device_batch_size * cfg.max_seq_len * mesh.size))
-
     def val_batches():
-        with ShardedLoader(tokenizer, cfg.device_batch_size, cfg.max_seq_len, "val", files=val_files,
-                           shard_indices=shards, num_shards=mesh.size) as val:
+        with reader("val") as val:
             for b in val:
                 yield {k: sharding.global_batch(v, mesh) for k, v in b.items()}
-
-    log = ScalarLog(run_dir(tag))
-    cleanup.callback(log.close)
-    flops_tok = plan["flops_per_token"]
-    step_log = StepLogger(loop, log, n_iter, B, flops_tok, device.device_kind, mesh.size, cfg.log_every)
 
     def batches():
         while True:
             pos = loader.get_state()  # where this batch starts: what a checkpoint taken before its step stores
-            host = stack_micro_batches(loader, grad_accum)
+            micro = [next(loader) for _ in range(grad_accum)]
+            host = {k: np.stack([b[k] for b in micro]) for k in ("inputs", "targets")}
             yield {k: sharding.global_batch(v, mesh, batch_axis=1) for k, v in host.items()}, pos
 
-    def evaluate(step, state, _):
-        loop.val_bpb = evaluate_bpb(bpb_fn, state["params"], val_batches(), token_bytes, eval_steps)
-        loop.min_val_bpb = min(loop.min_val_bpb, loop.val_bpb)
-        print0(f"step {step:05d} | validation bpb {loop.val_bpb:.4f}")
-        log(step, **{"val/bpb": loop.val_bpb})
+    prompts = [tokenizer.encode(p, prepend=tokenizer.bos_id) for p in SAMPLE_PROMPTS]
 
     def sample(step, state, _):
         # an Engine per sampling, as nanochat/scripts/base_train.py; every process gathers the params whole (they
@@ -254,68 +214,83 @@ def _pretrain(cfg: PretrainConfig, cleanup: contextlib.ExitStack) -> LoopState:
         for seq in engine.generate_batch(prompts, max_tokens=16, temperature=0)[0]:
             print0(f"  sample: {tokenizer.decode(seq)!r}")
 
-    core = {}
-    if cfg.core_metric_every > 0:  # resolve the bundle now: a missing one fails here, not hours into the run
-        from nanochat_jax import core_eval
-        core["bundle"] = core_eval.ensure_eval_bundle(cfg.eval_bundle)
+    log = ScalarLog(run_dir(tag))
+    cleanup.callback(log.close)
+    step_log = StepLogger(loop, log, n_iter, B, plan["flops_per_token"], st.device.device_kind, mesh.size,
+                          cfg.log_every)
+    save = saver(ckpt, cfg, model_cfg, f"checkpoint {tag}", loop=loop, device_batch_size=cfg.device_batch_size,
+                 max_seq_len=cfg.max_seq_len, total_batch_size=B, num_iterations=n_iter,
+                 data_meta=lambda pos: {"loader_state": {"shards": gathered((pos or loader.get_state())["shards"])}})
+    eval_steps = max(1, cfg.eval_tokens // (cfg.device_batch_size * cfg.max_seq_len * mesh.size))
+    periodic = [Periodic(cfg.eval_every, bpb_eval(st, prog, loop, log, val_batches, eval_steps)),
+                Periodic(cfg.core_metric_every, _core_metric(cfg, st, model_cfg, loop, log),
+                         at_end=cfg.core_metric_every > 0),
+                Periodic(cfg.sample_every, sample, after_start=True),
+                Periodic(cfg.save_every, save, after_start=True)]
+
+    def report(step, metrics, dt):  # the lr multiplier: host arithmetic, no device round trip
+        step_log(step, metrics, dt, optim.current_hyperparams(opt_cfg, step)["lrm"], f"epoch {loader.epoch}")
+
+    fit(prog.step_fn, state, batches(), start=start, n_iter=n_iter, report=report, periodic=periodic,
+        profile=parse_profile_steps(cfg.profile_steps), profile_dir=run_dir(tag) / "profile")
+    for close in (ckpt.close, loader.close, log.close):  # before the report: the last save is complete
+        close()
+    _finish(cfg, st, model_cfg, plan, tag, loop, step_log.steady_mfu(), start)
+    return loop
+
+
+def _print_plan(cfg, st: Stage, model_cfg, plan: dict, files: list, ckpt) -> None:
+    n_iter, B, flops, scaling = (plan["num_iterations"], plan["total_batch_size"], plan["flops_per_token"],
+                                 plan["params"]["scaling"])
+    print0(f"devices: {st.mesh.size} × {st.device.device_kind} ({jax.process_count()} process(es)); "
+           f"compute {model_cfg.compute_dtype}, attention {model_cfg.attn_backend}")
+    print0("model config " + json.dumps(model_cfg.to_dict()))
+    print0("parameters " + ", ".join(f"{k} {v:,}" for k, v in plan["params"].items()))
+    print0(f"FLOPs/token {flops:.6e}; total batch {B:,} tokens = grad_accum {plan['grad_accum']} × "
+           f"{cfg.device_batch_size} rows × {cfg.max_seq_len} × {st.mesh.size} devices; {n_iter:,} iterations "
+           f"({n_iter * B:,} tokens, {n_iter * B / scaling:.2f} tokens/scaling param, {n_iter * B * flops:.3e} FLOPs); "
+           f"lr scale {plan['batch_lr_scale']:.4f}, wd {plan['weight_decay_scaled']:.4f}")
+    print0(f"data: {len(split_files(files, 'train'))} train + 1 val shard(s) in {files[0].parent}; "
+           f"checkpoints: {ckpt.directory}")
+
+
+def _core_metric(cfg: PretrainConfig, st: Stage, model_cfg, loop: LoopState, log):
+    """The Periodic CORE evaluation, with its bundle resolved now (a missing one fails here, not hours into the run)
+    and one scorer (and its compilations) for the whole run."""
+    if cfg.core_metric_every <= 0:
+        return None
+    bundle, scorer = core_eval.ensure_eval_bundle(cfg.eval_bundle), None
 
     def core_metric(step, state, _):
-        from nanochat_jax import core_eval
-
-        if "scorer" not in core:  # one scorer (and its compilations) for the whole run; params as trained
-            core["scorer"] = core_eval.make_model_scorer(state["params"], model_cfg, mesh, pad_id=tokenizer.bos_id,
-                                                         place_params=False)
-        core["scorer"].set_params(state["params"], place=False)
-        out = core_eval.evaluate_core(core["scorer"], tokenizer, core["bundle"],
-                                      max_per_task=cfg.core_metric_max_per_task, log=lambda *a, **k: None)
+        nonlocal scorer
+        if scorer is None:  # params as trained
+            scorer = core_eval.make_model_scorer(state["params"], model_cfg, st.mesh, pad_id=st.tokenizer.bos_id,
+                                                 place_params=False)
+        scorer.set_params(state["params"], place=False)
+        out = core_eval.evaluate_core(scorer, st.tokenizer, bundle, max_per_task=cfg.core_metric_max_per_task,
+                                      log=lambda *a, **k: None)
         loop.core_metric = out["core_metric"]
         print0(f"step {step:05d} | CORE {out['core_metric']:.4f} over {len(out['results'])} tasks "
                f"({out['examples']:,} examples, {out['seconds']:.0f}s)")
         log(step, **{"eval/core_metric": out["core_metric"]})
 
-    def save(step, state, loader_state):
-        # every process's readers, merged: the meta is written by process 0 alone
-        mine = (loader.get_state() if loader_state is None else loader_state)["shards"]
-        shards = {k: v for part in sharding.allgather_json(mine) for k, v in part.items()}
-        meta = {"step": step, "model_config": model_cfg.to_dict(), "user_config": dataclasses.asdict(cfg),
-                "device_batch_size": cfg.device_batch_size, "max_seq_len": cfg.max_seq_len,
-                "total_batch_size": B, "num_iterations": n_iter, "val_bpb": loop.val_bpb,
-                "loader_state": {"shards": shards},
-                "loop_state": {k: v for k, v in dataclasses.asdict(loop).items() if k != "history"}}
-        ckpt.save(step, params=state["params"], opt_state=state["opt_state"], meta=meta, overwrite=True)
-        print0(f"saved checkpoint {tag} step {step} to {ckpt.directory}")
+    return core_metric
 
-    def report(step, metrics, dt):
-        lrm = optim.current_hyperparams(opt_cfg, step)["lrm"]  # host arithmetic: no device round trip
-        step_log(step, metrics, dt, lrm, f"epoch {loader.epoch}")
 
-    periodic = [Periodic(cfg.eval_every, evaluate),
-                Periodic(cfg.core_metric_every, core_metric, at_end=cfg.core_metric_every > 0),
-                Periodic(cfg.sample_every, sample, after_start=True),
-                Periodic(cfg.save_every, save, after_start=True)]
-    fit(step_fn, state, batches(), start=start, n_iter=n_iter, report=report, periodic=periodic,
-        profile=parse_profile_steps(cfg.profile_steps), profile_dir=run_dir(tag) / "profile")
-    for close in (ckpt.close, loader.close, log.close):  # before the report: the last save is complete
-        close()
-    if jax.process_index() == 0:
-        from nanochat_jax.report import get_report
-
-        mfu = step_log.steady_mfu()
-        get_report().log("Base model training", [
-            {"model_tag": tag, "depth": cfg.depth, "parameters": plan["params"]["total"],
-             "scaling parameters": plan["params"]["scaling"], "FLOPs per token": f"{flops_tok:.6e}",
-             "iterations": n_iter, "total batch size": B, "tokens": n_iter * B,
-             "tokens per scaling parameter": n_iter * B / plan["params"]["scaling"],
-             "devices": f"{mesh.size} × {device.device_kind}", "attention": model_cfg.attn_backend,
-             "compute dtype": model_cfg.compute_dtype,
-             "min val bpb": loop.min_val_bpb,
-             "final val bpb": loop.val_bpb if loop.val_bpb is not None else float("nan"),
-             **({"CORE estimate": loop.core_metric} if loop.core_metric is not None else {}),
-             "MFU %": "-" if mfu is None else mfu,
-             "total training FLOPs": f"{n_iter * B * flops_tok:.4e}",
-             "training time": format_duration(loop.total_training_time)}], run_dir=run_dir(tag))
-    print0(f"done: {n_iter} steps, min val bpb {loop.min_val_bpb:.4f}, "
-           f"training time {format_duration(loop.total_training_time)}")
-    finish_run(run_dir(tag), {"final_step": n_iter, "val_bpb": loop.val_bpb, "min_val_bpb": loop.min_val_bpb},
-               start=start, losses=[[s_, l_] for s_, l_ in loop.history])
-    return loop
+def _finish(cfg: PretrainConfig, st: Stage, model_cfg, plan: dict, tag: str, loop: LoopState, mfu, start: int):
+    n_iter, B, flops, params = (plan["num_iterations"], plan["total_batch_size"], plan["flops_per_token"],
+                                plan["params"])
+    took = format_duration(loop.total_training_time)
+    finish(run_dir(tag), "Base model training", [
+        {"model_tag": tag, "depth": cfg.depth, "parameters": params["total"], "scaling parameters": params["scaling"],
+         "FLOPs per token": f"{flops:.6e}", "iterations": n_iter, "total batch size": B, "tokens": n_iter * B,
+         "tokens per scaling parameter": n_iter * B / params["scaling"],
+         "devices": f"{st.mesh.size} × {st.device.device_kind}", "attention": model_cfg.attn_backend,
+         "compute dtype": model_cfg.compute_dtype, "min val bpb": loop.min_val_bpb,
+         "final val bpb": loop.val_bpb if loop.val_bpb is not None else float("nan"),
+         **({"CORE estimate": loop.core_metric} if loop.core_metric is not None else {}),
+         "MFU %": "-" if mfu is None else mfu, "total training FLOPs": f"{n_iter * B * flops:.4e}",
+         "training time": took}],
+           f"done: {n_iter} steps, min val bpb {loop.min_val_bpb:.4f}, training time {took}",
+           {"final_step": n_iter, "val_bpb": loop.val_bpb, "min_val_bpb": loop.min_val_bpb},
+           start=start, losses=[[s, loss] for s, loss in loop.history])

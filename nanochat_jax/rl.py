@@ -18,7 +18,6 @@ run (params, optimizer state and step restored) continues exactly.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import hashlib
 import time
@@ -29,12 +28,17 @@ import jax.numpy as jnp
 import numpy as np
 
 from nanochat_jax import gpt, optim, sharding
+from nanochat_jax.checkpoint import Checkpointer, checkpoint_dir
 from nanochat_jax.common import format_duration, print0
-from nanochat_jax.config import flag, require
+from nanochat_jax.config import RuntimeFlags, flag, require
+from nanochat_jax.engine import make_engines, map_on_engines
+from nanochat_jax.stage import Stage, finish, saver
+from nanochat_jax.tasks import GSM8K
+from nanochat_jax.train import ScalarLog, run_dir
 
 
 @dataclass(frozen=True)
-class RLConfig:
+class RLConfig(RuntimeFlags):
     """Flags of scripts/rl.py: REINFORCE on GSM8K from a chat checkpoint (-1 / None: inherit or auto)."""
     source: str = flag("sft", "checkpoint phase to start from: base | mid | sft | rl")
     model_tag: str | None = flag(None, "source model tag (default: the largest); the output uses the same tag")
@@ -60,15 +64,10 @@ class RLConfig:
     resume: bool | None = flag(None, "None: continue the latest rl checkpoint if its settings match; "
                                      "1: require one; 0: start fresh (refused if checkpoints exist)")
     task_data: str | None = flag(None, "a shared/data-style folder with GSM8K ($NANOCHAT_JAX_TASK_DATA)")
-    mesh: int = flag(-1, "devices in the (\"data\",) mesh; -1 = all")
-    distributed: bool | None = flag(None, "multi-process run (jax.distributed); None: auto-detect a launcher")
-    fsdp: bool = flag(True, "shard params/optimizer state over the mesh (ZeRO/FSDP); else replicate")
-    attention: str = flag("auto", "auto | xla | cudnn | pallas (auto: cudnn on GPU, xla elsewhere)")
-    compute_dtype: str = flag("auto", "auto (bf16 on GPU, fp32 on CPU) | bfloat16 | float32")
-    tokenizer_dir: str | None = flag(None, "tokenizer folder (default <base dir>/tokenizer)")
     seed: int = flag(0, "seed of the rollouts (each group's seed is a hash of it, the step and the problem)")
 
     def __post_init__(self):
+        super().__post_init__()
         require(self.source in ("base", "mid", "sft", "rl"), f"--source must be base|mid|sft|rl, got {self.source!r}")
         require(self.examples_per_step >= 1 and self.num_samples >= 1, "--examples-per-step and --num-samples >= 1")
         require(self.max_new_tokens >= 1 and self.train_seq_len >= 2, "--max-new-tokens >= 1, --train-seq-len >= 2")
@@ -81,9 +80,6 @@ def rollout_seed(seed: int, kind: str, step: int, example: int) -> int:
     digest = hashlib.blake2b(f"{seed}/{kind}/{step}/{example}".encode(), digest_size=4).digest()
     return int.from_bytes(digest, "little") & 0x7FFFFFFF
 
-
-# ----------------------------------------------------------------------------------------------
-# The loss and the batch
 
 def pg_loss_fn(model_cfg: gpt.GPTConfig):
     """(params, micro-batch {"inputs", "targets", "weights"}) → Σ_rows Σ_tokens CE · weight_row, i.e. −Σ logp·A/N."""
@@ -132,19 +128,17 @@ def rollout_batch(prompt_lens, seqs, masks, rewards, *, seq_len: int, pad_id: in
 
 
 def pass_at_k(correct: np.ndarray) -> np.ndarray:
-    """correct (problems, samples) bool → pass@k for k = 1..samples: any of the first k samples correct."""
-    return np.cumsum(correct, axis=1).clip(0, 1).mean(axis=0)
+    """correct (problems, samples) bool, each process passing its own problems → pass@k for k = 1..samples over
+    all of them: the share of problems with a correct answer among their first k samples (a collective)."""
+    solved_k = np.cumsum(correct, axis=1).clip(0, 1).sum(axis=0)
+    sums = sharding.process_sum(np.concatenate([solved_k, [len(correct)]]).astype(np.float64))
+    return sums[:-1] / max(sums[-1], 1)
 
-
-# ----------------------------------------------------------------------------------------------
-# Sampling with one engine per device
 
 def sample_groups(engines, tokenizer, task, example_ids, *, num_samples, max_new_tokens, temperature, top_k,
                   seed_of, reward_fn=None):
     """For each example: its prompt ids, num_samples (prompt + completion) sequences, engine masks and rewards.
     Engines in threads, one example per engine call."""
-    from nanochat_jax.engine import map_on_engines
-
     reward_fn = reward_fn or task.reward
 
     def rollout(engine, ex):
@@ -158,44 +152,23 @@ def sample_groups(engines, tokenizer, task, example_ids, *, num_samples, max_new
     return map_on_engines(engines, list(example_ids), rollout)
 
 
-# ----------------------------------------------------------------------------------------------
-# The loop
-
 def rl_train(cfg: RLConfig, *, train_task=None, eval_task=None, reward_fn=None) -> dict:
     """Run RL. train_task/eval_task (tasks with `reward(conversation, completion)`) replace GSM8K (tests)."""
-    from nanochat_jax.checkpoint import Checkpointer, checkpoint_dir
-    from nanochat_jax.checkpoint import resume_step as resume_from
-    from nanochat_jax.engine import make_engines
-    from nanochat_jax.tokenizer import get_tokenizer
-    from nanochat_jax.checkpoint import open_source
-    from nanochat_jax.train import (LoopState, ScalarLog, abstract_state, abstract_tree, compile_train_step,
-                                    finish_run, run_dir)
-
-    sharding.maybe_initialize_distributed(cfg.distributed)
-    mesh = sharding.make_mesh(cfg.mesh)
-    device = mesh.devices.flat[0]
-    on_gpu = device.platform == "gpu"
+    st = Stage.open(cfg)
+    mesh, tokenizer = st.mesh, st.tokenizer
     pi, pc = jax.process_index(), jax.process_count()
-    tokenizer = get_tokenizer(cfg.tokenizer_dir)
-    if train_task is None or eval_task is None:
-        from nanochat_jax.tasks import GSM8K
-        train_task = train_task or GSM8K("main", "train", data_dir=cfg.task_data)
-        eval_task = eval_task or GSM8K("main", "test", data_dir=cfg.task_data)
-
-    src = open_source(cfg.source, cfg.model_tag, cfg.model_step, compute_dtype=cfg.compute_dtype,
-                      attention=cfg.attention, on_gpu=on_gpu)
-    tag, src_step, model_cfg = src.tag, src.step, src.model_cfg
-
-    E, S = cfg.examples_per_step, cfg.num_samples
+    train_task = train_task or GSM8K("main", "train", data_dir=cfg.task_data)
+    eval_task = eval_task or GSM8K("main", "test", data_dir=cfg.task_data)
+    src = st.source(cfg.source, cfg.model_tag, cfg.model_step)
+    tag, model_cfg, source = src.tag, src.model_cfg, f"{cfg.source}/{src.tag}/{src.step}"
+    E, S, T = cfg.examples_per_step, cfg.num_samples, cfg.train_seq_len
+    R = cfg.device_batch_size * mesh.size  # rows per micro-batch
     require(E % pc == 0, f"--examples-per-step={E} must be a multiple of the {pc} processes")
-    rows = E * S
-    micro_rows = cfg.device_batch_size * mesh.size
-    require(rows % micro_rows == 0, f"examples_per_step × num_samples = {rows} rows must be a multiple of "
-                                    f"device_batch_size × devices = {micro_rows}; change one of them")
-    grad_accum = rows // micro_rows
+    require(E * S % R == 0, f"examples_per_step × num_samples = {E * S} rows must be a multiple of "
+                            f"device_batch_size × devices = {R}; change one of them")
+    A = E * S // R
     num_steps = cfg.num_steps if cfg.num_steps > 0 else (len(train_task) // E) * cfg.num_epochs
     require(num_steps >= 1, f"no RL steps: {len(train_task)} problems < --examples-per-step={E}")
-
     lrs = src.lrs(matrix_lr=cfg.matrix_lr, embedding_lr=cfg.embedding_lr, unembedding_lr=cfg.unembedding_lr,
                   scalar_lr=cfg.scalar_lr)
     opt_cfg = optim.OptimConfig(num_iterations=num_steps, model_dim=model_cfg.n_embd, **lrs, weight_decay=0.0,
@@ -203,122 +176,85 @@ def rl_train(cfg: RLConfig, *, train_task=None, eval_task=None, reward_fn=None) 
                                 muon_momentum_peak=0.95, muon_momentum_final=0.95)
     tx = optim.build_optimizer(gpt.param_shapes(model_cfg), opt_cfg,
                                lr_schedule=lambda it: 1.0 - it.astype(jnp.float32) / num_steps)  # reference: 1 − step/N
-    state_shapes = abstract_state(model_cfg, tx)
-    T = cfg.train_seq_len
-    A, R = grad_accum, micro_rows
-    step_fn, shardings, info = compile_train_step(
-        model_cfg, tx, mesh, state_shapes, (A, R, T), shard_params=cfg.fsdp, loss_fn=pg_loss_fn(model_cfg),
-        micro_reduce="sum", extra_inputs={"weights": ((A, R), jnp.float32)})
-    abstract = abstract_tree(state_shapes, shardings)
-
+    prog = st.compile(model_cfg, tx, (A, R, T), loss_fn=pg_loss_fn(model_cfg), micro_reduce="sum",
+                      extra_inputs={"weights": ((A, R), jnp.float32)})
     ckpt = Checkpointer(checkpoint_dir("rl", tag), keep=2)
-    loop = LoopState()
-
-    start = resume_from(ckpt, cfg.resume, {**model_cfg.to_dict(), "source": f"{cfg.source}/{tag}/{src_step}",
-                                           "num_steps": num_steps, "examples_per_step": E, "num_samples": S},
-                        close_on_error=(ckpt, src.ckpt))
-    if start is not None:
-        params, opt_state, meta = ckpt.restore(start, abstract_params=abstract["params"],
-                                               abstract_opt_state=abstract["opt_state"])
-        print0(f"resumed rl/{tag} from step {start}")
-    else:
-        start = 0
-        params, _, _ = src.ckpt.restore(src_step, abstract_params=abstract["params"])
-        opt_state = jax.jit(tx.init, out_shardings=shardings["opt_state"])(params)
-    src.ckpt.close()
-    state = {"step": jax.device_put(jnp.asarray(start, jnp.int32), shardings["step"]), "params": params,
-             "opt_state": opt_state}
-    engines = make_engines(state["params"], model_cfg, tokenizer,
-                           [d for d in mesh.devices.flat if d.process_index == pi])
-    print0(f"rl: from {cfg.source}/{tag} step {src_step}; {num_steps} steps × {E} problems × {S} samples "
-           f"({rows} rows = {A} × {R} × {T} tokens); {len(engines)} engine(s) on this process; "
-           f"train step compiled in {info['compile_seconds']:.1f}s")
-
-    log = ScalarLog(run_dir(f"rl_{tag}"))
+    state, start, _ = prog.continue_or_start(ckpt, cfg.resume, {
+        **model_cfg.to_dict(), "source": source, "num_steps": num_steps, "examples_per_step": E, "num_samples": S},
+        src, f"rl/{tag}")
+    engines = make_engines(state["params"], model_cfg, tokenizer, st.local_devices)
+    print0(f"rl: from {cfg.source}/{tag} step {src.step}; {num_steps} steps × {E} problems × {S} samples "
+           f"({E * S} rows = {A} × {R} × {T} tokens); {len(engines)} engine(s) on this process; "
+           f"train step compiled in {prog.info['compile_seconds']:.1f}s")
+    run = run_dir(f"rl_{tag}")
+    log, rewards, passes, losses = ScalarLog(run), [], [], []
+    sample = functools.partial(sample_groups, engines, tokenizer, max_new_tokens=cfg.max_new_tokens,
+                               reward_fn=reward_fn)
+    save = saver(ckpt, cfg, model_cfg, f"rl checkpoint {tag}", source=source, lrs=lrs, num_steps=num_steps)
     pad_id = tokenizer.encode_special("<|assistant_end|>")
-    history = {"reward": [], "pass@k": []}
-
-    def put(host: dict) -> dict:
-        arrs = {k: v.reshape(A, -1, *v.shape[1:]) for k, v in host.items()}
-        return {k: sharding.global_batch(v, mesh, batch_axis=1) for k, v in arrs.items()}
-
-    def refresh_engines(params):
-        for e in engines:
-            e.set_params(params)
-
-    def evaluate(step):
-        n = min(cfg.eval_examples, len(eval_task))
-        mine = list(range(pi, n, pc))
-        groups = sample_groups(engines, tokenizer, eval_task, mine, num_samples=cfg.eval_samples,
-                               max_new_tokens=cfg.max_new_tokens, temperature=1.0, top_k=50,
-                               seed_of=functools.partial(rollout_seed, cfg.seed, "eval", step), reward_fn=reward_fn)
-        correct = np.array([[r > 0 for r in g[3]] for g in groups], bool).reshape(len(mine), cfg.eval_samples)
-        passed_k = np.cumsum(correct, 1).clip(0, 1).sum(0)  # problems solved within the first k samples
-        sums = sharding.process_sum(np.concatenate([passed_k, [len(mine)]]).astype(np.float64))
-        passk = sums[:-1] / max(sums[-1], 1)
-        print0(f"step {step:05d} | " + " | ".join(f"pass@{k + 1} {v:.4f}" for k, v in enumerate(passk)))
-        log(step, **{f"eval/pass@{k + 1}": float(v) for k, v in enumerate(passk)})
-        history["pass@k"].append((step, passk.tolist()))
-
-    def save(step):
-        meta = {"step": step, "model_config": model_cfg.to_dict(), "user_config": dataclasses.asdict(cfg),
-                "source": f"{cfg.source}/{tag}/{src_step}", "lrs": lrs, "num_steps": num_steps}
-        ckpt.save(step, params=state["params"], opt_state=state["opt_state"], meta=meta, overwrite=True)
-        print0(f"saved rl checkpoint {tag} step {step}")
-
     t_start = time.perf_counter()
     try:
         for step in range(start, num_steps + 1):
             last = step == num_steps
             if cfg.eval_every > 0 and (step % cfg.eval_every == 0 or last):
-                evaluate(step)
+                passes.append((step, _evaluate(cfg, sample, eval_task, step, log).tolist()))
             if step > start and (last or (cfg.save_every > 0 and step % cfg.save_every == 0)):
-                save(step)
+                save(step, state)
             if last:
                 break
             t0 = time.perf_counter()
             first = (step * E) % len(train_task)
-            examples = [(first + i) % len(train_task) for i in range(E)][pi::pc]
-            groups = sample_groups(engines, tokenizer, train_task, examples, num_samples=S,
-                                   max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
-                                   seed_of=functools.partial(rollout_seed, cfg.seed, "train", step),
-                                   reward_fn=reward_fn)
+            groups = sample(train_task, [(first + i) % len(train_task) for i in range(E)][pi::pc], num_samples=S,
+                            temperature=cfg.temperature, top_k=cfg.top_k,
+                            seed_of=functools.partial(rollout_seed, cfg.seed, "train", step))
             t_sample = time.perf_counter() - t0
-            rewards = np.array([g[3] for g in groups], np.float64)
+            reward_GS = np.array([g[3] for g in groups], np.float64)
             host, stats = rollout_batch([g[0] for g in groups], [g[1] for g in groups], [g[2] for g in groups],
-                                        rewards, seq_len=T, pad_id=pad_id, n_groups_total=E)
-            state, metrics = step_fn(state, put(host))
-            refresh_engines(state["params"])
-            loss = float(metrics["loss"])
-            tot = sharding.process_sum(np.array([rewards.sum(), stats["mean_completion_len"] * rewards.size,
-                                                 rewards.size]))
-            mean_reward, mean_len = tot[0] / tot[2], tot[1] / tot[2]
-            dt = time.perf_counter() - t0
-            loop.history.append((step, loss))
-            history["reward"].append((step, float(mean_reward)))
-            lrm = 1.0 - step / num_steps
-            print0(f"step {step:05d}/{num_steps} | reward {mean_reward:.4f} | completion length {mean_len:.1f} | "
-                   f"loss {loss:+.6f} | lrm {lrm:.3f} | sampling {t_sample:.1f}s | step {dt:.1f}s"
-                   + (f" | {stats['cut']} rollouts cut at {T}" if stats["cut"] else ""))
-            log(step, **{"rl/reward": mean_reward, "rl/sequence_length": mean_len, "rl/lrm": lrm, "rl/loss": loss,
-                         "rl/step_seconds": dt})
+                                        reward_GS, seq_len=T, pad_id=pad_id, n_groups_total=E)
+            state, metrics = prog.step_fn(state, {k: sharding.global_batch(v.reshape(A, -1, *v.shape[1:]), mesh,
+                                                                           batch_axis=1) for k, v in host.items()})
+            for engine in engines:
+                engine.set_params(state["params"])
+            losses.append((step, float(metrics["loss"])))
+            rewards.append((step, _log_step(log, step, num_steps, reward_GS, stats, loss=losses[-1][1],
+                                            t_sample=t_sample, dt=time.perf_counter() - t0, seq_len=T)))
     finally:
         ckpt.close()
         log.close()
-    summary = {"stage": "rl", "steps": num_steps, "wall_seconds": time.perf_counter() - t_start,
-               "reward": history["reward"], "pass@k": history["pass@k"],
-               "losses": [[s, loss] for s, loss in loop.history]}
-    print0(f"rl done: {num_steps} steps in {format_duration(summary['wall_seconds'])}")
-    if pi == 0:
-        from nanochat_jax.report import get_report
+    took = time.perf_counter() - t_start
+    last_pass = passes[-1][1] if passes else []
+    finish(run, "Chat RL", {
+        "source": source, "steps": num_steps, "examples per step": E, "samples per example": S,
+        "first reward": rewards[0][1] if rewards else float("nan"),
+        "last reward": rewards[-1][1] if rewards else float("nan"),
+        **{f"pass@{k + 1}": v for k, v in enumerate(last_pass)}, "wall time": format_duration(took)},
+           f"rl done: {num_steps} steps in {format_duration(took)}",
+           {"stage": "rl", "steps": num_steps, "wall_seconds": took},
+           reward=rewards, **{"pass@k": passes}, losses=[[s, loss] for s, loss in losses])
+    return {"stage": "rl", "steps": num_steps, "wall_seconds": took, "reward": rewards, "pass@k": passes,
+            "losses": [[s, loss] for s, loss in losses]}
 
-        last_pass = history["pass@k"][-1][1] if history["pass@k"] else []
-        get_report().log("Chat RL", {
-            "source": f"{cfg.source}/{tag}/{src_step}", "steps": num_steps, "examples per step": E,
-            "samples per example": S, "first reward": history["reward"][0][1] if history["reward"] else float("nan"),
-            "last reward": history["reward"][-1][1] if history["reward"] else float("nan"),
-            **{f"pass@{k + 1}": v for k, v in enumerate(last_pass)},
-            "wall time": format_duration(summary["wall_seconds"])}, run_dir=run_dir(f"rl_{tag}"))
-    finish_run(run_dir(f"rl_{tag}"), {k: summary[k] for k in ("stage", "steps", "wall_seconds")},
-               **{k: summary[k] for k in ("reward", "pass@k", "losses")})
-    return summary
+
+def _evaluate(cfg: RLConfig, sample, task, step: int, log) -> np.ndarray:
+    """pass@1..eval_samples on the first --eval-examples problems of `task` (each process sampling its share)."""
+    mine = list(range(jax.process_index(), min(cfg.eval_examples, len(task)), jax.process_count()))
+    groups = sample(task, mine, num_samples=cfg.eval_samples, temperature=1.0, top_k=50,
+                    seed_of=functools.partial(rollout_seed, cfg.seed, "eval", step))
+    passk = pass_at_k(np.array([[r > 0 for r in g[3]] for g in groups], bool).reshape(len(mine), cfg.eval_samples))
+    print0(f"step {step:05d} | " + " | ".join(f"pass@{k + 1} {v:.4f}" for k, v in enumerate(passk)))
+    log(step, **{f"eval/pass@{k + 1}": float(v) for k, v in enumerate(passk)})
+    return passk
+
+
+def _log_step(log, step: int, num_steps: int, reward_GS, stats: dict, *, loss: float, t_sample: float, dt: float,
+              seq_len: int) -> float:
+    """A train step's line and scalars, means over every process's rollouts; returns the mean reward."""
+    tot = sharding.process_sum(np.array([reward_GS.sum(), stats["mean_completion_len"] * reward_GS.size,
+                                         reward_GS.size]))
+    mean_reward, mean_len, lrm = tot[0] / tot[2], tot[1] / tot[2], 1.0 - step / num_steps
+    print0(f"step {step:05d}/{num_steps} | reward {mean_reward:.4f} | completion length {mean_len:.1f} | "
+           f"loss {loss:+.6f} | lrm {lrm:.3f} | sampling {t_sample:.1f}s | step {dt:.1f}s"
+           + (f" | {stats['cut']} rollouts cut at {seq_len}" if stats["cut"] else ""))
+    log(step, **{"rl/reward": mean_reward, "rl/sequence_length": mean_len, "rl/lrm": lrm, "rl/loss": loss,
+                 "rl/step_seconds": dt})
+    return float(mean_reward)

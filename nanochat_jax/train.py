@@ -5,16 +5,15 @@ micro-batches of `batch` runs inside it with `lax.scan`, then one optimizer upda
 once with explicit shardings and donation and AOT-compiles it (logging compile time and memory); `fit` runs the
 loop: metrics read one step late so dispatch stays asynchronous, and `Periodic` actions between steps (val
 bits-per-byte every --eval-every steps, greedy samples every --sample-every, orbax checkpoints); `StepLogger` prints
-each step's line and TensorBoard scalars. The stage drivers live in pretrain.py, chat_train.py and rl.py.
+each step's line and TensorBoard scalars. The stage drivers live in pretrain.py, chat_train.py and rl.py, their
+shared setup in stage.py.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 import jax
@@ -161,18 +160,6 @@ class ScalarLog:
             self.writer = None
 
 
-def parse_profile_steps(spec: str) -> tuple[int, int] | None:
-    if not spec:
-        return None
-    try:
-        a, b = (int(x) for x in spec.split(":"))
-    except ValueError:
-        raise ValueError(f"--profile-steps must look like START:STOP (e.g. 5:8), got {spec!r}") from None
-    if not 0 <= a < b:
-        raise ValueError(f"--profile-steps START:STOP needs 0 <= START < STOP, got {spec!r}")
-    return a, b
-
-
 @dataclass
 class LoopState:
     """What the loop carries between steps and across a resume (saved in the checkpoint's meta)."""
@@ -182,12 +169,6 @@ class LoopState:
     val_bpb: float | None = None
     core_metric: float | None = None
     history: list = field(default_factory=list)  # [(step, loss)] of this process, for tests and reports
-
-
-def stack_micro_batches(loader: Iterator[dict], n_micro: int) -> dict[str, np.ndarray]:
-    """A micro-batches of (B, T) from the loader → {"inputs", "targets"} of shape (A, B, T)."""
-    batches = [next(loader) for _ in range(n_micro)]
-    return {k: np.stack([b[k] for b in batches]) for k in ("inputs", "targets")}
 
 
 def mfu_percent(flops_per_token: float, tokens: int, seconds: float, device_kind: str, n_devices: int) -> float | None:
@@ -200,17 +181,6 @@ def run_dir(model_tag: str):
     return get_base_dir() / "runs" / model_tag
 
 
-def finish_run(directory, summary: dict, **series) -> None:
-    """A stage's last stdout line: `summary` as one short JSON line. The per-step series (losses, rewards, ...) go,
-    with the summary, as one JSON line appended to <directory>/history.jsonl (process 0), one line per run."""
-    print0(json.dumps(summary))
-    if jax.process_index() == 0:
-        path = Path(directory) / "history.jsonl"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "a", encoding="utf-8") as f:
-            f.write(json.dumps({**summary, **series}) + "\n")
-
-
 # ----------------------------------------------------------------------------------------------
 # The loop (pretraining, midtraining and SFT all run this)
 
@@ -220,12 +190,12 @@ class Periodic:
     the last step. fn(step, state, loader_state): `step` steps are done; `loader_state` is where the batch of
     step `step` starts (what a checkpoint must store to resume exactly)."""
     every: int
-    fn: Callable[[int, dict, object], None]
+    fn: Callable[[int, dict, object], None] | None
     after_start: bool = False  # skip the first step of this run (saves, samples)
     at_end: bool = True        # also after the last step, even when every = -1 (final eval, final checkpoint)
 
     def due(self, step: int, start: int, last: bool) -> bool:
-        if self.after_start and step == start:
+        if self.fn is None or (self.after_start and step == start):  # fn None: an action this run leaves out
             return False
         return (last and self.at_end) or (self.every > 0 and step % self.every == 0)
 

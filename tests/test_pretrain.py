@@ -92,7 +92,7 @@ def _run_script(args, env_extra, base_dir):
 
 
 def _losses(base_dir, tag="d2"):
-    """The losses of the latest run of `tag` (train.finish_run appends one line per run)."""
+    """The losses of the latest run of `tag` (stage.finish appends one line per run)."""
     lines = (base_dir / "runs" / tag / "history.jsonl").read_text().splitlines()
     return json.loads(lines[-1])["losses"]
 
