@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nanochat_jax import gpt, optim, sharding
+from nanochat_jax import gpt, optim, sharding, tasks
 from nanochat_jax.chat_eval import ChatEvalCache, evaluate_chat_model
 from nanochat_jax.checkpoint import Checkpointer, checkpoint_dir, require_same_vocab
 from nanochat_jax.common import format_duration, print0
@@ -98,57 +98,34 @@ def lr_multiplier(progress: float, warmdown_ratio: float, final_lr_frac: float =
     return frac + (1 - frac) * final_lr_frac
 
 
-def build_mixture(cfg: ChatTrainConfig, split: str):
+def build_mixture(cfg: ChatTrainConfig, split: str) -> tasks.TaskMixture:
     """The stage's TaskMixture (train) or its validation mixture, from HF (default) or a local folder (local)."""
-    from nanochat_jax import tasks as T
-
-    data = cfg.task_data
-    if cfg.mixture == "default":
-        if split == "train":
-            parts = [T.SmolTalk("train", data_dir=data)]
-            if cfg.stage == "mid":
-                parts += [T.MMLU("auxiliary_train", "train", data_dir=data), T.GSM8K("main", "train", data_dir=data),
-                          T.SimpleSpelling(200_000, "train", data_dir=data),
-                          T.SpellingBee(80_000, "train", data_dir=data)]
-            elif cfg.source_phase == "base":  # current nanochat's SFT from base: 3 epochs of MMLU aux, 4 of GSM8K
-                parts += [T.MMLU("auxiliary_train", "train", data_dir=data)] * 3 + \
-                         [T.GSM8K("main", "train", data_dir=data)] * 4
-            else:  # after midtraining (the classic pipeline): a small, cleaner mixture
-                parts = [T.ARC("ARC-Easy", "train", data_dir=data), T.ARC("ARC-Challenge", "train", data_dir=data),
-                         T.GSM8K("main", "train", data_dir=data), T.SmolTalk("train", data_dir=data, stop=10_000),
-                         T.SimpleSpelling(300, "train", data_dir=data), T.SpellingBee(300, "train", data_dir=data)]
-        else:
-            parts = [T.SmolTalk("test", data_dir=data), T.MMLU("all", "test", data_dir=data, stop=5200),
-                     T.GSM8K("main", "test", data_dir=data, stop=420)]
-    else:  # offline: real conversations and the task files of a shared/data-style folder
-        if split == "train":
-            parts = [T.LocalChat("train", data_dir=data), T.ARC("ARC-Easy", "train", data_dir=data),
-                     T.ARC("ARC-Challenge", "train", data_dir=data), T.GSM8K("main", "train", data_dir=data),
-                     T.SimpleSpelling(300, "train", data_dir=data), T.SpellingBee(300, "train", data_dir=data)]
-        else:
-            parts = [T.LocalChat("test", data_dir=data), T.ARC("ARC-Easy", "validation", data_dir=data, stop=200),
-                     T.GSM8K("main", "test", data_dir=data, stop=200)]
+    d = {"data_dir": cfg.task_data}
+    if cfg.mixture == "local":  # offline: real conversations and the task files of a shared/data-style folder
+        parts = ([tasks.LocalChat("train", **d), tasks.ARC("ARC-Easy", "train", **d),
+                  tasks.ARC("ARC-Challenge", "train", **d), tasks.GSM8K("main", "train", **d),
+                  tasks.SimpleSpelling(300, "train", **d), tasks.SpellingBee(300, "train", **d)] if split == "train"
+                 else [tasks.LocalChat("test", **d), tasks.ARC("ARC-Easy", "validation", **d, stop=200),
+                       tasks.GSM8K("main", "test", **d, stop=200)])
+    elif split != "train":
+        parts = [tasks.SmolTalk("test", **d), tasks.MMLU("all", "test", **d, stop=5200),
+                 tasks.GSM8K("main", "test", **d, stop=420)]
+    elif cfg.stage == "mid":
+        parts = [tasks.SmolTalk("train", **d), tasks.MMLU("auxiliary_train", "train", **d),
+                 tasks.GSM8K("main", "train", **d), tasks.SimpleSpelling(200_000, "train", **d),
+                 tasks.SpellingBee(80_000, "train", **d)]
+    elif cfg.source_phase == "base":  # current nanochat's SFT from base: 3 epochs of MMLU aux, 4 of GSM8K
+        parts = [tasks.SmolTalk("train", **d), (tasks.MMLU("auxiliary_train", "train", **d), 3),
+                 (tasks.GSM8K("main", "train", **d), 4)]
+    else:  # after midtraining (the classic pipeline): a small, cleaner mixture
+        parts = [tasks.ARC("ARC-Easy", "train", **d), tasks.ARC("ARC-Challenge", "train", **d),
+                 tasks.GSM8K("main", "train", **d), tasks.SmolTalk("train", **d, stop=10_000),
+                 tasks.SimpleSpelling(300, "train", **d), tasks.SpellingBee(300, "train", **d)]
     if split == "train" and cfg.identity_file:
-        parts += [T.CustomJSON(cfg.identity_file)] * 2
-    mixture = T.TaskMixture(parts)
-    if split == "train" and cfg.max_conversations > 0 and len(mixture) > cfg.max_conversations:
-        mixture = _Head(mixture, cfg.max_conversations)
-    return mixture
-
-
-class _Head:
-    """The first n conversations of a (shuffled) mixture."""
-
-    def __init__(self, dataset, n: int):
-        self.dataset, self.n = dataset, n
-
-    def __len__(self):
-        return self.n
-
-    def __getitem__(self, i):
-        if not 0 <= i < self.n:
-            raise IndexError(i)
-        return self.dataset[i]
+        parts.append((tasks.CustomJSON(cfg.identity_file), 2))
+    # --max-conversations: the first n of the shuffled train mixture
+    return tasks.TaskMixture(parts, stop=cfg.max_conversations if split == "train" and cfg.max_conversations > 0
+                             else None)
 
 
 def chat_train(cfg: ChatTrainConfig, *, train_data=None, val_data=None) -> LoopState:

@@ -107,16 +107,12 @@ def compile_train_step(model_cfg, tx, mesh, state_shapes, batch_shape, *, shard_
     batch_shape = (micro-batches, rows, T) of "inputs"/"targets"; extra_inputs {name: (shape, dtype)} adds per-row
     arrays (shape starting with (micro-batches, rows)), sharded like the rows."""
     shardings = state_shardings(model_cfg, state_shapes, mesh, shard_params)
-    batch_sh = sharding.batch_sharding(mesh, batch_axis=1, ndim=3)
-    batch_shardings = {"inputs": batch_sh, "targets": batch_sh}
-    batch_abstract = {k: jax.ShapeDtypeStruct(batch_shape, jnp.int32, sharding=batch_sh) for k in ("inputs", "targets")}
-    for name, (shape, dtype) in (extra_inputs or {}).items():
-        sh = sharding.batch_sharding(mesh, batch_axis=1, ndim=len(shape))
-        batch_shardings[name] = sh
-        batch_abstract[name] = jax.ShapeDtypeStruct(shape, dtype, sharding=sh)
+    inputs = {"inputs": (batch_shape, jnp.int32), "targets": (batch_shape, jnp.int32), **(extra_inputs or {})}
+    batch_abstract = {k: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding.batch_sharding(mesh, 1, len(shape)))
+                      for k, (shape, dtype) in inputs.items()}
     if lr_input:
-        batch_shardings["lrm"] = sharding.replicated(mesh)
         batch_abstract["lrm"] = jax.ShapeDtypeStruct((), jnp.float32, sharding=sharding.replicated(mesh))
+    batch_shardings = {k: a.sharding for k, a in batch_abstract.items()}
     step_fn = jax.jit(make_train_step(model_cfg, tx, lr_input=lr_input, loss_fn=loss_fn, micro_reduce=micro_reduce),
                       in_shardings=(shardings, batch_shardings), out_shardings=(shardings, sharding.replicated(mesh)),
                       donate_argnums=(0,))
