@@ -68,22 +68,18 @@ import jax.numpy as jnp
 import numpy as np
 
 from nanochat_jax import gpt
-from nanochat_jax.common import get_logger
+from nanochat_jax.common import get_logger, pow2_bucket
+from nanochat_jax.sharding import local_devices
 
 STOP_TOKENS = ("<|assistant_end|>", "<|bos|>")
 PREFILL_ROWS = 8  # rows of a continuous batch's prefill call (Batch.insert_many)
-
-
-def bucket(n: int, minimum: int = 16) -> int:
-    """The power of two >= max(n, minimum): prompt and cache lengths are padded to these static shapes."""
-    return 1 << (max(n, minimum) - 1).bit_length()
 
 
 def _top_k_bucket(top_k: int | None, vocab_size: int) -> int:
     """Static width of the top-k pre-selection (0: no top-k). The actual k is a runtime value <= this width."""
     if not top_k or top_k >= vocab_size:
         return 0
-    return min(bucket(top_k, 1), vocab_size)
+    return min(pow2_bucket(top_k), vocab_size)
 
 
 def row_keys(keydata_B2, index_B, sub_B):
@@ -269,7 +265,7 @@ class Batch:
             if len(prompt) + kw["max_tokens"] > self.cache_len:
                 raise ValueError(f"prompt {len(prompt)} + max_tokens {kw['max_tokens']} > cache length "
                                  f"{self.cache_len}")
-            groups[min(bucket(len(prompt), e.min_bucket), self.cache_len)].append((slot, prompt, kw))
+            groups[min(pow2_bucket(len(prompt), e.min_bucket), self.cache_len)].append((slot, prompt, kw))
         for T, group in groups.items():
             for part in (group[i:i + R] for i in range(0, len(group), R)):
                 idx, lens, slots = np.zeros((R, T), np.int32), np.ones(R, np.int32), np.full(R, B, np.int32)
@@ -344,7 +340,7 @@ class Engine:
         chunk: decode steps per host round trip (tokens are streamed a chunk at a time)."""
         self.cfg = cfg
         self.tokenizer = tokenizer
-        self.device = device if device is not None else jax.local_devices()[0]
+        self.device = device if device is not None else local_devices()[0]
         self.min_bucket = min_bucket
         self.chunk = chunk
         self.set_params(params)
@@ -397,10 +393,10 @@ class Engine:
         max_tokens compiles for. Powers of two, except that a cache is never longer than the model's context
         when prompt + max_tokens fit in it (e.g. sequence_len 300: S = 300, not 512)."""
         need, context = prompt_len + max_tokens, self.cfg.sequence_len
-        S = bucket(need, self.min_bucket)
+        S = pow2_bucket(need, self.min_bucket)
         if need <= context:
             S = min(S, context)
-        return min(bucket(prompt_len, self.min_bucket), S), S
+        return min(pow2_bucket(prompt_len, self.min_bucket), S), S
 
     # -- generation -------------------------------------------------------------------------------
 
@@ -512,11 +508,7 @@ def make_engines(params, cfg: gpt.GPTConfig, tokenizer, devices: Sequence | None
                  num_workers: int | None = None) -> list["Engine"]:
     """One Engine (a full model replica) per device: `devices`, else the first num_workers local devices (all)."""
     if devices is None:
-        devices = jax.local_devices()
-        if num_workers is not None:
-            if not 1 <= num_workers <= len(devices):
-                raise ValueError(f"num_workers={num_workers}, but there are {len(devices)} local devices")
-            devices = devices[:num_workers]
+        devices = local_devices(num_workers)
     return [Engine(params, cfg, tokenizer, device=d) for d in devices]
 
 
@@ -570,4 +562,4 @@ def _as_prompts(tokens, vocab_size: int) -> list[list[int]]:
     return prompts
 
 
-__all__ = ["Engine", "bucket", "make_engines", "map_on_engines", "sample_tokens", "STOP_TOKENS"]
+__all__ = ["Engine", "make_engines", "map_on_engines", "sample_tokens", "STOP_TOKENS"]

@@ -27,6 +27,7 @@ from nanochat_jax import gpt
 from nanochat_jax.common import run_main
 from nanochat_jax.config import flag, parse_flags, print_config, require
 from nanochat_jax.engine import Engine
+from nanochat_jax.sharding import local_devices
 
 # Peak HBM bandwidth (bytes/s) from NVIDIA's datasheets, matched against jax's device_kind (first match wins, so
 # the more specific names come first). Used only for the utilisation column; unknown devices (CPU) report none.
@@ -138,7 +139,7 @@ def run_batch(engine: Engine, batch: int, prompt_len: int, max_new_tokens: int, 
 def main(argv=None) -> dict:
     cfg = parse_flags(BenchInferConfig, argv)
     print_config(cfg)
-    device = jax.local_devices()[0]
+    device = local_devices()[0]
     on_gpu = device.platform == "gpu"
     if cfg.source == "random":
         dtype = cfg.compute_dtype if cfg.compute_dtype != "auto" else ("bfloat16" if on_gpu else "float32")

@@ -74,10 +74,9 @@ ALIASES = {"-i": "source", "-n": "num_workers", "-t": "temperature", "-k": "top_
 def main(argv=None) -> None:
     cfg = parse_flags(WebConfig, argv, aliases=ALIASES)
     print_config(cfg)
-    import jax
-
     from nanochat_jax.checkpoint import load_model, load_tokenizer, require_same_vocab, resolve_model_tag
     from nanochat_jax.common import print0
+    from nanochat_jax.sharding import local_devices
     from nanochat_jax.web import SamplingDefaults, create_app, make_engines, make_server, warm_up
 
     model_tag = resolve_model_tag(cfg.source, cfg.model_tag)
@@ -90,10 +89,10 @@ def main(argv=None) -> None:
     if cfg.max_context > model_cfg.sequence_len:
         raise SystemExit(f"--max-context={cfg.max_context} is longer than the model's context "
                          f"({model_cfg.sequence_len} tokens); use at most that (0 = the model's)")
-    devices = jax.local_devices()
-    if cfg.num_workers > len(devices):
-        raise SystemExit(f"-n/--num-workers={cfg.num_workers}, but there are only {len(devices)} local devices")
-    engines = make_engines(params, model_cfg, tokenizer, devices=devices[:cfg.num_workers or len(devices)])
+    if cfg.num_workers > len(local_devices()):
+        raise SystemExit(f"-n/--num-workers={cfg.num_workers}, but there are only {len(local_devices())} local "
+                         f"devices")
+    engines = make_engines(params, model_cfg, tokenizer, num_workers=cfg.num_workers or None)
     del params
     tag = f"{cfg.source}-{model_tag}-step{meta.get('step')}"
     app = create_app(engines, defaults=SamplingDefaults(cfg.temperature, cfg.top_k, cfg.max_tokens),
@@ -105,7 +104,7 @@ def main(argv=None) -> None:
         warm_up(app, cfg.warmup_tokens)
     server = make_server(app, host=cfg.host, port=cfg.port, threads=cfg.threads)
     print0(f"nanochat-jax web chat ({tag}, {len(engines)} worker(s) x {cfg.max_batch} slot(s) on "
-           f"{devices[0].platform}) serving on "
+           f"{engines[0].device.platform}) serving on "
            f"http://{cfg.host}:{server.effective_port}/  (OpenAI API: /v1/chat/completions; Ctrl-C to stop)")
     try:
         server.run()

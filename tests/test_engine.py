@@ -17,7 +17,8 @@ import pytest
 
 from conftest import REPO_ROOT
 from nanochat_jax import execution, gpt
-from nanochat_jax.engine import Engine, bucket, sample_tokens
+from nanochat_jax.common import pow2_bucket
+from nanochat_jax.engine import Engine, sample_tokens
 from nanochat_jax.tokenizer import train_tokenizer
 from test_gpt import TINY, random_params
 
@@ -99,7 +100,7 @@ def test_greedy_decode_equals_full_forward_for_mixed_lengths(tiny_engine):
     seqs2, _ = engine.generate_batch(prompts2, num_samples=2, max_tokens=20, temperature=0.0)
     assert len(engine.compilations) == 2
     assert seqs2[::2] == full_forward_greedy(params, cfg, prompts2, 20)
-    assert bucket(16) == 16 and bucket(17) == 32 and bucket(3) == 16
+    assert pow2_bucket(16, 16) == 16 and pow2_bucket(17, 16) == 32 and pow2_bucket(3, 16) == 16
 
 
 def test_cache_is_never_longer_than_the_context_when_the_request_fits():

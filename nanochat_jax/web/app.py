@@ -56,8 +56,8 @@ from typing import Iterator, Sequence
 from flask import Flask, Response, jsonify, request, send_from_directory
 from werkzeug.exceptions import HTTPException
 
-from nanochat_jax.common import get_logger
-from nanochat_jax.engine import bucket, make_engines  # noqa: F401 (make_engines: part of this module's API)
+from nanochat_jax.common import get_logger, pow2_bucket
+from nanochat_jax.engine import make_engines  # noqa: F401 (make_engines: part of this module's API)
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 
@@ -481,7 +481,7 @@ def warm_up(app: Flask, prompt_tokens: int = 64) -> int:
             slot = next(s for s in range(worker.max_batch) if s not in worker.slots)
             lengths = {}  # prompt bucket → one prompt length that has it
             for n in range(1, min(prompt_tokens, max_context - 1) + 1):
-                lengths.setdefault(min(bucket(n, engine.min_bucket), batch.cache_len), n)
+                lengths.setdefault(min(pow2_bucket(n, engine.min_bucket), batch.cache_len), n)
             for n in lengths.values():
                 batch.insert(slot, [bos] * n, max_tokens=reply_tokens(n, defaults.max_tokens, max_context),
                              temperature=defaults.temperature, top_k=defaults.top_k, seed=0)
