@@ -97,6 +97,7 @@ def test_sft_loss_drops_on_real_conversations(chats, tok_dir):
     assert 0 <= sft["last eval ARC-Easy"] <= 1 and "last eval ChatCORE_cat" in sft  # the periodic ChatCORE subset
 
 
+@pytest.mark.slow
 def test_mid_runs_one_epoch_then_sft_resumes_exactly(chats, tok_dir):
     make_base_checkpoint()
     train, val = chats

@@ -49,6 +49,7 @@ def test_tiny_pretraining_learns_and_checkpoints(data):
     assert section["iterations"] == 30 and section["min val bpb"] == loop.min_val_bpb
 
 
+@pytest.mark.slow
 def test_resume_is_exact(data):
     full = pretrain.pretrain(_cfg(data, num_iterations=8, eval_every=-1, save_every=4, model_tag="r"))
     resumed = pretrain.pretrain(_cfg(data, num_iterations=8, eval_every=-1, save_every=4, model_tag="r",
@@ -60,6 +61,7 @@ def test_resume_is_exact(data):
         pretrain.pretrain(_cfg(data, num_iterations=8, eval_every=-1, model_tag="r", resume=True, depth=3))
 
 
+@pytest.mark.slow
 def test_rerun_continues_and_never_overwrites(data):
     """A second run of the same tag continues from its latest checkpoint (the default); one whose settings differ,
     or that asks to start fresh over existing checkpoints, is refused with a one-line reason, and nothing is lost."""
