@@ -20,8 +20,8 @@ from nanochat_jax.common import format_duration, print0
 from nanochat_jax.config import RuntimeFlags, flag, require, runtime_settings
 from nanochat_jax.dataloader import ShardedLoader
 from nanochat_jax.dataset import list_parquet_files, resolve_data_dir, split_files
-from nanochat_jax.stage import Stage, bpb_eval, finish, gathered, loop_state, saver
 from nanochat_jax.engine import Engine
+from nanochat_jax.stage import Stage, bpb_eval, finish, gathered, loop_state, saver
 from nanochat_jax.train import SAMPLE_PROMPTS, LoopState, Periodic, ScalarLog, StepLogger, fit, run_dir
 
 
@@ -206,11 +206,17 @@ def _pretrain(cfg: PretrainConfig, cleanup: contextlib.ExitStack) -> LoopState:
             yield {k: sharding.global_batch(v, mesh, batch_axis=1) for k, v in host.items()}, pos
 
     prompts = [tokenizer.encode(p, prepend=tokenizer.bos_id) for p in SAMPLE_PROMPTS]
+    engine = None
 
     def sample(step, state, _):
-        # an Engine per sampling, as nanochat/scripts/base_train.py; every process gathers the params whole (they
-        # may span processes) and samples on its first device; process 0 prints
-        engine = Engine(sharding.gather_to_process(state["params"]), model_cfg, tokenizer)
+        # every process gathers the params whole (they may span processes) and samples on its first device;
+        # process 0 prints. One Engine for the run: later samplings reuse its compiled prefill and decode.
+        nonlocal engine
+        params = sharding.gather_to_process(state["params"])
+        if engine is None:
+            engine = Engine(params, model_cfg, tokenizer)
+        else:
+            engine.set_params(params)
         for seq in engine.generate_batch(prompts, max_tokens=16, temperature=0)[0]:
             print0(f"  sample: {tokenizer.decode(seq)!r}")
 

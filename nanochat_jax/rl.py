@@ -222,17 +222,16 @@ def rl_train(cfg: RLConfig, *, train_task=None, eval_task=None, reward_fn=None) 
         ckpt.close()
         log.close()
     took = time.perf_counter() - t_start
+    summary = {"stage": "rl", "steps": num_steps, "wall_seconds": took}
+    series = {"reward": rewards, "pass@k": passes, "losses": [[s, loss] for s, loss in losses]}
     last_pass = passes[-1][1] if passes else []
     finish(run, "Chat RL", {
         "source": source, "steps": num_steps, "examples per step": E, "samples per example": S,
         "first reward": rewards[0][1] if rewards else float("nan"),
         "last reward": rewards[-1][1] if rewards else float("nan"),
         **{f"pass@{k + 1}": v for k, v in enumerate(last_pass)}, "wall time": format_duration(took)},
-           f"rl done: {num_steps} steps in {format_duration(took)}",
-           {"stage": "rl", "steps": num_steps, "wall_seconds": took},
-           reward=rewards, **{"pass@k": passes}, losses=[[s, loss] for s, loss in losses])
-    return {"stage": "rl", "steps": num_steps, "wall_seconds": took, "reward": rewards, "pass@k": passes,
-            "losses": [[s, loss] for s, loss in losses]}
+           f"rl done: {num_steps} steps in {format_duration(took)}", summary, **series)
+    return {**summary, **series}
 
 
 def _evaluate(cfg: RLConfig, sample, task, step: int, log) -> np.ndarray:

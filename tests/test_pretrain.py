@@ -152,3 +152,20 @@ def test_core_metric_during_training(data):
     assert loop.core_metric is not None and -1.0 <= loop.core_metric <= 1.0
     section = json.loads((train.run_dir("core").parent.parent / "report" / "base-model-training.json").read_text())
     assert section["items"][0]["CORE estimate"] == loop.core_metric
+
+
+def test_periodic_samples_reuse_one_engine(data, capsys, monkeypatch):
+    """--sample-every: greedy samples of the fixed prompts through one Engine for the whole run (its compiled prefill
+    and decode reused, its params replaced at each sampling)."""
+    made = []
+
+    class CountedEngine(pretrain.Engine):
+        def __init__(self, *a, **k):
+            made.append(self)
+            super().__init__(*a, **k)
+
+    monkeypatch.setattr(pretrain, "Engine", CountedEngine)
+    pretrain.pretrain(_cfg(data, num_iterations=4, eval_every=-1, sample_every=2, model_tag="smp", resume=False))
+    out = capsys.readouterr().out
+    assert out.count("  sample: ") == 2 * len(train.SAMPLE_PROMPTS)  # steps 2 and 4
+    assert len(made) == 1 and [k[0] for k in made[0].compilations] == ["prefill", "decode"]

@@ -314,7 +314,7 @@ class WorkerPool:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         self.workers = [Worker(i, e, max_batch, cache_len, chunk) for i, e in enumerate(engines)]
         self._cond = threading.Condition()
-        self.waiting = self.max_waiting = self.requests_served = self.requests_cancelled = self.tokens_generated = 0
+        self.waiting = self.max_waiting = self.requests_cancelled = 0
         self._recent: collections.deque = collections.deque()  # (time, tokens) of the last TOKENS_PER_S_WINDOW s
         self.started = time.time()
 
@@ -340,7 +340,6 @@ class WorkerPool:
     def count_tokens(self, worker: Worker, n: int = 1) -> None:
         with self._cond:
             worker.tokens += n
-            self.tokens_generated += n
             self._recent.append((time.time(), n))
 
     def release(self, worker: Worker, *, cancelled: bool = False) -> None:
@@ -349,7 +348,6 @@ class WorkerPool:
                 raise RuntimeError(f"worker {worker.index} released twice")
             worker.leased -= 1
             worker.requests += 1
-            self.requests_served += 1
             self.requests_cancelled += int(cancelled)
             self._cond.notify()
 
@@ -365,8 +363,8 @@ class WorkerPool:
                 "max_batch": self.workers[0].max_batch, "slots_total": sum(w.max_batch for w in self.workers),
                 "slots_in_use": sum(w.leased for w in self.workers),
                 "queue_length": self.waiting, "max_queue_length": self.max_waiting,
-                "requests_served": self.requests_served, "requests_cancelled": self.requests_cancelled,
-                "tokens_generated": self.tokens_generated,
+                "requests_served": sum(w.requests for w in self.workers),
+                "requests_cancelled": self.requests_cancelled, "tokens_generated": sum(w.tokens for w in self.workers),
                 "tokens_per_s": round(sum(n for _, n in self._recent) / window, 1),
                 "uptime_s": round(now - self.started, 3),
                 "workers": [{"id": w.index, "device": str(w.engine.device), "busy": w.leased > 0,
