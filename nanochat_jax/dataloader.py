@@ -1,20 +1,15 @@
 """Pretraining batches: parquet row groups → tokens → BOS-aligned best-fit packing → (B, T) inputs/targets.
 
-Pipeline (each stage an iterator with a JSON-able `get_state()` / `set_state()`):
+    RowGroupTokenizer  this process's row groups (strided over processes), tokenized with BOS prepended
+    BestFitPacker      rows of T+1 tokens, each starting with BOS: repeatedly take the largest whole doc that fits;
+                       when none fits, crop the shortest to fill the row (current nanochat's packing: no padding,
+                       ~35% of tokens cropped at T=2048). grain's packers pad or split instead, so this one is ours;
+                       grain's ThreadPrefetchDatasetIterator runs each stage ahead in a background thread.
 
-    RowGroupTokenizer   row groups of this process (strided over processes), tokenized with BOS prepended
-      → grain ThreadPrefetchDatasetIterator   (tokenizes ahead in a background thread)
-    BestFitPacker       rows of T+1 tokens: every row starts with BOS; repeatedly take the largest whole doc that
-                        fits, and when none fits crop the shortest doc to fill the row (current nanochat's packing:
-                        no padding, ~35% of tokens cropped at T=2048)
-      → grain ThreadPrefetchDatasetIterator   (packs ahead while the device trains)
-
-Resume is exact: the packer's state holds the upstream position plus the ids (file, row group, row) of the docs
-still waiting in its buffer, which are re-read and re-tokenized on restore, so a loader restored from the state
-taken after k batches yields the same batch k+1, bit for bit. (grain's own packers pad or split rows rather
-than nanochat's crop-the-shortest best fit, so the packer is ours; grain provides the checkpointable prefetch.)
-
-Only numpy, pyarrow and grain here: no JAX, so it can run anywhere (the caller puts batches on devices).
+Resume is exact: the state (JSON) holds the upstream position and the (file, row group, row) of each doc still in
+the packer's buffer, re-read and re-tokenized on restore, so a loader restored from the state taken after k
+batches yields batch k+1 bit for bit. No JAX here (numpy, pyarrow, grain): the caller puts batches on devices.
+A tokenizer is anything with `bos_id` and `encode` (conversations: `render_conversation`), e.g. tokenizer.Tokenizer.
 """
 
 from __future__ import annotations
@@ -23,24 +18,16 @@ import bisect
 import gc
 import os
 from pathlib import Path
-from typing import Protocol, Sequence
+from typing import Sequence
 
 import numpy as np
 
 from nanochat_jax.dataset import list_parquet_files, open_shard, read_shard_texts, resolve_data_dir, split_files
 
 
-class TextTokenizer(Protocol):
-    bos_id: int
-
-    def encode(self, text, prepend=None, append=None, num_threads: int = 8): ...
-
-
 def row_group_plan(files: Sequence[Path], process_index: int = 0, process_count: int = 1) -> list[tuple[int, int]]:
     """(file index, row group) pairs reader p of W reads, in order: in each file, row groups p, p+W, p+2W, ...
-
-    When there are fewer row groups than readers, reader p gets row group p mod (total) (data repeats across
-    readers rather than a reader having nothing)."""
+    With fewer row groups than readers, reader p gets row group p mod (total): data repeats rather than run dry."""
     if not files:
         raise ValueError("no parquet files to read")
     if not 0 <= process_index < process_count:
@@ -58,8 +45,7 @@ def row_group_plan(files: Sequence[Path], process_index: int = 0, process_count:
 class RowGroupTokenizer:
     """Yields (file index, row group, [BOS + tokens of each doc]) over the plan, forever (epochs)."""
 
-    def __init__(self, files: Sequence[Path], plan: list[tuple[int, int]], tokenizer: TextTokenizer,
-                 num_threads: int = 4):
+    def __init__(self, files: Sequence[Path], plan: list[tuple[int, int]], tokenizer, num_threads: int = 4):
         self.files, self.plan, self.tokenizer, self.num_threads = list(files), plan, tokenizer, num_threads
         self.epoch, self.index = 0, 0
         self._open: dict[int, object] = {}
@@ -96,13 +82,11 @@ class BestFitPacker:
     def __init__(self, source, reader: RowGroupTokenizer, batch_size: int, seq_len: int, buffer_docs: int = 1000):
         self.source, self.reader = source, reader
         self.B, self.T, self.buffer_docs = batch_size, seq_len, buffer_docs
-        self.bos_id = reader.tokenizer.bos_id
         # The buffer: docs keyed by arrival number; `keys` holds (length, arrival) sorted for best-fit lookups.
         self.docs: dict[int, tuple[np.ndarray, tuple[int, int, int]]] = {}
         self.keys: list[tuple[int, int]] = []
         self.arrivals = 0
         self.tokens_packed = self.tokens_cropped = 0  # statistics for logs and benchmarks (not part of the state)
-        self.last_position = (0, 0)  # (file index, row group) of the newest row group pulled, for logging
 
     def _add(self, doc: np.ndarray, doc_id: tuple[int, int, int]) -> None:
         self.docs[self.arrivals] = (doc, doc_id)
@@ -113,17 +97,13 @@ class BestFitPacker:
         _, arrival = self.keys.pop(pos)
         return self.docs.pop(arrival)[0]
 
-    def _refill(self) -> None:
-        while len(self.keys) < self.buffer_docs:
-            fi, rg, docs = next(self.source)
-            self.last_position = (fi, rg)
-            for row, doc in enumerate(docs):
-                self._add(doc, (fi, rg, row))
-
     def _fill_row(self, row: np.ndarray) -> None:
         filled, cap = 0, len(row)
         while filled < cap:
-            self._refill()
+            while len(self.keys) < self.buffer_docs:
+                fi, rg, docs = next(self.source)
+                for r, doc in enumerate(docs):
+                    self._add(doc, (fi, rg, r))
             remaining = cap - filled
             # largest doc with length <= remaining (ties: the newest arrival)
             pos = bisect.bisect_right(self.keys, (remaining, float("inf"))) - 1
@@ -147,23 +127,20 @@ class BestFitPacker:
         return {"inputs": rows[:, :-1], "targets": rows[:, 1:]}
 
     def get_state(self) -> dict:
-        buffered = [list(self.docs[arrival][1]) for arrival in sorted(self.docs)]
-        return {"source": self.source.get_state(), "buffer": buffered, "last_position": list(self.last_position)}
+        return {"source": self.source.get_state(), "buffer": [list(self.docs[a][1]) for a in sorted(self.docs)]}
 
     def set_state(self, state: dict) -> None:
         self.source.set_state(state["source"])
         self.docs, self.keys, self.arrivals = {}, [], 0
-        self.last_position = tuple(state.get("last_position", (0, 0)))
-        # Re-read and re-tokenize the buffered docs, grouped by row group, in their original arrival order.
+        # Re-read and re-tokenize the buffered docs, one row group at a time, then add them in arrival order.
         ids = [tuple(x) for x in state["buffer"]]
         by_rg: dict[tuple[int, int], list[int]] = {}
         for fi, rg, row in ids:
             by_rg.setdefault((fi, rg), []).append(row)
-        tokens: dict[tuple[int, int, int], np.ndarray] = {}
+        tokens = {}
         for (fi, rg), rows in by_rg.items():
             texts = self.reader.read_texts(fi, rg)
-            for row, doc in zip(rows, self.reader.tokenize([texts[r] for r in rows])):
-                tokens[(fi, rg, row)] = doc
+            tokens.update(zip([(fi, rg, r) for r in rows], self.reader.tokenize([texts[r] for r in rows])))
         for doc_id in ids:
             self._add(tokens[doc_id], doc_id)
 
@@ -189,7 +166,7 @@ class DataLoader(_Closing):
     and `DataLoader(..., state=s)` (or `set_state(s)`) to continue from exactly there.
     """
 
-    def __init__(self, tokenizer: TextTokenizer, batch_size: int, seq_len: int, split: str = "train", *,
+    def __init__(self, tokenizer, batch_size: int, seq_len: int, split: str = "train", *,
                  data_dir: str | os.PathLike | None = None, files: Sequence[str | os.PathLike] | None = None,
                  process_index: int = 0, process_count: int = 1, buffer_docs: int = 1000,
                  tokenizer_threads: int = 4, prefetch: int = 2, state: dict | None = None):
@@ -236,13 +213,12 @@ class DataLoader(_Closing):
         gc.collect()
 
 
-
 class ShardedLoader(_Closing):
     """One DataLoader per local device, each reading row groups strided by its global device index (like nanochat's
     one-process-per-GPU ranks), concatenated along the batch axis in device order. The global batch therefore
     depends only on the mesh size, not on how devices are split over processes."""
 
-    def __init__(self, tokenizer: TextTokenizer, rows_per_shard: int, seq_len: int, split: str, *, files,
+    def __init__(self, tokenizer, rows_per_shard: int, seq_len: int, split: str, *, files,
                  shard_indices: Sequence[int], num_shards: int, state: dict | None = None, **kwargs):
         self.loaders = [DataLoader(tokenizer, rows_per_shard, seq_len, split, files=files, process_index=i,
                                    process_count=num_shards, **kwargs) for i in shard_indices]
@@ -274,36 +250,25 @@ class ShardedLoader(_Closing):
             loader.close()
 
 
-
 # ----------------------------------------------------------------------------------------------
 # Conversations (midtraining and SFT)
-
-class ConversationTokenizer(Protocol):
-    bos_id: int
-
-    def render_conversation(self, conversation: dict, max_tokens: int = 2048) -> tuple[list[int], list[int]]: ...
-
 
 class ConversationPacker:
     """Packs rendered conversations from an indexable dataset (a task mixture) into (B, T) rows, best fit.
 
-    mode "sft": whole conversations only; when none in the buffer fits the space left, the rest of the row is
-        BOS padding (current nanochat's `sft_data_generator_bos_bestfit`: never crop).
-    mode "mid": like pretraining, when none fits the shortest is cropped to fill the row (no padding).
-    Targets are the next tokens, and −1 where the render mask of the predicted token is 0 (user turns, tool output,
-    the BOS) when `mask_targets` (SFT), and always −1 on padding. Midtraining in the reference trains on all tokens
-    (mask_targets=False).
-
-    This process reads indices shard, shard + num_shards, ... of `dataset` (epoch after epoch, the dataset's own
-    order: TaskMixture already shuffles). A conversation longer than T+1 tokens is cut by render_conversation.
-    Exact resume: the state holds the cursor and the dataset indices still in the buffer (re-rendered on restore).
-    `progress` (conversations emitted into rows / shard size, capped at 1) drives the schedules; `epochs_done`
+    mode "sft": whole conversations only; when none in the buffer fits, the rest of the row is BOS padding (current
+        nanochat's `sft_data_generator_bos_bestfit`: never crop). mode "mid": the shortest is cropped to fill the row.
+    Targets are the next tokens; −1 on padding, and (`mask_targets`, SFT's default) where the predicted token's
+    render mask is 0 (user turns, tool output, BOS). Midtraining in the reference trains on all tokens.
+    This process reads indices shard, shard + num_shards, ... of `dataset`, epoch after epoch, in the dataset's
+    order (TaskMixture already shuffles). The state holds the cursor and the buffered indices (re-rendered on
+    restore). `progress` (conversations emitted / shard size, capped at 1) drives the schedules; `epochs_done`
     counts complete passes (`epoch` is the read cursor's, which runs ahead by up to a buffer).
     """
 
-    def __init__(self, dataset, tokenizer: ConversationTokenizer, batch_size: int, seq_len: int, *,
-                 mode: str = "sft", mask_targets: bool | None = None, shard: int = 0, num_shards: int = 1,
-                 buffer_size: int = 100, state: dict | None = None):
+    def __init__(self, dataset, tokenizer, batch_size: int, seq_len: int, *, mode: str = "sft",
+                 mask_targets: bool | None = None, shard: int = 0, num_shards: int = 1, buffer_size: int = 100,
+                 state: dict | None = None):
         if mode not in ("sft", "mid"):
             raise ValueError(f"mode must be 'sft' or 'mid', got {mode!r}")
         if not 0 <= shard < num_shards:
@@ -335,34 +300,27 @@ class ConversationPacker:
     def _render(self, index: int) -> tuple[list[int], list[int]]:
         return self.tokenizer.render_conversation(self.dataset[index], max_tokens=self.T + 1)
 
-    def _refill(self) -> None:
-        while len(self.buffer) < self.buffer_size:
-            index = self.shard + self.cursor * self.num_shards
-            ids, mask = self._render(index)
-            self.buffer.append((index, ids, mask))
-            self.cursor += 1
-            if self.cursor == self.shard_len:
-                self.epoch, self.cursor = self.epoch + 1, 0
-
     def _fill_row(self, ids_row: np.ndarray, mask_row: np.ndarray) -> None:
         filled, cap = 0, len(ids_row)
         while filled < cap:
-            self._refill()
+            while len(self.buffer) < self.buffer_size:
+                index = self.shard + self.cursor * self.num_shards
+                self.buffer.append((index, *self._render(index)))
+                self.cursor += 1
+                if self.cursor == self.shard_len:
+                    self.epoch, self.cursor = self.epoch + 1, 0
             remaining = cap - filled
-            fits = [i for i, (_, ids, _) in enumerate(self.buffer) if len(ids) <= remaining]
-            if fits:
-                pick = max(fits, key=lambda i: len(self.buffer[i][1]))  # largest that fits (first on ties)
-                _, ids, mask = self.buffer.pop(pick)
-                self.emitted += 1
-            elif self.mode == "sft":  # pad the rest with BOS, masked out
+            sizes = [len(ids) for _, ids, _ in self.buffer]
+            fits = [i for i, n in enumerate(sizes) if n <= remaining]
+            if not fits and self.mode == "sft":  # pad the rest with BOS, masked out
                 ids_row[filled:] = self.tokenizer.bos_id
                 mask_row[filled:] = -1
                 self.tokens_padded += remaining
                 break
-            else:  # crop the shortest
-                pick = min(range(len(self.buffer)), key=lambda i: len(self.buffer[i][1]))
-                _, ids, mask = self.buffer.pop(pick)
-                self.emitted += 1
+            # the largest that fits (first on ties), else (mid) the shortest, cropped
+            _, ids, mask = self.buffer.pop(max(fits, key=sizes.__getitem__) if fits else sizes.index(min(sizes)))
+            self.emitted += 1
+            if len(ids) > remaining:
                 self.tokens_cropped += len(ids) - remaining
                 ids, mask = ids[:remaining], mask[:remaining]
             ids_row[filled:filled + len(ids)] = ids

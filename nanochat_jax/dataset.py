@@ -1,19 +1,16 @@
-"""Pretraining text shards: where they live, how to list them, how to read their documents.
+"""Pretraining text shards: where they live, how to list them, how to read their documents, how to download them.
 
 A shard is a parquet file with a string column `text`, one document per row, in row groups of 1024 docs
-(nanochat's repack). Files are sorted by name; the last file is the validation split, the rest are train.
-Use any local folder of such files with `--data-dir` or $NANOCHAT_JAX_DATA_DIR.
-
-Download shards (always including the validation shard) with the CLI:
+(nanochat's repack). Files are sorted by name; the last file is the validation split, the rest are train. Any local
+folder of such files works (`--data-dir` or $NANOCHAT_JAX_DATA_DIR). Download (the validation shard always comes):
 
     python -m nanochat_jax.dataset -n 8                # train shards 0..7 + the val shard, 4 parallel workers
     python -m nanochat_jax.dataset -n -1 -w 8          # every train shard
     python -m nanochat_jax.dataset -n 8 --dataset fineweb-edu --data-dir /data/fwe --base-url http://mirror/fwe
 
-Files stream to a dot-temp name in the target folder, are checked to open as parquet with a `text` column,
-then renamed, so a file with the final name is always complete. Existing valid files are skipped, so an
-interrupted download can just be rerun. `--base-url` (or $NANOCHAT_JAX_DATA_URL) replaces the HuggingFace
-prefix, e.g. for a mirror: shard i is fetched from `<base-url>/shard_{i:05d}.parquet`.
+A shard streams to a dot-temp file, is checked to open as parquet with a `text` column, then renamed: a file
+under the final name is always complete, and a rerun skips valid files. `--base-url` (or $NANOCHAT_JAX_DATA_URL)
+replaces the HuggingFace prefix: shard i is `<base-url>/shard_{i:05d}.parquet`.
 """
 
 from __future__ import annotations
@@ -35,14 +32,18 @@ DATASETS = {
     "fineweb-edu": ("karpathy/fineweb-edu-100b-shuffle", 1822, "base_data"),
 }
 DEFAULT_DATASET = "climbmix"
+DATA_URL_ENV = "NANOCHAT_JAX_DATA_URL"
+
+
+def _check_dataset(dataset: str) -> None:
+    if dataset not in DATASETS:
+        raise ValueError(f"unknown dataset {dataset!r}; choose one of {sorted(DATASETS)}")
 
 
 def resolve_data_dir(data_dir: str | os.PathLike | None = None, dataset: str = DEFAULT_DATASET) -> Path:
     """Explicit `data_dir` > $NANOCHAT_JAX_DATA_DIR > <base dir>/<dataset folder>."""
-    if data_dir:
-        return Path(data_dir).expanduser()
-    if os.environ.get(DATA_DIR_ENV):
-        return Path(os.environ[DATA_DIR_ENV]).expanduser()
+    if data_dir or os.environ.get(DATA_DIR_ENV):
+        return Path(data_dir or os.environ[DATA_DIR_ENV]).expanduser()
     _check_dataset(dataset)
     return get_base_dir() / DATASETS[dataset][2]
 
@@ -73,9 +74,14 @@ def split_files(files: Sequence[Path], split: str) -> list[Path]:
 _BAD_SHARD_HINT = "re-download it (`python -m nanochat_jax.dataset`) or move it out of the data directory"
 
 
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return text if len(text) <= 160 else text[:157] + "..."
+
+
 def open_shard(path: str | os.PathLike, column: str = "text"):
-    """pyarrow.parquet.ParquetFile of a shard, checked to have `column`; a corrupt file or a missing column raises
-    UserError naming the file (pyarrow's own errors name neither the file nor the fix)."""
+    """pyarrow ParquetFile of a shard with `column`, else a UserError naming the file and the fix (pyarrow's own
+    errors name neither)."""
     import pyarrow.parquet as pq
 
     try:
@@ -89,17 +95,11 @@ def open_shard(path: str | os.PathLike, column: str = "text"):
 
 
 def read_shard_texts(pf, path: str | os.PathLike, row_group: int, column: str = "text") -> list[str]:
-    """The documents of one row group of the `open_shard(path)` file `pf`; a decoding failure raises UserError
-    naming the file."""
+    """The documents of one row group of `pf = open_shard(path)`; a corrupt row group is a UserError."""
     try:
         return pf.read_row_group(row_group, columns=[column]).column(0).to_pylist()
     except Exception as e:  # ArrowInvalid / OSError: e.g. "ZSTD decompression failed" on corrupt pages
         raise UserError(f"{path}: row group {row_group} is corrupt ({_one_line(e)}); {_BAD_SHARD_HINT}") from e
-
-
-def _one_line(e: BaseException) -> str:
-    text = " ".join(str(e).split())
-    return text if len(text) <= 160 else text[:157] + "..."
 
 
 def iter_texts(files: Sequence[str | os.PathLike], column: str = "text") -> Iterator[str]:
@@ -112,14 +112,6 @@ def iter_texts(files: Sequence[str | os.PathLike], column: str = "text") -> Iter
 
 # ----------------------------------------------------------------------------------------------
 # Download: shard i of a dataset -> <data dir>/shard_{i:05d}.parquet (common.download: a dot-temp file, retries).
-
-DATA_URL_ENV = "NANOCHAT_JAX_DATA_URL"
-
-
-def _check_dataset(dataset: str) -> None:
-    if dataset not in DATASETS:
-        raise ValueError(f"unknown dataset {dataset!r}; choose one of {sorted(DATASETS)}")
-
 
 def shard_name(index: int) -> str:
     return f"shard_{index:05d}.parquet"
@@ -173,8 +165,8 @@ def _download(index: int, out_dir: Path, dataset: str, base_url: str | None, max
 def download_shard(index: int, out_dir: str | os.PathLike, *, dataset: str = DEFAULT_DATASET,
                    base_url: str | None = None, max_attempts: int = 5, backoff: float = 2.0,
                    timeout: float = 30) -> Path:
-    """Download shard `index` into out_dir (skipped if a valid file is there). Waits backoff**attempt s between
-    attempts; raises DownloadError after the last one, or at once on HTTP 404 / a parquet without `text`."""
+    """Download shard `index` into out_dir unless a valid file is there. Waits backoff**attempt s between attempts;
+    raises DownloadError after the last one, or at once on HTTP 404 / a parquet without `text`."""
     return _download(index, Path(out_dir), dataset, base_url, max_attempts, backoff, timeout)[0]
 
 
@@ -195,28 +187,25 @@ def download_shards(indices: Sequence[int], out_dir: str | os.PathLike | None = 
     out_dir = resolve_data_dir(out_dir, dataset)
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    paths, errors, n_new = {}, {}, 0
+    paths, errors, n_new, t0 = {}, {}, 0, time.perf_counter()
     pool = ThreadPoolExecutor(max_workers=min(num_workers, len(wanted)))
     try:
-        t0 = time.perf_counter()
         futures = {pool.submit(_download, i, out_dir, dataset, base_url, max_attempts, backoff, timeout): i
                    for i in wanted}
         for done, fut in enumerate(as_completed(futures), start=1):
-            i = futures[fut]
+            i, prefix = futures[fut], f"[{done}/{len(wanted)}]"
             try:
-                path, downloaded = fut.result()
+                paths[i], downloaded = fut.result()
             except Exception as e:
                 errors[i] = e
-                print0(f"[{done}/{len(wanted)}] FAILED {shard_name(i)}: {e}")
+                print0(f"{prefix} FAILED {shard_name(i)}: {e}")
                 continue
-            paths[i] = path
             n_new += downloaded
             if downloaded:
-                mb = path.stat().st_size / 1e6
-                print0(f"[{done}/{len(wanted)}] downloaded {path.name} ({mb:.1f} MB, "
+                print0(f"{prefix} downloaded {paths[i].name} ({paths[i].stat().st_size / 1e6:.1f} MB, "
                        f"{time.perf_counter() - t0:.1f} s elapsed)")
             else:
-                print0(f"[{done}/{len(wanted)}] skipped {path.name} (already there)")
+                print0(f"{prefix} skipped {paths[i].name} (already there)")
     except BaseException:  # e.g. Ctrl-C: drop queued shards instead of downloading them all on the way out
         pool.shutdown(wait=False, cancel_futures=True)
         raise
@@ -227,7 +216,7 @@ def download_shards(indices: Sequence[int], out_dir: str | os.PathLike | None = 
     if errors:
         listed = "; ".join(f"{shard_name(i)}: {e}" for i, e in sorted(errors.items()))
         raise DownloadError(f"{len(errors)} of {len(wanted)} shards failed (indices {sorted(errors)}): {listed}. "
-                                 f"Rerun the same command to retry them; finished shards are skipped.")
+                            f"Rerun the same command to retry them; finished shards are skipped.")
     return [paths[i] for i in wanted]
 
 

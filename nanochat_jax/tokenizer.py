@@ -1,19 +1,13 @@
 """BPE tokenizer: train with rustbpe, run with tiktoken, render chat conversations to ids + loss masks.
 
-Training (`train_tokenizer`) learns GPT-4-style byte-level BPE merges with the `rustbpe` package; the merges
-become a `tiktoken.Encoding` with nanochat's 9 special tokens appended at the top of the vocab.
-`Tokenizer` wraps that Encoding. Ordinary text is always encoded with `encode_ordinary`, so a user typing
-"<|bos|>" gets the literal characters, never the control token.
-
-nanochat's own tokenizer directory (`tokenizer.pkl`, a pickled tiktoken Encoding, plus `token_bytes.pt`) loads
-too: `Tokenizer.load` reads the pickle with a restricted unpickler that admits only tiktoken's Encoding and plain
-data (nothing else is imported or called), and token byte lengths are computed from the tokenizer itself.
-
-On disk (default `<base dir>/tokenizer/`), no pickle:
+`train_tokenizer` learns GPT-4-style byte-level BPE merges (rustbpe) and appends nanochat's 9 special tokens at
+the top of the vocab. Ordinary text is always encoded with `encode_ordinary`, so a user typing "<|bos|>" gets the
+literal characters, never the control token. On disk (default `<base dir>/tokenizer/`), no pickle:
   tokenizer.tiktoken  one "base64(token bytes) rank" line per mergeable token (tiktoken's own format)
-  tokenizer.json      {"name", "pattern", "special_tokens": {name: id}, "vocab_size"}
-  token_bytes.npy     int32[vocab_size]: raw UTF-8 byte length of each token, 0 for special tokens. Summing it
-                      over a text's ids gives the text's byte count, which is what bits-per-byte divides by.
+  tokenizer.json      {"name", "pattern", "special_tokens": {name: id}, "bos_token", "vocab_size"}
+  token_bytes.npy     int32[vocab_size]: UTF-8 byte length of each token, 0 for special tokens (summed over a
+                      text's ids it gives the bytes that bits-per-byte divides by)
+nanochat's own `tokenizer.pkl` loads too, through a restricted unpickler (no code in the file runs).
 """
 
 from __future__ import annotations
@@ -37,22 +31,13 @@ SPLIT_PATTERN = (
     r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""
 )
 
-# Ids run vocab_size-9 .. vocab_size-1 in this order.
-SPECIAL_TOKENS = [
-    "<|bos|>",  # starts every document; documents are delimited by it
-    "<|user_start|>",
-    "<|user_end|>",
-    "<|assistant_start|>",
-    "<|assistant_end|>",
-    "<|python_start|>",  # assistant calls the python tool
-    "<|python_end|>",
-    "<|output_start|>",  # tool output, written by the engine, not the model
-    "<|output_end|>",
-]
+# Ids vocab_size-9 .. vocab_size-1, in this order. <|bos|> starts (delimits) every document; the assistant calls
+# the python tool between python_start/end; the engine, not the model, writes its output between output_start/end.
+SPECIAL_TOKENS = ["<|bos|>", "<|user_start|>", "<|user_end|>", "<|assistant_start|>", "<|assistant_end|>",
+                  "<|python_start|>", "<|python_end|>", "<|output_start|>", "<|output_end|>"]
 
 MIN_VOCAB_SIZE = 256 + len(SPECIAL_TOKENS)  # the 256 single bytes must fit, plus the specials
 
-TOKENIZER_DIRNAME = "tokenizer"
 RANKS_FILE = "tokenizer.tiktoken"
 META_FILE = "tokenizer.json"
 TOKEN_BYTES_FILE = "token_bytes.npy"
@@ -62,7 +47,7 @@ PRETRAINED = {"gpt2": "<|endoftext|>", "cl100k_base": "<|endoftext|>"}  # name -
 
 
 def default_tokenizer_dir() -> Path:
-    return get_base_dir() / TOKENIZER_DIRNAME
+    return get_base_dir() / "tokenizer"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -100,8 +85,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, pattern: str = SPLIT_
     if n_chars == 0:
         raise ValueError("no training text: the iterator yielded no characters")
     ranks = {bytes(token): rank for token, rank in bpe.get_mergeable_ranks()}
-    n_bpe = vocab_size - len(SPECIAL_TOKENS)
-    if len(ranks) < n_bpe:
+    if len(ranks) < vocab_size - len(SPECIAL_TOKENS):
         warnings.warn(f"the corpus only supported {len(ranks) - 256} merges, so the vocab is "
                       f"{len(ranks) + len(SPECIAL_TOKENS)} instead of {vocab_size}; use more text for the full vocab",
                       stacklevel=2)
@@ -112,10 +96,8 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, pattern: str = SPLIT_
 
 def iter_training_texts(files: Sequence[str | os.PathLike], max_chars: int, doc_cap: int,
                         stats: dict | None = None) -> Iterator[str]:
-    """Documents of `files` in order, each cropped to `doc_cap` chars, stopping once the total exceeds max_chars.
-
-    The document that crosses max_chars is still yielded. `stats` (if given) gets "chars" and "docs" counts.
-    """
+    """Documents of `files`, each cropped to `doc_cap` chars, until (and including) the one that crosses max_chars.
+    `stats` (if given) gets "chars" and "docs" counts."""
     from nanochat_jax.dataset import iter_texts
 
     stats = stats if stats is not None else {}
@@ -170,46 +152,35 @@ class Tokenizer:
             raise ValueError(f"{name!r} is not a special token of {self.name!r}; "
                              f"known: {list(self.special_tokens)}") from None
 
-    def _as_id(self, tok: int | str) -> int:
+    def _as_ids(self, tok: int | str | None) -> list[int]:
+        if tok is None:
+            return []
         if isinstance(tok, str):
-            return self.encode_special(tok)
+            return [self.encode_special(tok)]
         if isinstance(tok, (int, np.integer)) and not isinstance(tok, bool) and 0 <= tok < self.vocab_size:
-            return int(tok)
+            return [int(tok)]
         raise ValueError(f"prepend/append must be a special token name or an id in [0, {self.vocab_size}), "
                          f"got {tok!r}")
 
     def encode(self, text: str | Sequence[str], prepend: int | str | None = None, append: int | str | None = None,
                num_threads: int = 8) -> list[int] | list[list[int]]:
         """Ids of `text` (or a list of ids per string for a list). Special tokens are never parsed from text."""
-        pre = None if prepend is None else self._as_id(prepend)
-        post = None if append is None else self._as_id(append)
+        pre, post = self._as_ids(prepend), self._as_ids(append)
         if isinstance(text, str):
-            ids = self.enc.encode_ordinary(text)
-            if pre is not None:
-                ids.insert(0, pre)
-            if post is not None:
-                ids.append(post)
-            return ids
-        if isinstance(text, (list, tuple)):
-            for i, t in enumerate(text):
-                if not isinstance(t, str):
-                    raise TypeError(f"encode: item {i} is a {type(t).__name__}, expected str")
-            rows = self.enc.encode_ordinary_batch(list(text), num_threads=num_threads)
-            if pre is not None:
-                rows = [[pre] + row for row in rows]
-            if post is not None:
-                for row in rows:
-                    row.append(post)
-            return rows
-        raise TypeError(f"encode expects a str or a list of str, got {type(text).__name__}")
+            return pre + self.enc.encode_ordinary(text) + post
+        if not isinstance(text, (list, tuple)):
+            raise TypeError(f"encode expects a str or a list of str, got {type(text).__name__}")
+        for i, t in enumerate(text):
+            if not isinstance(t, str):
+                raise TypeError(f"encode: item {i} is a {type(t).__name__}, expected str")
+        rows = self.enc.encode_ordinary_batch(list(text), num_threads=num_threads)
+        return [pre + row + post for row in rows] if pre or post else rows
 
     __call__ = encode
 
     def decode(self, ids: Sequence[int]) -> str:
         """Text of `ids`; special tokens decode to their literal names, invalid UTF-8 to U+FFFD."""
-        if hasattr(ids, "tolist"):  # numpy / jax arrays
-            ids = ids.tolist()
-        return self.enc.decode(list(ids))
+        return self.enc.decode(ids.tolist() if hasattr(ids, "tolist") else list(ids))  # also numpy / jax arrays
 
     def id_to_bytes(self, token_id: int) -> bytes:
         """Raw bytes of one token (a special token gives its name's bytes)."""
@@ -225,11 +196,8 @@ class Tokenizer:
         """int32[vocab_size]: raw byte length per id, 0 for special tokens (the bits-per-byte denominator)."""
         if self._token_bytes is None:
             special_ids = set(self.special_tokens.values())
-            tb = np.zeros(self.vocab_size, dtype=np.int32)
-            for i in range(self.vocab_size):
-                if i not in special_ids:
-                    tb[i] = len(self._bytes_or_empty(i))
-            self._token_bytes = tb
+            self._token_bytes = np.array([0 if i in special_ids else len(self._bytes_or_empty(i))
+                                          for i in range(self.vocab_size)], dtype=np.int32)
         return self._token_bytes
 
     # -- storage -----------------------------------------------------------------------------------
@@ -242,7 +210,7 @@ class Tokenizer:
         return self._ranks
 
     def save(self, directory: str | os.PathLike | None = None) -> dict[str, Path]:
-        """Write tokenizer.tiktoken, tokenizer.json and token_bytes.npy (each atomically); return their paths."""
+        """Write tokenizer.tiktoken, token_bytes.npy and tokenizer.json (each atomically); return their paths."""
         directory = Path(directory) if directory is not None else default_tokenizer_dir()
         directory.mkdir(parents=True, exist_ok=True)
         paths = {"ranks": directory / RANKS_FILE, "meta": directory / META_FILE,
@@ -255,8 +223,7 @@ class Tokenizer:
         meta = {"name": self.name, "pattern": self.enc._pat_str, "special_tokens": self.special_tokens,
                 "bos_token": self.bos_token, "vocab_size": self.vocab_size}
         with atomic_write(paths["meta"], "w") as f:  # written last: its presence marks a complete save
-            json.dump(meta, f, indent=2)  # ASCII-only: no locale dependence
-            f.write("\n")
+            f.write(json.dumps(meta, indent=2) + "\n")  # ASCII-only: no locale dependence
         return paths
 
     @classmethod
@@ -319,63 +286,49 @@ class Tokenizer:
         """
         if isinstance(max_tokens, bool) or not isinstance(max_tokens, (int, np.integer)) or max_tokens < 1:
             raise ValueError(f"max_tokens must be a positive int, got {max_tokens!r}")
-        messages = _normalized_messages(conversation)
-        ids: list[int] = []
-        mask: list[int] = []
+        ids: list[int] = [self.bos_id]
+        mask: list[int] = [0]
 
-        def add(tokens: int | list[int], m: int) -> None:
-            tokens = [tokens] if isinstance(tokens, int) else tokens
+        def add(text: str, m: int, start: str | None = None, end: str | None = None) -> None:
+            """Special `start`, the ids of `text`, special `end`; all with mask m."""
+            tokens = self._as_ids(start) + self.encode(text) + self._as_ids(end)
             ids.extend(tokens)
             mask.extend([m] * len(tokens))
 
-        sp = self.encode_special
-        add(self.bos_id, 0)
-        for _, role, content in messages:
+        for _, role, content in _normalized_messages(conversation):
             if role == "user":
-                add(sp("<|user_start|>"), 0)
-                add(self.encode(content), 0)
-                add(sp("<|user_end|>"), 0)
+                add(content, 0, "<|user_start|>", "<|user_end|>")
                 continue
-            add(sp("<|assistant_start|>"), 0)
-            if isinstance(content, str):
-                add(self.encode(content), 1)
-            else:
-                for part in content:
-                    kind, text = part["type"], part["text"]
-                    if kind == "text":
-                        add(self.encode(text), 1)
-                    elif kind == "python":
-                        add(sp("<|python_start|>"), 1)
-                        add(self.encode(text), 1)
-                        add(sp("<|python_end|>"), 1)
-                    else:  # python_output
-                        add(sp("<|output_start|>"), 0)
-                        add(self.encode(text), 0)
-                        add(sp("<|output_end|>"), 0)
-            add(sp("<|assistant_end|>"), 1)
+            add("", 0, start="<|assistant_start|>")
+            parts = [{"type": "text", "text": content}] if isinstance(content, str) else content
+            for part in parts:
+                if part["type"] == "text":
+                    add(part["text"], 1)
+                elif part["type"] == "python":
+                    add(part["text"], 1, "<|python_start|>", "<|python_end|>")
+                else:  # python_output
+                    add(part["text"], 0, "<|output_start|>", "<|output_end|>")
+            add("", 1, end="<|assistant_end|>")
         return ids[:max_tokens], mask[:max_tokens]
 
     def render_for_completion(self, conversation: dict, max_tokens: int = 2048) -> list[int]:
         """Prompt ids for sampling the last assistant reply: drop that reply, render, append <|assistant_start|>."""
         _normalized_messages(conversation)  # the dropped reply must be well-formed too
         messages = conversation["messages"]
-        last = messages[-1]
-        if not isinstance(last, dict) or last.get("role") != "assistant":
-            role = last.get("role") if isinstance(last, dict) else type(last).__name__
+        if messages[-1]["role"] != "assistant":
             raise ValueError(f"render_for_completion: the last message (index {len(messages) - 1}) must be from the "
-                             f"assistant (it is the reply to be completed), got role {role!r}")
+                             f"assistant (it is the reply to be completed), got role {messages[-1]['role']!r}")
         conversation = {**conversation, "messages": copy.deepcopy(messages[:-1])}
         ids, _ = self.render_conversation(conversation, max_tokens=max_tokens)
-        ids.append(self.encode_special("<|assistant_start|>"))
-        return ids
+        return ids + [self.encode_special("<|assistant_start|>")]
 
 
 # ----------------------------------------------------------------------------------------------
 # nanochat's tokenizer.pkl, without running pickle code
 
 class _PickledEncoding:
-    """Stands in for tiktoken.core.Encoding while unpickling: receives the state tiktoken's __getstate__ wrote
-    (a dict of name/pat_str/mergeable_ranks/special_tokens, or a registered encoding's name) and nothing else."""
+    """Stands in for tiktoken.core.Encoding while unpickling: keeps the state its __getstate__ wrote (a dict of
+    name/pat_str/mergeable_ranks/special_tokens, or a registered encoding's name)."""
 
     state = None
 
@@ -384,8 +337,8 @@ class _PickledEncoding:
 
 
 class _TiktokenUnpickler(pickle.Unpickler):
-    """Admits one global, tiktoken.core.Encoding, mapped to _PickledEncoding: no import, no call of anything
-    the file names. Everything else in the file must be plain data (str, bytes, int, dict, ...)."""
+    """Admits one global, tiktoken.core.Encoding (as _PickledEncoding), and plain data: nothing is imported or
+    called."""
 
     def find_class(self, module, name):
         if (module, name) == ("tiktoken.core", "Encoding"):
@@ -419,8 +372,8 @@ def _encoding_state(path: Path) -> dict | str:
 
 
 def load_nanochat_tokenizer(path: str | os.PathLike) -> Tokenizer:
-    """A Tokenizer from nanochat's tokenizer.pkl (read without executing pickle code). BOS is <|bos|> for a
-    trained tokenizer, <|endoftext|> for a pickled GPT-2/cl100k reference encoding."""
+    """A Tokenizer from nanochat's tokenizer.pkl (no pickle code runs). BOS is <|bos|> for a trained tokenizer,
+    <|endoftext|> for a pickled GPT-2/cl100k reference encoding."""
     import tiktoken
 
     path = Path(path)
