@@ -1,22 +1,11 @@
 """Checkpoints: params, optimizer state and JSON metadata in one orbax step directory.
 
-Layout (nanochat/checkpoint_manager.py, `load_model`): <base dir>/{base,mid,chatsft,chatrl}_checkpoints/<tag>/<step>/
-with one orbax item per part:
-
-    <step>/params/      the model pytree (StandardSave: sharded arrays, each process writes its shards)
-    <step>/opt_state/   the optax state (optional; only the train loop needs it to resume)
-    <step>/meta/        JSON: model_config, user_config, loader state, loop state, val_bpb, step
-
-    ckpt = Checkpointer(checkpoint_dir("base", "d12"), keep=2)
-    ckpt.save(step, params=params, opt_state=opt_state, meta={...})   # async; every JAX process calls it
-    params, opt_state, meta = ckpt.restore(abstract_params=..., abstract_opt_state=...)
-    ckpt.close()                                                     # waits for the last save
-
-    params, cfg, meta = load_model("base")                            # eval/inference: params only
-
-Nothing half-written is ever picked up: orbax writes `<step>.orbax-checkpoint-tmp-<t>/` and renames it to
-`<step>/` only once every process has finished, and step listing ignores the temporary names. Once `save`
-returns, the arrays have been copied to host, so the caller may donate or overwrite them.
+Layout as nanochat/checkpoint_manager.py: <base dir>/{base,mid,chatsft,chatrl}_checkpoints/<tag>/<step>/ holding
+params/ (sharded arrays, each process writes its shards), opt_state/ (optional: only resuming needs it) and meta/
+(JSON: model_config, user_config, loader and loop state, val_bpb, step). `Checkpointer` saves (async, collective)
+and restores a run; `load_model` gives eval/inference the params only. Nothing half-written is ever picked up:
+orbax writes `<step>.orbax-checkpoint-tmp-<t>/` and renames it once every process has finished. Once `save`
+returns, the arrays are on host, so the caller may donate or overwrite them.
 """
 
 from __future__ import annotations
@@ -42,18 +31,17 @@ PHASE_DIRS = {"base": "base_checkpoints", "mid": "mid_checkpoints", "sft": "chat
 # What writes each phase's checkpoints (for "how do I get one" hints).
 PHASE_SCRIPTS = {"base": "scripts/pretrain.py", "mid": "scripts/midtrain.py", "sft": "scripts/sft.py",
                  "rl": "scripts/rl.py"}
-ITEMS = ("params", "opt_state", "meta")
-
-
-def checkpoint_dir(phase: str, model_tag: str) -> Path:
-    """<base dir>/<phase dir>/<model_tag>, e.g. ~/.cache/nanochat_jax/base_checkpoints/d12."""
-    return _phase_dir(phase) / model_tag
 
 
 def _phase_dir(phase: str) -> Path:
     if phase not in PHASE_DIRS:
         raise ValueError(f"unknown checkpoint phase {phase!r}; expected one of {sorted(PHASE_DIRS)}")
     return get_base_dir() / PHASE_DIRS[phase]
+
+
+def checkpoint_dir(phase: str, model_tag: str) -> Path:
+    """<base dir>/<phase dir>/<model_tag>, e.g. ~/.cache/nanochat_jax/base_checkpoints/d12."""
+    return _phase_dir(phase) / model_tag
 
 
 # ----------------------------------------------------------------------------------------------
@@ -68,18 +56,8 @@ def with_sharding(shapes, sharding: jax.sharding.Sharding):
     return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), shapes)
 
 
-def _check_abstract(name: str, abstract) -> None:
-    for path, leaf in jax.tree_util.tree_flatten_with_path(abstract)[0]:
-        if getattr(leaf, "sharding", None) is None:
-            raise ValueError(f"{name}: leaf {path_str(path)!r} has no sharding. Restore targets must be "
-                             f"ShapeDtypeStructs with .sharding (that is where the arrays land); build them with "
-                             f"jax.tree.map(ocp.utils.to_shape_dtype_struct, live_tree) or "
-                             f"checkpoint.with_sharding(shapes, sharding)")
-
-
 def _jsonable(meta: dict) -> dict:
-    """A JSON copy of meta, with numpy/jax scalars and small arrays turned into Python values. Fails here, in
-    the caller, rather than later in orbax's background thread."""
+    """A JSON copy of meta (numpy/jax values as Python ones): fails here rather than in orbax's background thread."""
     def default(x):
         if isinstance(x, (np.generic, np.ndarray, jax.Array)):
             return np.asarray(x).tolist()
@@ -114,7 +92,6 @@ class Checkpointer:
                     "meta": ocp.JsonCheckpointHandler()}
         self._mngr = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
 
-    # --- bookkeeping
     def all_steps(self) -> list[int]:
         return sorted(self._mngr.all_steps())
 
@@ -126,8 +103,7 @@ class Checkpointer:
         """Block until the in-flight async save (if any) is committed."""
         self._mngr.wait_until_finished()
 
-    def close(self) -> None:
-        """Wait for the last save and release the manager (idempotent)."""
+    def close(self) -> None:  # idempotent
         if self._mngr is not None:
             self._mngr.wait_until_finished()
             self._mngr.close()
@@ -139,11 +115,9 @@ class Checkpointer:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    # --- save
     def save(self, step: int, *, params, opt_state=None, meta: dict, overwrite: bool = False) -> None:
-        """Start saving `step` (async unless async_save=False). meta gets "step" added. Orbax only saves steps
-        above the latest one; overwrite=True first deletes every saved step >= `step` (e.g. after resuming
-        from an earlier step)."""
+        """Start saving `step` (async unless async_save=False); meta gets "step". Orbax only saves steps above the
+        latest: overwrite=True first deletes every saved step >= `step` (e.g. after resuming from an earlier one)."""
         step = int(step)
         if not isinstance(meta, dict):
             raise TypeError(f"Checkpointer.save: meta must be a dict, got {type(meta).__name__}")
@@ -167,10 +141,8 @@ class Checkpointer:
             raise RuntimeError(f"orbax declined to save step {step} in {self.directory} "
                                f"(latest is {self.latest_step()})")
 
-    # --- restore
     def resolve_step(self, step: int | None) -> int:
-        """`step` if it was saved, the latest step if None (waiting for an in-flight save); else one line naming the
-        directory and the steps it has."""
+        """`step` if it was saved, the latest if None (after any in-flight save); else an error naming the steps."""
         self.wait()  # never read a step that is still being written
         steps = self.all_steps()
         if not steps:
@@ -184,11 +156,14 @@ class Checkpointer:
             raise FileNotFoundError(f"no checkpoint for step {step} in {self.directory}; available steps: {steps}")
         return int(step)
 
-    def _saved_items(self, step: int) -> set[str]:
-        return {name for name in ITEMS if (self.directory / str(step) / name).is_dir()}
-
-    def _check_shapes(self, step: int, name: str, abstract) -> None:
-        """Compare the target's paths and shapes with what the checkpoint holds, and name every difference."""
+    def _check_target(self, step: int, name: str, abstract) -> None:
+        """The target needs shardings, and the checkpoint's paths and shapes: name every difference."""
+        for path, leaf in jax.tree_util.tree_flatten_with_path(abstract)[0]:
+            if getattr(leaf, "sharding", None) is None:
+                raise ValueError(f"restore {name}: leaf {path_str(path)!r} has no sharding. Restore targets must be "
+                                 f"ShapeDtypeStructs with .sharding (that is where the arrays land); build them with "
+                                 f"jax.tree.map(ocp.utils.to_shape_dtype_struct, live_tree) or "
+                                 f"checkpoint.with_sharding(shapes, sharding)")
         with self._reading(step):
             saved = _shapes(self._mngr.item_metadata(step)[name].tree)
         want = _shapes(abstract)
@@ -204,20 +179,17 @@ class Checkpointer:
 
     def restore(self, step: int | None = None, *, abstract_params, abstract_opt_state=None):
         """(params, opt_state or None, meta) of `step` (None: latest). The abstract trees are ShapeDtypeStructs
-        with shardings; arrays come back placed that way (it may differ from how they were saved) and cast to
-        the target dtypes."""
+        with shardings: arrays come back placed that way (however they were saved) and cast to the target dtypes."""
         step = self.resolve_step(step)
-        saved = self._saved_items(step)
         targets = {"params": abstract_params}
         if abstract_opt_state is not None:
-            if "opt_state" not in saved:
+            if not (self.directory / str(step) / "opt_state").is_dir():
                 raise ValueError(f"checkpoint {self.directory / str(step)} has no optimizer state (it was saved "
                                  f"with opt_state=None); restore with abstract_opt_state=None and start the "
                                  f"optimizer fresh")
             targets["opt_state"] = abstract_opt_state
         for name, abstract in targets.items():
-            _check_abstract(f"restore {name}", abstract)
-            self._check_shapes(step, name, abstract)
+            self._check_target(step, name, abstract)
         args = {name: ocp.args.StandardRestore(abstract) for name, abstract in targets.items()}
         with self._reading(step):
             out = self._mngr.restore(step, args=ocp.args.Composite(**args, meta=ocp.args.JsonRestore()))
@@ -270,14 +242,10 @@ def _saved_setting(meta: dict, key: str):
 
 def resume_step(ckpt: "Checkpointer", resume: bool | None, settings: dict, *, from_step: int = -1,
                 close_on_error: tuple = ()) -> int | None:
-    """Where a training run starts: the step to restore, or None for a fresh start. Never overwrites silently.
-
-    resume None (the default, "auto"): continue from the latest checkpoint when there is one and its recorded
-    `settings` (what must match to continue a run: model config, batch, horizon, source...) equal these,
-    runtime GPTConfig fields (RUNTIME_FIELDS) aside; else start fresh. resume True: a checkpoint is required;
-    resume False: start fresh, refusing if checkpoints are already there. from_step >= 0 picks the step. Every
-    refusal is a UserError naming the directory, the difference and the fix; `close_on_error` (checkpointers) are
-    closed first."""
+    """The step a training run restores, or None for a fresh start; never overwrites silently. resume None (auto):
+    the latest checkpoint if any, else fresh; True: a checkpoint is required; False: fresh, refusing if checkpoints
+    exist. from_step >= 0 picks the step. The checkpoint's recorded `settings` (model config, batch, horizon...)
+    must equal these, RUNTIME_FIELDS aside. Refusals are UserErrors; `close_on_error` checkpointers close first."""
     try:
         steps = ckpt.all_steps()
         where = ckpt.directory
@@ -333,9 +301,8 @@ def _as_sharding(mesh_or_sharding) -> jax.sharding.Sharding:
 
 
 def resolve_model_tag(phase: str, model_tag: str | None = None, *, required: bool = False) -> str | None:
-    """model_tag, else the largest d<N> (nanochat's rule) under the phase's checkpoint dir. With none there: None
-    (load_model then explains), or FileNotFoundError when required. Scripts that name outputs after the tag
-    resolve it with this before loading."""
+    """model_tag, else the largest d<N> under the phase's checkpoint dir; with none there, None (or
+    FileNotFoundError when required). Scripts that name outputs after the tag resolve it with this first."""
     if model_tag is not None:
         return model_tag
     phase_dir = _phase_dir(phase)
@@ -356,9 +323,8 @@ def require_same_vocab(model_cfg, tokenizer, what: str = "the checkpoint") -> No
 
 def load_model(phase: str = "base", model_tag: str | None = None, step: int | None = None, *,
                mesh_or_sharding=None, config_overrides: dict[str, Any] | None = None):
-    """(params, GPTConfig, meta) for eval/inference. model_tag None: the largest d<N>; step None: latest. Params
-    are replicated on the mesh (or placed on one local device). config_overrides changes runtime fields of the
-    saved config, e.g. {"attn_backend": "cudnn"}; shapes must still match the checkpoint."""
+    """(params, GPTConfig, meta) for eval/inference; model_tag None: the largest d<N>; step None: latest. Params are
+    replicated on the mesh (or on one local device). config_overrides sets runtime fields, e.g. attn_backend."""
     phase_dir = _phase_dir(phase)
     hint = f"train one with `python {PHASE_SCRIPTS[phase]}`"
     model_tag = resolve_model_tag(phase, model_tag, required=True)
@@ -385,22 +351,20 @@ def load_model(phase: str = "base", model_tag: str | None = None, step: int | No
 
 
 def load_tokenizer(meta: dict, tokenizer_dir: str | os.PathLike | None = None):
-    """The tokenizer for a checkpoint: `tokenizer_dir` if given, else the one its run was trained with (recorded
-    in its meta) when that folder still exists, else the default <base dir>/tokenizer."""
+    """`tokenizer_dir` if given, else the one the checkpoint's run recorded (if that folder still exists), else the
+    default <base dir>/tokenizer."""
     from nanochat_jax.tokenizer import get_tokenizer
 
-    if tokenizer_dir is not None:
-        return get_tokenizer(tokenizer_dir)
     trained_with = (meta.get("user_config") or {}).get("tokenizer_dir")
-    if trained_with and Path(trained_with).is_dir():
-        return get_tokenizer(trained_with)
-    return get_tokenizer()
+    if tokenizer_dir is None and trained_with and Path(trained_with).is_dir():
+        tokenizer_dir = trained_with
+    return get_tokenizer(tokenizer_dir)
 
 
 @dataclass
 class Source:
-    """The checkpoint a later stage (mid, SFT, RL) starts from: its Checkpointer (close it when done), step,
-    metadata and model config (with this run's runtime settings)."""
+    """The checkpoint a later stage (mid, SFT, RL) starts from; close `ckpt` when done. model_cfg carries this run's
+    runtime settings."""
     phase: str
     tag: str
     step: int
@@ -409,8 +373,8 @@ class Source:
     ckpt: Checkpointer
 
     def lrs(self, **flags: float) -> dict[str, float]:
-        """Learning rates: each flag if >= 0, else what the source stage used (before its init_lr_frac), else
-        the pretraining default."""
+        """Each learning-rate flag if >= 0, else what the source stage used (before its init_lr_frac), else the
+        pretraining default."""
         used = self.meta.get("lrs", self.meta.get("user_config", {}))
         defaults = {"matrix_lr": 0.02, "embedding_lr": 0.3, "unembedding_lr": 0.008, "scalar_lr": 0.5}
         return {k: flags[k] if flags.get(k, -1) >= 0 else float(used.get(k, d)) for k, d in defaults.items()}
@@ -418,16 +382,11 @@ class Source:
 
 def open_source(phase: str, model_tag: str | None, step: int | None, *, compute_dtype: str = "auto",
                 attention: str = "auto", on_gpu: bool = False) -> Source:
-    """The `step` (None: latest) checkpoint of `phase`/`model_tag` (None: the largest tag) for a later stage to
-    start from, its model config with this run's runtime settings ("auto" resolved for the platform)."""
+    """The Source at `step` (None: latest) of `phase`/`model_tag` (None: the largest tag); "auto" runtime settings
+    resolved for the platform."""
     tag = resolve_model_tag(phase, model_tag, required=True)
     ckpt = Checkpointer(checkpoint_dir(phase, tag), async_save=False)
     step = ckpt.resolve_step(step)
     meta = ckpt.read_meta(step)
     model_cfg = gpt.GPTConfig.from_dict({**meta["model_config"], **runtime_settings(compute_dtype, attention, on_gpu)})
     return Source(phase, tag, step, meta, model_cfg, ckpt)
-
-
-__all__ = ["Checkpointer", "Source", "open_source",
-           "load_tokenizer", "resolve_model_tag", "require_same_vocab", "checkpoint_dir",
-           "find_largest_model", "load_model", "with_sharding", "PHASE_DIRS"]
