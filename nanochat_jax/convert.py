@@ -1,20 +1,13 @@
-"""Convert between nanochat's PyTorch checkpoints and our parameter pytree.
+"""Convert between nanochat's PyTorch checkpoints and our parameter pytree (NumPy only).
 
-nanochat writes `model_<step:06d>.pt` (a torch state dict) and `meta_<step:06d>.json` (with "model_config":
-sequence_len, vocab_size, n_layer, n_head, n_kv_head, n_embd and, since sliding windows, window_pattern);
-nanochat/checkpoint_manager.py, `save_checkpoint`. Two layouts are understood:
-
-  current  transformer.wte.weight (Vp, D) with the vocab padded to 64, transformer.h.{i}.attn.c_{q,k,v,proj}.weight,
-           transformer.h.{i}.mlp.c_{fc,proj}.weight, transformer.h.{i}.attn.ve_gate.weight (K, 12) on VE layers,
-           value_embeds.{i}.weight (Vp, K*hd), resid_lambdas (L,), x0_lambdas (L,), smear_gate.weight (1, 24),
-           smear_lambda (1,), backout_lambda (1,), lm_head.weight (Vp, D)
-  classic  (October 2025) the same block keys, wte/lm_head with exactly vocab_size rows, none of the extras
-
-torch Linear weights are (out, in); ours are (in, out), blocks stacked on a leading layer axis (gpt.py docstring).
-Everything here is NumPy. Reading needs no torch: `read_pt` opens torch.save's zip format with a restricted
-unpickler that admits only tensors and plain containers (no code runs). Writing (export) imports torch.
-Intermediate nanochat versions (some extras but not all, e.g. the Feb 2026 model without smear/backout) differ
-in ways the keys do not show (RoPE base, gate widths), so they are refused rather than guessed.
+nanochat writes `model_<step:06d>.pt` (a torch state dict) and `meta_<step:06d>.json` (its "model_config":
+sequence_len, vocab_size, n_layer, n_head, n_kv_head, n_embd, window_pattern); nanochat/checkpoint_manager.py,
+`save_checkpoint`. Two layouts: "current" (92d63d4: vocab rows padded to 64, value embeddings with their ve_gate,
+resid/x0 lambdas, smear, backout) and "classic" (October 2025: exactly vocab_size rows, none of the extras; see
+`_torch_shapes`). torch Linear weights are (out, in); ours are (in, out), blocks stacked on a leading layer axis.
+In-between nanochat versions differ in ways the keys do not show (RoPE base, gate widths): refused, not guessed.
+Reading needs no torch (`read_pt`: a restricted unpickler admits only tensors and plain containers, no code runs);
+writing (export) imports torch.
 """
 
 from __future__ import annotations
@@ -37,9 +30,11 @@ from nanochat_jax.gpt import GPTConfig
 
 NANOCHAT_PAD_VOCAB = 64       # current nanochat pads wte/lm_head/value_embeds rows to a multiple of this
 COMPILE_PREFIX = "_orig_mod."  # torch.compile'd modules save their keys with this prefix
-_EXTRA_KEYS = ("resid_lambdas", "x0_lambdas", "smear_gate.weight", "smear_lambda", "backout_lambda")
+# torch block matrix -> (group, name) in our params["blocks"]; current-model extras: torch key -> our key
 _BLOCK_MATS = {"attn.c_q": ("attn", "wq"), "attn.c_k": ("attn", "wk"), "attn.c_v": ("attn", "wv"),
                "attn.c_proj": ("attn", "wo"), "mlp.c_fc": ("mlp", "w_fc"), "mlp.c_proj": ("mlp", "w_proj")}
+_EXTRAS = {"resid_lambdas": "resid_lambdas", "x0_lambdas": "x0_lambdas", "smear_gate.weight": "smear_gate",
+           "smear_lambda": "smear_lambda", "backout_lambda": "backout_lambda"}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -53,7 +48,7 @@ def nanochat_format(keys) -> str:
     """'head' or 'classic' from the state-dict key names; ValueError for an in-between architecture."""
     keys = {k.removeprefix(COMPILE_PREFIX) for k in keys}
     features = {"value_embeds": any(k.startswith("value_embeds.") for k in keys),
-                **{k: k in keys for k in _EXTRA_KEYS}}
+                **{k: k in keys for k in _EXTRAS}}
     if all(features.values()):
         return "head"
     if not any(features.values()):
@@ -67,8 +62,8 @@ def nanochat_format(keys) -> str:
 
 
 def config_from_nanochat(meta: dict[str, Any], keys, **overrides) -> GPTConfig:
-    """GPTConfig for a nanochat checkpoint. meta is the meta JSON (or just its "model_config"); keys are the state
-    dict's key names, which decide current vs classic. overrides set runtime fields (compute_dtype, attn_backend...)."""
+    """GPTConfig for a nanochat checkpoint: meta is its JSON (or just "model_config"), the state dict's `keys` decide
+    current vs classic, overrides set runtime fields (compute_dtype, attn_backend...)."""
     mc = meta.get("model_config", meta)
     required = ("sequence_len", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd")
     missing = [k for k in required if k not in mc]
@@ -79,22 +74,17 @@ def config_from_nanochat(meta: dict[str, Any], keys, **overrides) -> GPTConfig:
     if dims["n_embd"] % dims["n_head"]:
         raise ValueError(f"nanochat model_config: n_embd {dims['n_embd']} is not divisible by n_head {dims['n_head']}")
     dims["head_dim"] = dims["n_embd"] // dims["n_head"]
-    fmt = nanochat_format(keys)
-    if fmt == "head":
-        # GPTConfig's defaults are the current architecture (RoPE 100k, QK x1.2, all extras, reference init).
-        fields = dict(dims, window_pattern=str(mc.get("window_pattern", "L")).upper())
-    else:
-        fields = dict(dims, **gpt._CLASSIC_FEATURES)
-        fields["window_pattern"] = str(mc.get("window_pattern", "L")).upper()  # nanochat patches a missing one to L
-    fields.update(overrides)
-    return GPTConfig(**fields)
+    # GPTConfig's defaults are the current architecture (RoPE 100k, QK x1.2, all extras, reference init).
+    classic = gpt._CLASSIC_FEATURES if nanochat_format(keys) == "classic" else {}
+    window_pattern = str(mc.get("window_pattern", "L")).upper()  # nanochat patches a missing one to L
+    return GPTConfig(**{**dims, **classic, "window_pattern": window_pattern, **overrides})
 
 
 def config_from_nanochat_meta(meta: dict[str, Any], keys=None, **overrides) -> GPTConfig:
     """Like config_from_nanochat; without keys, current iff the meta has a window_pattern (classic metas lack it)."""
     if keys is None:
         mc = meta.get("model_config", meta)
-        keys = ["value_embeds.0.weight", *_EXTRA_KEYS] if "window_pattern" in mc else []
+        keys = ["value_embeds.0.weight", *_EXTRAS] if "window_pattern" in mc else []
     return config_from_nanochat(meta, keys, **overrides)
 
 
@@ -120,39 +110,33 @@ def _format_of_config(cfg: GPTConfig) -> str:
     return fmt
 
 
-def _vocab_rows(cfg: GPTConfig, fmt: str) -> int:
-    if fmt == "classic":
-        return cfg.vocab_size
-    return -(-cfg.vocab_size // NANOCHAT_PAD_VOCAB) * NANOCHAT_PAD_VOCAB
+def _torch_shapes(cfg: GPTConfig, fmt: str) -> dict[str, tuple[int, ...]]:
+    """torch key -> shape of every tensor of the nanochat model `cfg` but the vocab tables (wte, lm_head,
+    value_embeds.{i}; Vp rows)."""
+    L, D, H, K, hd = cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.n_kv_head, cfg.head_dim
+    mats = {"attn.c_q": (H * hd, D), "attn.c_k": (K * hd, D), "attn.c_v": (K * hd, D), "attn.c_proj": (D, H * hd),
+            "mlp.c_fc": (4 * D, D), "mlp.c_proj": (D, 4 * D)}
+    shapes = {f"transformer.h.{i}.{name}.weight": shape for i in range(L) for name, shape in mats.items()}
+    if fmt == "head":
+        shapes |= {f"transformer.h.{i}.attn.ve_gate.weight": (K, gpt.VE_GATE_CHANNELS)
+                   for i in gpt.value_embed_layers(cfg)}
+        shapes |= {"resid_lambdas": (L,), "x0_lambdas": (L,), "smear_gate.weight": (1, gpt.SMEAR_CHANNELS),
+                   "smear_lambda": (1,), "backout_lambda": (1,)}
+    return shapes
 
 
 # ----------------------------------------------------------------------------------------------
 # State dict <-> params
-
-def _np_dtype(name: str):
-    return np.dtype(gpt._DTYPES[name])  # jnp.bfloat16 is ml_dtypes.bfloat16, a NumPy dtype
-
 
 def params_from_state_dict(sd: dict[str, Any], cfg: GPTConfig) -> gpt.Params:
     """Our params (NumPy arrays) from a nanochat state dict of NumPy arrays in torch layout. Matrices and scalars
     become float32, wte/value_embeds cfg.embed_dtype; vocab rows are zero-padded to cfg.padded_vocab."""
     sd = strip_compile_prefix(sd)
     fmt = _format_of_config(cfg)
-    L, D, H, K, hd = cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.n_kv_head, cfg.head_dim
+    L, D, K, hd = cfg.n_layer, cfg.n_embd, cfg.n_kv_head, cfg.head_dim
     ve_layers = gpt.value_embed_layers(cfg)
-    f32, edt = np.float32, _np_dtype(cfg.embed_dtype)
-
-    # Every expected key with its torch shape.
-    expected: dict[str, tuple[int, ...]] = {}
-    for i in range(L):
-        for name, (o, n) in {"attn.c_q": (H * hd, D), "attn.c_k": (K * hd, D), "attn.c_v": (K * hd, D),
-                             "attn.c_proj": (D, H * hd), "mlp.c_fc": (4 * D, D), "mlp.c_proj": (D, 4 * D)}.items():
-            expected[f"transformer.h.{i}.{name}.weight"] = (o, n)
-    if fmt == "head":
-        for i in ve_layers:
-            expected[f"transformer.h.{i}.attn.ve_gate.weight"] = (K, gpt.VE_GATE_CHANNELS)
-        expected.update({"resid_lambdas": (L,), "x0_lambdas": (L,), "smear_gate.weight": (1, gpt.SMEAR_CHANNELS),
-                         "smear_lambda": (1,), "backout_lambda": (1,)})
+    f32, edt = np.float32, np.dtype(gpt._DTYPES[cfg.embed_dtype])  # jnp.bfloat16 is ml_dtypes', a NumPy dtype
+    expected = _torch_shapes(cfg, fmt)
     vocab_keys = ["transformer.wte.weight", "lm_head.weight"] + [f"value_embeds.{i}.weight" for i in ve_layers]
 
     missing = sorted(set(expected) - set(sd) | set(vocab_keys) - set(sd))
@@ -188,18 +172,14 @@ def params_from_state_dict(sd: dict[str, Any], cfg: GPTConfig) -> gpt.Params:
     if fmt == "head":
         params["value_embeds"] = np.stack([vocab_table(f"value_embeds.{i}.weight", K * hd, edt) for i in ve_layers])
         params["ve_gate"] = np.stack([mat(f"transformer.h.{i}.attn.ve_gate.weight") for i in ve_layers])
-        params["resid_lambdas"] = np.asarray(sd["resid_lambdas"]).astype(f32)
-        params["x0_lambdas"] = np.asarray(sd["x0_lambdas"]).astype(f32)
-        params["smear_gate"] = mat("smear_gate.weight")
-        params["smear_lambda"] = np.asarray(sd["smear_lambda"]).astype(f32).reshape(())
-        params["backout_lambda"] = np.asarray(sd["backout_lambda"]).astype(f32).reshape(())
+        ours = gpt.param_shapes(cfg)  # the (1,) lambdas are scalars here
+        params |= {name: mat(k).reshape(ours[name].shape) for k, name in _EXTRAS.items()}
     return params
 
 
 def state_dict_from_params(params: gpt.Params, cfg: GPTConfig) -> dict[str, np.ndarray]:
-    """Inverse of params_from_state_dict: NumPy arrays in torch layout with current or classic key names (from the
-    config's feature flags). Vocab tables get nanochat's row count (padded to 64 for current, exact for classic);
-    dtypes are kept (fp32 matrices, embed dtype tables)."""
+    """Inverse of params_from_state_dict: NumPy arrays in torch layout, current or classic keys (from the config's
+    feature flags), vocab tables with nanochat's row count (padded to 64 or exact), dtypes kept."""
     fmt = _format_of_config(cfg)
     want = gpt.param_shapes(cfg)
     have_keys, want_keys = _leaf_paths(params), _leaf_paths(want)
@@ -210,7 +190,7 @@ def state_dict_from_params(params: gpt.Params, cfg: GPTConfig) -> dict[str, np.n
     if bad:
         raise ValueError(f"param shapes (got, expected) do not match the config: {bad}")
 
-    rows = _vocab_rows(cfg, fmt)
+    rows = cfg.vocab_size if fmt == "classic" else -(-cfg.vocab_size // NANOCHAT_PAD_VOCAB) * NANOCHAT_PAD_VOCAB
 
     def vocab_table(a) -> np.ndarray:
         a = np.asarray(a)
@@ -225,15 +205,11 @@ def state_dict_from_params(params: gpt.Params, cfg: GPTConfig) -> dict[str, np.n
             sd[f"transformer.h.{i}.{tname}.weight"] = stacked[i].T.copy()
     sd["lm_head.weight"] = vocab_table(np.asarray(params["lm_head"]).T)
     if fmt == "head":
-        ve_layers = gpt.value_embed_layers(cfg)
-        for j, i in enumerate(ve_layers):
+        for j, i in enumerate(gpt.value_embed_layers(cfg)):
             sd[f"transformer.h.{i}.attn.ve_gate.weight"] = np.asarray(params["ve_gate"])[j].T.copy()
             sd[f"value_embeds.{i}.weight"] = vocab_table(np.asarray(params["value_embeds"])[j])
-        sd["resid_lambdas"] = np.asarray(params["resid_lambdas"]).copy()
-        sd["x0_lambdas"] = np.asarray(params["x0_lambdas"]).copy()
-        sd["smear_gate.weight"] = np.asarray(params["smear_gate"]).T.copy()
-        sd["smear_lambda"] = np.asarray(params["smear_lambda"]).reshape(1).copy()
-        sd["backout_lambda"] = np.asarray(params["backout_lambda"]).reshape(1).copy()
+        shapes = _torch_shapes(cfg, fmt)
+        sd |= {k: np.asarray(params[name]).T.reshape(shapes[k]).copy() for k, name in _EXTRAS.items()}
     return sd
 
 
@@ -267,7 +243,7 @@ class _StorageType:
 
 def _rebuild_tensor(storage, storage_offset, size, stride, requires_grad=False, backward_hooks=None,
                     metadata=None):
-    """torch._utils._rebuild_tensor_v2 for NumPy: a strided view of the storage, bounds-checked, copied."""
+    """torch._utils._rebuild_tensor_v2 for NumPy: a bounds-checked strided view of the storage, copied."""
     if not isinstance(storage, np.ndarray) or storage.ndim != 1:
         raise pickle.UnpicklingError("a tensor whose storage is not a storage reference")
     size, stride = tuple(int(n) for n in size), tuple(int(n) for n in stride)
@@ -330,9 +306,8 @@ class _PtUnpickler(pickle.Unpickler):
 
 
 def read_pt(path: str | Path):
-    """The object a torch.save file holds (tensors as NumPy arrays, bf16 as ml_dtypes.bfloat16), read without
-    torch and without running any pickled code: only tensors, dicts/OrderedDicts, lists, tuples, numbers and
-    strings are admitted. UserError (naming the file) for anything else, a legacy or corrupt file."""
+    """The object a torch.save file holds (tensors as NumPy arrays, bf16 as ml_dtypes.bfloat16), read without torch
+    or running pickled code: only tensors and plain containers are admitted, else a UserError naming the file."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path} does not exist")
@@ -413,12 +388,9 @@ def save_nanochat_checkpoint(directory: str | Path, step: int, params: gpt.Param
     except ImportError as e:
         raise ImportError("writing nanochat .pt checkpoints needs PyTorch: pip install torch (CPU build is "
                           "enough)") from e
-    sd = {}
-    for k, a in state_dict_from_params(params, cfg).items():
-        if a.dtype == np.dtype(gpt._DTYPES["bfloat16"]):
-            sd[k] = torch.from_numpy(a.astype(np.float32)).to(torch.bfloat16)
-        else:
-            sd[k] = torch.from_numpy(np.ascontiguousarray(a))
+    bf16 = np.dtype(gpt._DTYPES["bfloat16"])  # torch cannot take ml_dtypes' bfloat16: go through float32
+    sd = {k: torch.from_numpy(a.astype(np.float32)).to(torch.bfloat16) if a.dtype == bf16 else
+          torch.from_numpy(np.ascontiguousarray(a)) for k, a in state_dict_from_params(params, cfg).items()}
     directory = Path(directory)
     model_path = directory / f"model_{step:06d}.pt"
     with atomic_write(model_path, "wb") as f:
