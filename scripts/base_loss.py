@@ -1,16 +1,13 @@
-"""Bits per byte of a base-model checkpoint on the train and validation splits, and samples (nanochat's
-scripts/base_loss.py; current nanochat folds it into base_eval --eval=bpb,sample).
+"""Bits per byte of a base checkpoint on the train and val splits, and samples (nanochat's scripts/base_loss.py;
+current nanochat folds it into base_eval --eval=bpb,sample).
 
     python scripts/base_loss.py                                   # largest base model, latest step
     python scripts/base_loss.py --model-tag=d20 --split-tokens=524288 --device-batch-size=16
     python scripts/base_loss.py --eval=sample --num-samples=4 --temperature=0.8
 
-bpb: --split-tokens tokens of each split (rounded down to whole steps of device_batch_size × sequence_len ×
-devices) from the pretraining loader (same BOS-aligned best-fit packing; train = every shard but the last, val =
-the last one), through loss_eval.evaluate_bpb. Samples, from the Engine: greedy 16-token continuations of
-nanochat's 7 prompts, and --num-samples unconditioned samples (from BOS alone, stopped at the next BOS) of
---sample-tokens tokens at --temperature.
-
+bpb: --split-tokens tokens per split (whole steps of device_batch_size × sequence_len × devices) from the
+pretraining loader (train = every shard but the last, val = the last). Samples, from the Engine: greedy 16-token
+continuations of nanochat's 7 prompts, and --num-samples unconditioned ones (from BOS alone) at --temperature.
 Writes <base dir>/base_eval/base_loss_<tag>_<step:06d>.json atomically and prints a final JSON line.
 """
 
@@ -19,7 +16,6 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass
-
 
 from nanochat_jax.common import run_main
 from nanochat_jax.config import flag, parse_flags, print_config, require
@@ -65,15 +61,15 @@ def main(cfg: BaseLossConfig) -> dict:
     from nanochat_jax.common import atomic_write, get_base_dir, print0
     from nanochat_jax.dataloader import ShardedLoader
     from nanochat_jax.dataset import list_parquet_files, resolve_data_dir, split_files
-    from nanochat_jax.loss_eval import evaluate_bpb, make_bpb_fn
-    from nanochat_jax.tokenizer import get_tokenizer
     from nanochat_jax.engine import Engine
+    from nanochat_jax.loss_eval import evaluate_bpb, make_bpb_fn
+    from nanochat_jax.report import get_report
+    from nanochat_jax.tokenizer import get_tokenizer
     from nanochat_jax.train import SAMPLE_PROMPTS
 
     evals = [e.strip() for e in cfg.eval.split(",") if e.strip()]
     sharding.maybe_initialize_distributed(cfg.distributed)
     mesh = sharding.make_mesh(cfg.mesh)
-    replicated = sharding.replicated(mesh)
     tokenizer = get_tokenizer(cfg.tokenizer_dir)
     tag = resolve_model_tag("base", cfg.model_tag)  # resolved here: the output is named after it
     backend = cfg.attention if cfg.attention != "auto" else gpt.default_attn_backend()
@@ -96,7 +92,7 @@ def main(cfg: BaseLossConfig) -> dict:
         files = list_parquet_files(resolve_data_dir(cfg.data_dir))
         # one reader per device, strided by its place in the mesh (as in pretraining)
         shards = [i for i, d in enumerate(mesh.devices.flat) if d.process_index == jax.process_index()]
-        batch = sharding.batch_sharding(mesh)
+        batch, replicated = sharding.batch_sharding(mesh), sharding.replicated(mesh)
         bpb_fn = jax.jit(make_bpb_fn(model_cfg), in_shardings=(replicated, batch, batch, replicated))
         token_bytes = jnp.asarray(tokenizer.token_bytes(), jnp.int32)
         result["bpb"] = {}
@@ -116,33 +112,26 @@ def main(cfg: BaseLossConfig) -> dict:
         # whole (every process joins; process 0 prints)
         engine = Engine(sharding.gather_to_process(params), model_cfg, tokenizer)
         prompts = [tokenizer.encode(p, prepend=tokenizer.bos_id) for p in SAMPLE_PROMPTS]
-        samples = [tokenizer.decode(s) for s in engine.generate_batch(prompts, max_tokens=16, temperature=0)[0]]
-        print0("\nconditioned samples (greedy):")
-        for text in samples:
-            print0("-" * 80 + "\n" + text)
-        uncond = []
+        rows, _ = engine.generate_batch(prompts, max_tokens=16, temperature=0)
+        result["samples"] = [tokenizer.decode(r) for r in rows]
+        print0("\nconditioned samples (greedy):" + "".join(f"\n{'-' * 80}\n{s}" for s in result["samples"]))
+        result["unconditioned_samples"] = []
         if cfg.num_samples > 0:
-            print0(f"\nunconditioned samples (temperature {cfg.temperature}, {cfg.sample_tokens} tokens):")
             rows, _ = engine.generate_batch([tokenizer.bos_id], num_samples=cfg.num_samples,
                                             max_tokens=cfg.sample_tokens, temperature=cfg.temperature, seed=cfg.seed)
-            uncond = [tokenizer.decode(r) for r in rows]
-            for text in uncond:
-                print0("-" * 80 + "\n" + text)
-        result["samples"], result["unconditioned_samples"] = samples, uncond
+            result["unconditioned_samples"] = [tokenizer.decode(r) for r in rows]
+            print0(f"\nunconditioned samples (temperature {cfg.temperature}, {cfg.sample_tokens} tokens):" +
+                   "".join(f"\n{'-' * 80}\n{s}" for s in result["unconditioned_samples"]))
 
     path = get_base_dir() / "base_eval" / f"base_loss_{tag}_{step:06d}.json"
     if jax.process_index() == 0:
         with atomic_write(path, "w") as f:
             json.dump(result, f, indent=2)
+        bpbs = {f"{split} bpb": v for split, v in result.get("bpb", {}).items()}
+        get_report().log("Base model loss", [{"model": f"{tag} step {step}", **bpbs},
+                                             *[f"sample: {s}" for s in result.get("samples", [])]])
     print0(f"\nresults written to {path}")
     print0(json.dumps({k: v for k, v in result.items() if k in ("model_tag", "step", "bpb")} | {"json": str(path)}))
-    if jax.process_index() == 0:
-        from nanochat_jax.report import get_report
-
-        bpb = result.get("bpb", {})
-        get_report().log("Base model loss", [{"model": f"{tag} step {step}",
-                                              **{f"{split} bpb": v for split, v in bpb.items()}},
-                                             *[f"sample: {s}" for s in result.get("samples", [])]])
     return result
 
 

@@ -44,9 +44,8 @@ def main(argv=None) -> dict:
     print_config(cfg)
     tokenizer = get_tokenizer(cfg.tokenizer_dir)
     files = split_files(list_parquet_files(resolve_data_dir(cfg.data_dir)), cfg.split)
-    loader = DataLoader(tokenizer, cfg.device_batch_size, cfg.max_seq_len, cfg.split, files=files,
-                        tokenizer_threads=cfg.tokenizer_threads, prefetch=cfg.prefetch, buffer_docs=cfg.buffer_docs)
-    with loader:
+    with DataLoader(tokenizer, cfg.device_batch_size, cfg.max_seq_len, cfg.split, files=files, prefetch=cfg.prefetch,
+                    tokenizer_threads=cfg.tokenizer_threads, buffer_docs=cfg.buffer_docs) as loader:
         for _ in range(cfg.warmup_batches):
             next(loader)
         packer = loader.packer
@@ -55,11 +54,10 @@ def main(argv=None) -> dict:
         for _ in range(cfg.num_batches):
             batch = next(loader)
         dt = time.perf_counter() - t0
-        tokens = cfg.num_batches * batch["inputs"].size
         # packer counters run ahead by the prefetched batches; the ratio is what matters
         cropped, packed = packer.tokens_cropped - cropped0, packer.tokens_packed - packed0
-        crop = cropped / max(1, packed + cropped)
         epoch = loader.epoch
+    tokens, crop = cfg.num_batches * batch["inputs"].size, cropped / max(1, packed + cropped)
     result = {"tokens_per_s": tokens / dt, "batches": cfg.num_batches, "batch_shape": list(batch["inputs"].shape),
               "seconds": dt, "cropped_fraction": crop, "epoch": epoch,
               "keeps_up_with_8xH100": tokens / dt >= NODE_TOKENS_PER_S, "config": asdict(cfg)}

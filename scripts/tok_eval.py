@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from nanochat_jax import dataset
 from nanochat_jax.common import run_main
 from nanochat_jax.config import flag, parse_flags, print_config
+from nanochat_jax.report import get_report
 from nanochat_jax.tokenizer import Tokenizer, get_tokenizer
 
 NEWS = """\
@@ -81,19 +82,15 @@ class TokEvalConfig:
     data_dir: str | None = flag(None, "parquet shards for the train/val samples")
 
 
-def first_row_group_text(path) -> str:
-    return "\n".join(dataset.read_shard_texts(dataset.open_shard(path), path, 0))
-
-
 def shard_samples(data_dir: str | None) -> dict[str, str]:
     """First row group of the first train shard and of the val shard; empty (with a note) when there is no data."""
     try:
         files = dataset.list_parquet_files(dataset.resolve_data_dir(data_dir))
-        return {"data-train": first_row_group_text(dataset.split_files(files, "train")[0]),
-                "data-val": first_row_group_text(dataset.split_files(files, "val")[0])}
+        paths = {"data-train": dataset.split_files(files, "train")[0], "data-val": dataset.split_files(files, "val")[0]}
     except (FileNotFoundError, ValueError) as e:
         print(f"note: no shard samples ({e})")
         return {}
+    return {name: "\n".join(dataset.read_shard_texts(dataset.open_shard(p), p, 0)) for name, p in paths.items()}
 
 
 def compression(tokenizer: Tokenizer, text: str) -> tuple[int, int, float]:
@@ -113,8 +110,6 @@ def main(argv=None) -> None:
     print(f"{'text':<12} {'bytes':>9} {'tokens':>9} {'ratio':>7}")
     for name, (n_bytes, n_tokens, ratio) in results.items():
         print(f"{name:<12} {n_bytes:>9,} {n_tokens:>9,} {ratio:>7.2f}")
-    from nanochat_jax.report import get_report
-
     ratios = {f"{name} bytes/token": ratio for name, (_, _, ratio) in results.items()}
     get_report().log("Tokenizer evaluation", {"vocab_size": ours.vocab_size, **ratios})
 

@@ -1,9 +1,7 @@
-"""Train the BPE tokenizer on the first ~2B characters of the train shards and save it.
+"""Train the BPE tokenizer on the first ~2B characters of the train shards and save it to --tokenizer-dir.
 
     python scripts/tok_train.py                                   # nanochat defaults: 2B chars, 32768 vocab
     python scripts/tok_train.py --vocab-size=4096 --max-chars=20_000_000 --data-dir=/path/to/parquet
-
-Writes tokenizer.tiktoken, tokenizer.json and token_bytes.npy to --tokenizer-dir (default <base dir>/tokenizer).
 """
 
 from __future__ import annotations
@@ -14,6 +12,7 @@ from dataclasses import dataclass
 from nanochat_jax import dataset
 from nanochat_jax.common import Timer, print0, run_main
 from nanochat_jax.config import flag, parse_flags, print_config, require
+from nanochat_jax.report import get_report
 from nanochat_jax.tokenizer import (MIN_VOCAB_SIZE, SPECIAL_TOKENS, default_tokenizer_dir, iter_training_texts,
                                     token_bytes_stats, train_tokenizer)
 
@@ -49,21 +48,15 @@ def main(argv=None) -> None:
     print0(f"chars used: {stats['chars']:,} from {stats['docs']:,} docs")
     print0(f"training time: {t.seconds:.2f}s")
     print0(f"vocab size: {tokenizer.vocab_size:,} (bos id {tokenizer.bos_id})")
-
-    out_dir = cfg.tokenizer_dir or default_tokenizer_dir()
-    paths = tokenizer.save(out_dir)
-    for kind, path in paths.items():
+    for kind, path in tokenizer.save(cfg.tokenizer_dir or default_tokenizer_dir()).items():
         print0(f"saved {kind}: {path}")
     tb = token_bytes_stats(tokenizer.token_bytes())
     print0(f"token_bytes over {tb['count']:,} non-special tokens: mean {tb['mean']:.4f}, std {tb['std']:.4f}, "
            f"max {tb['max']}")
-    from nanochat_jax.report import get_report
-
-    get_report().log("Tokenizer training", {"vocab_size": tokenizer.vocab_size, "max_chars": cfg.max_chars,
-                                            "chars_used": stats["chars"], "docs": stats["docs"],
-                                            "train_time_s": t.seconds, "num_special_tokens": len(SPECIAL_TOKENS),
-                                            "token_bytes_max": tb["max"],
-                                            "token_bytes_mean": tb["mean"], "token_bytes_std": tb["std"]})
+    get_report().log("Tokenizer training", {
+        "vocab_size": tokenizer.vocab_size, "max_chars": cfg.max_chars, "chars_used": stats["chars"],
+        "docs": stats["docs"], "train_time_s": t.seconds, "num_special_tokens": len(SPECIAL_TOKENS),
+        "token_bytes_max": tb["max"], "token_bytes_mean": tb["mean"], "token_bytes_std": tb["std"]})
 
 
 if __name__ == "__main__":
