@@ -275,12 +275,10 @@ class _PtUnpickler(pickle.Unpickler):
         self.storages: dict[str, np.ndarray] = {}
 
     def find_class(self, module, name):
-        if module == "torch._utils" and name == "_rebuild_tensor_v2":
-            return _rebuild_tensor
-        if module == "torch._utils" and name == "_rebuild_parameter":
-            return _rebuild_parameter
-        if module == "collections" and name == "OrderedDict":
-            return collections.OrderedDict
+        allowed = {("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor, ("collections", "OrderedDict"):
+                   collections.OrderedDict, ("torch._utils", "_rebuild_parameter"): _rebuild_parameter}
+        if (module, name) in allowed:
+            return allowed[module, name]
         if module == "torch" and name in self.dtypes:
             return _StorageType(name, self.dtypes[name])
         raise pickle.UnpicklingError(f"it refers to {module}.{name}, which is not a tensor or a plain container")
@@ -343,10 +341,8 @@ def read_pt_state_dict(path: str | Path) -> dict[str, np.ndarray]:
 # Files
 
 def find_nanochat_steps(directory: str | Path) -> list[int]:
-    directory = Path(directory)
-    if not directory.is_dir():
-        return []
-    return sorted(int(m.group(1)) for p in directory.iterdir() if (m := re.fullmatch(r"model_(\d+)\.pt", p.name)))
+    return sorted(int(m.group(1)) for p in Path(directory).glob("model_*.pt")
+                  if (m := re.fullmatch(r"model_(\d+)\.pt", p.name)))
 
 
 def read_nanochat_checkpoint(directory: str | Path, step: int | None = None):
