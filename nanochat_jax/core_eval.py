@@ -1,43 +1,27 @@
 """CORE: the DCLM in-context-learning benchmark that scores base models (nanochat/core_eval.py, `evaluate_task`).
 
 The eval bundle (core.yaml, eval_meta_data.csv, eval_data/<category>/<task>.jsonl) lists 22 tasks of three kinds:
+multiple_choice (one prompt per choice; lowest mean loss over the choice's tokens wins), schema (one prompt per
+context option; lowest mean loss over the shared continuation) and language_modeling (correct iff greedy argmax
+reproduces every continuation token). CORE is the mean of the accuracies centered against each task's random
+baseline rb (percent): (acc - rb/100) / (1 - rb/100).
 
-    multiple_choice    one prompt per choice, same context; the choice whose own tokens have the lowest mean
-                       loss is the prediction
-    schema             one prompt per context option, same continuation; lowest mean loss over the continuation
-    language_modeling  context + continuation; correct iff greedy argmax reproduces every continuation token
-
-Accuracy is centered against the task's random baseline (percent, from eval_meta_data.csv):
-(acc - rb/100) / (1 - rb/100). CORE is the mean of the centered accuracies.
-
-What matches nanochat exactly, so numbers are comparable: the random.Random(1337) shuffle before --max-per-task,
-few-shot examples drawn with random.Random(1234 + idx) from the other examples, the prompt templates ("\\n\\n"
-between shots, the task's continuation delimiter, default " "), BOS-prepended prompts, and the scored token span
-(common prefix for MC, common suffix for schema, the with/without-continuation difference for LM).
-
-What differs is how the model runs. nanochat does one padded forward per example. Here every sequence of a task
-is a *row* (tokens, start, end) whose targets tokens[start:end] are scored; rows are right-padded into a few
-fixed length buckets (powers of two up to max_len, by default the model's sequence_len) and fixed-size batches,
-sharded over the mesh, and scored by one jitted function, so there is one compilation per bucket. Right padding
-cannot change a causal model's outputs at the real positions, so the scores are those of the unpadded sequences.
-Rows longer than max_len: nanochat crops from the left only for models that declare a maximum length; its own
-GPT never does (sliding windows and RoPE run past the training length, as ours do). So by default such rows get
-further power-of-two buckets (4096, ...) and are scored whole; crop=True crops them instead. At sequence_len 2048
-this matters: roughly 9 in 10 10-shot squad prompts and 1 in 10 boolq prompts are longer.
+Prompts, shuffles, few-shot draws and scored spans match nanochat exactly. What differs is how the model runs:
+nanochat does one padded forward per example; here each sequence is a row (tokens, start, end), right-padded into
+power-of-two length buckets and fixed-size batches sharded over the mesh, so there is one compilation per bucket
+(right padding cannot change a causal model's outputs at the real positions). Rows longer than max_len get further
+buckets and are scored whole, as nanochat does for its own GPT (crop=True crops them instead); at sequence_len
+2048 that is roughly 9 in 10 10-shot squad prompts and 1 in 10 boolq prompts.
 
     scorer = make_model_scorer(params, model_cfg, mesh, pad_id=tokenizer.bos_id)
-    out = evaluate_core(scorer, tokenizer, ensure_eval_bundle())
-    out["core_metric"], out["results"][label], out["centered_results"][label]
-
-A scorer is any callable `rows -> (mean_loss[n], all_correct[n])` (see `ScoreFn`), so tests and other evals can
-plug in their own model or logits.
+    out = evaluate_core(scorer, tokenizer, ensure_eval_bundle())  # out["core_metric"], out["centered_results"]
 """
 
 from __future__ import annotations
 
 import collections
-import collections.abc
 import csv
+import fcntl
 import json
 import os
 import random
@@ -47,7 +31,7 @@ import time
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -62,17 +46,10 @@ SHUFFLE_SEED = 1337   # random.Random(SHUFFLE_SEED).shuffle(data) before truncat
 FEWSHOT_SEED = 1234   # example idx draws its shots with random.Random(FEWSHOT_SEED + idx)
 
 Row = tuple[Sequence[int], int, int]  # (tokens, start, end): score the targets tokens[start:end]
+# rows -> per row, the mean cross-entropy (nats) of tokens[start:end] given the tokens before them, and whether the
+# argmax reproduces every one of them (an empty span: inf and False). A Scorer is one; tests plug in their own.
+ScoreFn = Callable[[Sequence[Row]], tuple[np.ndarray, np.ndarray]]
 
-
-class ScoreFn(Protocol):
-    def __call__(self, rows: Sequence[Row]) -> tuple[np.ndarray, np.ndarray]:
-        """For each row: the mean cross-entropy (nats) of predicting tokens[start:end] from the tokens before them,
-        and whether the argmax prediction equals every one of those tokens (an empty span: inf and False)."""
-        ...
-
-
-# ----------------------------------------------------------------------------------------------
-# The bundle: task list, baselines, data
 
 @dataclass(frozen=True)
 class CoreTask:
@@ -91,10 +68,8 @@ def load_core_tasks(bundle_dir: str | os.PathLike) -> list[CoreTask]:
     bundle_dir = Path(bundle_dir)
     with open(bundle_dir / "core.yaml", encoding="utf-8") as f:
         config = yaml.safe_load(f)
-    baselines = {}
     with open(bundle_dir / "eval_meta_data.csv", encoding="utf-8", newline="") as f:
-        for row in csv.DictReader(f):
-            baselines[row["Eval Task"]] = float(row["Random baseline"])
+        baselines = {row["Eval Task"]: float(row["Random baseline"]) for row in csv.DictReader(f)}
     tasks = []
     for t in config["icl_tasks"]:
         label, shots = t["label"], t["num_fewshot"]
@@ -115,9 +90,13 @@ def task_data_path(bundle_dir: str | os.PathLike, task: CoreTask) -> Path:
     return Path(bundle_dir) / "eval_data" / task.dataset_uri
 
 
+def _read_jsonl(path: Path) -> list[dict]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
 def load_task_data(bundle_dir: str | os.PathLike, task: CoreTask, max_per_task: int = -1) -> list[dict]:
-    with open(task_data_path(bundle_dir, task), encoding="utf-8") as f:
-        return shuffle_and_truncate([json.loads(line) for line in f if line.strip()], max_per_task)
+    return shuffle_and_truncate(_read_jsonl(task_data_path(bundle_dir, task)), max_per_task)
 
 
 def shuffle_and_truncate(data: list[dict], max_per_task: int = -1) -> list[dict]:
@@ -127,37 +106,17 @@ def shuffle_and_truncate(data: list[dict], max_per_task: int = -1) -> list[dict]
     return data[:max_per_task] if max_per_task > 0 else data
 
 
-class _AllBut(collections.abc.Sequence):
-    """range(n) without `skip`, lazily: random.sample only calls len() and [], so drawing from this gives the same
-    sample as drawing from the materialised list (which would cost O(n) per example, O(n²) per task)."""
-
-    def __init__(self, n: int, skip: int):
-        self.n, self.skip = n, skip
-
-    def __len__(self) -> int:
-        return self.n - 1
-
-    def __getitem__(self, i):
-        if isinstance(i, slice):
-            return [self[j] for j in range(*i.indices(len(self)))]
-        if i < 0:
-            i += len(self)
-        if not 0 <= i < len(self):
-            raise IndexError(i)
-        return i if i < self.skip else i + 1
-
-
 def fewshot_indices(n: int, idx: int, k: int) -> list[int]:
     """Indices of example idx's k shots: random.Random(1234 + idx).sample(all indices but idx, k). nanochat fails
     when fewer than k others exist (tiny --max-per-task); we take them all instead."""
     if k <= 0 or n <= 1:
         return []
-    return random.Random(FEWSHOT_SEED + idx).sample(_AllBut(n, idx), min(k, n - 1))
+    # sample() draws positions, so sampling range(n - 1) and skipping idx afterwards picks the same shots as
+    # sampling the list of the other indices, without building that list (O(n) per example, O(n²) per task)
+    return [i + (i >= idx) for i in random.Random(FEWSHOT_SEED + idx).sample(range(n - 1), min(k, n - 1))]
 
 
-# ----------------------------------------------------------------------------------------------
-# Prompts (nanochat's Jinja templates written out: shots end with "\n\n", then the example itself)
-
+# Prompts: nanochat's Jinja templates written out (shots end with "\n\n", then the example itself)
 def render_prompts_mc(item: dict, delimiter: str, fewshot: Sequence[dict] = ()) -> list[str]:
     """One prompt per choice: shots "query<delim>gold choice", then "query<delim>choice"."""
     shots = "".join(f"{ex['query']}{delimiter}{ex['choices'][ex['gold']]}\n\n" for ex in fewshot)
@@ -188,13 +147,8 @@ def render_prompts(task_type: str, item: dict, delimiter: str, fewshot: Sequence
     return RENDERERS[task_type](item, delimiter, fewshot)
 
 
-# ----------------------------------------------------------------------------------------------
-# Token spans
-
 def find_common_length(seqs: Sequence[Sequence[int]], direction: str = "left") -> int:
     """Length of the common prefix ('left') or suffix ('right') of all sequences."""
-    if direction not in ("left", "right"):
-        raise ValueError(f"direction must be 'left' or 'right', got {direction!r}")
     shortest = min(len(s) for s in seqs)
     for i in range(shortest):
         pos = i if direction == "left" else -1 - i
@@ -204,10 +158,8 @@ def find_common_length(seqs: Sequence[Sequence[int]], direction: str = "left") -
 
 
 def example_rows(task_type: str, token_lists: Sequence[Sequence[int]]) -> list[Row]:
-    """Rows of one example from its BOS-prepended prompt tokens (in render order).
-
-    MC: the span is everything after the choices' common prefix. Schema: the options' common suffix.
-    LM: the tokens the continuation adds (one row: the prompt with it)."""
+    """Rows of one example from its BOS-prepended prompt tokens (in render order). The span: MC, all after the
+    choices' common prefix; schema, the options' common suffix; LM, the tokens the continuation adds."""
     if task_type == "multiple_choice":
         start = find_common_length(token_lists, "left")
         return [(t, start, len(t)) for t in token_lists]
@@ -236,9 +188,6 @@ def crop_row(row: Row, max_len: int) -> Row:
     return tokens[cut:], start, max(end - cut, start)
 
 
-# ----------------------------------------------------------------------------------------------
-# Scoring: buckets, fixed batches, one jitted function
-
 def bucket_lengths(max_len: int, min_bucket: int = 64) -> tuple[int, ...]:
     """Powers of two from min_bucket (a power of two) up to max_len, and max_len itself."""
     if max_len < 2:
@@ -253,26 +202,20 @@ def bucket_lengths(max_len: int, min_bucket: int = 64) -> tuple[int, ...]:
 
 
 class Scorer:
-    """A ScoreFn over `logits_fn(params, tokens_BT) -> logits_BTV` (fp32).
+    """A ScoreFn over `logits_fn(params, tokens_BT) -> logits_BTV`.
 
-    Rows are grouped by bucket (the smallest bucket length that holds them; a row longer than max_len is cropped
-    to it when crop=True, else goes to the next power of two, added to `buckets`) and packed into batches of a
-    fixed number of rows per bucket (a multiple of the mesh size; unused rows are padding with an empty span), so
-    the jitted function sees at most len(buckets) shapes. Batches are sharded over the mesh's
-    "data" axis and dispatched as they fill; results are read at the end (see ScoringSession). `traces` counts
-    compilations (each new shape traces once); `stats` accumulates rows, cropped rows, batches and real vs padded
-    tokens.
-
-    Every process of a multi-process run must call it with the same rows (each builds the full global batch)."""
+    Each row goes to the smallest bucket that holds it (past max_len: cropped when crop=True, else the next power
+    of two, added to `buckets`); each bucket has a fixed row count (a multiple of the mesh size; padding rows have
+    an empty span), so the jitted function sees at most len(buckets) shapes. `traces` counts compilations, `stats`
+    rows, cropped and long rows, batches and real vs padded tokens. Every process of a multi-process run must pass
+    the same rows (each builds the full global batch)."""
 
     def __init__(self, logits_fn: Callable, params: Any, *, max_len: int, pad_id: int, mesh=None, crop: bool = False,
                  min_bucket: int = 64, batch_tokens: int = 16384, place_params: bool = True):
         if batch_tokens < 1:
             raise ValueError(f"batch_tokens must be >= 1, got {batch_tokens}")
         self.mesh = mesh if mesh is not None else sharding.make_mesh(1)
-        self.n_devices = self.mesh.size
-        self.max_len, self.pad_id, self.batch_tokens = int(max_len), int(pad_id), int(batch_tokens)
-        self.crop = bool(crop)
+        self.max_len, self.pad_id, self.batch_tokens, self.crop = int(max_len), int(pad_id), int(batch_tokens), crop
         self.buckets, self.min_bucket = bucket_lengths(self.max_len, min_bucket), min_bucket
         self._replicated = sharding.replicated(self.mesh)
         self._batch_sharding = {nd: sharding.batch_sharding(self.mesh, 0, nd) for nd in (1, 2)}
@@ -283,7 +226,7 @@ class Scorer:
         self.set_params(params, place_params)
 
     def set_params(self, params, place: bool = True) -> None:
-        """New weights, same compiled functions (e.g. CORE every N training steps)."""
+        """New weights, same compiled functions (CORE every N training steps)."""
         self.params = jax.device_put(params, self._replicated) if place else params
 
     def bucket_for(self, n_tokens: int) -> int:
@@ -294,8 +237,8 @@ class Scorer:
         return length
 
     def rows_per_batch(self, length: int) -> int:
-        """batch_tokens per device, rounded down to whole rows (at least one), times the device count."""
-        return self.n_devices * max(1, self.batch_tokens // length)
+        """batch_tokens per device in whole rows (at least one), times the device count."""
+        return self.mesh.size * max(1, self.batch_tokens // length)
 
     def _score_batch(self, params, tokens_BT, start_B, end_B):
         self.traces += 1  # Python side effect: runs once per trace, i.e. per compiled shape
@@ -316,7 +259,7 @@ class Scorer:
         return jax.make_array_from_callback(x.shape, self._batch_sharding[x.ndim], lambda index: x[index])
 
     def _dispatch(self, length: int, members: list[tuple[int, Row]]):
-        """One padded batch of rows of this bucket → (row ids, (mean_B, correct_B) still on device)."""
+        """One padded batch of this bucket -> (row ids, (mean_B, correct_B) still on device)."""
         rows_b = self.rows_per_batch(length)
         tokens_BT = np.full((rows_b, length), self.pad_id, np.int32)
         start_B, end_B = np.zeros(rows_b, np.int32), np.zeros(rows_b, np.int32)  # padding rows: empty span
@@ -330,7 +273,6 @@ class Scorer:
         return [i for i, _ in members], out
 
     def session(self) -> "ScoringSession":
-        """Stream rows in with add(); finish() returns the scores of all of them, in order."""
         return ScoringSession(self)
 
     def __call__(self, rows: Sequence[Row]) -> tuple[np.ndarray, np.ndarray]:
@@ -340,9 +282,8 @@ class Scorer:
 
 
 class ScoringSession:
-    """Rows wait in their bucket until it holds a full batch, which is then dispatched (asynchronously), so a task
-    can be fed in chunks without holding all its tokens and with at most one partial batch per bucket, sent by
-    finish(). Results are read only in finish()."""
+    """Rows stream in with add() and wait in their bucket until it holds a full batch, which is dispatched
+    asynchronously; finish() sends the partial batches and reads every score, in row order."""
 
     def __init__(self, scorer: Scorer):
         self.scorer = scorer
@@ -368,8 +309,7 @@ class ScoringSession:
                 self.waiting[length] = []
 
     def finished_rows(self) -> list[int]:
-        """Ids of the rows whose batches the device has finished since the last call, without waiting (batches
-        are checked in dispatch order, the order the device runs them). For progress reports only."""
+        """Ids of the rows the device has scored since the last call, without waiting (for progress reports)."""
         ids = []
         while self.seen < len(self.pending) and self.pending[self.seen][1][0].is_ready():
             ids += self.pending[self.seen][0]
@@ -377,8 +317,7 @@ class ScoringSession:
         return ids
 
     def finish(self, on_scored: Callable[[list[int]], None] | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Scores of every row added. `on_scored(row ids)` is called as each batch not yet reported by
-        finished_rows() is read."""
+        """Scores of every row added; `on_scored(row ids)` for each batch finished_rows() has not reported."""
         for length, bucket in sorted(self.waiting.items()):
             if bucket:
                 self.pending.append(self.scorer._dispatch(length, bucket))
@@ -396,16 +335,12 @@ class ScoringSession:
 
 def make_model_scorer(params, model_cfg, mesh=None, *, pad_id: int, max_len: int | None = None, crop: bool = False,
                       min_bucket: int = 64, batch_tokens: int = 16384, place_params: bool = True) -> Scorer:
-    """A Scorer for a GPT (gpt.forward). max_len defaults to the model's sequence_len; longer rows are scored whole
-    in larger buckets (nanochat's behaviour for its GPT) unless crop=True. place_params=False keeps params as given
-    (e.g. FSDP-sharded training state) instead of replicating them over the mesh."""
+    """A Scorer for gpt.forward; max_len defaults to the model's sequence_len. place_params=False keeps params as
+    given (e.g. FSDP-sharded training state) instead of replicating them over the mesh."""
     return Scorer(lambda p, x: gpt.forward(p, x, model_cfg), params, mesh=mesh, pad_id=pad_id,
                   max_len=max_len or model_cfg.sequence_len, crop=crop, min_bucket=min_bucket,
                   batch_tokens=batch_tokens, place_params=place_params)
 
-
-# ----------------------------------------------------------------------------------------------
-# Tasks and the benchmark
 
 def centered_accuracy(accuracy: float, random_baseline: float) -> float:
     """(acc - rb) / (1 - rb) with the baseline rb given in percent."""
@@ -434,8 +369,8 @@ def prepare_task(tokenizer, data: Sequence[dict], task: CoreTask,
 
 
 class TaskProgress:
-    """Progress within one task: examples whose rows have all been scored, logged at most every `every` seconds
-    (a long task such as 10-shot HellaSwag otherwise prints nothing for a minute)."""
+    """Examples of one task whose rows have all been scored, logged at most every `every` seconds (10-shot
+    HellaSwag would otherwise print nothing for a minute)."""
 
     def __init__(self, label: str, total: int, log, every: float = 10.0):
         self.label, self.total, self.log, self.every = label, total, log, every
@@ -465,35 +400,32 @@ class TaskProgress:
 
 def evaluate_task(score_fn: ScoreFn, tokenizer, data: Sequence[dict], task: CoreTask, *,
                   chunk_examples: int = 2048, log=None, progress_every: float = 10.0) -> dict:
-    """{"accuracy", "correct" (per example), "examples", "rows", "seconds"} of one task over `data` (already shuffled
-    and truncated, as load_task_data gives it). With a Scorer, examples are tokenized and fed chunk by chunk (the
-    device works on one chunk while the host prepares the next), and with a `log` the examples scored so far are
-    logged at most every `progress_every` seconds; any other ScoreFn gets all rows in one call."""
+    """{"accuracy", "correct" (per example), "examples", "rows", "seconds"} of one task over `data` (shuffled and
+    truncated). A Scorer gets the examples chunk by chunk (the device scores one while the host tokenizes the
+    next) and progress goes to `log`; any other ScoreFn gets all rows in one call."""
     t0 = time.perf_counter()
     session = score_fn.session() if hasattr(score_fn, "session") else None
     progress = TaskProgress(task.label, len(data), log, progress_every) if log and session is not None else None
     all_rows, spans, n_rows = [], [], 0
     for lo in range(0, len(data), chunk_examples):
         rows, chunk_spans = prepare_task(tokenizer, data, task, range(lo, min(lo + chunk_examples, len(data))))
-        spans.extend((n_rows + first, count) for first, count in chunk_spans)
+        spans += [(n_rows + first, count) for first, count in chunk_spans]
         n_rows += len(rows)
-        if session is not None:
-            session.add(rows)
-            if progress is not None:
-                progress.add(chunk_spans)
-                progress.scored(session.finished_rows())
-        else:
-            all_rows.extend(rows)
+        if session is None:
+            all_rows += rows
+            continue
+        session.add(rows)
+        if progress is not None:
+            progress.add(chunk_spans)
+            progress.scored(session.finished_rows())
     if session is not None:
         mean_loss, all_correct = session.finish(on_scored=progress.scored if progress is not None else None)
     else:
         mean_loss, all_correct = score_fn(all_rows) if all_rows else (np.zeros(0), np.zeros(0, bool))
-    correct = []
-    for (first, count), item in zip(spans, data):
-        if task.task_type == "language_modeling":
-            correct.append(bool(all_correct[first]))
-        else:  # lowest mean loss wins; ties go to the first option, like list.index(min(...))
-            correct.append(int(np.argmin(mean_loss[first:first + count])) == int(item["gold"]))
+    # LM: every token right; else the lowest mean loss wins, ties going to the first option like list.index(min(...))
+    lm = task.task_type == "language_modeling"
+    correct = [bool(all_correct[first]) if lm else int(np.argmin(mean_loss[first:first + count])) == int(item["gold"])
+               for (first, count), item in zip(spans, data)]
     return {"accuracy": float(np.mean(correct)) if correct else 0.0, "correct": correct, "examples": len(correct),
             "rows": n_rows, "seconds": time.perf_counter() - t0}
 
@@ -501,31 +433,26 @@ def evaluate_task(score_fn: ScoreFn, tokenizer, data: Sequence[dict], task: Core
 def evaluate_core(score_fn: ScoreFn, tokenizer, bundle_dir: str | os.PathLike, *, max_per_task: int = -1,
                   tasks: Sequence[str] | None = None, require_all: bool = False, log=print0,
                   progress_every: float = 10.0) -> dict:
-    """Every task of the bundle (or the labels in `tasks`). A task whose data file is missing is skipped with a
-    warning and CORE is the mean over the tasks present, reported as such ("missing" lists them); with
-    require_all=True a missing file is an error instead. Everything is reported through `log`: a line per task,
-    and within a task that runs longer, the examples scored so far every `progress_every` seconds.
-
-    Returns {"results": {label: accuracy}, "centered_results": {label: centered}, "core_metric", "missing",
-    "num_tasks", "details": {label: {...}}, "examples", "seconds", "examples_per_second", "compilations"}."""
+    """Every task of the bundle (or the labels in `tasks`), a line per task through `log`. A task whose data file
+    is missing is skipped with a warning and CORE is the mean over the tasks present ("missing" lists the others);
+    require_all=True makes it an error. Returns {"results", "centered_results" (by label), "core_metric",
+    "missing", "num_tasks", "details", "examples", "seconds", "examples_per_second", "compilations"}."""
     bundle_dir = Path(bundle_dir)
     all_tasks = load_core_tasks(bundle_dir)
     if tasks:
-        known = {t.label for t in all_tasks}
-        unknown = [t for t in tasks if t not in known]
+        unknown = [t for t in tasks if t not in {task.label for task in all_tasks}]
         if unknown:
             raise ValueError(f"unknown CORE task(s) {unknown}; the bundle has {[t.label for t in all_tasks]}")
         all_tasks = [t for t in all_tasks if t.label in set(tasks)]
-    missing = [t.label for t in all_tasks if not task_data_path(bundle_dir, t).is_file()]
-    if missing and require_all:
-        paths = [str(task_data_path(bundle_dir, t)) for t in all_tasks if t.label in missing]
-        raise FileNotFoundError(f"CORE task data missing: {paths}. Use a complete eval bundle, or allow a partial "
-                                f"CORE over the tasks present (require_all=False / --require-all=0)")
-    for task in all_tasks:
-        if task.label in missing:
-            log(f"WARNING: CORE task {task.label!r}: no data file {task_data_path(bundle_dir, task)}; skipping it, so "
-                f"CORE is the mean over the {len(all_tasks) - len(missing)} tasks present")
-    present = [t for t in all_tasks if t.label not in missing]
+    absent = [t for t in all_tasks if not task_data_path(bundle_dir, t).is_file()]
+    if absent and require_all:
+        raise FileNotFoundError(f"CORE task data missing: {[str(task_data_path(bundle_dir, t)) for t in absent]}. "
+                                f"Use a complete eval bundle, or allow a partial CORE over the tasks present "
+                                f"(require_all=False / --require-all=0)")
+    for task in absent:
+        log(f"WARNING: CORE task {task.label!r}: no data file {task_data_path(bundle_dir, task)}; skipping it, so "
+            f"CORE is the mean over the {len(all_tasks) - len(absent)} tasks present")
+    present, missing = [t for t in all_tasks if t not in absent], [t.label for t in absent]
     if not present:
         raise FileNotFoundError(f"none of the CORE task files exist under {bundle_dir / 'eval_data'}")
 
@@ -537,8 +464,7 @@ def evaluate_core(score_fn: ScoreFn, tokenizer, bundle_dir: str | os.PathLike, *
     t_all = time.perf_counter()
     for task in present:
         if task.dataset_uri not in cache:
-            with open(task_data_path(bundle_dir, task), encoding="utf-8") as f:
-                cache[task.dataset_uri] = [json.loads(line) for line in f if line.strip()]
+            cache[task.dataset_uri] = _read_jsonl(task_data_path(bundle_dir, task))
         data = shuffle_and_truncate(cache[task.dataset_uri], max_per_task)
         uses[task.dataset_uri] -= 1
         if not uses[task.dataset_uri]:
@@ -552,27 +478,25 @@ def evaluate_core(score_fn: ScoreFn, tokenizer, bundle_dir: str | os.PathLike, *
             f"{out['examples'] / max(out['seconds'], 1e-9):8.1f} ex/s")
     seconds = time.perf_counter() - t_all
     n_examples = sum(d["examples"] for d in details.values())
+    rate = n_examples / max(seconds, 1e-9)
     core = sum(centered.values()) / len(centered)
     compilations = None if traces0 is None else score_fn.traces - traces0
-    summary = f"CORE {core:.4f} over {len(present)}/{len(all_tasks)} tasks"
+    line = f"CORE {core:.4f} over {len(present)}/{len(all_tasks)} tasks"
     if missing:
-        summary += f" (missing: {', '.join(missing)}; not comparable to a full CORE)"
+        line += f" (missing: {', '.join(missing)}; not comparable to a full CORE)"
+    line += f" | {n_examples} examples in {seconds:.1f}s ({rate:.1f} ex/s)"
+    if compilations is not None:
+        line += f" | {compilations} compilation(s)"
     stats = {k: v - stats0.get(k, 0) for k, v in (getattr(score_fn, "stats", None) or {}).items()}
-    extra = ""
     if stats.get("padded_tokens"):
-        max_len = getattr(score_fn, "max_len", "?")
-        extra = (f"; {stats['batches']} batches, {100 * stats['tokens'] / stats['padded_tokens']:.0f}% of padded "
-                 f"tokens real, {stats['long']} rows longer than {max_len} tokens "
+        line += (f"; {stats['batches']} batches, {100 * stats['tokens'] / stats['padded_tokens']:.0f}% of padded "
+                 f"tokens real, {stats['long']} rows longer than {getattr(score_fn, 'max_len', '?')} tokens "
                  + ("(cropped)" if getattr(score_fn, "crop", False) else "(scored whole)"))
-    log(f"{summary} | {n_examples} examples in {seconds:.1f}s ({n_examples / max(seconds, 1e-9):.1f} ex/s)"
-        + (f" | {compilations} compilation(s)" if compilations is not None else "") + extra)
+    log(line)
     return {"results": results, "centered_results": centered, "core_metric": core, "missing": missing,
             "num_tasks": len(all_tasks), "details": details, "examples": n_examples, "seconds": seconds,
-            "examples_per_second": n_examples / max(seconds, 1e-9), "compilations": compilations}
+            "examples_per_second": rate, "compilations": compilations}
 
-
-# ----------------------------------------------------------------------------------------------
-# Output
 
 def format_core_table(out: dict) -> str:
     lines = [f"{'Task':<35} {'Accuracy':>10} {'Centered':>10}"]
@@ -613,14 +537,10 @@ def read_core_csv(path: str | os.PathLike) -> dict[str, tuple[float | None, floa
     return out
 
 
-# ----------------------------------------------------------------------------------------------
-# The bundle on disk: a local directory, or downloaded once into the base dir
-
 def ensure_eval_bundle(eval_bundle: str | os.PathLike | None = None, *, url: str = EVAL_BUNDLE_URL,
-                       max_attempts: int = 5, backoff: float = 2.0, timeout: float = 60.0) -> Path:
-    """The eval bundle directory: `eval_bundle` if given (it must hold core.yaml), else <base dir>/eval_bundle,
-    downloaded from `url` and extracted on first use. Concurrent callers (processes, ranks) serialise on a file
-    lock and the directory appears by one rename, so nobody sees a half-extracted bundle."""
+                       backoff: float = 2.0) -> Path:
+    """`eval_bundle` if given (it must hold core.yaml), else <base dir>/eval_bundle, downloaded and extracted on
+    first use under a file lock and moved into place by one rename, so no process sees a half-extracted bundle."""
     if eval_bundle is not None:
         path = Path(eval_bundle).expanduser()
         if not (path / "core.yaml").is_file():
@@ -631,8 +551,6 @@ def ensure_eval_bundle(eval_bundle: str | os.PathLike | None = None, *, url: str
     target = base / "eval_bundle"
     if (target / "core.yaml").is_file():
         return target
-    import fcntl
-
     with open(base / "eval_bundle.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
         if (target / "core.yaml").is_file():  # another process finished it while we waited
@@ -640,7 +558,7 @@ def ensure_eval_bundle(eval_bundle: str | os.PathLike | None = None, *, url: str
         with tempfile.TemporaryDirectory(prefix=".eval_bundle.", dir=base) as tmp:
             zip_path = Path(tmp) / "eval_bundle.zip"
             try:
-                download(url, zip_path, attempts=max_attempts, backoff=backoff, timeout=timeout)
+                download(url, zip_path, backoff=backoff)
             except DownloadError as e:
                 raise DownloadError(f"{e}; without internet, pass --eval-bundle=<a local eval_bundle dir>") from None
             extracted = Path(tmp) / "x"

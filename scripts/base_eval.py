@@ -5,14 +5,9 @@ scripts/base_loss.py).
     python scripts/base_eval.py --model-tag=d20 --step=5000 --max-per-task=100
     python scripts/base_eval.py --eval-bundle=../shared/data/core_eval --tasks=copa,winograd
 
-The eval bundle is --eval-bundle, else <base dir>/eval_bundle (downloaded from nanochat's URL on first use).
-A task whose data file is missing (e.g. coqa in the local bundle) is skipped with a warning and CORE is the mean
-over the tasks present, labelled "k/22 tasks" everywhere; --require-all=1 makes that an error instead.
-Prompts longer than the model's sequence_len (most 10-shot squad prompts at 2048) are scored whole, like nanochat
-does; --crop=1 crops them from the left instead (fewer, smaller buckets; different squad/boolq numbers).
-
-Writes <base dir>/base_eval/base_model_<tag>_<step:06d>.csv (Task, Accuracy, Centered, last row CORE; atomically)
-and prints a table, the CORE metric and a final JSON line.
+A task whose data file is missing (coqa in the local bundle) is skipped with a warning and CORE, labelled "k/22
+tasks", is the mean over the others. Writes <base dir>/base_eval/base_model_<tag>_<step:06d>.csv (Task, Accuracy,
+Centered, last row CORE) and prints a table, the CORE metric and a final JSON line.
 """
 
 from __future__ import annotations
@@ -30,7 +25,8 @@ class BaseEvalConfig:
     model_tag: str | None = flag(None, "default: the largest d<N> under base_checkpoints")
     step: int | None = flag(None, "default: the latest step")
     max_per_task: int = flag(-1, "examples per task after the seed-1337 shuffle; -1 = all")
-    eval_bundle: str | None = flag(None, "a local eval bundle directory (core.yaml, eval_meta_data.csv, eval_data/)")
+    eval_bundle: str | None = flag(None, "a local eval bundle directory (core.yaml, eval_meta_data.csv, eval_data/); "
+                                         "default: <base dir>/eval_bundle, downloaded on first use")
     tasks: str = flag("", "comma-separated task labels; empty = all of core.yaml")
     require_all: bool = flag(False, "fail if a task's data file is missing (default: CORE over those present)")
     batch_tokens: int = flag(16384, "tokens per device in one scoring batch")
@@ -58,6 +54,7 @@ def main(cfg: BaseEvalConfig) -> dict:
     from nanochat_jax import core_eval, gpt, sharding
     from nanochat_jax.checkpoint import load_model, require_same_vocab, resolve_model_tag
     from nanochat_jax.common import get_base_dir, print0
+    from nanochat_jax.report import get_report
     from nanochat_jax.tokenizer import get_tokenizer
 
     sharding.maybe_initialize_distributed(cfg.distributed)
@@ -81,26 +78,20 @@ def main(cfg: BaseEvalConfig) -> dict:
     out = core_eval.evaluate_core(scorer, tokenizer, bundle, max_per_task=cfg.max_per_task, tasks=tasks,
                                   require_all=cfg.require_all)
     csv_path = get_base_dir() / "base_eval" / f"base_model_{tag}_{step:06d}.csv"
+    n_present, missing = len(out["results"]), ", ".join(out["missing"])
     if jax.process_index() == 0:
         core_eval.write_core_csv(csv_path, out)
-    print0("\n" + core_eval.format_core_table(out))
-    n_present = len(out["results"])
-    partial = ""
-    if out["missing"]:
-        partial = f" over {n_present}/{out['num_tasks']} tasks (missing: {', '.join(out['missing'])})"
-    print0(f"\nresults written to {csv_path}")
+        get_report().log("Base model evaluation", [
+            {"model": f"{tag} step {step}", "tasks": n_present, "missing": missing or "none",
+             "max_per_task": cfg.max_per_task, "CORE": out["core_metric"]}, dict(out["centered_results"])])
+    print0("\n" + core_eval.format_core_table(out) + f"\n\nresults written to {csv_path}")
+    partial = f" over {n_present}/{out['num_tasks']} tasks (missing: {missing})" if missing else ""
     print0(f"CORE metric: {out['core_metric']:.4f}{partial}")
     summary = {"model_tag": tag, "step": step, "core_metric": out["core_metric"], "tasks": n_present,
                "missing": out["missing"], "max_per_task": cfg.max_per_task, "examples": out["examples"],
                "examples_per_second": round(out["examples_per_second"], 2), "compilations": out["compilations"],
                "buckets": list(scorer.buckets), "csv": str(csv_path)}
     print0(json.dumps(summary))
-    if jax.process_index() == 0:
-        from nanochat_jax.report import get_report
-
-        get_report().log("Base model evaluation", [
-            {"model": f"{tag} step {step}", "tasks": n_present, "missing": ", ".join(out["missing"]) or "none",
-             "max_per_task": cfg.max_per_task, "CORE": out["core_metric"]}, dict(out["centered_results"])])
     return out
 
 
