@@ -1,21 +1,15 @@
 """Running model-written code: the calculator tool (inside chat) and the HumanEval sandbox.
 
-use_calculator(expr) -> str | None
-    The expression a model wrote between <|python_start|> and <|python_end|>. It accepts what nanochat's
-    calculator accepts (arithmetic on plain numbers, or "word".count("x")) and answers with str(result), the text
-    the engine forces between <|output_start|> and <|output_end|>. Instead of eval() with a SIGALRM (main thread
-    only) it walks a whitelisted AST, so it works from any thread, has no builtins or names to escape through, and
-    its cost is bounded by the (capped) length of the expression.
-
-execute_code(program) -> ExecutionResult
-    Runs a whole program (HumanEval: prompt + completion + tests + check(...)) in a fresh, limited subprocess.
-    This is defence in depth for code from a model that is wrong, not a security boundary against an attacker:
-    see the notes at each measure for what it does and does not guarantee.
+use_calculator: nanochat's calculator (nanochat/engine.py, `use_calculator`) as a walk over a whitelisted AST
+instead of eval() with SIGALRM, so it works from any thread and has no builtins or names to escape through.
+execute_code: a whole program in a fresh, limited subprocess; defence in depth against wrong model code, not a
+security boundary against an attacker (each measure says what it does and does not guarantee).
 """
 
 from __future__ import annotations
 
 import ast
+import contextlib
 import json
 import math
 import os
@@ -26,9 +20,6 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
-
-# ----------------------------------------------------------------------------------------------
-# Calculator
 
 CALCULATOR_TIMEOUT_S = 3.0  # nanochat's SIGALRM limit
 MAX_EXPR_CHARS = 1000  # a model's tool call is a short expression; this also bounds the cost of any one operation
@@ -44,30 +35,16 @@ class _Refused(Exception):
 
 
 def use_calculator(expr: str, timeout_s: float = CALCULATOR_TIMEOUT_S) -> str | None:
-    """str(value) of a calculator expression, or None when it is refused, invalid, fails or runs out of time.
-
-    Accepted, as in nanochat (commas are removed first, so "1,234" is 1234):
-      * arithmetic: only the characters `0123456789*+-/.() ` and no `**`; numbers combined with + - * / //
-        and unary +/-. "12/4" -> "3.0", "7*6" -> "42", "1/0" -> None (same text as Python's str()).
-      * string counting: only letters, digits, quotes, `()._` and spaces, with `.count(`: a string literal's
-        .count(string literal), e.g. "strawberry".count("r") -> "3".
-    Stricter than nanochat: no other attribute, name, call, subscript or container is evaluated, and nanochat's
-    substring blacklist ("open", "file", "dir", ...) is not needed, so 'profile'.count('f') works.
-    timeout_s is checked between operations; each operation is cheap because expr is at most MAX_EXPR_CHARS
-    long (products of its literals have at most that many digits), so no call outlives the limit by more than
-    one such operation. Safe to call from any thread.
-    """
+    """str(value) of a calculator expression (the text the engine forces after <|output_start|>), or None when it
+    is refused, invalid, fails or runs out of time. Accepted, as in nanochat, after removing commas: arithmetic
+    (`0123456789*+-/.() `, no `**`; "12/4" -> "3.0") or a string literal's .count(string literal). Nothing else
+    is evaluated, so nanochat's substring blacklist is not needed ('profile'.count('f') works). timeout_s is
+    checked between operations, each cheap because expr is at most MAX_EXPR_CHARS long."""
     deadline = time.monotonic() + timeout_s
-    if not isinstance(expr, str):
-        return None
-    expr = expr.replace(",", "")
-    if len(expr) > MAX_EXPR_CHARS:
-        return None
-    chars = set(expr)
-    if chars <= _ARITH_CHARS:
-        if "**" in expr:
-            return None
-    elif not (chars <= _STRING_CHARS and ".count(" in expr):
+    expr = expr.replace(",", "") if isinstance(expr, str) else ""
+    arithmetic = set(expr) <= _ARITH_CHARS and "**" not in expr
+    counting = set(expr) <= _STRING_CHARS and ".count(" in expr
+    if not expr or len(expr) > MAX_EXPR_CHARS or not (arithmetic or counting):
         return None
     try:
         tree = ast.parse(expr.strip(), mode="eval")  # eval() also ignores leading spaces
@@ -84,15 +61,9 @@ def _calc(node: ast.AST, deadline: float):
     if isinstance(node, ast.Constant) and type(node.value) in (int, float, str):
         return node.value
     if isinstance(node, ast.BinOp) and type(node.op) in _BINOPS:
-        a, b = _calc(node.left, deadline), _calc(node.right, deadline)
-        if not (_is_number(a) and _is_number(b)):
-            raise _Refused("arithmetic on non-numbers")  # e.g. 'ab' * 3
-        return _BINOPS[type(node.op)](a, b)
+        return _BINOPS[type(node.op)](_number(node.left, deadline), _number(node.right, deadline))
     if isinstance(node, ast.UnaryOp) and type(node.op) in _UNARYOPS:
-        a = _calc(node.operand, deadline)
-        if not _is_number(a):
-            raise _Refused("arithmetic on non-numbers")
-        return _UNARYOPS[type(node.op)](a)
+        return _UNARYOPS[type(node.op)](_number(node.operand, deadline))
     if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "count"
             and not node.keywords and len(node.args) == 1):
         s, sub = _calc(node.func.value, deadline), _calc(node.args[0], deadline)
@@ -102,12 +73,12 @@ def _calc(node: ast.AST, deadline: float):
     raise _Refused(f"{type(node).__name__} not allowed")
 
 
-def _is_number(x) -> bool:
-    return type(x) in (int, float)
+def _number(node: ast.AST, deadline: float):
+    x = _calc(node, deadline)
+    if type(x) not in (int, float):
+        raise _Refused("arithmetic on non-numbers")  # e.g. 'ab' * 3
+    return x
 
-
-# ----------------------------------------------------------------------------------------------
-# Sandbox for whole programs (HumanEval)
 
 SANDBOX_PATH = "/usr/bin:/bin"
 
@@ -131,9 +102,8 @@ class ExecutionResult:
         return f"ExecutionResult({fields})"
 
 
-# The child's side: runs as `python -I -B -c _CHILD <config json>` with the program on stdin. Everything before
-# exec(program) is ours; each measure says what it guarantees. It is plain source (not a function) so that the child
-# imports nothing from this package.
+# The child: `python -I -B -c _CHILD <config json>` with the program on stdin; everything before exec(program) is
+# ours. Plain source, not a function, so that the child imports nothing from this package.
 _CHILD = r'''
 import builtins, json, os, resource, signal, sys, traceback
 cfg = json.loads(sys.argv[1])
@@ -154,9 +124,8 @@ def report(code, **status):
     _write(status_fd, json.dumps(status).encode())
     _exit(code)
 
-# Network: a fresh network namespace has only a loopback device that is down, so no packet leaves this process,
-# whatever the code does. Needs root or unprivileged user namespaces; when neither works we go on (the audit hook
-# below still refuses to create sockets from Python).
+# Network: a fresh network namespace has only a loopback device that is down, so no packet leaves. Needs root or
+# unprivileged user namespaces; without them the audit hook below still refuses sockets from Python.
 net_isolated = False
 for flags in (os.CLONE_NEWNET, os.CLONE_NEWUSER | os.CLONE_NEWNET):
     try:
@@ -166,9 +135,8 @@ for flags in (os.CLONE_NEWNET, os.CLONE_NEWUSER | os.CLONE_NEWNET):
     except (OSError, AttributeError):
         pass
 
-# Kernel limits, hard and soft alike (an unprivileged process cannot raise them again; root could, so the audit
-# hook refuses resource.setrlimit). RLIMIT_NPROC counts every process/thread of the real user and does not bind
-# root at all: as root, forks are stopped only by the audit hook and the disabled functions below.
+# Kernel limits, hard and soft alike (root could raise them again, so the audit hook refuses resource.setrlimit).
+# RLIMIT_NPROC does not bind root: there, forks are stopped only by the audit hook and the disabled functions.
 mem = cfg["memory_bytes"]
 limits = [(resource.RLIMIT_FSIZE, cfg["file_bytes"]), (resource.RLIMIT_NPROC, 0), (resource.RLIMIT_CORE, 0),
           (resource.RLIMIT_CPU, cfg["cpu_seconds"]), (resource.RLIMIT_NOFILE, 64)]
@@ -181,9 +149,9 @@ for which, value in limits:
         pass
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # over the file-size limit: the write fails (EFBIG), no crash
 
-# Audit hook (PEP 578): cannot be removed from Python code and sees the C-level events, so it also stops
-# posix.fork(), os.posix_spawn, sockets and deletes that do not go through the attributes disabled further down.
-# Code that reaches raw syscalls (ctypes, cffi, _posixsubprocess) would bypass it, so importing those is refused.
+# Audit hook (PEP 578): cannot be removed from Python and sees C-level events, so it also stops forks, spawns,
+# sockets and deletes that bypass the disabled attributes below. Raw syscalls (ctypes, cffi, _posixsubprocess)
+# would bypass it, so importing those is refused.
 scratch = os.path.realpath(cfg["scratch"])
 BLOCKED = {
     "os.system", "os.fork", "os.forkpty", "os.exec", "os.posix_spawn", "os.spawn", "subprocess.Popen",
@@ -212,10 +180,7 @@ def hook(event, args):
         raise ImportError("sandbox: importing " + args[0] + " is not allowed")
     if event == "open":
         path, mode, flags = args
-        if isinstance(flags, int) and flags >= 0:
-            writing = flags & WRITE_FLAGS
-        else:
-            writing = any(c in str(mode) for c in "wax+")
+        writing = flags & WRITE_FLAGS if isinstance(flags, int) and flags >= 0 else any(c in str(mode) for c in "wax+")
         if isinstance(path, int):
             if writing and path not in (1, 2):
                 raise PermissionError("sandbox: writing to inherited file descriptors is not allowed")
@@ -258,27 +223,13 @@ report(0, ok=True, net=net_isolated)
 
 def execute_code(program: str, timeout_s: float = 5.0, memory_mb: int | None = 256, max_file_mb: int = 16,
                  max_output_bytes: int = 1 << 20, python: str | None = None) -> ExecutionResult:
-    """Run `program` in a fresh, limited Python subprocess and report how it went.
-
-    Measures, each with its limits:
-      * a fresh `python -I -B` (no PYTHON* variables, no user site, cwd not on sys.path, no .pyc writes) in a
-        new session, so its whole group and session can be killed; a wall-clock timeout_s covers its whole life
-        (startup included) and RLIMIT_CPU backs it up. A grandchild that called setsid() would escape the kill,
-        but starting processes is refused (below) in the first place.
-      * RLIMIT_AS/DATA = memory_mb (None: no limit), RLIMIT_FSIZE = max_file_mb (files and captured output),
-        RLIMIT_NPROC = 0 (no new processes or threads; not enforced for root), 64 open files, no core dumps.
-      * network: a private network namespace where the kernel allows it (result.network_isolated), plus an
-        audit hook refusing sockets.
-      * files: the program runs in a scratch temp directory (removed afterwards; HOME and TMPDIR point there);
-        the audit hook refuses writes, mkdir, deletes, renames, chmod/chown, links and chdir outside it, and
-        the destructive os/shutil functions are removed. A program running as root is not stopped by file
-        permissions, so these Python-level measures are what protect the rest of the disk: enough for buggy
-        model code, not for an adversary who finds a way to make raw syscalls (ctypes & co. are refused).
-      * environment: only PATH=/usr/bin:/bin (plus HOME/TMPDIR = scratch); stdin is empty.
-    success means the program ran to its end without an exception (SystemExit included, as in HumanEval's
-    harness) and reported so. The result channel is a file descriptor the program could write to itself: this
-    judges honest mistakes, not forgeries.
-    """
+    """Run `program` in a fresh `python -I -B` (isolated mode, no .pyc) in its own session, with only PATH (and
+    HOME/TMPDIR = a scratch directory, its cwd, removed afterwards) and an empty stdin. timeout_s is wall clock
+    from startup, backed by RLIMIT_CPU; memory_mb (None: no limit) and max_file_mb (files and captured output) are
+    rlimits; _CHILD lists the other measures. A program running as root is not stopped by file permissions, so the
+    audit hook is what guards the disk: enough for buggy model code, not for an adversary who reaches raw
+    syscalls. success: it ran to its end without an exception (SystemExit included, as in HumanEval's harness).
+    The status channel is a file descriptor the program could write itself: this judges mistakes, not forgeries."""
     python = python or sys.executable
     deadline = time.monotonic() + timeout_s
     scratch = tempfile.mkdtemp(prefix="nanochat_exec_")
@@ -311,10 +262,9 @@ def execute_code(program: str, timeout_s: float = 5.0, memory_mb: int | None = 2
         try:
             with open(paths["status"], "rb") as f:
                 status_info = json.loads(f.read(1 << 16).decode("utf-8", "replace") or "{}")
-            if not isinstance(status_info, dict):
-                status_info = {}
         except ValueError:
-            status_info = {}
+            status_info = None
+        status_info = status_info if isinstance(status_info, dict) else {}
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
         shutil.rmtree(private, ignore_errors=True)
@@ -346,22 +296,15 @@ def _read_capped(path: str, limit: int) -> tuple[str, bool]:
 
 def _kill_session(sid: int) -> None:
     """SIGKILL the process group `sid` and every process whose session or group is `sid` (Linux /proc scan)."""
-    try:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(sid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
     try:
-        entries = os.listdir("/proc")
+        pids = [int(entry) for entry in os.listdir("/proc") if entry.isdigit()]
     except OSError:
         return
-    for entry in entries:
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as f:
-                fields = f.read().rsplit(b")", 1)[1].split()
-            # after "(comm)": state ppid pgrp session ...
+    for pid in pids:
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()  # after "(comm)": state ppid pgrp session ...
             if int(fields[2]) == sid or int(fields[3]) == sid:
-                os.kill(int(entry), signal.SIGKILL)
-        except (OSError, IndexError, ValueError):
-            pass
+                os.kill(pid, signal.SIGKILL)
