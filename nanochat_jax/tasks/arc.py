@@ -5,11 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from nanochat_jax.tasks.common import MultipleChoice, load_hub_dataset, read_jsonl, render_mc, require_file
-
-SUBSETS = ("ARC-Easy", "ARC-Challenge")
-SPLITS = ("train", "validation", "test")
-
+from nanochat_jax.tasks.common import (MultipleChoice, load_hub_dataset, read_jsonl, render_mc, require_file,
+                                       require_one_of)
 
 def read_local(root: Path, subset: str, split: str) -> list[dict]:
     return read_jsonl(require_file(root, "arc", f"{subset}-{split}.jsonl"))
@@ -20,10 +17,8 @@ class ARC(MultipleChoice):
 
     def __init__(self, subset: str, split: str, data_dir=None, **kwargs):
         super().__init__(**kwargs)
-        if subset not in SUBSETS:
-            raise ValueError(f"ARC subset must be one of {SUBSETS}, got {subset!r}")
-        if split not in SPLITS:
-            raise ValueError(f"ARC split must be one of {SPLITS}, got {split!r}")
+        require_one_of("ARC subset", subset, ("ARC-Easy", "ARC-Challenge"))
+        require_one_of("ARC split", split, ("train", "validation", "test"))
         self.subset, self.split = subset, split
         self.ds = load_hub_dataset("allenai/ai2_arc", subset, split, data_dir=data_dir,
                                    local_reader=read_local).shuffle(seed=42)

@@ -1,19 +1,15 @@
-"""Task base class, mixtures, and where task data comes from.
+"""Task base class, mixtures, and where task data comes from (nanochat's tasks/common.py).
 
 A Task is a list of conversations, `task[i] -> {"messages": [...], ...extra keys}`, plus how to grade a model's
-answer (`eval_type`, `evaluate`). start/stop/step give a cheap view of a slice, as in nanochat.
-
-Data comes from, in this order:
-  1. a local folder in the layout of shared/data (arc/, mmlu/, gsm8k/, humaneval/, english_words/, chat/),
-     given as `data_dir=` or $NANOCHAT_JAX_TASK_DATA. Each task knows its files there.
-  2. the HuggingFace parquet export of the dataset, cached under <base dir>/task_data/<repo>/<subset>/<split>/
-     (shards written atomically, manifest.json last, so a cache with a manifest is complete).
-Rows come out in the dataset's own order; tasks then shuffle with np.random.default_rng(42).permutation, as
-nanochat does (the same order as HF `datasets.shuffle(seed=42)`).
+answer (`eval_type`, `evaluate`); start/stop/step view a slice, as in nanochat. Data comes from a local folder in
+the layout of shared/data (`data_dir=` or $NANOCHAT_JAX_TASK_DATA), else the HuggingFace parquet export, cached
+under <base dir>/task_data (manifest.json written last, so a cache with one is complete). Tasks shuffle the rows
+with np.random.default_rng(42).permutation, the order of HF `datasets.shuffle(seed=42)` that nanochat uses.
 """
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import random
@@ -31,19 +27,12 @@ DOWNLOAD_ATTEMPTS = 3
 RETRY = dict(attempts=DOWNLOAD_ATTEMPTS, backoff=1.5)  # 1.5 s, then 2.25 s apart: offline fails fast
 
 
-# ----------------------------------------------------------------------------------------------
-# Task, slicing, mixtures
-
 class Task:
     """A dataset of conversations, optionally viewed as [start:stop:step] of the underlying examples."""
 
     def __init__(self, start: int = 0, stop: int | None = None, step: int = 1):
-        if start < 0:
-            raise ValueError(f"start must be >= 0, got {start}")
-        if stop is not None and stop < start:
-            raise ValueError(f"stop must be >= start, got start={start} stop={stop}")
-        if step < 1:
-            raise ValueError(f"step must be >= 1, got {step}")
+        if start < 0 or (stop is not None and stop < start) or step < 1:
+            raise ValueError(f"a task slice needs 0 <= start <= stop and step >= 1, got {start}:{stop}:{step}")
         self.start, self.stop, self.step = start, stop, step
 
     kind: str | None = None  # eval_type; None: a training-only task
@@ -64,8 +53,7 @@ class Task:
     def evaluate(self, conversation: dict, completion: str):
         raise NotImplementedError(f"{type(self).__name__} has no evaluate()")
 
-    def reward(self, conversation: dict, completion: str) -> float:
-        """RL reward: the evaluation as a float."""
+    def reward(self, conversation: dict, completion: str) -> float:  # RL's reward: the evaluation as a float
         return float(self.evaluate(conversation, completion))
 
     def __len__(self) -> int:
@@ -84,63 +72,53 @@ class Task:
         return (self[i] for i in range(len(self)))
 
 
-def _expand(tasks: Sequence) -> list[Task]:
-    """Tasks, where (task, n) means the task n times in a row (n epochs of it), as nanochat lists it n times."""
-    out = []
-    for item in tasks:
-        task, repeats = item if isinstance(item, tuple) else (item, 1)
-        if int(repeats) != repeats or repeats < 0:
-            raise ValueError(f"repeat count must be an int >= 0, got {repeats!r}")
-        out.extend([task] * int(repeats))
-    return out
+class TaskSequence(Task):
+    """Tasks one after another, unshuffled (a curriculum). An item (task, n) is the task n times in a row (n epochs
+    of it), as nanochat lists it n times."""
 
-
-class TaskMixture(Task):
-    """All examples of several tasks, in one deterministic shuffle (random.Random(42) over every (task, index)).
-
-    `tasks` items are Tasks or (task, epochs) pairs; passing a task twice is the same as (task, 2), as in nanochat.
-    """
-
-    def __init__(self, tasks: Sequence, seed: int = 42, **kwargs):
+    def __init__(self, tasks: Sequence, **kwargs):
         super().__init__(**kwargs)
-        self.tasks = _expand(tasks)
+        self.tasks = []
+        for item in tasks:
+            task, repeats = item if isinstance(item, tuple) else (item, 1)
+            if int(repeats) != repeats or repeats < 0:
+                raise ValueError(f"repeat count must be an int >= 0, got {repeats!r}")
+            self.tasks += [task] * int(repeats)
         self.lengths = [len(t) for t in self.tasks]
         self.offsets = np.cumsum([0] + self.lengths)
-        # nanochat shuffles a list of (task_idx, local_idx) pairs; shuffle() only looks at the length, so shuffling
-        # flat indices gives the same permutation in a fraction of the memory.
-        order = list(range(int(self.offsets[-1])))
-        random.Random(seed).shuffle(order)
-        self.order = np.asarray(order, dtype=np.int64)
 
     def num_examples(self) -> int:
         return int(self.offsets[-1])
 
     def locate(self, index: int) -> tuple[int, int]:
-        """(task number, index within that task) of mixture example `index` (before any slicing)."""
-        flat = int(self.order[index])
-        task_idx = int(np.searchsorted(self.offsets, flat, side="right")) - 1
-        return task_idx, flat - int(self.offsets[task_idx])
+        """(task number, index within that task) of example `index` (before any slicing)."""
+        task_idx = int(np.searchsorted(self.offsets, index, side="right")) - 1
+        return task_idx, index - int(self.offsets[task_idx])
 
     def get_example(self, index: int) -> dict:
         task_idx, local = self.locate(index)
         return self.tasks[task_idx][local]
 
 
-class TaskSequence(Task):
-    """Tasks one after another, unshuffled (a curriculum)."""
+class TaskMixture(TaskSequence):
+    """All examples of the tasks in one deterministic shuffle (random.Random(42) over every (task, index)); a task
+    passed twice is the same as (task, 2), as in nanochat."""
 
-    def __init__(self, tasks: Sequence, **kwargs):
-        super().__init__(**kwargs)
-        self.tasks = _expand(tasks)
-        self.lengths = [len(t) for t in self.tasks]
-        self.offsets = np.cumsum([0] + self.lengths)
+    def __init__(self, tasks: Sequence, seed: int = 42, **kwargs):
+        super().__init__(tasks, **kwargs)
+        # nanochat shuffles a list of (task_idx, local_idx) pairs; shuffle() only looks at the length, so shuffling
+        # flat indices gives the same permutation in a fraction of the memory.
+        order = list(range(self.num_examples()))
+        random.Random(seed).shuffle(order)
+        self.order = np.asarray(order, dtype=np.int64)
 
-    def num_examples(self) -> int:
-        return int(self.offsets[-1])
+    def locate(self, index: int) -> tuple[int, int]:
+        return super().locate(int(self.order[index]))
 
-    def get_example(self, index: int) -> dict:
-        task_idx = int(np.searchsorted(self.offsets, index, side="right")) - 1
-        return self.tasks[task_idx][index - int(self.offsets[task_idx])]
+
+def require_one_of(what: str, value, options: Sequence) -> None:
+    if value not in options:
+        raise ValueError(f"{what} must be one of {tuple(options)}, got {value!r}")
 
 
 def render_mc(question: str, letters: Sequence[str], choices: Sequence[str]) -> str:
@@ -179,9 +157,6 @@ def validate_messages(messages, where: str) -> None:
             raise ValueError(f"{where}: message {i} content must be a str, got {type(m.get('content')).__name__}")
 
 
-# ----------------------------------------------------------------------------------------------
-# Rows: a table or list of dict rows, with nanochat's seeded shuffle
-
 class Rows:
     """Dataset rows (a pyarrow Table, read lazily, or a list of dicts) seen through an optional permutation."""
 
@@ -202,9 +177,6 @@ class Rows:
         return {name: self.data.column(name)[i].as_py() for name in self.data.column_names}
 
 
-# ----------------------------------------------------------------------------------------------
-# Where the data is
-
 def task_data_dir(data_dir: str | os.PathLike | None = None) -> Path | None:
     """The local task-data folder: `data_dir`, else $NANOCHAT_JAX_TASK_DATA, else None (use HuggingFace)."""
     value = data_dir if data_dir else os.environ.get(TASK_DATA_ENV)
@@ -219,20 +191,15 @@ def require_file(root: Path, *parts: str) -> Path:
 
 
 def read_jsonl(path: Path) -> list[dict]:
-    import gzip
-
     opener = gzip.open if path.suffix == ".gz" else open
     with opener(path, "rt", encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
 
 
-LocalReader = Callable[[Path, str, str], list]
-
-
-def load_hub_dataset(repo_id: str, subset: str = "default", split: str = "train", *,
-                     data_dir: str | os.PathLike | None = None, local_reader: LocalReader | None = None) -> Rows:
-    """Rows of an HF dataset (HF schema), from the local task-data folder if it has them, else the HF parquet
-    export (downloaded once into <base dir>/task_data)."""
+def load_hub_dataset(repo_id: str, subset: str = "default", split: str = "train", *, data_dir=None,
+                     local_reader: Callable[[Path, str, str], list] | None = None) -> Rows:
+    """Rows of an HF dataset (HF schema): `local_reader(folder, subset, split)` on the local task-data folder if it
+    has them, else the HF parquet export (downloaded once into <base dir>/task_data)."""
     local = task_data_dir(data_dir)
     local_error = None
     if local is not None and local_reader is not None:
@@ -269,12 +236,10 @@ def _read_parquet_export(repo_id: str, subset: str, split: str):
         if not isinstance(urls, list) or not urls:
             raise DownloadError(f"the parquet listing of {repo_id} {subset}/{split} is empty or malformed: "
                                 f"{urls!r:.200}")
-        names = []
-        for i, url in enumerate(urls):
-            name = f"{i:05d}.parquet"
+        names = [f"{i:05d}.parquet" for i in range(len(urls))]
+        for url, name in zip(urls, names):
             print0(f"Downloading {url} -> {out / name}")
             download(url, out / name, **RETRY)
-            names.append(name)
         with atomic_write(manifest, "w") as f:  # last: its presence means every shard is complete
             json.dump(names, f)
     names = json.loads(manifest.read_text())
@@ -294,7 +259,6 @@ HASH_ANSWER_RE = re.compile(r"#### (\-?[0-9\.\,]+)")
 
 
 def extract_hash_answer(completion: str) -> str | None:
-    """The number after '#### ' (GSM8K's convention, as its official grader normalises it), commas removed;
-    None when absent."""
+    """The number after '#### ' (GSM8K's convention), commas removed as its grader does; None when absent."""
     match = HASH_ANSWER_RE.search(completion)
     return match.group(1).strip().replace(",", "") if match else None

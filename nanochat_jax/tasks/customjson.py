@@ -1,9 +1,6 @@
 """Conversations from JSONL files: CustomJSON (one file, e.g. nanochat's identity conversations) and LocalChat
-(the real chat data in shared/data/chat: oasst1, hh-rlhf, GPTeacher), so midtraining/SFT can run offline.
-
-A line is either a JSON list of messages (nanochat's identity file) or an object with a "messages" list
-(shared/data/chat). Roles alternate user/assistant starting with user; contents are strings.
-"""
+(shared/data/chat: oasst1, hh-rlhf, GPTeacher), so midtraining/SFT can run offline. A line is a JSON list of
+messages (nanochat's identity file) or an object with a "messages" list (shared/data/chat)."""
 
 from __future__ import annotations
 
@@ -16,13 +13,13 @@ from typing import Sequence
 import numpy as np
 
 from nanochat_jax.common import get_base_dir, print0
-from nanochat_jax.tasks.common import TASK_DATA_ENV, Task, task_data_dir, validate_messages
+from nanochat_jax.tasks.common import (TASK_DATA_ENV, Task, require_file, require_one_of, task_data_dir,
+                                       validate_messages)
 
 IDENTITY_CONVERSATIONS_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/identity_conversations.jsonl"
 
 
-def identity_conversations_path() -> Path:
-    """Where nanochat keeps the identity conversations: <base dir>/identity_conversations.jsonl."""
+def identity_conversations_path() -> Path:  # where nanochat keeps them
     return get_base_dir() / "identity_conversations.jsonl"
 
 
@@ -41,8 +38,6 @@ def read_conversations(path: str | os.PathLike) -> list[list[dict]]:
 
 
 class _Conversations(Task):
-    """Conversations held in memory, in `self.conversations`."""
-
     def num_examples(self) -> int:
         return len(self.conversations)
 
@@ -77,12 +72,9 @@ CHAT_SOURCES = {
 
 
 class LocalChat(_Conversations):
-    """The chat conversations of the local task-data folder: a stand-in for SmolTalk when offline.
-
-    split: "train", "test" or "all"; sources: names from CHAT_SOURCES (or "all"). The rows of all sources, in that
-    order, are shuffled with default_rng(seed); the first ceil(test_fraction * n) shuffled rows are split "test",
-    the rest "train" ("all" keeps every row).
-    """
+    """The chat conversations of the local task-data folder, a stand-in for SmolTalk offline. The rows of
+    `sources` (names from CHAT_SOURCES, or "all"), in that order, are shuffled with default_rng(seed); the first
+    ceil(test_fraction * n) are split "test", the rest "train" ("all" keeps every row)."""
 
     def __init__(self, split: str = "train", sources: str | Sequence[str] = "all", data_dir=None,
                  test_fraction: float = 0.05, seed: int = 42, **kwargs):
@@ -91,8 +83,7 @@ class LocalChat(_Conversations):
         unknown = [n for n in names if n not in CHAT_SOURCES]
         if unknown or not names:
             raise ValueError(f"unknown chat sources {unknown}; choose from {sorted(CHAT_SOURCES)} or 'all'")
-        if split not in ("train", "test", "all"):
-            raise ValueError(f"LocalChat split must be 'train', 'test' or 'all', got {split!r}")
+        require_one_of("LocalChat split", split, ("train", "test", "all"))
         if not 0 <= test_fraction < 1:
             raise ValueError(f"test_fraction must be in [0, 1), got {test_fraction}")
         root = task_data_dir(data_dir)
@@ -101,11 +92,7 @@ class LocalChat(_Conversations):
                                     f"data_dir= (a folder with chat/{next(iter(CHAT_SOURCES.values()))} etc.)")
         conversations = []
         for name in names:
-            path = root / "chat" / CHAT_SOURCES[name]
-            if not path.is_file():
-                raise FileNotFoundError(f"{path} not found (LocalChat source {name!r}; expected the shared/data "
-                                        f"layout under {root})")
-            conversations.extend(read_conversations(path))
+            conversations += read_conversations(require_file(root, "chat", CHAT_SOURCES[name]))
         order = np.random.default_rng(seed).permutation(len(conversations))
         n_test = math.ceil(test_fraction * len(conversations))
         order = {"train": order[n_test:], "test": order[:n_test], "all": order}[split]

@@ -1,19 +1,15 @@
-"""GSM8K grade-school math, with calculator tool use. HF openai/gsm8k (subset main|socratic, split train|test);
-locally gsm8k/<split>.jsonl (main) and gsm8k/<split>_socratic.jsonl.
-
-The reference solutions mark calculator steps as <<expr=result>>: each becomes a python part (expr, trained on)
-followed by a python_output part (result, written by the tool, not trained on), exactly as nanochat splits them.
-The answer is the number after '#### '.
-"""
+"""GSM8K grade-school math with calculator tool use (nanochat's tasks/gsm8k.py). HF openai/gsm8k (subset
+main|socratic, split train|test); locally gsm8k/<split>.jsonl (main) and gsm8k/<split>_socratic.jsonl. The answer
+is the number after '#### '."""
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
 
-from nanochat_jax.tasks.common import Task, extract_hash_answer, load_hub_dataset, read_jsonl, require_file
+from nanochat_jax.tasks.common import (Task, extract_hash_answer, load_hub_dataset, read_jsonl, require_file,
+                                       require_one_of)
 
-extract_answer = extract_hash_answer  # the name nanochat uses
 _CALC_RE = re.compile(r"(<<[^>]+>>)")
 
 
@@ -23,7 +19,8 @@ def read_local(root: Path, subset: str, split: str) -> list[dict]:
 
 
 def answer_to_parts(answer: str) -> list[dict]:
-    """A GSM8K solution as assistant parts: text, then python + python_output for each <<expr=result>>."""
+    """A solution as assistant parts, split as nanochat does: each <<expr=result>> calculator step becomes a python
+    part (expr, trained on) and a python_output part (result, written by the tool, not trained on)."""
     parts = []
     for piece in _CALC_RE.split(answer):
         if piece.startswith("<<") and piece.endswith(">>"):
@@ -41,10 +38,8 @@ class GSM8K(Task):
 
     def __init__(self, subset: str = "main", split: str = "test", data_dir=None, **kwargs):
         super().__init__(**kwargs)
-        if subset not in ("main", "socratic"):
-            raise ValueError(f"GSM8K subset must be 'main' or 'socratic', got {subset!r}")
-        if split not in ("train", "test"):
-            raise ValueError(f"GSM8K split must be 'train' or 'test', got {split!r}")
+        require_one_of("GSM8K subset", subset, ("main", "socratic"))
+        require_one_of("GSM8K split", split, ("train", "test"))
         self.subset, self.split = subset, split
         self.ds = load_hub_dataset("openai/gsm8k", subset, split, data_dir=data_dir,
                                    local_reader=read_local).shuffle(seed=42)
@@ -56,11 +51,8 @@ class GSM8K(Task):
 
     def evaluate(self, conversation: dict, completion: str) -> int:
         """1 if the '#### number' in the completion equals the reference's (as strings, commas removed), else 0."""
-        return int(_reference_answer(conversation) == extract_answer(completion))
-
-def _reference_answer(conversation: dict) -> str | None:
-    last = conversation["messages"][-1]
-    if last["role"] != "assistant" or not isinstance(last["content"], list):
-        raise ValueError("the conversation's last message must be the assistant's reference solution, as a list "
-                         "of parts")
-    return extract_answer(last["content"][-1]["text"])
+        last = conversation["messages"][-1]
+        if last["role"] != "assistant" or not isinstance(last["content"], list):
+            raise ValueError("the conversation's last message must be the assistant's reference solution, as a "
+                             "list of parts")
+        return int(extract_hash_answer(last["content"][-1]["text"]) == extract_hash_answer(completion))

@@ -3,6 +3,7 @@ HF openai/openai_humaneval; locally humaneval/HumanEval.jsonl.gz (same rows and 
 
 from __future__ import annotations
 
+import ast
 import re
 from pathlib import Path
 
@@ -19,17 +20,14 @@ def read_local(root: Path, subset: str, split: str) -> list[dict]:
 def extract_imports(prompt: str) -> str:
     """The prompt's module-level import statements, so a completion that only repeats the function body still
     sees them (HumanEval prompts import e.g. `from typing import List` before the signature)."""
-    import ast
-
-    try:
-        tree = ast.parse(prompt)
-    except SyntaxError:  # prompts end mid-function (a docstring, no body): parse the lines before the first def
-        head = prompt.split("\ndef ", 1)[0]
+    # prompts end mid-function (a docstring, no body), so then parse the lines before the first def
+    for source in (prompt, prompt.split("\ndef ", 1)[0]):
         try:
-            tree = ast.parse(head)
+            body = ast.parse(source).body
         except SyntaxError:
-            return ""
-    return "\n".join(ast.unparse(node) for node in tree.body if isinstance(node, (ast.Import, ast.ImportFrom)))
+            continue
+        return "\n".join(ast.unparse(node) for node in body if isinstance(node, (ast.Import, ast.ImportFrom)))
+    return ""
 
 
 def extract_program(completion: str) -> str:

@@ -9,10 +9,9 @@ import csv
 from pathlib import Path
 
 from nanochat_jax.common import print0
-from nanochat_jax.tasks.common import MultipleChoice, load_hub_dataset, render_mc
+from nanochat_jax.tasks.common import MultipleChoice, load_hub_dataset, render_mc, require_one_of
 
 LETTERS = ("A", "B", "C", "D")
-SPLITS = ("test", "validation", "dev", "auxiliary_train")
 _LOCAL_FOLDERS = {"test": "test", "validation": "val", "dev": "dev"}
 
 
@@ -55,8 +54,7 @@ class MMLU(MultipleChoice):
             subset, split = "all", "auxiliary_train"
         if subset != "all":
             raise ValueError(f"MMLU subset must be 'all' (or 'auxiliary_train' with split 'train'), got {subset!r}")
-        if split not in SPLITS:
-            raise ValueError(f"MMLU split must be one of {SPLITS}, got {split!r}")
+        require_one_of("MMLU split", split, ("test", "validation", "dev", "auxiliary_train"))
         self.subset, self.split = subset, split
         self.ds = load_hub_dataset("cais/mmlu", subset, split, data_dir=data_dir,
                                    local_reader=read_local).shuffle(seed=42)

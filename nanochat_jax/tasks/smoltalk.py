@@ -3,7 +3,7 @@ Only from HuggingFace (or its cache): no copy is in shared/data. Offline, use Lo
 
 from __future__ import annotations
 
-from nanochat_jax.tasks.common import DownloadError, Task, load_hub_dataset, validate_messages
+from nanochat_jax.tasks.common import DownloadError, Task, load_hub_dataset, require_one_of, validate_messages
 
 
 class SmolTalk(Task):
@@ -11,8 +11,7 @@ class SmolTalk(Task):
 
     def __init__(self, split: str = "train", data_dir=None, **kwargs):
         super().__init__(**kwargs)
-        if split not in ("train", "test"):
-            raise ValueError(f"SmolTalk split must be 'train' or 'test', got {split!r}")
+        require_one_of("SmolTalk split", split, ("train", "test"))
         self.split = split
         try:
             self.ds = load_hub_dataset("HuggingFaceTB/smol-smoltalk", "default", split, data_dir=data_dir)

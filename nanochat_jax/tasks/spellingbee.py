@@ -1,15 +1,10 @@
-"""Synthetic spelling tasks for midtraining, built per index from an English word list.
+"""Synthetic spelling tasks for midtraining, built per index from an English word list (nanochat's
+tasks/spellingbee.py): SpellingBee, "how many r are in strawberry?" (spell, tally by hand, confirm with one python
+call, end with '#### 3', graded like GSM8K), and SimpleSpelling, "Spell the word: apple" -> "apple:a,p,p,l,e".
 
-SpellingBee: "how many r are in strawberry?". The assistant spells the word out, tallies the letter by hand,
-confirms with one python tool call ('strawberry'.count('r')) and ends with '#### 3', so it is graded like GSM8K.
-SimpleSpelling: "Spell the word: apple" -> "apple:a,p,p,l,e".
-
-The construction follows classic nanochat's tasks/spellingbee.py (`SpellingBee`): the letter comes from the word with
-p=0.9 (else any letter), 51 question templates in 7 languages (30 en, 4 es, 4 zh, 4 ko, 3 fr, 3 de, 3 ja),
-lowercased with p=0.3, optional quotes, '?' with p=0.5. The templates and the reply wording are our own.
-Example i is a pure function of (split, i): seed i for train, 10,000,000 + i for test (a negative seed such as
--(i+1) would not do: random.Random(-n) equals random.Random(n), so test would repeat train).
-
+As in nanochat: the letter comes from the word with p=0.9 (else any letter), 51 templates in 7 languages,
+lowercased with p=0.3, optional quotes, '?' with p=0.5; the templates and reply wording are our own. Example i
+uses seed i for train and 10,000,000 + i for test (not -(i+1): random.Random(-n) equals random.Random(n)).
 Word list: english_words/words_alpha.txt in the local task-data folder, else downloaded once from dwyl's repo.
 """
 
@@ -19,7 +14,7 @@ import functools
 import random
 from pathlib import Path
 
-from nanochat_jax.tasks.common import Task, extract_hash_answer, fetch_file, task_data_dir
+from nanochat_jax.tasks.common import Task, extract_hash_answer, fetch_file, require_one_of, task_data_dir
 
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 WORD_LIST_URL = "https://raw.githubusercontent.com/dwyl/english-words/refs/heads/master/words_alpha.txt"
@@ -106,41 +101,23 @@ def _load_words(path: str, shuffle_seed: int | None) -> tuple[str, ...]:
     return tuple(words)
 
 
-def _seed(split: str, index: int) -> int:
-    return index if split == "train" else TEST_RANDOM_SEED_OFFSET + index
-
-
-def _check(size: int, split: str) -> None:
-    if split not in ("train", "test"):
-        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-    if size < 0:
-        raise ValueError(f"size must be >= 0, got {size}")
-
-
 def _question(rng: random.Random, word: str, letter: str) -> str:
     """A random template, lowercased 30% of the time, each slot maybe quoted, with a '?' half of the time."""
     template = rng.choice(USER_MSG_TEMPLATES)
-    lowercase = rng.random() < 0.3
+    template = template.lower() if rng.random() < 0.3 else template
     q_letter, q_word = rng.choice(_QUOTES), rng.choice(_QUOTES)
-    text = (template.lower() if lowercase else template).format(letter=q_letter + letter + q_letter,
-                                                                word=q_word + word + q_word)
+    text = template.format(letter=q_letter + letter + q_letter, word=q_word + word + q_word)
     return (text + "?") if rng.random() < 0.5 else text
 
 
 def reply_parts(word: str, letter: str) -> list[dict]:
-    """The assistant's answer: spell, tally by hand, confirm with one python call, then '#### n'.
-
-    Tally lines are "position:letter" with no space after the colon, so each letter is the same token as in
-    the spelled-out "word:w,o,r,d" line (" a" and "a" are different tokens).
-    """
+    """The assistant's answer: spell, tally by hand, confirm with one python call, then '#### n'. Tally lines are
+    "position:letter" with no space, so each letter is the same token as in the spelled-out "word:w,o,r,d"."""
     count = word.count(letter)
     lines, tally = [], 0
     for pos, char in enumerate(word, 1):
-        if char == letter:
-            tally += 1
-            lines.append(f"{pos}:{char}{TALLY_MARK}{tally}")
-        else:
-            lines.append(f"{pos}:{char}")
+        tally += char == letter
+        lines.append(f"{pos}:{char}" + (f"{TALLY_MARK}{tally}" if char == letter else ""))
     by_hand = (f"The question is how often '{letter}' occurs in '{word}'. I'll go through it one letter at a "
                f"time.\n\nSpelled out:\n{word}:{','.join(word)}\n\n"
                f"Walking through the letters and keeping a tally of '{letter}':\n" + "\n".join(lines) +
@@ -154,22 +131,32 @@ def reply_parts(word: str, letter: str) -> list[dict]:
     ]
 
 
-class SpellingBee(Task):
-    """Generative: count a letter in a word. `size` examples; graded by the '#### n' answer like GSM8K."""
+class _WordTask(Task):
+    """Generative, `size` examples drawn from the word list (shuffled with Random(shuffle_seed) when set)."""
 
     kind = "generative"
+    shuffle_seed: int | None = None
 
     def __init__(self, size: int = 1000, split: str = "train", data_dir=None, **kwargs):
         super().__init__(**kwargs)
-        _check(size, split)
+        require_one_of("split", split, ("train", "test"))
+        if size < 0:
+            raise ValueError(f"size must be >= 0, got {size}")
         self.size, self.split = size, split
-        self.words = _load_words(str(word_list_path(data_dir)), None)
+        self.words = _load_words(str(word_list_path(data_dir)), self.shuffle_seed)
 
     def num_examples(self) -> int:
         return self.size
 
+    def rng(self, index: int) -> random.Random:
+        return random.Random(index if self.split == "train" else TEST_RANDOM_SEED_OFFSET + index)
+
+
+class SpellingBee(_WordTask):
+    """Count a letter in a word; graded by the '#### n' answer like GSM8K."""
+
     def get_example(self, index: int) -> dict:
-        rng = random.Random(_seed(self.split, index))
+        rng = self.rng(index)
         word = rng.choice(self.words)
         # Usually a letter the word has; one time in ten any letter, so that 0 is a possible answer.
         letter = rng.choice(word if rng.random() < 0.9 else LETTERS)
@@ -180,22 +167,14 @@ class SpellingBee(Task):
         reference = extract_hash_answer(conversation["messages"][-1]["content"][-1]["text"])
         return int(reference == extract_hash_answer(completion))
 
-class SimpleSpelling(Task):
-    """Generative: "Spell the word: w" -> "w:w,o,r,d" (words in a Random(42) shuffled order, unlike SpellingBee)."""
 
-    kind = "generative"
+class SimpleSpelling(_WordTask):
+    """Spell a word: "Spell the word: w" -> "w:w,o,r,d" (words in a Random(42) shuffled order, unlike SpellingBee)."""
 
-    def __init__(self, size: int = 1000, split: str = "train", data_dir=None, **kwargs):
-        super().__init__(**kwargs)
-        _check(size, split)
-        self.size, self.split = size, split
-        self.words = _load_words(str(word_list_path(data_dir)), 42)
-
-    def num_examples(self) -> int:
-        return self.size
+    shuffle_seed = 42
 
     def get_example(self, index: int) -> dict:
-        word = random.Random(_seed(self.split, index)).choice(self.words)
+        word = self.rng(index).choice(self.words)
         spelled = word + ":" + ",".join(word)
         return {"messages": [{"role": "user", "content": "Spell the word: " + word},
                              {"role": "assistant", "content": spelled}]}
