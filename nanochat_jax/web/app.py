@@ -15,33 +15,17 @@ Endpoints
                                the context; the page shows them); workers busy/idle, queue length, requests
                                served, tokens generated, slots in use, tokens/s over the last 10 s
 
-Workers and continuous batching. Each Engine (one per device) belongs to one Worker, which decodes up to max_batch
-requests at once, each in its own row (slot) of one static KV cache: a scheduler thread prefills a new request
-into a free slot while the others keep decoding, runs the engine's on-device decode loop a chunk of steps at a time
-for all busy slots (each with its own temperature, top-k, max_tokens and seed), and hands every request its
-tokens. A request leases a slot on the least loaded worker and waits in a queue while all slots are taken (503
-after queue_timeout). The lease ends exactly once: when the reply finishes, when streaming fails, or when the
-client disconnects (the WSGI server then closes the response, which closes the generator); the scheduler frees
-the slot before its next decode chunk. max_batch=1 serves one request per worker at a time.
-
-Text. Tokens are turned into bytes and fed through an incremental UTF-8 decoder, so only complete characters are
-ever sent: a character split over several tokens goes out when its last byte arrives (invalid bytes become
-U+FFFD, as decode does; an incomplete character cut off by max_tokens is dropped). Special tokens (tool calls)
-appear as their literal names, as in the reference UI.
-
-Requests are checked before a worker is taken; every problem is HTTP 400 with an OpenAI-style JSON error
-({"error": {"message", "type", "param"}}): bad JSON, missing/empty messages, roles other than user/assistant
-(leading system messages are folded into the first user turn), limits on counts and lengths, and the sampling
-ranges below; a body over 2 MB is a 413. Any other failure is a JSON 500; the server keeps running.
-
-Compilation. Each engine compiles its prefill per prompt-length bucket and its decode per cache length (see
-engine.py); warm_up(app) compiles, before serving, the ones that short chats with the server's defaults hit.
+A request leases a slot on the least loaded Worker (continuous batching, one per engine), waiting in a queue while
+all are taken (503 after queue_timeout). Every bad request is an HTTP 400 with an OpenAI-style JSON error
+({"error": {"message", "type", "param"}}) before a worker is taken; a body over 2 MB is a 413, any other failure a
+JSON 500, and the server keeps running. Special tokens (tool calls) appear as their names, as in the reference UI.
 """
 
 from __future__ import annotations
 
 import codecs
 import collections
+import contextlib
 import json
 import queue
 import random
@@ -53,11 +37,13 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterator, Sequence
 
+import waitress
 from flask import Flask, Response, jsonify, request, send_from_directory
+from waitress import wasyncore
 from werkzeug.exceptions import HTTPException
 
 from nanochat_jax.common import get_logger, pow2_bucket
-from nanochat_jax.engine import make_engines  # noqa: F401 (make_engines: part of this module's API)
+from nanochat_jax.engine import make_engines
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 
@@ -70,6 +56,7 @@ TOP_K_RANGE = (0, 200)          # 0 = no top-k
 MAX_TOKENS_RANGE = (1, 4096)
 MAX_BODY_BYTES = 2 * 1024 * 1024  # 32,000 chars as JSON \u escapes fit with room to spare
 SEED_MAX = 2**31 - 1
+TOKENS_PER_S_WINDOW = 10.0  # /stats tokens_per_s: tokens streamed over the last this many seconds
 
 
 @dataclass(frozen=True)
@@ -93,6 +80,10 @@ def error_body(message: str, kind: str, param: str | None = None) -> dict:
     return {"error": {"message": message, "type": kind, "param": param, "code": None}}
 
 
+def _failure(what: str, e: Exception) -> str:
+    return f"{what} ({type(e).__name__}: {str(e)[:200]})"
+
+
 # ----------------------------------------------------------------------------------------------
 # Request parsing and validation
 
@@ -104,67 +95,64 @@ class ChatRequest:
     max_tokens: int
     seed: int
     stream: bool
+    include_usage: bool = False  # OpenAI stream_options: a last chunk with the token counts
+
+
+def _bad_messages(message: str) -> RequestError:
+    return RequestError(message, "messages")
 
 
 def _content_text(content, i: int) -> str:
     """A message's text: a string, or OpenAI's list of {"type": "text", "text": ...} parts."""
     if isinstance(content, str):
         return content
-    if isinstance(content, list):
-        texts = []
-        for j, part in enumerate(content):
-            if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
-                raise RequestError(f"messages[{i}].content[{j}]: only text parts ({{'type': 'text', 'text': ...}}) "
-                                   f"are supported, got {str(part)[:80]}", "messages")
-            texts.append(part["text"])
-        return "".join(texts)
-    raise RequestError(f"messages[{i}].content must be a string, got {type(content).__name__}", "messages")
+    if not isinstance(content, list):
+        raise _bad_messages(f"messages[{i}].content must be a string, got {type(content).__name__}")
+    for j, part in enumerate(content):
+        if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
+            raise _bad_messages(f"messages[{i}].content[{j}]: only text parts ({{'type': 'text', 'text': ...}}) "
+                                f"are supported, got {str(part)[:80]}")
+    return "".join(part["text"] for part in content)
 
 
 def parse_messages(messages) -> tuple[tuple[str, str], ...]:
     """Validated (role, content) pairs; system messages before the first user message are prepended to it."""
     if messages is None:
-        raise RequestError("missing 'messages': send a list of {'role': 'user'|'assistant', 'content': str}",
-                           "messages")
+        raise _bad_messages("missing 'messages': send a list of {'role': 'user'|'assistant', 'content': str}")
     if not isinstance(messages, list):
-        raise RequestError(f"'messages' must be a list, got {type(messages).__name__}", "messages")
+        raise _bad_messages(f"'messages' must be a list, got {type(messages).__name__}")
     if not messages:
-        raise RequestError("'messages' is empty: send at least one user message", "messages")
+        raise _bad_messages("'messages' is empty: send at least one user message")
     if len(messages) > MAX_MESSAGES:
-        raise RequestError(f"too many messages: {len(messages)} > {MAX_MESSAGES}; start a new chat", "messages")
-    out: list[tuple[str, str]] = []
-    system: list[str] = []
-    total = 0
+        raise _bad_messages(f"too many messages: {len(messages)} > {MAX_MESSAGES}; start a new chat")
+    out, system, total = [], [], 0
     for i, m in enumerate(messages):
         if not isinstance(m, dict):
-            raise RequestError(f"messages[{i}] must be an object with 'role' and 'content'", "messages")
+            raise _bad_messages(f"messages[{i}] must be an object with 'role' and 'content'")
         role = m.get("role")
         if role not in ("user", "assistant", "system"):
-            raise RequestError(f"messages[{i}].role must be 'user' or 'assistant' (or a leading 'system'), "
-                               f"got {str(role)[:40]!r}", "messages")
+            raise _bad_messages(f"messages[{i}].role must be 'user' or 'assistant' (or a leading 'system'), "
+                                f"got {str(role)[:40]!r}")
         content = _content_text(m.get("content"), i)
         if not content:
-            raise RequestError(f"messages[{i}].content is empty", "messages")
+            raise _bad_messages(f"messages[{i}].content is empty")
         if len(content) > MAX_MESSAGE_CHARS:
-            raise RequestError(f"messages[{i}] is {len(content)} characters; the limit is {MAX_MESSAGE_CHARS}",
-                               "messages")
+            raise _bad_messages(f"messages[{i}] is {len(content)} characters; the limit is {MAX_MESSAGE_CHARS}")
         total += len(content)
         if role == "system":
             if out:
-                raise RequestError(f"messages[{i}]: a system message may only come before the first user message",
-                                   "messages")
+                raise _bad_messages(f"messages[{i}]: a system message may only come before the first user message")
             system.append(content)
             continue
         if system:
             if role != "user":
-                raise RequestError(f"messages[{i}]: system messages must be followed by a user message", "messages")
+                raise _bad_messages(f"messages[{i}]: system messages must be followed by a user message")
             content, system = "\n\n".join(system + [content]), []
         out.append((role, content))
     if total > MAX_TOTAL_CHARS:
-        raise RequestError(f"the conversation is {total} characters; the limit is {MAX_TOTAL_CHARS}; "
-                           f"start a new chat", "messages")
+        raise _bad_messages(f"the conversation is {total} characters; the limit is {MAX_TOTAL_CHARS}; start a new chat")
     if not out:
-        raise RequestError("only system messages: add a user message", "messages")
+        raise _bad_messages("only system messages: add a user message")
     return tuple(out)
 
 
@@ -190,17 +178,16 @@ def parse_chat_request(body, defaults: SamplingDefaults = SamplingDefaults(), *,
     top_k = _number(body, "top_k", defaults.top_k, *TOP_K_RANGE, integer=True)
     max_name = "max_completion_tokens" if openai and body.get("max_completion_tokens") is not None else "max_tokens"
     max_tokens = _number(body, max_name, defaults.max_tokens, *MAX_TOKENS_RANGE, integer=True)
-    seed = _number(body, "seed", None, 0, SEED_MAX, integer=True)
-    if seed is None:
-        seed = random.randint(0, SEED_MAX)  # a fresh sample per request, like the reference
-    stream = True
-    if openai:
-        stream = body.get("stream", False)
-        if not isinstance(stream, bool):
-            raise RequestError(f"'stream' must be true or false, got {json.dumps(stream)[:40]}", "stream")
-        if body.get("n", 1) != 1:
-            raise RequestError("only n=1 is supported", "n")
-    return ChatRequest(messages, temperature, top_k, max_tokens, seed, stream)
+    # no seed: a fresh sample per request, like the reference
+    seed = _number(body, "seed", random.randint(0, SEED_MAX), 0, SEED_MAX, integer=True)
+    stream = body.get("stream", False) if openai else True
+    if not isinstance(stream, bool):
+        raise RequestError(f"'stream' must be true or false, got {json.dumps(stream)[:40]}", "stream")
+    if openai and body.get("n", 1) != 1:
+        raise RequestError("only n=1 is supported", "n")
+    opts = body.get("stream_options")
+    include_usage = openai and isinstance(opts, dict) and opts.get("include_usage") is True
+    return ChatRequest(messages, temperature, top_k, max_tokens, seed, stream, include_usage)
 
 
 def render_prompt(tokenizer, messages: Sequence[tuple[str, str]]) -> list[int]:
@@ -216,33 +203,29 @@ def render_prompt(tokenizer, messages: Sequence[tuple[str, str]]) -> list[int]:
 # Worker pool and continuous batching
 
 class Worker:
-    """One Engine (one device) serving up to max_batch requests at once (continuous batching). A scheduler
-    thread owns the engine's `Batch` (max_batch rows of a cache of cache_len tokens) and loops: free the slots
-    of requests that finished or went away, prefill waiting requests into free slots, run one decode chunk for
-    every busy slot, hand each request its tokens. A request joins while the others are mid-reply, and a slot is
-    free again within one chunk of its request ending."""
+    """One Engine (one device) serving up to max_batch requests at once, each in its own row (slot) of one static
+    KV cache. A scheduler thread owns the engine's `Batch` and loops: free the slots of requests that finished or
+    went away, prefill waiting requests into free slots while the others stay mid-reply, run one decode chunk for
+    every busy slot (each with its own temperature, top-k, max_tokens and seed), hand each request its tokens."""
 
-    def __init__(self, index: int, engine, max_batch: int = 1, cache_len: int | None = None,
-                 chunk: int | None = None, max_top_k: int = TOP_K_RANGE[1]):
-        self.index, self.engine, self.max_batch = index, engine, max_batch
-        self.cache_len, self.chunk, self.max_top_k = cache_len, chunk, max_top_k
+    def __init__(self, index: int, engine, max_batch: int = 1, cache_len: int | None = None, chunk: int | None = None):
+        self.index, self.engine, self.max_batch, self.cache_len, self.chunk = index, engine, max_batch, cache_len, chunk
         self.leased = 0  # requests admitted by the pool (<= max_batch), counted under the pool's lock
         self.requests = self.tokens = 0
-        self.slots: dict[int, "Generation"] = {}  # scheduler thread only
+        self.slots: dict[int, Generation] = {}  # scheduler thread only
         self._pending: collections.deque = collections.deque()
         self._cond = threading.Condition()
         self._lock = threading.Lock()  # held while the engine's batch is in use (scheduler, warm-up)
-        self._batch = None
-        self._thread: threading.Thread | None = None
+        self._batch = self._thread = None
 
     def batch(self):
         """The engine's Batch, made on first use (the cache is allocated then)."""
         if self._batch is None:
-            self._batch = self.engine.open_batch(self.max_batch, self.cache_len or self.engine.cfg.sequence_len,
-                                                 self.max_top_k)
+            cache_len = self.cache_len or self.engine.cfg.sequence_len
+            self._batch = self.engine.open_batch(self.max_batch, cache_len, TOP_K_RANGE[1])
         return self._batch
 
-    def submit(self, gen: "Generation") -> None:
+    def submit(self, gen: Generation) -> None:
         with self._cond:
             self._pending.append(gen)
             if self._thread is None:
@@ -255,34 +238,26 @@ class Worker:
         while True:
             with self._cond:
                 self._cond.wait_for(lambda: self._pending or self.slots, timeout=1.0)
-                admit = []
                 with self._lock:
-                    for slot, gen in list(self.slots.items()):
-                        if gen.cancelled:
-                            self._free(slot)
+                    for slot in [s for s, gen in self.slots.items() if gen.cancelled]:
+                        self._free(slot)
                     free = [s for s in range(self.max_batch) if s not in self.slots]
-                    while self._pending and free:
-                        admit.append((free.pop(0), self._pending.popleft()))
+                    admit = [(slot, self._pending.popleft()) for slot in free[:len(self._pending)]]
             with self._lock:
                 try:
                     self._run(admit)
-                except Exception as e:  # noqa: BLE001 (the engine failed: every request on it gets the error)
+                except Exception as e:  # the engine failed: every request on it gets the error
                     get_logger().exception(f"web: worker {self.index} failed")
-                    for slot in list(self.slots):
-                        self.slots[slot].events.put(("error", e))
-                        del self.slots[slot]
-                    for _, gen in admit:
+                    for gen in [*self.slots.values(), *(gen for _, gen in admit)]:
                         gen.events.put(("error", e))
+                    self.slots.clear()
                     self._batch = None  # its buffers may be gone (donated): start over
 
     def _run(self, admit: list) -> None:
         batch = self.batch()
         admit = [(slot, gen) for slot, gen in admit if not gen.cancelled]
-        for slot, gen in admit:
-            self.slots[slot] = gen
-        settings = lambda r: dict(temperature=r.temperature, top_k=r.top_k, seed=r.seed)  # noqa: E731
-        first = batch.insert_many([(slot, gen.prompt, dict(max_tokens=gen.max_tokens, **settings(gen.request)))
-                                   for slot, gen in admit]) if admit else []
+        self.slots.update(admit)
+        first = batch.insert_many([(slot, gen.prompt, gen.sampling) for slot, gen in admit]) if admit else []
         for (slot, _), tok in zip(admit, first):
             self._deliver(batch, slot, [tok])  # the first token goes out as soon as the prefills are done
         if batch.active:
@@ -357,44 +332,37 @@ class WorkerPool:
             while self._recent and self._recent[0][0] < now - TOKENS_PER_S_WINDOW:
                 self._recent.popleft()
             window = min(TOKENS_PER_S_WINDOW, max(now - self.started, 1e-9))
-            busy = sum(w.leased > 0 for w in self.workers)
-            return {
-                "total_workers": len(self.workers), "busy_workers": busy, "idle_workers": len(self.workers) - busy,
-                "max_batch": self.workers[0].max_batch, "slots_total": sum(w.max_batch for w in self.workers),
-                "slots_in_use": sum(w.leased for w in self.workers),
-                "queue_length": self.waiting, "max_queue_length": self.max_waiting,
-                "requests_served": sum(w.requests for w in self.workers),
-                "requests_cancelled": self.requests_cancelled, "tokens_generated": sum(w.tokens for w in self.workers),
-                "tokens_per_s": round(sum(n for _, n in self._recent) / window, 1),
-                "uptime_s": round(now - self.started, 3),
-                "workers": [{"id": w.index, "device": str(w.engine.device), "busy": w.leased > 0,
-                             "slots_in_use": w.leased, "requests_served": w.requests, "tokens_generated": w.tokens}
-                            for w in self.workers],
-            }
-
-
-TOKENS_PER_S_WINDOW = 10.0  # /stats tokens_per_s: tokens streamed over the last this many seconds
+            ws = self.workers
+            busy = sum(w.leased > 0 for w in ws)
+            return {"total_workers": len(ws), "busy_workers": busy, "idle_workers": len(ws) - busy,
+                    "max_batch": ws[0].max_batch, "slots_total": sum(w.max_batch for w in ws),
+                    "slots_in_use": sum(w.leased for w in ws), "queue_length": self.waiting,
+                    "max_queue_length": self.max_waiting, "requests_served": sum(w.requests for w in ws),
+                    "requests_cancelled": self.requests_cancelled, "tokens_generated": sum(w.tokens for w in ws),
+                    "tokens_per_s": round(sum(n for _, n in self._recent) / window, 1),
+                    "uptime_s": round(now - self.started, 3),
+                    "workers": [{"id": w.index, "device": str(w.engine.device), "busy": w.leased > 0,
+                                 "slots_in_use": w.leased, "requests_served": w.requests, "tokens_generated": w.tokens}
+                                for w in ws]}
 
 
 class Generation:
-    """One reply on a leased worker slot. Iterate it for text pieces (complete UTF-8 characters only); afterwards
-    finish_reason is "stop" (a stop token) or "length" (max_tokens). The worker's scheduler puts the tokens in
-    `events` a decode chunk at a time. close() ends the reply and returns the lease to the pool, once, whatever
-    called it first (the end of the stream, an error, a client disconnect); the scheduler frees the slot before
-    its next chunk."""
+    """One reply on a leased worker slot. Iterate it for text pieces, or `chunks` for lists of them a delivery at a
+    time (the first token, then a decode chunk's worth: a stream sends each in one write); then finish_reason is
+    "stop" (a stop token) or "length" (max_tokens). Tokens go through an incremental UTF-8 decoder, so a piece is
+    whole characters (invalid bytes become U+FFFD, as decode does; a character cut off by max_tokens is dropped).
+    close() returns the lease once, whoever calls it first (the end, an error, a client disconnect)."""
 
     def __init__(self, pool: WorkerPool, worker: Worker, tokenizer, prompt: list[int], req: ChatRequest,
                  max_tokens: int):
-        self.pool, self.worker, self.tokenizer, self.request = pool, worker, tokenizer, req
-        self.prompt, self.max_tokens = prompt, max_tokens
-        self.prompt_tokens = len(prompt)
-        self.completion_tokens = 0
+        self.pool, self.worker, self.tokenizer, self.request, self.prompt = pool, worker, tokenizer, req, prompt
+        self.sampling = dict(max_tokens=max_tokens, temperature=req.temperature, top_k=req.top_k, seed=req.seed)
+        self.prompt_tokens, self.completion_tokens = len(prompt), 0
         self.finish_reason: str | None = None
         self.cancelled = False
-        self.events: queue.Queue = queue.Queue()
-        self._pieces = self._run()
-        self._lock = threading.Lock()
-        self._closed = False
+        self.events: queue.Queue = queue.Queue()  # from the scheduler: ("tokens", ids), ("end", _), ("error", e)
+        self.chunks = self._run()
+        self._once = threading.Lock()  # taken by the first close(), never released
         self._t0 = time.perf_counter()
         worker.submit(self)
 
@@ -414,8 +382,7 @@ class Generation:
                     self.finish_reason = "stop"
                     break
                 n += 1
-                text = decoder.decode(self.tokenizer.id_to_bytes(token))
-                if text:
+                if text := decoder.decode(self.tokenizer.id_to_bytes(token)):
                     pieces.append(text)
             self.completion_tokens += n
             self.pool.count_tokens(self.worker, n)  # once per delivery: the pool's lock is shared by every stream
@@ -424,56 +391,32 @@ class Generation:
             if self.finish_reason:
                 return
 
-    def chunks(self) -> Iterator[list[str]]:
-        """The text pieces a delivery at a time (the first token, then a decode chunk's worth): a stream sends
-        each delivery's events in one write."""
-        return self._pieces
-
     def __iter__(self) -> Iterator[str]:
-        return (piece for pieces in self._pieces for piece in pieces)
+        return (piece for pieces in self.chunks for piece in pieces)
 
     def close(self) -> None:
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
+        if not self._once.acquire(blocking=False):
+            return
         self.cancelled = True  # the scheduler frees the slot before its next chunk
         try:
-            self._pieces.close()
+            self.chunks.close()
         finally:
             self.pool.release(self.worker, cancelled=self.finish_reason is None)
             dt = time.perf_counter() - self._t0
-            get_logger().info(f"web: worker {self.worker.index}: {self.prompt_tokens} prompt + "
-                              f"{self.completion_tokens} reply tokens in {dt:.2f}s "
-                              f"({self.completion_tokens / max(dt, 1e-9):.1f} tok/s), "
-                              f"{self.finish_reason or 'cancelled'}")
-
-    def __enter__(self) -> "Generation":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-
-# ----------------------------------------------------------------------------------------------
-# Engines
-
-def reply_tokens(prompt_len: int, max_tokens: int, max_context: int) -> int:
-    """The most tokens a reply to a prompt of prompt_len tokens may have: max_tokens, cut to the context."""
-    return min(max_tokens, max_context - prompt_len)
+            n = self.completion_tokens
+            get_logger().info(f"web: worker {self.worker.index}: {self.prompt_tokens} prompt + {n} reply tokens in "
+                              f"{dt:.2f}s ({n / max(dt, 1e-9):.1f} tok/s), {self.finish_reason or 'cancelled'}")
 
 
 def warm_up(app: Flask, prompt_tokens: int = 64) -> int:
-    """Compile, on every worker of `app` in parallel, what chats with the app's defaults hit: the prefill (insert)
-    of each prompt-length bucket up to `prompt_tokens` (a short message, with or without a system prompt, renders
-    to a few dozen tokens) and the decode chunk. Short first chats then compile nothing; a longer prompt compiles
-    its bucket when it first comes. Returns the number of programs compiled per engine."""
-    pool, settings = get_pool(app), app.extensions["nanochat_settings"]
-    defaults, max_context, bos = settings["defaults"], settings["max_context"], settings["tokenizer"].bos_id
+    """Compile, on every worker in parallel, what chats with the app's defaults hit: the prefill of each prompt
+    length bucket up to `prompt_tokens` (a short message, with or without a system prompt, is a few dozen tokens)
+    and the decode chunk; a longer prompt compiles its bucket when it first comes. Returns programs per engine."""
+    routes = app.extensions["nanochat"]
+    defaults, max_context, bos = routes.defaults, routes.max_context, routes.tokenizer.bos_id
 
     def run(worker: Worker) -> int:
-        engine = worker.engine
-        before = len(engine.compilations)
+        engine, before = worker.engine, len(worker.engine.compilations)
         with worker._lock:
             batch = worker.batch()
             slot = next(s for s in range(worker.max_batch) if s not in worker.slots)
@@ -481,7 +424,7 @@ def warm_up(app: Flask, prompt_tokens: int = 64) -> int:
             for n in range(1, min(prompt_tokens, max_context - 1) + 1):
                 lengths.setdefault(min(pow2_bucket(n, engine.min_bucket), batch.cache_len), n)
             for n in lengths.values():
-                batch.insert(slot, [bos] * n, max_tokens=reply_tokens(n, defaults.max_tokens, max_context),
+                batch.insert(slot, [bos] * n, max_tokens=min(defaults.max_tokens, max_context - n),
                              temperature=defaults.temperature, top_k=defaults.top_k, seed=0)
                 batch.host[slot].completed = False  # run one chunk for it even if it stopped at once
                 batch.step(worker.chunk or engine.chunk)
@@ -489,11 +432,11 @@ def warm_up(app: Flask, prompt_tokens: int = 64) -> int:
         return len(engine.compilations) - before
 
     t0 = time.perf_counter()
-    with ThreadPoolExecutor(len(pool.workers)) as ex:
-        counts = list(ex.map(run, pool.workers))
-    get_logger().info(f"web: warm-up compiled {max(counts)} program(s) per engine for prompts of up to "
+    with ThreadPoolExecutor(len(routes.pool.workers)) as ex:
+        count = max(ex.map(run, routes.pool.workers))
+    get_logger().info(f"web: warm-up compiled {count} program(s) per engine for prompts of up to "
                       f"{prompt_tokens} tokens in {time.perf_counter() - t0:.1f}s")
-    return max(counts)
+    return count
 
 
 # ----------------------------------------------------------------------------------------------
@@ -503,66 +446,21 @@ def _sse(obj) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
-def _engines_for(engines, params, cfg, tokenizer, devices, num_workers, max_context) -> tuple[list, object, int]:
-    """create_app's (engines, tokenizer, max_context), checked: engines built from params if none are given."""
-    if engines is None:
-        if params is None or cfg is None or tokenizer is None:
-            raise ValueError("create_app needs engines, or params, cfg and tokenizer to build them")
-        engines = make_engines(params, cfg, tokenizer, devices=devices, num_workers=num_workers)
-    engines = list(engines)
-    if not engines:
-        raise ValueError("create_app: no engines")
-    tokenizer = tokenizer if tokenizer is not None else engines[0].tokenizer
-    if tokenizer is None or any(e.tokenizer is None for e in engines):
-        raise ValueError("create_app: the engines need a tokenizer (for stop tokens and decoding)")
-    max_context = max_context or engines[0].cfg.sequence_len
-    if max_context < 2:
-        raise ValueError(f"create_app: max_context must be >= 2 tokens, got {max_context}")
-    return engines, tokenizer, max_context
+def _event_stream(gen: Generation, events: Iterator[str], error_event, done: str = "") -> Response:
+    """An SSE response; once the headers are out, a failure travels in the stream as error_event(message)."""
+    def body():
+        try:
+            yield from events
+        except Exception as e:
+            get_logger().exception("web: generation failed")
+            yield error_event(_failure("generation failed", e))
+        finally:
+            gen.close()
+        if done:
+            yield done
 
-
-def _add_error_handlers(app: Flask, cors_origin: str | None) -> None:
-    """JSON errors (RequestError: its status; HTTP errors; anything else: 500) and the CORS headers."""
-
-    @app.errorhandler(RequestError)
-    def _request_error(e: RequestError):
-        resp = jsonify(error_body(e.message, e.kind, e.param))
-        if e.status == 503:
-            resp.headers["Retry-After"] = "5"
-        return resp, e.status
-
-    @app.errorhandler(HTTPException)
-    def _http_error(e: HTTPException):
-        message = e.description or e.name
-        if e.code == 413:
-            message = f"request body too large: limit is {MAX_BODY_BYTES // 2**20} MB"
-        return jsonify(error_body(message, e.name.lower().replace(" ", "_"))), e.code
-
-    @app.errorhandler(Exception)
-    def _server_error(e: Exception):
-        get_logger().exception("web: unhandled error")
-        return jsonify(error_body(f"internal server error ({type(e).__name__}: {str(e)[:200]})",
-                                  "server_error")), 500
-
-    if cors_origin:
-        @app.after_request
-        def _cors(resp):
-            resp.headers["Access-Control-Allow-Origin"] = cors_origin
-            resp.headers["Access-Control-Allow-Headers"] = "Content-Type, Authorization"
-            resp.headers["Access-Control-Allow-Methods"] = "GET, POST, OPTIONS"
-            return resp
-
-
-def _json_body():
-    body = request.get_json(force=True, silent=True)
-    if body is None:
-        raise RequestError("the request body is not valid JSON")
-    return body
-
-
-def _event_stream(gen: Generation, body: Iterator[str]) -> Response:
-    resp = Response(body, mimetype="text/event-stream",
-                    headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    resp = Response(body(), mimetype="text/event-stream", headers={"Cache-Control": "no-cache",
+                                                                   "X-Accel-Buffering": "no"})
     resp.call_on_close(gen.close)  # also frees the worker if the body was never iterated
     return resp
 
@@ -577,8 +475,11 @@ class _Routes:
     queue_timeout: float | None
     model_name: str
 
-    def start(self, body, openai: bool) -> Generation:
+    def start(self, openai: bool) -> Generation:
         """Validate and tokenize, then lease a worker (waiting in the queue); the caller must close the result."""
+        body = request.get_json(force=True, silent=True)
+        if body is None:
+            raise RequestError("the request body is not valid JSON")
         req = parse_chat_request(body, self.defaults, openai=openai)
         prompt = render_prompt(self.tokenizer, req.messages)
         if len(prompt) >= self.max_context:
@@ -588,9 +489,9 @@ class _Routes:
         if worker is None:
             raise RequestError(f"all {len(self.pool.workers)} workers are busy; try again shortly", status=503,
                                kind="server_busy")
-        try:
+        try:  # max_tokens is cut to what the context leaves
             return Generation(self.pool, worker, self.tokenizer, prompt, req,
-                              reply_tokens(len(prompt), req.max_tokens, self.max_context))
+                              min(req.max_tokens, self.max_context - len(prompt)))
         except BaseException:
             self.pool.release(worker, cancelled=True)
             raise
@@ -614,58 +515,41 @@ class _Routes:
                                                     "created": int(self.pool.started), "owned_by": "nanochat-jax"}]})
 
     def chat_completions(self):
-        gen = self.start(_json_body(), openai=False)
+        gen = self.start(openai=False)
 
         def events():
-            try:
-                for pieces in gen.chunks():
-                    yield "".join(_sse({"token": text, "worker": gen.worker.index}) for text in pieces)
-                yield _sse({"done": True, "finish_reason": gen.finish_reason, "prompt_tokens": gen.prompt_tokens,
-                            "completion_tokens": gen.completion_tokens})
-            except Exception as e:  # headers are out: the error travels in the stream
-                get_logger().exception("web: generation failed")
-                yield _sse({"error": f"generation failed ({type(e).__name__}: {str(e)[:200]})", "done": True})
-            finally:
-                gen.close()
+            for pieces in gen.chunks:
+                yield "".join(_sse({"token": text, "worker": gen.worker.index}) for text in pieces)
+            yield _sse({"done": True, "finish_reason": gen.finish_reason, "prompt_tokens": gen.prompt_tokens,
+                        "completion_tokens": gen.completion_tokens})
 
-        return _event_stream(gen, events())
+        return _event_stream(gen, events(), lambda error: _sse({"error": error, "done": True}))
 
     def openai_chat_completions(self):
-        body = _json_body()
-        gen = self.start(body, openai=True)
-        rid, created, model = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), self.model_name
-        usage = lambda: {"prompt_tokens": gen.prompt_tokens, "completion_tokens": gen.completion_tokens,  # noqa: E731
+        gen = self.start(openai=True)
+        rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        head = lambda kind: {"id": rid, "object": kind, "created": created, "model": self.model_name}
+        usage = lambda: {"prompt_tokens": gen.prompt_tokens, "completion_tokens": gen.completion_tokens,
                          "total_tokens": gen.prompt_tokens + gen.completion_tokens}
         if not gen.request.stream:
-            with gen:
+            with contextlib.closing(gen):
                 text = "".join(gen)
-            return jsonify({"id": rid, "object": "chat.completion", "created": created, "model": model,
-                            "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                                         "finish_reason": gen.finish_reason}], "usage": usage()})
-        opts = body.get("stream_options")
-        include_usage = isinstance(opts, dict) and opts.get("include_usage") is True
+            return jsonify({**head("chat.completion"), "usage": usage(), "choices": [
+                {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": gen.finish_reason}]})
 
-        def chunk(delta: dict | None, finish: str | None, **extra) -> str:
+        def chunk(delta: dict | None, finish: str | None = None, **extra) -> str:
             choices = [] if delta is None else [{"index": 0, "delta": delta, "finish_reason": finish}]
-            return _sse({"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
-                         "choices": choices, **extra})
+            return _sse({**head("chat.completion.chunk"), "choices": choices, **extra})
 
         def events():
-            try:
-                yield chunk({"role": "assistant", "content": ""}, None)
-                for pieces in gen.chunks():
-                    yield "".join(chunk({"content": text}, None) for text in pieces)
-                yield chunk({}, gen.finish_reason)
-                if include_usage:
-                    yield chunk(None, None, usage=usage())
-            except Exception as e:
-                get_logger().exception("web: generation failed")
-                yield _sse(error_body(f"generation failed ({type(e).__name__}: {str(e)[:200]})", "server_error"))
-            finally:
-                gen.close()
-            yield "data: [DONE]\n\n"
+            yield chunk({"role": "assistant", "content": ""})
+            for pieces in gen.chunks:
+                yield "".join(chunk({"content": text}) for text in pieces)
+            yield chunk({}, gen.finish_reason)
+            if gen.request.include_usage:
+                yield chunk(None, usage=usage())
 
-        return _event_stream(gen, events())
+        return _event_stream(gen, events(), lambda error: _sse(error_body(error, "server_error")), "data: [DONE]\n\n")
 
 
 ROUTES = (("GET", "/", "index"), ("GET", "/health", "health"), ("GET", "/stats", "stats"),
@@ -673,11 +557,40 @@ ROUTES = (("GET", "/", "index"), ("GET", "/health", "health"), ("GET", "/stats",
           ("POST", "/v1/chat/completions", "openai_chat_completions"))
 
 
+def _add_error_handlers(app: Flask, cors_origin: str | None) -> None:
+    """JSON errors (RequestError: its status; HTTP errors; anything else: 500) and the CORS headers."""
+
+    @app.errorhandler(RequestError)
+    def _request_error(e: RequestError):
+        resp = jsonify(error_body(e.message, e.kind, e.param))
+        if e.status == 503:
+            resp.headers["Retry-After"] = "5"
+        return resp, e.status
+
+    @app.errorhandler(HTTPException)
+    def _http_error(e: HTTPException):
+        message = e.description or e.name
+        if e.code == 413:
+            message = f"request body too large: limit is {MAX_BODY_BYTES // 2**20} MB"
+        return jsonify(error_body(message, e.name.lower().replace(" ", "_"))), e.code
+
+    @app.errorhandler(Exception)
+    def _server_error(e: Exception):
+        get_logger().exception("web: unhandled error")
+        return jsonify(error_body(_failure("internal server error", e), "server_error")), 500
+
+    if cors_origin:
+        @app.after_request
+        def _cors(resp):
+            resp.headers.update({"Access-Control-Allow-Origin": cors_origin, "Access-Control-Allow-Methods":
+                                 "GET, POST, OPTIONS", "Access-Control-Allow-Headers": "Content-Type, Authorization"})
+            return resp
+
+
 def create_app(engines: Sequence | None = None, *, params=None, cfg=None, tokenizer=None, devices=None,
                num_workers: int | None = None, defaults: SamplingDefaults = SamplingDefaults(),
-               max_context: int | None = None, queue_timeout: float | None = 300.0,
-               model_name: str = "nanochat-jax", cors_origin: str | None = None, max_batch: int = 1,
-               chunk: int | None = None) -> Flask:
+               max_context: int | None = None, queue_timeout: float | None = 300.0, model_name: str = "nanochat-jax",
+               cors_origin: str | None = None, max_batch: int = 1, chunk: int | None = None) -> Flask:
     """The chat app over `engines`, or over one Engine per device built from (params, cfg, tokenizer).
 
     max_context: prompt + reply tokens at most (default: the model's sequence_len); longer prompts are a 400, and
@@ -685,23 +598,33 @@ def create_app(engines: Sequence | None = None, *, params=None, cfg=None, tokeni
     worker before a 503. max_batch: requests each worker decodes at once (continuous batching; each holds one
     row of a cache of max_context tokens); chunk: decode steps per round trip to the host (default: the engine's).
     cors_origin: sent as Access-Control-Allow-Origin (e.g. "*") so pages on other origins may call the API."""
-    engines, tokenizer, max_context = _engines_for(engines, params, cfg, tokenizer, devices, num_workers,
-                                                   max_context)
+    if engines is None:
+        if params is None or cfg is None or tokenizer is None:
+            raise ValueError("create_app needs engines, or params, cfg and tokenizer to build them")
+        engines = make_engines(params, cfg, tokenizer, devices=devices, num_workers=num_workers)
+    engines = list(engines)
+    if not engines:
+        raise ValueError("create_app: no engines")
+    tokenizer = tokenizer if tokenizer is not None else engines[0].tokenizer
+    if tokenizer is None or any(e.tokenizer is None for e in engines):
+        raise ValueError("create_app: the engines need a tokenizer (for stop tokens and decoding)")
+    max_context = max_context or engines[0].cfg.sequence_len
+    if max_context < 2:
+        raise ValueError(f"create_app: max_context must be >= 2 tokens, got {max_context}")
     defaults = replace(defaults, max_tokens=min(defaults.max_tokens, max_context))
     pool = WorkerPool(engines, max_batch=max_batch, cache_len=max_context, chunk=chunk)
+    routes = _Routes(pool, tokenizer, defaults, max_context, queue_timeout, model_name)
     app = Flask(__name__, static_folder=str(STATIC_DIR), static_url_path="/static")
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
-    app.extensions["nanochat_pool"] = pool
-    app.extensions["nanochat_settings"] = {"defaults": defaults, "max_context": max_context, "tokenizer": tokenizer}
+    app.extensions["nanochat"] = routes  # get_pool and warm_up read it
     _add_error_handlers(app, cors_origin)
-    routes = _Routes(pool, tokenizer, defaults, max_context, queue_timeout, model_name)
     for method, rule, name in ROUTES:
         app.add_url_rule(rule, name, getattr(routes, name), methods=[method])
     return app
 
 
 def get_pool(app: Flask) -> WorkerPool:
-    return app.extensions["nanochat_pool"]
+    return app.extensions["nanochat"].pool
 
 
 # ----------------------------------------------------------------------------------------------
@@ -709,10 +632,8 @@ def get_pool(app: Flask) -> WorkerPool:
 
 def make_server(app: Flask, host: str = "127.0.0.1", port: int = 8000, threads: int = 64):
     """A waitress server for `app` (port 0: any free port; see .effective_port). Each streaming reply, and each
-    request waiting for a worker, holds one of `threads`, so keep it well above the number of workers: the
-    rest answer /health and /stats while every worker is busy."""
-    import waitress
-
+    request waiting for a worker, holds one of `threads`: keep it well above the number of workers, so the rest
+    answer /health and /stats while every worker is busy."""
     # channel_request_lookahead: keep reading the socket during a reply, so a client that goes away is noticed
     # (the next write then raises, waitress closes the response, and the worker is freed).
     return waitress.create_server(app, host=host, port=port, threads=threads, channel_request_lookahead=1,
@@ -732,8 +653,6 @@ class BackgroundServer:
     def _serve(self) -> None:
         """waitress's own loop, in short slices so stop() can end it; sockets are closed in this thread, never
         under a select() that is still running (closing them from another thread races with it: EBADF)."""
-        from waitress import wasyncore
-
         while not self._stopping.is_set():
             wasyncore.loop(timeout=0.05, map=self.server._map, use_poll=self.server.adj.asyncore_use_poll, count=1)
         self.server.task_dispatcher.shutdown(timeout=self._timeout)
@@ -744,14 +663,8 @@ class BackgroundServer:
         self._stopping.set()
         self._thread.join(timeout + 1)
 
-    def __enter__(self) -> "BackgroundServer":
+    def __enter__(self) -> BackgroundServer:
         return self
 
     def __exit__(self, *exc) -> None:
         self.stop()
-
-
-__all__ = ["create_app", "make_engines", "warm_up", "make_server", "BackgroundServer", "WorkerPool", "Worker",
-           "Generation", "ChatRequest", "RequestError", "SamplingDefaults", "parse_chat_request", "parse_messages",
-           "render_prompt", "reply_tokens", "get_pool", "MAX_MESSAGES", "MAX_MESSAGE_CHARS", "MAX_TOTAL_CHARS",
-           "TEMPERATURE_RANGE", "TOP_K_RANGE", "MAX_TOKENS_RANGE"]
