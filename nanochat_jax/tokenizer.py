@@ -229,8 +229,6 @@ class Tokenizer:
     @classmethod
     def load(cls, directory: str | os.PathLike | None = None) -> "Tokenizer":
         """Our files (tokenizer.tiktoken + tokenizer.json), else nanochat's tokenizer.pkl in the same folder."""
-        import tiktoken
-
         directory = Path(directory) if directory is not None else default_tokenizer_dir()
         meta_path, ranks_path = directory / META_FILE, directory / RANKS_FILE
         if not meta_path.is_file() and not ranks_path.is_file() and (directory / NANOCHAT_PICKLE).is_file():
@@ -248,14 +246,11 @@ class Tokenizer:
                 token_b64, rank = line.split()
                 ranks[base64.b64decode(token_b64, validate=True)] = int(rank)
             except ValueError as e:
-                raise ValueError(f"{ranks_path}:{lineno}: corrupt line {line[:80]!r} ({e})") from None
-        if sorted(ranks.values()) != list(range(len(ranks))):
-            raise ValueError(f"{ranks_path}: ranks are not 0..{len(ranks) - 1} without gaps; the file is corrupt")
+                raise UserError(f"{ranks_path}:{lineno}: corrupt line {line[:80]!r} ({e})") from None
         specials = {str(k): int(v) for k, v in meta["special_tokens"].items()}
-        enc = tiktoken.Encoding(name=meta.get("name", "rustbpe"), pat_str=meta["pattern"], mergeable_ranks=ranks,
-                                special_tokens=specials)
+        enc = _encoding(ranks_path, meta.get("name", "rustbpe"), meta["pattern"], ranks, specials)
         if enc.n_vocab != meta["vocab_size"]:
-            raise ValueError(f"{meta_path}: vocab_size {meta['vocab_size']} but the files define {enc.n_vocab} tokens")
+            raise UserError(f"{meta_path}: vocab_size {meta['vocab_size']} but the files define {enc.n_vocab} tokens")
         return cls(enc, bos_token=meta.get("bos_token", "<|bos|>"), mergeable_ranks=ranks)
 
     @classmethod
@@ -323,6 +318,18 @@ class Tokenizer:
         return ids + [self.encode_special("<|assistant_start|>")]
 
 
+def _encoding(path: Path, name: str, pattern: str, ranks: dict[bytes, int], specials: dict[str, int]):
+    """tiktoken Encoding of what `path` holds, else a UserError naming the file."""
+    import tiktoken
+
+    if sorted(ranks.values()) != list(range(len(ranks))):
+        raise UserError(f"{path}: token ranks are not 0..{len(ranks) - 1} without gaps; the file is corrupt")
+    try:
+        return tiktoken.Encoding(name=name, pat_str=pattern, mergeable_ranks=ranks, special_tokens=specials)
+    except Exception as e:  # tiktoken validates the regex and the ids
+        raise UserError(f"{path}: tiktoken rejects the encoding it holds ({type(e).__name__}: {e})") from None
+
+
 # ----------------------------------------------------------------------------------------------
 # nanochat's tokenizer.pkl, without running pickle code
 
@@ -374,8 +381,6 @@ def _encoding_state(path: Path) -> dict | str:
 def load_nanochat_tokenizer(path: str | os.PathLike) -> Tokenizer:
     """A Tokenizer from nanochat's tokenizer.pkl (no pickle code runs). BOS is <|bos|> for a trained tokenizer,
     <|endoftext|> for a pickled GPT-2/cl100k reference encoding."""
-    import tiktoken
-
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path} does not exist; pass the folder holding nanochat's tokenizer.pkl")
@@ -385,19 +390,12 @@ def load_nanochat_tokenizer(path: str | os.PathLike) -> Tokenizer:
             raise UserError(f"{path}: a pickled reference to tiktoken encoding {state!r}, which is not one of "
                             f"{sorted(PRETRAINED)}; pass a trained nanochat tokenizer")
         return Tokenizer.from_pretrained(state)
-    ranks = state["mergeable_ranks"]
-    if sorted(ranks.values()) != list(range(len(ranks))):
-        raise UserError(f"{path}: token ranks are not 0..{len(ranks) - 1} without gaps; the file is corrupt")
-    try:
-        enc = tiktoken.Encoding(name=state["name"], pat_str=state["pat_str"], mergeable_ranks=ranks,
-                                special_tokens=state["special_tokens"])
-    except Exception as e:  # tiktoken validates the regex and the ids
-        raise UserError(f"{path}: tiktoken rejects the pickled encoding ({type(e).__name__}: {e})") from None
+    enc = _encoding(path, state["name"], state["pat_str"], state["mergeable_ranks"], state["special_tokens"])
     bos = "<|bos|>" if "<|bos|>" in state["special_tokens"] else "<|endoftext|>"
     if bos not in state["special_tokens"]:
         raise UserError(f"{path}: the encoding has no <|bos|> special token (it has "
                         f"{sorted(state['special_tokens'])}); nanochat's tokenizers always do")
-    return Tokenizer(enc, bos_token=bos, mergeable_ranks=dict(ranks))
+    return Tokenizer(enc, bos_token=bos, mergeable_ranks=dict(state["mergeable_ranks"]))
 
 
 # ----------------------------------------------------------------------------------------------
