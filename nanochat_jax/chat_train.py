@@ -1,16 +1,14 @@
 """Midtraining and SFT: the base model learns the chat format, tool use and multiple choice.
 
-Both stages are the pretraining machinery fed by a different loader: the same train step (`make_train_step`,
-with the lr multiplier fed from the host because the reference's schedules run on data progress), the same
-`fit` loop, optimizer, sharding, checkpointing and logging. What differs is only data and hyperparameters:
+The pretraining machinery (train step with a host-fed lr multiplier, as the schedules run on data progress; `fit`)
+with other data and hyperparameters:
 
     stage  reads   data (TaskMixture → ConversationPacker)                    loss on          lr schedule
     mid    base    best fit with crop, like pretraining                       every token      flat, last 20% → 0
     sft    mid     best fit of whole conversations, BOS padding, never crops  assistant tokens  flat, last 50% → 0
 
-Each stage trains one epoch of its mixture (or --num-iterations steps), evaluates validation bits per byte (on the
-tokens the stage trains on) every --eval-every steps, and saves `mid_checkpoints/<tag>` or
-`chatsft_checkpoints/<tag>` with the loader position, so `--resume` continues exactly.
+Each trains one epoch of its mixture (or --num-iterations steps), evaluates val bpb (on the tokens it trains on)
+and saves `mid_checkpoints/<tag>` or `chatsft_checkpoints/<tag>` with the loader position, to resume exactly.
 """
 
 from __future__ import annotations
@@ -30,7 +28,8 @@ from nanochat_jax.common import format_duration, print0
 from nanochat_jax.config import RuntimeFlags, flag, require
 from nanochat_jax.dataloader import ConversationPacker
 from nanochat_jax.stage import Stage, bpb_eval, finish, gathered, loop_state, saver
-from nanochat_jax.train import LoopState, Periodic, ScalarLog, StepLogger, fit, run_dir
+from nanochat_jax.report import ScalarLog, run_dir
+from nanochat_jax.train import LoopState, Periodic, StepLogger, fit
 
 SOURCE_OF = {"mid": "base", "sft": "mid"}
 
@@ -76,13 +75,12 @@ class ChatTrainConfig(RuntimeFlags):
 
     def __post_init__(self):
         super().__post_init__()
-        need = require
-        need(self.stage in SOURCE_OF, f"stage must be mid or sft, got {self.stage!r}")
-        need(self.source in ("", "base", "mid", "sft"), f"--source must be base|mid|sft, got {self.source!r}")
-        need(self.mixture in ("default", "local"), f"--mixture must be default|local, got {self.mixture!r}")
-        need(self.eval_every != 0 and self.save_every != 0, "--eval-every/--save-every must be > 0 or -1 (off)")
-        need(self.final_lr_frac >= 0 and (self.warmdown_ratio == -1 or 0 <= self.warmdown_ratio <= 1),
-             "--warmdown-ratio must be in [0, 1] and --final-lr-frac >= 0")
+        require(self.stage in SOURCE_OF, f"stage must be mid or sft, got {self.stage!r}")
+        require(self.source in ("", "base", "mid", "sft"), f"--source must be base|mid|sft, got {self.source!r}")
+        require(self.mixture in ("default", "local"), f"--mixture must be default|local, got {self.mixture!r}")
+        require(self.eval_every != 0 and self.save_every != 0, "--eval-every/--save-every must be > 0 or -1 (off)")
+        require(self.final_lr_frac >= 0 and (self.warmdown_ratio == -1 or 0 <= self.warmdown_ratio <= 1),
+                "--warmdown-ratio must be in [0, 1] and --final-lr-frac >= 0")
 
     @property
     def source_phase(self) -> str:

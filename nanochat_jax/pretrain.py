@@ -22,7 +22,8 @@ from nanochat_jax.dataloader import ShardedLoader
 from nanochat_jax.dataset import list_parquet_files, resolve_data_dir, split_files
 from nanochat_jax.engine import Engine
 from nanochat_jax.stage import Stage, bpb_eval, finish, gathered, loop_state, saver
-from nanochat_jax.train import SAMPLE_PROMPTS, LoopState, Periodic, ScalarLog, StepLogger, fit, run_dir
+from nanochat_jax.report import ScalarLog, run_dir
+from nanochat_jax.train import SAMPLE_PROMPTS, LoopState, Periodic, StepLogger, fit
 
 
 @dataclass(frozen=True)
@@ -79,23 +80,24 @@ class PretrainConfig(RuntimeFlags):
 
     def __post_init__(self):
         super().__post_init__()
-        need = require
-        need(self.depth >= 1, f"--depth must be >= 1, got {self.depth}")
-        need(self.max_seq_len >= 2, f"--max-seq-len must be >= 2, got {self.max_seq_len}")
-        need(self.device_batch_size >= 1, f"--device-batch-size must be >= 1, got {self.device_batch_size}")
-        need(self.num_iterations > 0 or self.target_flops > 0 or self.target_param_data_ratio > 0,
-             "set one of --num-iterations, --target-flops or --target-param-data-ratio to a positive value")
-        need(self.total_batch_size == -1 or self.total_batch_size > 0, "--total-batch-size must be > 0 or -1 (auto)")
-        need(self.eval_every != 0 and self.sample_every != 0 and self.save_every != 0 and self.log_every >= 1
-             and self.core_metric_every != 0,
-             "--eval-every/--sample-every/--save-every/--core-metric-every must be > 0 or -1 (off); --log-every >= 1")
-        need(self.keep_checkpoints >= 1, "--keep-checkpoints must be >= 1")
+        require(self.depth >= 1, f"--depth must be >= 1, got {self.depth}")
+        require(self.max_seq_len >= 2, f"--max-seq-len must be >= 2, got {self.max_seq_len}")
+        require(self.device_batch_size >= 1, f"--device-batch-size must be >= 1, got {self.device_batch_size}")
+        require(self.num_iterations > 0 or self.target_flops > 0 or self.target_param_data_ratio > 0,
+                "set one of --num-iterations, --target-flops or --target-param-data-ratio to a positive value")
+        require(self.total_batch_size == -1 or self.total_batch_size > 0,
+                "--total-batch-size must be > 0 or -1 (auto)")
+        require(0 not in (self.eval_every, self.sample_every, self.save_every, self.core_metric_every)
+                and self.log_every >= 1, "--eval-every/--sample-every/--save-every/--core-metric-every must be > 0 "
+                "or -1 (off); --log-every >= 1")
+        require(self.keep_checkpoints >= 1, "--keep-checkpoints must be >= 1")
         for name, value, allowed in (("lr-schedule", self.lr_schedule, ("reference", "constant")),
                                      ("muon-momentum-schedule", self.muon_momentum_schedule, ("reference", "constant")),
                                      ("weight-decay-schedule", self.weight_decay_schedule, ("cosine", "constant")),
                                      ("adamw-style", self.adamw_style, ("current", "classic"))):
-            need(value in allowed, f"--{name} must be one of {'|'.join(allowed)}, got {value!r}")
-        need(self.adamw_weight_decay >= 0 and self.grad_clip >= 0, "--adamw-weight-decay and --grad-clip must be >= 0")
+            require(value in allowed, f"--{name} must be one of {'|'.join(allowed)}, got {value!r}")
+        require(self.adamw_weight_decay >= 0 and self.grad_clip >= 0,
+                "--adamw-weight-decay and --grad-clip must be >= 0")
         parse_profile_steps(self.profile_steps)
 
 

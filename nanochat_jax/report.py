@@ -1,22 +1,17 @@
-"""The report card: each stage appends a section; `generate` writes report.md with a summary table and plots.
+"""The report card and the runs' TensorBoard scalars it plots.
 
     python -m nanochat_jax.report reset       # new run: header with git, hardware, software, cost rate
     ... each stage calls get_report().log("Base model training", {...}, run_dir=...) ...
     python -m nanochat_jax.report generate    # report.md (+ loss/bpb PNGs) under <base>/report, copied to cwd
 
-Layout under `<base_dir>/report/`: `header.json`/`header.md`, one `<slug>.json` + `<slug>.md` per section, and
-`report.md` plus `plots/*.png`. The JSON files are the source of truth (the summary table reads numbers from
-them, not from markdown); the .md files are for humans. Every file is written atomically, with the mode a plain
-open() would give it (0o666 less the umask).
-
-Sections follow the reference's names and order; the summary table is Metric × {BASE, MID, SFT, RL} with CORE
-first, ChatCORE last, the rest alphabetical, and the total wall clock from the header's start to the last
-non-RL section (as the reference counts it), then the estimated cost: a $ figure at the header's GPU hourly rate,
-else "n/a" and why (no rate is recorded for CPUs).
+Under `<base_dir>/report/`: `header.json`/`.md`, a `<slug>.json` + `.md` per section, `report.md` and `plots/`; the
+JSON files are the source of truth, every file is written atomically. The summary table (Metric × BASE/MID/SFT/RL)
+counts wall clock from the header to the last non-RL section, as the reference does, then the estimated cost.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -28,22 +23,13 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-from nanochat_jax.common import atomic_write, format_duration, get_base_dir
+from nanochat_jax.common import atomic_write, format_duration, get_base_dir, process_index
 
 # Sections in report order. `column` says which summary-table column a section's metrics fill.
-SECTIONS = [
-    ("Tokenizer training", None),
-    ("Tokenizer evaluation", None),
-    ("Base model training", None),
-    ("Base model loss", None),
-    ("Base model evaluation", "BASE"),
-    ("Midtraining", None),
-    ("Chat evaluation mid", "MID"),
-    ("Chat SFT", None),
-    ("Chat evaluation sft", "SFT"),
-    ("Chat RL", None),
-    ("Chat evaluation rl", "RL"),
-]
+SECTIONS = [("Tokenizer training", None), ("Tokenizer evaluation", None), ("Base model training", None),
+            ("Base model loss", None), ("Base model evaluation", "BASE"), ("Midtraining", None),
+            ("Chat evaluation mid", "MID"), ("Chat SFT", None), ("Chat evaluation sft", "SFT"), ("Chat RL", None),
+            ("Chat evaluation rl", "RL")]
 COLUMNS = ("BASE", "MID", "SFT", "RL")
 # Metric name in the table → key in a section's data (chat evals log task names as keys).
 TABLE_METRICS = ["CORE", "ARC-Challenge", "ARC-Easy", "GSM8K", "HumanEval", "MMLU", "SpellingBee", "ChatCORE"]
@@ -64,11 +50,9 @@ def slugify(section: str) -> str:
 
 def format_value(v) -> str:
     """The reference's style: floats with 4 decimals, ints ≥ 10,000 with thousands separators."""
-    if isinstance(v, bool):
-        return str(v)
     if isinstance(v, float):
         return f"{v:.4f}"
-    if isinstance(v, int) and abs(v) >= 10_000:
+    if isinstance(v, int) and not isinstance(v, bool) and abs(v) >= 10_000:
         return f"{v:,}"
     return str(v)
 
@@ -118,10 +102,7 @@ def _bloat_lines(b: dict) -> list[str]:
 
 
 def hourly_rate(device_kind: str) -> float:
-    for name, rate in GPU_HOURLY_RATE.items():
-        if name in device_kind.upper():
-            return rate
-    return DEFAULT_HOURLY_RATE
+    return next((rate for name, rate in GPU_HOURLY_RATE.items() if name in device_kind.upper()), DEFAULT_HOURLY_RATE)
 
 
 def environment() -> dict:
@@ -131,21 +112,12 @@ def environment() -> dict:
 
     devices = jax.devices()
     kind = devices[0].device_kind if devices else "none"
-    env = {
-        "platform": f"{platform.system()} {platform.release()}",
-        "cpus": os.cpu_count(),
-        "python": platform.python_version(),
-        "jax": jax.__version__,
-        "jaxlib": jaxlib.__version__,
-        "backend": jax.default_backend(),
-        "device_kind": kind,
-        "device_count": jax.device_count(),
-        "process_count": jax.process_count(),
-    }
-    try:
+    env = {"platform": f"{platform.system()} {platform.release()}", "cpus": os.cpu_count(),
+           "python": platform.python_version(), "jax": jax.__version__, "jaxlib": jaxlib.__version__,
+           "backend": jax.default_backend(), "device_kind": kind, "device_count": jax.device_count(),
+           "process_count": jax.process_count()}
+    with contextlib.suppress(ValueError, OSError, AttributeError):
         env["ram_gb"] = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9, 1)
-    except (ValueError, OSError, AttributeError):
-        pass
     if env["backend"] == "gpu":
         env["gpu_hourly_rate"] = hourly_rate(kind)
         stats = devices[0].memory_stats() or {}
@@ -157,8 +129,6 @@ def environment() -> dict:
 class Report:
     def __init__(self, report_dir: str | os.PathLike):
         self.dir = Path(report_dir)
-
-    # -- writing -------------------------------------------------------------------------------
 
     def reset(self, env: dict | None = None) -> Path:
         """Start a new report: remove old sections and write the header (git, hardware, software, bloat)."""
@@ -186,8 +156,6 @@ class Report:
         _write_text(self.dir / f"{slug}.md", self._section_md(record))
         return self.dir / f"{slug}.md"
 
-    # -- reading -------------------------------------------------------------------------------
-
     def header(self) -> dict | None:
         p = self.dir / "header.json"
         return json.loads(p.read_text()) if p.exists() else None
@@ -203,11 +171,7 @@ class Report:
         return sorted(found.values(), key=lambda r: (order.get(r["section"], len(order)), r["timestamp"]))
 
     def metrics(self, record: dict) -> dict:
-        out = {}
-        for item in record["items"]:
-            if isinstance(item, dict):
-                out.update(item)
-        return out
+        return {k: v for item in record["items"] if isinstance(item, dict) for k, v in item.items()}
 
     def summary_table(self) -> tuple[list[str], dict[str, dict[str, float]]]:
         """(metric names in display order, {metric: {column: value}}) from the sections' logged numbers."""
@@ -243,8 +207,6 @@ class Report:
         if head is None or not stamps:
             return None
         return max(stamps) - head["started"]
-
-    # -- rendering -------------------------------------------------------------------------------
 
     def generate(self, copy_to: str | os.PathLike | None = None, plots: bool = True) -> Path:
         """Write report.md (header, sections, plots, summary) and optionally copy it to `copy_to`."""
@@ -376,6 +338,33 @@ def read_scalars(logdir: str | os.PathLike, tags: list[str]) -> dict[str, list[t
                 for ev in acc.Scalars(tag):
                     by_tag.setdefault(tag, {})[ev.step] = float(ev.value)
     return {tag: sorted(points.items()) for tag, points in by_tag.items() if points}
+
+
+def run_dir(model_tag: str) -> Path:
+    """A run's TensorBoard folder (a report section's `run_dir`, whose scalars it plots)."""
+    return get_base_dir() / "runs" / model_tag
+
+
+class ScalarLog:
+    """TensorBoard scalars of a run: log(step, **{"train/loss": ...}); process 0 only, nothing when logdir is None."""
+
+    def __init__(self, logdir):
+        self.writer = None
+        if process_index() == 0 and logdir:
+            from tensorboard.summary import Writer
+
+            self.writer = Writer(str(logdir))
+
+    def __call__(self, step: int, **scalars):
+        if self.writer is not None:
+            for k, v in scalars.items():
+                self.writer.add_scalar(k, float(v), step=step)
+
+    def close(self):
+        if self.writer is not None:
+            self.writer.flush()
+            self.writer.close()
+            self.writer = None
 
 
 def get_report(report_dir: str | os.PathLike | None = None) -> Report:

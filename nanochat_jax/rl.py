@@ -1,19 +1,14 @@
-"""Reinforcement learning on GSM8K: REINFORCE with a group-mean baseline, on-policy (nanochat's scripts/chat_rl.py).
+"""Reinforcement learning on GSM8K: on-policy REINFORCE with a group-mean baseline (nanochat's scripts/chat_rl.py).
 
-Each step takes `examples_per_step` training problems, samples `num_samples` completions of each with the engine
-(temperature 1.0, top-k 50, tool use on), grades them (reward 0/1), and takes one optimizer step on
+Each step samples `num_samples` completions of `examples_per_step` problems (engines in threads, one per local
+device), grades them (reward 0/1) and takes one shared train step (`make_train_step`, micro_reduce="sum") on
 
     loss = Σ_groups Σ_samples Σ_tokens  −log p(token) · A_sample / (n_tokens(group) · n_groups),
     A_sample = reward − mean(reward of its group)
 
-over sampled tokens only: the prompt, tool-forced tokens (engine mask 0) and padding have target −1. This is the
-reference's token-level normalisation within a group (its "num_passes" is 1 here because a group is one batch);
-there is no KL term and no ratio (each step samples from the current policy).
-
-Sampling runs on one Engine per local device in threads (examples split over devices and processes); the gradient
-step is the shared train step (`make_train_step` with this loss and micro_reduce="sum"), sharded over the mesh.
-Every --eval-every steps: pass@1..k on held-out test problems. Rollouts are seeded by (step, example), so a resumed
-run (params, optimizer state and step restored) continues exactly.
+over sampled tokens only (prompt, tool-forced tokens and padding have target −1): the reference's token-level
+normalisation within a group, no KL term, no ratio. Rollouts are seeded by (step, example), so a resumed run
+continues exactly; every --eval-every steps, pass@1..k on held-out test problems.
 """
 
 from __future__ import annotations
@@ -34,7 +29,7 @@ from nanochat_jax.config import RuntimeFlags, flag, require
 from nanochat_jax.engine import make_engines, map_on_engines
 from nanochat_jax.stage import Stage, finish, saver
 from nanochat_jax.tasks import GSM8K
-from nanochat_jax.train import ScalarLog, run_dir
+from nanochat_jax.report import ScalarLog, run_dir
 
 
 @dataclass(frozen=True)
@@ -97,12 +92,9 @@ def group_advantages(rewards: np.ndarray) -> np.ndarray:
 
 
 def rollout_batch(prompt_lens, seqs, masks, rewards, *, seq_len: int, pad_id: int, n_groups_total: int):
-    """Training rows from one process's rollouts.
-
-    prompt_lens (G,), seqs/masks: G × S lists (prompt + completion ids / engine masks, prompt part 0), rewards (G, S).
-    Returns inputs/targets (G·S, seq_len) with target −1 where the token was not sampled (prompt, forced, padding or
-    cut), weights (G·S,) = A / (sampled tokens in the group · n_groups_total), and stats.
-    """
+    """Training rows from one process's rollouts: prompt_lens (G,), seqs/masks G × S lists (prompt + completion ids,
+    engine masks), rewards (G, S) → inputs/targets (G·S, seq_len), target −1 where no token was sampled (prompt,
+    forced, padding, cut), weights (G·S,) = A / (sampled tokens in the group · n_groups_total); and stats."""
     G, S = rewards.shape
     inputs = np.full((G * S, seq_len), pad_id, np.int32)
     targets = np.full((G * S, seq_len), -1, np.int32)
@@ -114,9 +106,8 @@ def rollout_batch(prompt_lens, seqs, masks, rewards, *, seq_len: int, pad_id: in
             n = min(len(seq), seq_len + 1)
             cut += len(seq) > seq_len + 1
             inputs[r, :n - 1] = seq[:n - 1]
-            tgt = np.asarray(seq[1:n], np.int32)
             sampled = np.asarray(mask[1:n], bool)
-            targets[r, :n - 1] = np.where(sampled, tgt, -1)
+            targets[r, :n - 1] = np.where(sampled, np.asarray(seq[1:n], np.int32), -1)
             counts[g, s] = sampled.sum()
     adv = group_advantages(rewards)
     per_group = np.maximum(counts.sum(axis=1, keepdims=True), 1)
@@ -137,8 +128,7 @@ def pass_at_k(correct: np.ndarray) -> np.ndarray:
 
 def sample_groups(engines, tokenizer, task, example_ids, *, num_samples, max_new_tokens, temperature, top_k,
                   seed_of, reward_fn=None):
-    """For each example: its prompt ids, num_samples (prompt + completion) sequences, engine masks and rewards.
-    Engines in threads, one example per engine call."""
+    """Per example (one engine call each, engines in threads): (prompt length, sequences, engine masks, rewards)."""
     reward_fn = reward_fn or task.reward
 
     def rollout(engine, ex):
@@ -182,7 +172,7 @@ def rl_train(cfg: RLConfig, *, train_task=None, eval_task=None, reward_fn=None) 
     state, start, _ = prog.continue_or_start(ckpt, cfg.resume, {
         **model_cfg.to_dict(), "source": source, "num_steps": num_steps, "examples_per_step": E, "num_samples": S},
         src, f"rl/{tag}")
-    engines = make_engines(state["params"], model_cfg, tokenizer, st.local_devices)
+    engines = make_engines(state["params"], model_cfg, tokenizer, sharding.local_devices(mesh=mesh))
     print0(f"rl: from {cfg.source}/{tag} step {src.step}; {num_steps} steps × {E} problems × {S} samples "
            f"({E * S} rows = {A} × {R} × {T} tokens); {len(engines)} engine(s) on this process; "
            f"train step compiled in {prog.info['compile_seconds']:.1f}s")
@@ -208,9 +198,9 @@ def rl_train(cfg: RLConfig, *, train_task=None, eval_task=None, reward_fn=None) 
                             temperature=cfg.temperature, top_k=cfg.top_k,
                             seed_of=functools.partial(rollout_seed, cfg.seed, "train", step))
             t_sample = time.perf_counter() - t0
-            reward_GS = np.array([g[3] for g in groups], np.float64)
-            host, stats = rollout_batch([g[0] for g in groups], [g[1] for g in groups], [g[2] for g in groups],
-                                        reward_GS, seq_len=T, pad_id=pad_id, n_groups_total=E)
+            prompt_lens, seqs, masks, rewards_G = zip(*groups)
+            reward_GS = np.array(rewards_G, np.float64)
+            host, stats = rollout_batch(prompt_lens, seqs, masks, reward_GS, seq_len=T, pad_id=pad_id, n_groups_total=E)
             state, metrics = prog.step_fn(state, {k: sharding.global_batch(v.reshape(A, -1, *v.shape[1:]), mesh,
                                                                            batch_axis=1) for k, v in host.items()})
             for engine in engines:

@@ -1,19 +1,11 @@
 """The device mesh, how each parameter is sharded, and batch placement.
 
-One mesh axis, "data": batches are split over it, and parameters and optimizer state are sharded over it
-ZeRO/FSDP-style (each large array split along one axis; XLA inserts the all-gathers / reduce-scatters). On one
-8-GPU node a single process drives all 8 devices; past one node, each process feeds its own slice of the batch
+One mesh axis, "data" (Auto/GSPMD axis types: shardings are given at jit boundaries, the model stays
+sharding-agnostic): batches are split over it, and params and optimizer state are sharded ZeRO/FSDP-style, each
+large array along the axis its Flax Param names gpt.FSDP (LOGICAL_AXES maps it to "data"); optimizer-state leaves,
+whose paths end with their parameter's, follow it. An axis that does not divide falls back to the largest one that
+does; leaves under MIN_SHARD_SIZE are replicated. Past one process, each feeds its own rows of a batch
 (`jax.make_array_from_process_local_data`) after `jax.distributed.initialize()`.
-
-Which axis of a parameter is split is said once, in the model: each Flax Param in nanochat_jax/gpt.py carries
-logical axis names (`out_sharding`), one of them gpt.FSDP (wte (V, D) its vocab axis, lm_head (D, V) and
-value_embeds (NV, V, KD) theirs, blocks/* (L, in, out) their input axis). LOGICAL_AXES maps that name to the
-mesh axis. Optimizer-state leaves, whose paths end with their parameter's path, follow their parameter. An axis
-that does not divide by the mesh size falls back to the largest axis that does; leaves smaller than
-MIN_SHARD_SIZE (scalars, gates) are replicated.
-
-The mesh uses Auto (GSPMD) axis types, passed explicitly: shardings are given at the jit boundary and the
-model code stays sharding-agnostic.
 """
 
 from __future__ import annotations
@@ -33,15 +25,11 @@ MIN_SHARD_SIZE = 2**14
 
 
 def launcher_process_count(env=None) -> int:
-    """How many processes the launcher started for this program (1 when none did), from the environment.
-
-    SLURM: only `srun` starts a job step's tasks; it sets SLURM_STEP_ID (a small number) and SLURM_STEP_NUM_TASKS
-    for them. SLURM_NTASKS alone is the allocation's task count (sbatch/salloc --ntasks), also seen by the batch
-    script, which is one process: `sbatch -n 8 run.sh` running python directly must not wait for 7 peers that
-    never start. So a step count is trusted only inside a numbered step (the batch script, an salloc shell and the
-    extern step have no SLURM_STEP_ID or one of Slurm's reserved ids >= 0xFFFFFFF0); a step without
-    SLURM_STEP_NUM_TASKS (older Slurm) falls back to SLURM_NTASKS, which srun sets to the step's count.
-    Open MPI: OMPI_COMM_WORLD_SIZE. Explicit: JAX_COORDINATOR_ADDRESS + JAX_NUM_PROCESSES."""
+    """How many processes the launcher started (1 when none did): JAX_COORDINATOR_ADDRESS + JAX_NUM_PROCESSES,
+    Open MPI's OMPI_COMM_WORLD_SIZE, or an srun step's task count. SLURM_NTASKS alone is the allocation's count,
+    also seen by the batch script, which is one process (`sbatch -n 8 run.sh` must not wait for 7 peers): trust a
+    count only inside a numbered step (not Slurm's reserved ids >= 0xFFFFFFF0); older Slurm lacks
+    SLURM_STEP_NUM_TASKS, and then srun's SLURM_NTASKS is the step's count."""
     env = os.environ if env is None else env
 
     def count(name):
@@ -63,16 +51,14 @@ def launcher_process_count(env=None) -> int:
 
 
 def maybe_initialize_distributed(distributed: bool | None = None) -> None:
-    """Multi-process JAX: `--distributed=1` forces it, None auto-detects a launcher that started more than one
-    process (launcher_process_count: an srun step, Open MPI, or JAX_COORDINATOR_ADDRESS/JAX_NUM_PROCESSES/
-    JAX_PROCESS_ID). Must run before any JAX computation."""
+    """Multi-process JAX: `--distributed=1` forces it, None when launcher_process_count() > 1. Must run before any
+    JAX computation."""
     env = os.environ
-    coord = env.get("JAX_COORDINATOR_ADDRESS")
     if distributed is False or (distributed is None and launcher_process_count(env) <= 1):
         return
-    if coord:
-        jax.distributed.initialize(coordinator_address=coord, num_processes=int(env["JAX_NUM_PROCESSES"]),
-                                   process_id=int(env["JAX_PROCESS_ID"]))
+    if env.get("JAX_COORDINATOR_ADDRESS"):
+        jax.distributed.initialize(coordinator_address=env["JAX_COORDINATOR_ADDRESS"],
+                                   num_processes=int(env["JAX_NUM_PROCESSES"]), process_id=int(env["JAX_PROCESS_ID"]))
     else:
         jax.distributed.initialize()
 
@@ -106,8 +92,8 @@ def spec_for(path: str, shape: tuple[int, ...], n: int, axes: dict[str, tuple]) 
 
 
 def tree_shardings(tree, mesh: Mesh, axes: dict[str, tuple], *, shard: bool = True):
-    """NamedShardings for every leaf of a pytree of arrays/ShapeDtypeStructs: parameters (or optimizer state) of a
-    model whose Params' axis names are `axes` (gpt.param_sharding_axes(cfg)); everything replicated if shard=False."""
+    """NamedShardings of a pytree of params or optimizer state (arrays or ShapeDtypeStructs) whose Params' axis names
+    are `axes` (gpt.param_sharding_axes); all replicated if shard=False."""
     n = mesh.shape[DATA]
 
     def one(path, leaf):
@@ -129,19 +115,19 @@ def batch_sharding(mesh: Mesh, batch_axis: int = 0, ndim: int = 2) -> NamedShard
 
 def global_batch(local: np.ndarray, mesh: Mesh, batch_axis: int = 0) -> jax.Array:
     """This process's rows → one global jax.Array sharded over "data" along batch_axis."""
-    sharding = batch_sharding(mesh, batch_axis, local.ndim)
-    return jax.make_array_from_process_local_data(sharding, local)
+    return jax.make_array_from_process_local_data(batch_sharding(mesh, batch_axis, local.ndim), local)
 
 
 def local_batch_rows(global_rows: int, mesh: Mesh) -> int:
     """How many rows of a global batch this process feeds (its share of the devices)."""
-    n_local = sum(d.process_index == jax.process_index() for d in mesh.devices.flat)
-    return global_rows * n_local // mesh.size
+    return global_rows * len(local_devices(mesh=mesh)) // mesh.size
 
 
-def local_devices(n: int | None = None) -> list:
-    """This process's first `n` devices (all when None); one-device work (an Engine, a restore without a mesh)
-    goes to local_devices()[0]."""
+def local_devices(n: int | None = None, *, mesh: Mesh | None = None) -> list:
+    """This process's devices: those in `mesh`, else its first `n` (all when None); one-device work (an Engine, a
+    restore without a mesh) goes to local_devices()[0]."""
+    if mesh is not None:
+        return [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
     devices = jax.local_devices()
     if n is not None and not 1 <= n <= len(devices):
         raise ValueError(f"{n} devices asked for, but this process has {len(devices)} local devices")
@@ -149,8 +135,7 @@ def local_devices(n: int | None = None) -> list:
 
 
 def gather_to_process(tree):
-    """`tree` with every array whole on this process, e.g. for an Engine on one local device: arrays spread over
-    several processes are all-gathered (a collective: every process calls it); in one process they already are."""
+    """`tree` with every array whole on this process (for an Engine on one device); a collective across processes."""
     if jax.process_count() == 1:
         return tree
     from jax.experimental import multihost_utils
@@ -169,9 +154,8 @@ def process_sum(x):
 
 
 def allgather_json(obj) -> list:
-    """Every process's `obj` (anything JSON can hold), in process order; a collective: all processes call it.
-    Checkpoint metadata is written by process 0 only, so per-process state (each process's loader position)
-    is gathered into it with this."""
+    """Every process's `obj` (anything JSON can hold), in process order; a collective. Process 0 writes checkpoint
+    metadata alone, so per-process state (loader positions) is gathered into it with this."""
     if jax.process_count() == 1:
         return [obj]
     import json

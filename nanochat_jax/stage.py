@@ -1,6 +1,5 @@
-"""What every training stage (pretrain.py, chat_train.py, rl.py) sets up the same way: the mesh and tokenizer from
-its RuntimeFlags (`Stage`), the compiled train step and its state, fresh or restored (`Program`), validation bits
-per byte, checkpoints with their metadata, and the run's end (report section, summary line, history).
+"""What every training stage (pretrain.py, chat_train.py, rl.py) sets up the same way: mesh and tokenizer (`Stage`),
+the compiled step and its state, fresh or restored (`Program`), val bpb, checkpoints, and the run's end.
 """
 
 from __future__ import annotations
@@ -45,17 +44,13 @@ class Stage:
     def on_gpu(self) -> bool:
         return self.device.platform == "gpu"
 
-    @property
-    def local_devices(self) -> list:
-        return [d for d in self.mesh.devices.flat if d.process_index == jax.process_index()]
-
     def source(self, phase: str, model_tag: str | None, step: int | None) -> Source:
         """The checkpoint a later stage starts from, with this run's runtime settings (config.runtime_settings)."""
         return open_source(phase, model_tag, step, compute_dtype=self.flags.compute_dtype,
                            attention=self.flags.attention, on_gpu=self.on_gpu)
 
     def compile(self, model_cfg, tx, batch_shape: tuple, **kw) -> Program:
-        """The train step (train.compile_train_step; kw: lr_input, loss_fn, ...) for batches of batch_shape."""
+        """train.compile_train_step (kw: lr_input, loss_fn, ...) for batches of batch_shape."""
         shapes = abstract_state(model_cfg, tx)
         step_fn, shardings, info = compile_train_step(model_cfg, tx, self.mesh, shapes, batch_shape,
                                                       shard_params=self.flags.fsdp, **kw)
@@ -115,12 +110,10 @@ def gathered(mine: dict) -> dict:
 
 
 def bpb_eval(stage: Stage, program: Program, loop: LoopState, log, val_batches: Callable, steps: int):
-    """The Periodic action of validation bits per byte over `steps` batches of val_batches(), into loop.val_bpb and
-    loop.min_val_bpb, stdout and TensorBoard."""
-    mesh = stage.mesh
-    rows = sharding.batch_sharding(mesh)
+    """The Periodic action of validation bits per byte over `steps` batches of val_batches(), into `loop` and `log`."""
+    rows = sharding.batch_sharding(stage.mesh)
     bpb_fn = jax.jit(make_bpb_fn(program.model_cfg),
-                     in_shardings=(program.shardings["params"], rows, rows, sharding.replicated(mesh)))
+                     in_shardings=(program.shardings["params"], rows, rows, sharding.replicated(stage.mesh)))
     token_bytes = jnp.asarray(stage.tokenizer.token_bytes(), jnp.int32)
 
     def evaluate(step, state, _):
@@ -135,7 +128,7 @@ def bpb_eval(stage: Stage, program: Program, loop: LoopState, log, val_batches: 
 def saver(ckpt, cfg, model_cfg, what: str, *, loop: LoopState | None = None, data_meta: Callable | None = None,
           **meta):
     """The Periodic action that saves the state with its meta: step, model config, flags, `meta`, the loop state
-    (given `loop`) and data_meta(loader_state) (the data position; loader_state None after the last step)."""
+    (given `loop`) and data_meta(loader_state) (the data position; None after the last step)."""
 
     def save(step, state, loader_state=None):
         full = {"step": step, "model_config": model_cfg.to_dict(), "user_config": dataclasses.asdict(cfg), **meta}
@@ -151,14 +144,12 @@ def saver(ckpt, cfg, model_cfg, what: str, *, loop: LoopState | None = None, dat
 
 
 def finish(run: Path, title: str, section: dict | list, done: str, summary: dict, **series) -> None:
-    """A stage's end: its report section (process 0), a line for people, then `summary` as the last stdout line (one
-    JSON line) and, with the per-step series, appended to <run>/history.jsonl (process 0), one line per run."""
+    """A stage's end: its report section, a line for people, `summary` as the last stdout line (JSON) and, with the
+    per-step series, one line appended to <run>/history.jsonl."""
     if jax.process_index() == 0:
         get_report().log(title, section, run_dir=run)
+        Path(run).mkdir(parents=True, exist_ok=True)
+        with open(Path(run) / "history.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps({**summary, **series}) + "\n")
     print0(done)
     print0(json.dumps(summary))
-    if jax.process_index() == 0:
-        path = Path(run) / "history.jsonl"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "a", encoding="utf-8") as f:
-            f.write(json.dumps({**summary, **series}) + "\n")

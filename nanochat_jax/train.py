@@ -1,16 +1,13 @@
-"""The one train step and the training loop, shared by every stage (pretraining, midtraining, SFT, RL).
+"""The one train step and loop, shared by every stage (pretraining, midtraining, SFT, RL).
 
-`make_train_step` builds a pure (state, batch) -> (state, metrics) function: gradient accumulation over the
-micro-batches of `batch` runs inside it with `lax.scan`, then one optimizer update. `compile_train_step` jits it
-once with explicit shardings and donation and AOT-compiles it (logging compile time and memory); `fit` runs the
-loop: metrics read one step late so dispatch stays asynchronous, and `Periodic` actions between steps (val
-bits-per-byte every --eval-every steps, greedy samples every --sample-every, orbax checkpoints); `StepLogger` prints
-each step's line and TensorBoard scalars. The stage drivers live in pretrain.py, chat_train.py and rl.py, their
-shared setup in stage.py.
+`make_train_step` is a pure (state, batch) -> (state, metrics) with gradient accumulation in a `lax.scan`;
+`compile_train_step` jits it with shardings and donation and compiles it ahead of time; `fit` runs it with
+`Periodic` actions (evals, samples, checkpoints) between steps; `StepLogger` prints each step's line.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -22,7 +19,7 @@ import numpy as np
 import optax
 
 from nanochat_jax import gpt, sharding
-from nanochat_jax.common import format_duration, get_base_dir, get_peak_flops, print0
+from nanochat_jax.common import format_duration, get_peak_flops, print0
 
 SAMPLE_PROMPTS = ("The capital of France is", "The chemical symbol of gold is",
                   "If yesterday was Friday, then tomorrow will be", "The opposite of hot is",
@@ -34,18 +31,12 @@ SAMPLE_PROMPTS = ("The capital of France is", "The chemical symbol of gold is",
 
 def make_train_step(model_cfg: gpt.GPTConfig, tx: optax.GradientTransformation, *, lr_input: bool = False,
                     loss_fn=None, micro_reduce: str = "mean"):
-    """state = {"step", "params", "opt_state"}; batch = {"inputs", "targets", ...} of shape (A, B, ...) = A
-    micro-batches.
+    """state = {"step", "params", "opt_state"}; batch = {"inputs", "targets", ...} of A micro-batches (A, B, ...).
 
-    Default loss: each micro-batch's mean CE over valid targets; the step's gradient and loss are the average
-    over micro-batches (nanochat's `loss / grad_accum`). Gradients accumulate in fp32.
-
-    loss_fn(params, micro_batch) -> scalar replaces it (RL's policy-gradient loss); micro_reduce="sum" adds the
-    micro-batch losses instead of averaging them (for losses already normalised over the whole batch).
-
-    lr_input: the batch also carries "lrm", a scalar multiplying this step's update. Every update of our
-    optimizer (AdamW and Muon, weight decay included) is linear in its lr, so this is exactly lr × lrm: it is
-    how midtraining/SFT apply the reference's schedules on data progress, which only the host knows.
+    The step's loss and gradient (accumulated in fp32) average the micro-batches' mean CE (nanochat's
+    `loss / grad_accum`); loss_fn(params, micro) replaces that CE (RL), micro_reduce="sum" adds instead.
+    lr_input: the batch carries "lrm", a scalar times this step's update. Every update of our optimizer is linear
+    in its lr, so this is exactly lr × lrm: how mid/SFT apply schedules on data progress, which only the host knows.
     """
     if micro_reduce not in ("mean", "sum"):
         raise ValueError(f"micro_reduce must be 'mean' or 'sum', got {micro_reduce!r}")
@@ -103,9 +94,8 @@ def abstract_tree(shapes, shardings):
 
 def compile_train_step(model_cfg, tx, mesh, state_shapes, batch_shape, *, shard_params: bool = True,
                        lr_input: bool = False, loss_fn=None, micro_reduce: str = "mean", extra_inputs=None):
-    """jit with explicit shardings + donation, lowered and compiled ahead of time. Returns (compiled, shardings, info).
-    batch_shape = (micro-batches, rows, T) of "inputs"/"targets"; extra_inputs {name: (shape, dtype)} adds per-row
-    arrays (shape starting with (micro-batches, rows)), sharded like the rows."""
+    """jit with explicit shardings + donation, compiled ahead of time: (compiled, shardings, info). batch_shape =
+    (micro-batches, rows, T) of "inputs"/"targets"; extra_inputs {name: (shape, dtype)} adds arrays sharded by row."""
     shardings = state_shardings(model_cfg, state_shapes, mesh, shard_params)
     inputs = {"inputs": (batch_shape, jnp.int32), "targets": (batch_shape, jnp.int32), **(extra_inputs or {})}
     batch_abstract = {k: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding.batch_sharding(mesh, 1, len(shape)))
@@ -116,44 +106,16 @@ def compile_train_step(model_cfg, tx, mesh, state_shapes, batch_shape, *, shard_
     step_fn = jax.jit(make_train_step(model_cfg, tx, lr_input=lr_input, loss_fn=loss_fn, micro_reduce=micro_reduce),
                       in_shardings=(shardings, batch_shardings), out_shardings=(shardings, sharding.replicated(mesh)),
                       donate_argnums=(0,))
-    state_abstract = abstract_tree(state_shapes, shardings)
     t0 = time.perf_counter()
-    lowered = step_fn.lower(state_abstract, batch_abstract)
+    lowered = step_fn.lower(abstract_tree(state_shapes, shardings), batch_abstract)
     t1 = time.perf_counter()
     compiled = lowered.compile()
     info = {"compile_seconds": time.perf_counter() - t0, "trace_seconds": t1 - t0}  # compile_seconds: both
-    try:
+    with contextlib.suppress(Exception):  # not every backend reports memory
         mem = compiled.memory_analysis()
-        if mem is not None:
-            info["memory"] = {k: int(getattr(mem, k)) for k in ("argument_size_in_bytes", "output_size_in_bytes",
-                                                                 "temp_size_in_bytes", "alias_size_in_bytes")
-                              if hasattr(mem, k)}
-    except Exception:  # not every backend reports it
-        pass
+        keys = ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes", "alias_size_in_bytes")
+        info["memory"] = {k: int(getattr(mem, k)) for k in keys if hasattr(mem, k)}
     return compiled, shardings, info
-
-
-# ----------------------------------------------------------------------------------------------
-# Logging to TensorBoard (process 0 only; lazy import)
-
-class ScalarLog:
-    def __init__(self, logdir):
-        self.writer = None
-        if jax.process_index() == 0 and logdir:
-            from tensorboard.summary import Writer
-
-            self.writer = Writer(str(logdir))
-
-    def __call__(self, step: int, **scalars):
-        if self.writer is not None:
-            for k, v in scalars.items():
-                self.writer.add_scalar(k, float(v), step=step)
-
-    def close(self):
-        if self.writer is not None:
-            self.writer.flush()
-            self.writer.close()
-            self.writer = None
 
 
 @dataclass
@@ -173,18 +135,13 @@ def mfu_percent(flops_per_token: float, tokens: int, seconds: float, device_kind
     return 100.0 * flops_per_token * tokens / seconds / (peak * n_devices) if math.isfinite(peak) else None
 
 
-def run_dir(model_tag: str):
-    return get_base_dir() / "runs" / model_tag
-
-
 # ----------------------------------------------------------------------------------------------
 # The loop (pretraining, midtraining and SFT all run this)
 
 @dataclass
 class Periodic:
-    """Something the loop does between train steps: at steps that are multiples of `every` (-1: never) and at
-    the last step. fn(step, state, loader_state): `step` steps are done; `loader_state` is where the batch of
-    step `step` starts (what a checkpoint must store to resume exactly)."""
+    """An action between steps, at multiples of `every` (-1: never) and after the last. fn(step, state, loader_state):
+    `step` steps are done; loader_state is where step `step`'s batch starts (what a checkpoint stores to resume)."""
     every: int
     fn: Callable[[int, dict, object], None] | None
     after_start: bool = False  # skip the first step of this run (saves, samples)
@@ -199,18 +156,11 @@ class Periodic:
 def fit(step_fn, state, batches: Iterator, *, start: int, n_iter: int | None,
         report: Callable[[int, dict, float], None], periodic: Sequence[Periodic] = (),
         profile: tuple[int, int] | None = None, profile_dir=None):
-    """Run `step_fn` from step `start` until step `n_iter` or until `batches` runs out (the data-driven horizon of
-    midtraining/SFT: the step that consumed the last batch is the last), whichever comes first.
-
-    `batches` yields (device batch, loader state before that batch). The next batch is prepared while the
-    current step runs, and each step's metrics are read one step late (`report(step, metrics, seconds)` gets them
-    as host numpy values), so the host never waits for the device except at the periodic actions. Returns the
-    final state.
-
-    A step's seconds run from the previous step's completion (or the end of the periodic actions) to its own. Its
-    completion is when its metrics arrive, unless they were ready before we asked: then the backend ran the step
-    while dispatching it (XLA:CPU does), and the step was done when dispatch returned.
-    """
+    """Run `step_fn` from step `start` to `n_iter` or until `batches` (yielding (device batch, loader state before
+    it)) runs out: mid/SFT's data-driven horizon. Returns the final state. The next batch is prepared while a step
+    runs and metrics reach `report(step, metrics, seconds)` one step late, so the host waits for the device only at
+    the periodic actions. A step's seconds end when its metrics arrive, or when its dispatch returned if they were
+    ready before we asked (XLA:CPU runs the step while dispatching it)."""
     pending = None  # (step, metrics still on device, time its dispatch returned)
     prev_done = time.perf_counter()
 
@@ -218,9 +168,8 @@ def fit(step_fn, state, batches: Iterator, *, start: int, n_iter: int | None,
         nonlocal pending, prev_done
         step_, metrics, dispatched = pending
         ready = all(x.is_ready() for x in jax.tree.leaves(metrics))
-        # The loop's one read of device values, a step late: it waits for that step only (the next one is already
-        # queued). Everything else between steps stays on the host: tests run steady-state steps with device-to-host
-        # transfers disallowed outside this block.
+        # The loop's one device read, a step late (the next step is already queued). Tests run steady-state steps
+        # with device-to-host transfers disallowed outside this block.
         with jax.transfer_guard_device_to_host("allow"):
             metrics = jax.device_get(metrics)
         done = dispatched if ready else time.perf_counter()
@@ -265,10 +214,9 @@ def fit(step_fn, state, batches: Iterator, *, start: int, n_iter: int | None,
 
 @dataclass
 class StepLogger:
-    """Each step's log line and TensorBoard scalars: smoothed loss, lr multiplier, step time, tokens/s, MFU (`-` where
-    the device's peak FLOP/s is unknown, e.g. on CPU) and ETA. Keeps the step times for the report's MFU."""
+    """Each step's log line and TensorBoard scalars (smoothed loss, lrm, dt, tokens/s, MFU or `-` on CPU, ETA)."""
     loop: LoopState
-    log: ScalarLog
+    log: Callable  # report.ScalarLog
     n_iter: int                 # planned steps (an estimate for the data-driven stages)
     tokens_per_step: int
     flops_per_token: float
@@ -300,7 +248,5 @@ class StepLogger:
     def steady_mfu(self) -> float | None:
         """MFU over the median step time, leaving out the first 10 steps (compilation) when there are more."""
         steady = self.step_seconds[10:] or self.step_seconds
-        if not steady:
-            return None
         return mfu_percent(self.flops_per_token, self.tokens_per_step, float(np.median(steady)), self.device_kind,
-                           self.n_devices)
+                           self.n_devices) if steady else None

@@ -52,8 +52,7 @@ def main(argv=None):
     from nanochat_jax.chat_eval import ALL_TASKS, evaluate_chat_model
     from nanochat_jax.checkpoint import load_model, load_tokenizer, resolve_model_tag
     from nanochat_jax.common import print0
-    from nanochat_jax.report import get_report
-    from nanochat_jax.train import ScalarLog, run_dir
+    from nanochat_jax.report import ScalarLog, get_report, run_dir
 
     names = [t.strip() for t in cfg.tasks.split("|") if t.strip()] or list(ALL_TASKS)
     bad = [t for t in names if t not in ALL_TASKS]

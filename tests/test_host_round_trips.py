@@ -14,6 +14,7 @@ import pytest
 from jax._src.array import ArrayImpl
 
 from nanochat_jax import gpt, optim, sharding, train
+from nanochat_jax.report import ScalarLog
 
 CFG = gpt.GPTConfig.from_depth(2, aspect_ratio=32, head_dim=32, max_seq_len=32, vocab_size=256, short_window=16,
                                embed_dtype="float32", compute_dtype="float32")
@@ -68,7 +69,7 @@ def test_steady_state_fit_reads_only_the_late_metrics(strict_d2h_guard, setup):
     n_iter = N_ITER
     opt_cfg, step_fn, init, batches = setup
     loop = train.LoopState()
-    step_log = train.StepLogger(loop, train.ScalarLog(None), n_iter, A * B * CFG.sequence_len,
+    step_log = train.StepLogger(loop, ScalarLog(None), n_iter, A * B * CFG.sequence_len,
                                 gpt.flops_per_token(CFG), "cpu", 1)
     seen = []
 

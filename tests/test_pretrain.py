@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from conftest import REPO_ROOT
-from nanochat_jax import pretrain, train
+from nanochat_jax import pretrain, report, train
 from nanochat_jax.checkpoint import Checkpointer, checkpoint_dir
 from nanochat_jax.common import UserError
 from test_dataloader import _write_shards
@@ -42,7 +42,7 @@ def test_tiny_pretraining_learns_and_checkpoints(data):
         assert ckpt.latest_step() == 30
         meta = ckpt.read_meta()
     assert meta["model_config"]["n_layer"] == 2 and meta["num_iterations"] == 30 and "loader_state" in meta
-    run = train.run_dir("d2")
+    run = report.run_dir("d2")
     assert list(run.glob("events.out.tfevents.*")), "TensorBoard scalars"
     assert list((run / "profile").rglob("*.xplane.pb")), "profiler trace of steps 2..3"
     section = json.loads((run.parent.parent / "report" / "base-model-training.json").read_text())["items"][0]
@@ -150,7 +150,7 @@ def test_core_metric_during_training(data):
     loop = pretrain.pretrain(_cfg(data, num_iterations=2, eval_every=-1, model_tag="core", core_metric_every=2,
                                core_metric_max_per_task=2, eval_bundle=str(bundle)))
     assert loop.core_metric is not None and -1.0 <= loop.core_metric <= 1.0
-    section = json.loads((train.run_dir("core").parent.parent / "report" / "base-model-training.json").read_text())
+    section = json.loads((report.run_dir("core").parent.parent / "report" / "base-model-training.json").read_text())
     assert section["items"][0]["CORE estimate"] == loop.core_metric
 
 
