@@ -1,7 +1,5 @@
 """Things every stage needs: the base directory, logging, atomic writes, downloads, peak FLOPs for MFU.
-
-Floor 1: imports nothing from the package. JAX is imported lazily so that data and tokenizer
-tools work (and start fast) without initialising a backend.
+Imports nothing from the package, and JAX only lazily: data and tokenizer tools start fast without a backend.
 """
 
 from __future__ import annotations
@@ -19,7 +17,6 @@ DATA_DIR_ENV = "NANOCHAT_JAX_DATA_DIR"
 DEBUG_ENV = "NANOCHAT_JAX_DEBUG"
 
 
-# ----------------------------------------------------------------------------------------------
 # Errors a user can fix: one line, no traceback.
 
 class UserError(Exception):
@@ -27,8 +24,8 @@ class UserError(Exception):
     names the file and what to do, and scripts print it as one line without a traceback."""
 
 
-# What scripts report as one line: our own UserError, plus the OSError/ValueError subclasses our code raises with a
-# message meant for the user (missing files and directories, bad values). Anything else is a bug: full traceback.
+# What scripts report as one line: UserError and the OSError/ValueError our code raises for missing files and bad
+# values. Anything else is a bug: full traceback.
 USER_ERRORS = (UserError, OSError, ValueError)
 
 
@@ -38,12 +35,10 @@ def debug_enabled() -> bool:
 
 @contextlib.contextmanager
 def held_background_errors():
-    """Hold the tracebacks a library's background work reports while the block runs: exceptions printed from
-    threads (sys.excepthook, threading.excepthook), unraisable ones, and asyncio's "Task exception was never
-    retrieved" log. If the block succeeds they are replayed as they came; if it raises, its own exception speaks
-    for the failure and the others stay held for the rest of the process (orbax's concurrent reads of a damaged
-    checkpoint keep failing, and printing, for a moment after the first one raised). NANOCHAT_JAX_DEBUG=1 shows
-    them all."""
+    """Hold the tracebacks that libraries' background work prints while the block runs (thread and unraisable
+    exceptions, asyncio's "Task exception was never retrieved"): replayed if the block succeeds, else kept quiet, as
+    the block's own exception speaks for the failure (orbax's concurrent reads of a damaged checkpoint keep failing
+    after the first one raised). NANOCHAT_JAX_DEBUG=1 shows them all."""
     import threading
 
     held = []
@@ -99,17 +94,12 @@ def run_main(main, *args, **kwargs):
 
 def get_base_dir() -> Path:
     """Where tokenizers, shards, checkpoints and reports live: $NANOCHAT_JAX_BASE_DIR or ~/.cache/nanochat_jax."""
-    base = os.environ.get(BASE_DIR_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "nanochat_jax")
-    path = Path(base)
+    path = Path(os.environ.get(BASE_DIR_ENV) or Path.home() / ".cache" / "nanochat_jax")
     path.mkdir(parents=True, exist_ok=True)
     return path
 
 
-# ----------------------------------------------------------------------------------------------
 # Logging: one format everywhere; only process 0 talks (other processes log warnings and up).
-
-_LOGGING_SET_UP = False
-
 
 def process_index() -> int:
     """JAX process index if JAX is already imported and initialised, else 0 (never imports JAX itself)."""
@@ -128,21 +118,15 @@ def process_index() -> int:
         return 0
 
 
-def setup_logging(level: int = logging.INFO) -> logging.Logger:
-    global _LOGGING_SET_UP
+def get_logger() -> logging.Logger:
     logger = logging.getLogger("nanochat_jax")
-    if not _LOGGING_SET_UP:
+    if not logger.handlers:
         handler = logging.StreamHandler(sys.stdout)
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname).1s %(message)s", "%H:%M:%S"))
         logger.addHandler(handler)
         logger.propagate = False
-        _LOGGING_SET_UP = True
-    logger.setLevel(level if process_index() == 0 else logging.WARNING)
+    logger.setLevel(logging.INFO if process_index() == 0 else logging.WARNING)
     return logger
-
-
-def get_logger() -> logging.Logger:
-    return setup_logging()
 
 
 def print0(*args, **kwargs) -> None:
@@ -151,7 +135,6 @@ def print0(*args, **kwargs) -> None:
         print(*args, **kwargs, flush=True)
 
 
-# ----------------------------------------------------------------------------------------------
 # Files: nothing half-written ever carries the final name.
 
 @contextlib.contextmanager
@@ -179,7 +162,6 @@ def _umask() -> int:
     return mask
 
 
-# ----------------------------------------------------------------------------------------------
 # Downloads: the one HTTP fetch every dataset, bundle and task file goes through.
 
 class DownloadError(RuntimeError):
@@ -192,10 +174,9 @@ class RetryDownload(Exception):
 
 def download(url: str, path: str | os.PathLike, *, attempts: int = 5, backoff: float = 2.0, timeout: float = 60.0,
              validate=None) -> Path:
-    """Stream `url` into `path` through a dot-temp file in the same folder, renamed once complete and accepted by
-    `validate(temp_path)`, so the final name only ever holds a whole file. Connection errors, timeouts, HTTP
-    408/429/5xx, short bodies and RetryDownload from `validate` are retried after backoff**attempt seconds; other
-    HTTP statuses fail at once (DownloadError), as does any other exception `validate` raises."""
+    """Stream `url` into a dot-temp file beside `path`, renamed to it once complete and accepted by `validate(tmp)`.
+    Connection errors, timeouts, HTTP 408/429/5xx, short bodies and RetryDownload from `validate` are retried after
+    backoff**attempt seconds; other HTTP statuses (DownloadError) and other `validate` errors fail at once."""
     import requests
 
     if attempts < 1:
@@ -241,56 +222,25 @@ def download(url: str, path: str | os.PathLike, *, attempts: int = 5, backoff: f
     raise DownloadError(f"{url}: failed after {attempts} attempts; last error: {last}")
 
 
-# ----------------------------------------------------------------------------------------------
 # Peak dense bf16 FLOP/s per device (no sparsity), for MFU. Matched by substring of device_kind,
 # most specific first.
 
-PEAK_BF16_FLOPS = [
-    ("H200", 989e12),
-    ("H100 PCIE", 756e12),  # the PCIe card (device_kind "NVIDIA H100 PCIe")
-    ("H100", 989e12),  # SXM
-    ("H800", 989e12),
-    ("H20", 148e12),
-    ("GH200", 989e12),
-    ("B200", 2250e12),
-    ("B100", 1750e12),
-    ("A100", 312e12),
-    ("A800", 312e12),
-    ("A10G", 125e12),
-    ("A10", 125e12),
-    ("L40S", 362e12),
-    ("L4", 121e12),
-    ("RTX 4090", 165e12),
-    ("RTX 3090", 71e12),
-    ("V100", 125e12),
-    ("TPU v5p", 459e12),
-    ("TPU v5 lite", 197e12),
-    ("TPU v4", 275e12),
-    ("TPU v6", 918e12),
-]
+PEAK_BF16_FLOPS = [("H200", 989e12), ("H100 PCIE", 756e12), ("H100", 989e12), ("H800", 989e12), ("H20", 148e12),
+                   ("GH200", 989e12), ("B200", 2250e12), ("B100", 1750e12), ("A100", 312e12), ("A800", 312e12),
+                   ("A10G", 125e12), ("A10", 125e12), ("L40S", 362e12), ("L4", 121e12), ("RTX 4090", 165e12),
+                   ("RTX 3090", 71e12), ("V100", 125e12), ("TPU v5p", 459e12), ("TPU v5 lite", 197e12),
+                   ("TPU v4", 275e12), ("TPU v6", 918e12)]  # "H100 PCIE" (756) before "H100" (SXM)
 
 
 def get_peak_flops(device_kind: str) -> float:
     """Peak bf16 FLOP/s of one device of this kind, or inf (so MFU reads 0) when unknown, e.g. on CPU."""
-    kind = device_kind.upper()
-    for name, flops in PEAK_BF16_FLOPS:
-        if name.upper() in kind:
-            return flops
-    return float("inf")
+    return next((flops for name, flops in PEAK_BF16_FLOPS if name.upper() in device_kind.upper()), float("inf"))
 
 
 def path_str(path) -> str:
     """'blocks/attn/wq' from a jax key path: dict keys, NamedTuple/dataclass fields and sequence indices alike. The
     one naming scheme the sharding rules, optimizer groups and checkpoints all use."""
-    parts = []
-    for entry in path:
-        for attr in ("key", "name", "idx"):
-            if hasattr(entry, attr):
-                parts.append(str(getattr(entry, attr)))
-                break
-        else:
-            parts.append(str(entry))
-    return "/".join(parts)
+    return "/".join(next((str(getattr(e, a)) for a in ("key", "name", "idx") if hasattr(e, a)), str(e)) for e in path)
 
 
 class Timer:

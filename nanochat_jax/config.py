@@ -1,10 +1,8 @@
 """Frozen dataclass configs and the one flag parser every script uses.
 
-Each script declares a frozen dataclass; `parse_flags(Config)` turns `--key=value` / `--key value` flags
-(nanochat's dash style, underscores accepted too) into an instance, validating types and calling the
-dataclass's own `__post_init__` checks. Any bad flag stops at start-up with one clear message.
-Every field carries its `--help` text: `depth: int = flag(20, "transformer layers")`, i.e.
-`field(default=20, metadata={"help": ...})`.
+`parse_flags(Config)` turns `--key=value` / `--key value` flags (nanochat's dash style, underscores accepted too)
+into a frozen dataclass, checking types and the dataclass's `__post_init__`: a bad flag stops at start-up with one
+line. Every field carries its `--help` text: `depth: int = flag(20, "transformer layers")`.
 """
 
 from __future__ import annotations
@@ -40,11 +38,9 @@ def _parse_int(text: str) -> int:
 
 
 def _parse_bool(text: str) -> bool:
-    lowered = text.strip().lower()
-    if lowered in ("1", "true", "yes", "on"):
-        return True
-    if lowered in ("0", "false", "no", "off"):
-        return False
+    for value, words in ((True, ("1", "true", "yes", "on")), (False, ("0", "false", "no", "off"))):
+        if text.strip().lower() in words:
+            return value
     raise ValueError(f"not a boolean: {text!r} (use 1/0 or true/false)")
 
 
@@ -59,15 +55,8 @@ def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
 
 def _converter(tp: Any):
     base, optional = _unwrap_optional(tp)
-    if base is bool:
-        parse = _parse_bool
-    elif base is int:
-        parse = _parse_int
-    elif base is float:
-        parse = float
-    elif base is str:
-        parse = str
-    else:
+    parse = {bool: _parse_bool, int: _parse_int, float: float, str: str}.get(base)
+    if parse is None:
         raise TypeError(f"unsupported config field type {tp!r}")
 
     def convert(text: str):
@@ -84,10 +73,8 @@ def _converter(tp: Any):
 
 def parse_flags(cls: type[C], argv: Sequence[str] | None = None, *, description: str | None = None,
                 aliases: dict[str, str] | None = None, prog: str | None = None) -> C:
-    """Parse command-line flags into the frozen dataclass `cls`.
-
-    aliases maps extra option strings to field names, e.g. {"-i": "source"} for chat_eval's short flags.
-    """
+    """Parse command-line flags into the frozen dataclass `cls`; aliases maps extra option strings to field names,
+    e.g. {"-i": "source"} for chat_eval's short flags."""
     hints = typing.get_type_hints(cls)
     parser = argparse.ArgumentParser(prog=prog, description=description or (cls.__doc__ or "").strip(),
                                      allow_abbrev=False, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -97,10 +84,7 @@ def parse_flags(cls: type[C], argv: Sequence[str] | None = None, *, description:
     for f in dataclasses.fields(cls):
         if not f.init:
             continue
-        names = [f"--{f.name.replace('_', '-')}"]
-        if "_" in f.name:
-            names.append(f"--{f.name}")
-        names = extra.get(f.name, []) + names
+        names = [*extra.get(f.name, []), f"--{f.name.replace('_', '-')}"] + ([f"--{f.name}"] if "_" in f.name else [])
         default = f.default if f.default is not dataclasses.MISSING else (
             f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
         required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING

@@ -1,7 +1,5 @@
-"""Bits per byte: the tokenizer-independent validation loss (nanochat's `evaluate_bpb`).
-
-bpb = Σ nats / (ln 2 · Σ bytes) over every target token that is valid (>= 0) and has a byte length
-(`token_bytes[target] > 0`; special tokens have 0 and are excluded from both sums).
+"""Bits per byte, the tokenizer-independent validation loss (nanochat's `evaluate_bpb`): Σ nats / (ln 2 · Σ bytes)
+over valid targets (>= 0) with a byte length (`token_bytes[target] > 0`: special tokens count in neither sum).
 """
 
 from __future__ import annotations
@@ -16,15 +14,13 @@ from nanochat_jax import gpt
 
 
 def make_bpb_fn(model_cfg: gpt.GPTConfig):
-    """(params, inputs_BT, targets_BT, token_bytes_V) -> (Σ nats, Σ bytes) over counted tokens. Jit it with
-    shardings."""
+    """(params, inputs_BT, targets_BT, token_bytes_V) -> (Σ nats, Σ bytes) over counted tokens, to jit."""
 
     def bpb_sums(params, inputs_BT, targets_BT, token_bytes_V):
         nats_BT = gpt.forward(params, inputs_BT, model_cfg, targets_BT=targets_BT, loss_reduction="none")
         safe = jnp.where(targets_BT >= 0, targets_BT, 0)
         nbytes_BT = jnp.where(targets_BT >= 0, token_bytes_V[safe], 0)
-        counted = nbytes_BT > 0
-        return jnp.where(counted, nats_BT, 0.0).sum(), nbytes_BT.sum().astype(jnp.float32)
+        return jnp.where(nbytes_BT > 0, nats_BT, 0.0).sum(), nbytes_BT.sum().astype(jnp.float32)
 
     return bpb_sums
 
@@ -47,5 +43,4 @@ def numpy_bpb(nats_BT: np.ndarray, targets_BT: np.ndarray, token_bytes: np.ndarr
     """The same formula in NumPy (for tests and for checking a run by hand)."""
     valid = targets_BT >= 0
     nbytes = np.where(valid, token_bytes[np.where(valid, targets_BT, 0)], 0)
-    counted = nbytes > 0
-    return bits_per_byte(float(nats_BT[counted].sum()), float(nbytes.sum()))
+    return bits_per_byte(float(nats_BT[nbytes > 0].sum()), float(nbytes.sum()))

@@ -1,8 +1,6 @@
-# Sourced by speedrun.sh and cpu_demo.sh: run pipeline stages once each, so a crashed run restarts where it stopped.
-#   STATE_DIR=...; stage NAME command args...   runs the command unless $STATE_DIR/NAME.done exists, then marks it.
-# Delete $STATE_DIR (or pass --fresh to the pipeline script) to run everything again. A training stage that was cut
-# short continues from its last checkpoint when rerun (the training scripts resume by default).
-# STOP_AFTER=NAME: exit once stage NAME is done.
+# Sourced by speedrun.sh and cpu_demo.sh: `stage NAME command args...` runs the command unless $STATE_DIR/NAME.done
+# exists, then marks it, so a crashed run restarts where it stopped (delete $STATE_DIR or pass --fresh to run all
+# again). STOP_AFTER=NAME: exit once stage NAME is done. DRY_RUN=1: print the commands.
 
 stage() {
   local name="$1"; shift

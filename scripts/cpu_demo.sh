@@ -1,20 +1,17 @@
 #!/usr/bin/env bash
-# The main command: the whole pipeline end to end on CPU at a tiny size (about 20-30 minutes on 2 cores):
-# tokenizer → pretraining → base loss + CORE → midtraining → chat eval → SFT → chat eval → RL → chat eval → report,
-# ending with the report card and a one-shot answer from the chat model. (The model is tiny: expect fluent-ish
-# nonsense, not answers. The point is that every stage runs, on your machine, in minutes.)
+# The main command: the whole pipeline end to end on CPU at a tiny size (about 20-30 minutes on 2 cores), from the
+# tokenizer through pretraining, mid, SFT and RL with their evals to the report card and a one-shot answer. (The
+# model is tiny: expect fluent-ish nonsense. The point is that every stage runs, on your machine, in minutes.)
 #
 #   bash scripts/cpu_demo.sh [--data-dir=DIR] [--task-data=DIR] [--smoke] [--fresh] [--stop-after=STAGE]
 #
-# Pretraining text: --data-dir=DIR or $NANOCHAT_JAX_DATA_DIR (a folder of *.parquet files with a `text` column; the
-#   last file is validation), else ../shared/data/gutenberg beside the repo, else it downloads 2 ClimbMix shards.
-# Chat/eval task files: --task-data=DIR or $NANOCHAT_JAX_TASK_DATA (a folder laid out like ../shared/data: arc/,
-#   mmlu/, gsm8k/, humaneval/, english_words/, chat/, core_eval/), else ../shared/data beside the repo, else the
-#   HuggingFace downloads (SmolTalk etc.) and the CORE eval bundle.
-# --smoke: the smallest settings (a few minutes; what CI runs). --fresh: start over (forgets finished stages and
-# deletes the demo model's checkpoints). --stop-after=STAGE: stop once that stage is done (e.g. pretrain).
-# Outputs go under $NANOCHAT_JAX_BASE_DIR (default ~/.cache/nanochat_jax). A rerun skips finished stages and a
-# stage that was interrupted continues from its last checkpoint (training stages save every few dozen steps).
+# Pretraining text: --data-dir=DIR or $NANOCHAT_JAX_DATA_DIR (*.parquet with a `text` column, the last one is
+#   validation), else ../shared/data/gutenberg beside the repo, else 2 downloaded ClimbMix shards.
+# Task files: --task-data=DIR or $NANOCHAT_JAX_TASK_DATA (laid out like ../shared/data: arc/, mmlu/, gsm8k/,
+#   humaneval/, english_words/, chat/, core_eval/), else ../shared/data, else HuggingFace and the CORE eval bundle.
+# --smoke: the smallest settings (a few minutes; what CI runs). --fresh: forget finished stages and delete the demo
+# model's checkpoints. --stop-after=STAGE: stop once that stage is done. Outputs go under $NANOCHAT_JAX_BASE_DIR
+# (default ~/.cache/nanochat_jax); a rerun skips finished stages and continues an interrupted one from its checkpoint.
 source "$(dirname "$0")/_env.sh"
 source "$(dirname "$0")/_stages.sh"
 cd "$REPO_ROOT"
@@ -23,8 +20,7 @@ PIPELINE=demo
 
 DATA_DIR="${NANOCHAT_JAX_DATA_DIR:-}"
 TASK_DATA="${NANOCHAT_JAX_TASK_DATA:-}"
-SMOKE=0
-FRESH=0
+SMOKE=0; FRESH=0
 for arg in "$@"; do
   case "$arg" in
     --data-dir=*) DATA_DIR="${arg#--data-dir=}" ;;

@@ -1,8 +1,7 @@
 #!/usr/bin/env bash
-# Move constraints.txt to the newest dependency versions, but only if the test suite passes with them:
-# resolves nanochat-jax[dev,browser] afresh (no constraints) in a scratch venv, runs the fast tests there, then
-# rewrites constraints.txt from that venv. Extra arguments go to pytest (e.g. `-x`). Review `git diff constraints.txt`
-# and commit it with the test summary. (The `gpu` extra is not locked: its CUDA wheels follow jaxlib's pin.)
+# Move constraints.txt to the newest dependency versions if the fast tests pass with them (nanochat-jax[dev,browser]
+# resolved afresh in a scratch venv; extra arguments go to pytest). Review `git diff constraints.txt` and commit it
+# with the test summary. (The `gpu` extra is not locked: its CUDA wheels follow jaxlib's pin.)
 set -euo pipefail
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 SCRATCH="$(mktemp -d)"

@@ -5,20 +5,16 @@
 #   bash scripts/speedrun.sh --depth=20      # d20, ratio 20: classic nanochat's "$100" run
 #   bash scripts/speedrun.sh --depth=20 --rl # ... plus RL on GSM8K and its eval
 #
-# Options: --depth=N  --ratio=R (tokens per scaling parameter; default 8 at d>=24, else 20)
-#          --device-batch-size=N (default 16 at d>=24, else 32)  --mesh=N (default: all devices)
+# Options: --depth=N  --ratio=R (tokens per scaling parameter; default 8 at d>=24, else 20)  --mesh=N (default: all)
+#          --device-batch-size=N (default 16 at d>=24, else 32, halved until scripts/memory_estimate.py fits it on
+#          --gpu=a800-80gb|a100-80gb|a100-40gb|h100|h200, read from nvidia-smi by default)
 #          --shards=N (pretraining shards to download; default 170)  --rl  --fresh (forget finished stages)
-#          --gpu=a800-80gb|a100-80gb|a100-40gb|h100|h200 (default: read from nvidia-smi)  --dry-run (print the
-#          stage commands and exit)
-# Without --device-batch-size, the device batch is the recipe's default halved until scripts/memory_estimate.py
-# says the train step fits on --gpu (gradient accumulation keeps the total batch the same).
-# Every stage is skipped when it already finished (markers in <base>/pipeline_state/speedrun_d<N>), and a training
-# stage cut short continues from its last checkpoint (pretraining saves every 1000 steps, mid/SFT every 200, RL every
-# 60), so rerunning after a crash continues where it stopped. --fresh forgets the stage markers but keeps the
-# checkpoints, which the training stages then continue: delete <base>/*_checkpoints/d<N> to train them again.
-# Outputs go under $NANOCHAT_JAX_BASE_DIR (default ~/.cache/nanochat_jax).
-# Multi-node: launch this on every node with JAX_COORDINATOR_ADDRESS/JAX_NUM_PROCESSES/JAX_PROCESS_ID set (or
-# under SLURM); see the README.
+#          --dry-run (print the stage commands and exit)
+# A rerun skips finished stages (markers in <base>/pipeline_state/speedrun_d<N>) and a training stage cut short
+# continues from its last checkpoint (pretraining saves every 1000 steps, mid/SFT every 200, RL every 60). --fresh
+# keeps the checkpoints: delete <base>/*_checkpoints/d<N> to train again. Outputs go under $NANOCHAT_JAX_BASE_DIR
+# (default ~/.cache/nanochat_jax). Multi-node: run this on every node with JAX_COORDINATOR_ADDRESS/
+# JAX_NUM_PROCESSES/JAX_PROCESS_ID set (or under SLURM); see the README.
 export NANOCHAT_JAX_EXTRAS="${NANOCHAT_JAX_EXTRAS-gpu}"  # set it empty for a CPU-only install
 source "$(dirname "$0")/_env.sh"
 source "$(dirname "$0")/_stages.sh"
@@ -44,14 +40,11 @@ USER_DBS="$DBS"
 if [ "$DEPTH" -ge 24 ]; then RATIO="${RATIO:-8}"; DBS="${DBS:-16}"; else RATIO="${RATIO:-20}"; DBS="${DBS:-32}"; fi
 
 gpu_kind() {  # nvidia-smi's first GPU as a memory_estimate.py --gpu name, or nothing
-  command -v nvidia-smi >/dev/null 2>&1 || return 0
-  nvidia-smi --query-gpu=name,memory.total --format=csv,noheader,nounits 2>/dev/null | head -1 | python -c '
-import sys
-name, mib = (sys.stdin.read().rsplit(",", 1) + ["0"])[:2]
-name, gb = name.upper(), float(mib or 0) / 1024
-kind = ("h200" if "H200" in name else "h100" if "H100" in name else "a800-80gb" if "A800" in name
-        else ("a100-80gb" if gb > 60 else "a100-40gb") if "A100" in name else "")
-print(kind)'
+  local gpu; gpu="$(nvidia-smi --query-gpu=name,memory.total --format=csv,noheader,nounits 2>/dev/null | head -1)"
+  case "${gpu^^}" in  # "NAME, MiB"
+    *H200*) echo h200 ;; *H100*) echo h100 ;; *A800*) echo a800-80gb ;;
+    *A100*) if [ "${gpu##*,}" -gt 61440 ]; then echo a100-80gb; else echo a100-40gb; fi ;;
+  esac
 }
 fitting_batch() {  # the largest of DBS, DBS/2, ... whose train step the memory estimate fits on $GPU
   local b="$DBS" n
