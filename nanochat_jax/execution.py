@@ -230,44 +230,39 @@ def execute_code(program: str, timeout_s: float = 5.0, memory_mb: int | None = 2
     audit hook is what guards the disk: enough for buggy model code, not for an adversary who reaches raw
     syscalls. success: it ran to its end without an exception (SystemExit included, as in HumanEval's harness).
     The status channel is a file descriptor the program could write itself: this judges mistakes, not forgeries."""
-    python = python or sys.executable
     deadline = time.monotonic() + timeout_s
     scratch = tempfile.mkdtemp(prefix="nanochat_exec_")
-    private = tempfile.mkdtemp(prefix="nanochat_exec_io_")  # mode 0700: the program never needs these by name
-    try:
-        paths = {k: os.path.join(private, k) for k in ("program", "stdout", "stderr", "status")}
-        with open(paths["program"], "wb") as f:
-            f.write(program.encode("utf-8", "replace"))
-        with open(paths["program"], "rb") as stdin, open(paths["stdout"], "wb") as out, \
-                open(paths["stderr"], "wb") as err, open(paths["status"], "wb") as status:
+    try:  # stdin, outputs and status are nameless temp files, which the child inherits as descriptors
+        with tempfile.TemporaryFile() as stdin, tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err, \
+                tempfile.TemporaryFile() as status:
+            stdin.write(program.encode("utf-8", "replace"))
+            stdin.seek(0)
             cfg = {"scratch": scratch, "status_fd": status.fileno(),
                    "memory_bytes": int(memory_mb * 2**20) if memory_mb else 0,
                    "file_bytes": int(max_file_mb * 2**20), "cpu_seconds": max(1, math.ceil(timeout_s) + 1)}
             env = {"PATH": SANDBOX_PATH, "HOME": scratch, "TMPDIR": scratch}
-            proc = subprocess.Popen([python, "-I", "-B", "-c", _CHILD, json.dumps(cfg)], stdin=stdin, stdout=out,
-                                    stderr=err, cwd=scratch, env=env, pass_fds=(status.fileno(),),
+            proc = subprocess.Popen([python or sys.executable, "-I", "-B", "-c", _CHILD, json.dumps(cfg)], stdin=stdin,
+                                    stdout=out, stderr=err, cwd=scratch, env=env, pass_fds=(status.fileno(),),
                                     start_new_session=True)
-        timed_out = False
-        try:
-            proc.wait(timeout=max(0.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            timed_out = True
-        finally:
-            # Also anything it left behind. Safe after the leader was reaped: Linux does not reuse a pid that is
-            # still some live process's group or session id, and with none left the kill finds nothing.
-            _kill_session(proc.pid)
-            proc.wait()
-        stdout, cut_out = _read_capped(paths["stdout"], max_output_bytes)
-        stderr, cut_err = _read_capped(paths["stderr"], max_output_bytes)
-        try:
-            with open(paths["status"], "rb") as f:
-                status_info = json.loads(f.read(1 << 16).decode("utf-8", "replace") or "{}")
-        except ValueError:
-            status_info = None
-        status_info = status_info if isinstance(status_info, dict) else {}
+            timed_out = False
+            try:
+                proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                timed_out = True
+            finally:
+                # Also anything it left behind. Safe after the leader was reaped: Linux does not reuse a pid that
+                # is still some live process's group or session id, and with none left the kill finds nothing.
+                _kill_session(proc.pid)
+                proc.wait()
+            stdout, cut_out = _read_capped(out, max_output_bytes)
+            stderr, cut_err = _read_capped(err, max_output_bytes)
+            try:
+                status_info = json.loads(_read_capped(status, 1 << 16)[0] or "{}")
+            except ValueError:
+                status_info = None
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-        shutil.rmtree(private, ignore_errors=True)
+    status_info = status_info if isinstance(status_info, dict) else {}
 
     rc = proc.returncode
     result = ExecutionResult(success=False, stdout=stdout, stderr=stderr, returncode=rc,
@@ -288,9 +283,9 @@ def execute_code(program: str, timeout_s: float = 5.0, memory_mb: int | None = 2
     return result
 
 
-def _read_capped(path: str, limit: int) -> tuple[str, bool]:
-    with open(path, "rb") as f:
-        data = f.read(limit + 1)
+def _read_capped(f, limit: int) -> tuple[str, bool]:
+    f.seek(0)
+    data = f.read(limit + 1)
     return data[:limit].decode("utf-8", "replace"), len(data) > limit
 
 
