@@ -1,24 +1,11 @@
 """Optimizer: Muon (Polar Express + NorMuon + cautious WD) for matrices, AdamW for the rest, as one optax chain.
 
-Mirrors current nanochat's `nanochat/optim.py` + nanochat/gpt.py `GPT.setup_optimizer` + the schedules and scaling
-rules of `scripts/base_train.py` (`get_lr_multiplier`, `get_muon_momentum`, `get_weight_decay`):
-
-- `PARAM_GROUP_RULES` is the one table mapping parameter paths ("blocks/attn/wq", "wte", ...) to groups;
-  `group_settings(cfg)` gives each group its lr/betas/eps/wd; `param_groups(params)` labels a tree.
-- `muon(...)` and `adamw(...)` are optax GradientTransformations that read their lr multiplier, momentum and
-  weight decay from schedules of their own step count, so a jitted train step needs no host-side updates.
-- `build_optimizer(params, cfg)` = `optax.partition` of those over the labels. Apply with `optax.apply_updates`
-  (it adds in fp32 and casts back to each param's dtype, which is how bf16 embeddings get written back).
-- Scaling rules (pure Python): `auto_batch_size`, `batch_lr_scale`, `scaled_weight_decay`, `horizon`.
-
-Layout: our weights are (in, out), the transpose of PyTorch's (out, in). The reference's formulas talk about
-"rows" (= out) and "cols" (= in); below `out = shape[-1]`, `in = shape[-2]`, and every choice (wide/tall form,
-row equalisation axis, NorMuon reduction axis, lr aspect factor) is made so that our update equals the
-reference's update transposed. Stacked leading axes (layers, value-embedding index) are batch axes: every
-reduction is over the last two axes only and the matmuls are batched, so each matrix is handled on its own.
-
-Our own Muon, because optax.contrib.muon has no NorMuon, MuonEq/Muon+ or cautious weight decay (and it
-bias-corrects its momentum and normalises by ‖X‖+eps rather than Polar Express's ‖X‖·1.01+1e-6).
+Mirrors nanochat/optim.py, nanochat/gpt.py `GPT.setup_optimizer` and the schedules and scaling rules of
+scripts/base_train.py. `muon` and `adamw` read their schedules from their own step count (no host-side updates in
+a jitted step). Our weights are (in, out), PyTorch's (out, in): below `out = shape[-1]`, `in = shape[-2]`, and every
+choice (wide/tall form, MuonEq and NorMuon axes, lr aspect factor) makes our update the reference's transposed.
+Leading axes (layers, value-embedding index) are batch axes. Our own Muon, because optax.contrib.muon has no
+NorMuon, MuonEq/Muon+ or cautious weight decay (and it bias-corrects its momentum and normalises differently).
 """
 
 from __future__ import annotations
@@ -35,9 +22,6 @@ import optax
 
 from nanochat_jax.common import path_str
 from nanochat_jax.config import require
-
-# ----------------------------------------------------------------------------------------------
-# Config
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,17 +54,14 @@ class OptimConfig:
     muon_plus: bool = True               # Muon+ Frobenius renormalisation after it (current)
     muon_ortho_dtype: str = "bfloat16"   # orthogonaliser dtype; "float32" (HIGHEST precision) for tests
     adamw_state_fp32: bool = False       # False: moments stored in the param dtype (bf16 for wte/VE), as current
-    # The October 2025 ("classic") AdamW: every AdamW group with betas (0.8, 0.95), eps 1e-10 and weight decay
-    # adamw_weight_decay (classic base_train's --weight_decay, default 0), and the update of its distributed AdamW
-    # (nanochat/adamw.py, `DistAdamW.step`): denom = sqrt(v) + eps, step = lr * sqrt(1 - b2^t) / (1 - b1^t).
+    # "classic": the October 2025 AdamW (nanochat/adamw.py, `DistAdamW`), see group_settings and adamw.
     adamw_style: str = "current"         # "current" (per-group betas/wd) or "classic"
-    adamw_weight_decay: float = 0.0      # classic AdamW weight decay (ignored by the current groups)
+    adamw_weight_decay: float = 0.0      # classic AdamW weight decay (classic base_train's --weight_decay)
     # Schedules. "reference" = base_train's (see lr_multiplier/muon_momentum/muon_weight_decay below).
     lr_schedule: str = "reference"       # or "constant": multiplier 1 at every step
     muon_momentum_schedule: str = "reference"  # or "constant": muon_momentum_peak at every step
     weight_decay_schedule: str = "cosine"      # or "constant": the (scaled) weight decay at every step
-    grad_clip: float = 0.0               # > 0: clip the global gradient norm first, as torch's clip_grad_norm_
-                                         # (classic base_train used 1.0); 0 = off (current)
+    grad_clip: float = 0.0               # > 0: clip the global grad norm first (torch clip_grad_norm_); 0 = off
 
     def __post_init__(self):
         def need(cond: bool, msg: str):
@@ -90,28 +71,23 @@ class OptimConfig:
              f"num_iterations must be > 0, got {self.num_iterations} (compute it with horizon())")
         need(self.model_dim > 0, f"model_dim must be > 0, got {self.model_dim}")
         for name in ("matrix_lr", "embedding_lr", "unembedding_lr", "scalar_lr", "weight_decay", "batch_lr_scale",
-                     "init_lr_frac"):
+                     "init_lr_frac", "warmup_steps", "muon_momentum_warmup_steps", "adamw_weight_decay", "grad_clip"):
             need(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
         need(self.weight_decay_scaled is None or self.weight_decay_scaled >= 0,
              f"weight_decay_scaled must be >= 0 or None, got {self.weight_decay_scaled}")
-        need(self.warmup_steps >= 0, f"warmup_steps must be >= 0, got {self.warmup_steps}")
-        need(0.0 <= self.warmdown_ratio <= 1.0, f"warmdown_ratio must be in [0, 1], got {self.warmdown_ratio}")
-        need(0.0 <= self.final_lr_frac <= 1.0, f"final_lr_frac must be in [0, 1], got {self.final_lr_frac}")
+        for name in ("warmdown_ratio", "final_lr_frac"):
+            need(0.0 <= getattr(self, name) <= 1.0, f"{name} must be in [0, 1], got {getattr(self, name)}")
         for name in ("muon_momentum_start", "muon_momentum_peak", "muon_momentum_final", "muon_beta2"):
             need(0.0 <= getattr(self, name) < 1.0, f"{name} must be in [0, 1), got {getattr(self, name)}")
-        need(self.muon_momentum_warmup_steps >= 0, "muon_momentum_warmup_steps must be >= 0")
         max_steps = 10**6 if self.muon_classic else len(POLAR_EXPRESS_COEFFS)
         need(1 <= self.muon_ns_steps <= max_steps,
              f"muon_ns_steps must be in [1, {max_steps}] (Polar Express has {len(POLAR_EXPRESS_COEFFS)} tuned "
              f"coefficient sets), got {self.muon_ns_steps}")
-        need(self.muon_ortho_dtype in ("bfloat16", "float32"),
-             f"muon_ortho_dtype must be 'bfloat16' or 'float32', got {self.muon_ortho_dtype!r}")
         for name, allowed in (("adamw_style", ("current", "classic")), ("lr_schedule", ("reference", "constant")),
                               ("muon_momentum_schedule", ("reference", "constant")),
-                              ("weight_decay_schedule", ("cosine", "constant"))):
+                              ("weight_decay_schedule", ("cosine", "constant")),
+                              ("muon_ortho_dtype", ("bfloat16", "float32"))):
             need(getattr(self, name) in allowed, f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
-        need(self.adamw_weight_decay >= 0, f"adamw_weight_decay must be >= 0, got {self.adamw_weight_decay}")
-        need(self.grad_clip >= 0, f"grad_clip must be >= 0 (0 = off), got {self.grad_clip}")
 
     @classmethod
     def classic(cls, num_iterations: int, model_dim: int, **overrides) -> "OptimConfig":
@@ -130,10 +106,7 @@ class OptimConfig:
         return self.weight_decay if self.weight_decay_scaled is None else self.weight_decay_scaled
 
 
-# ----------------------------------------------------------------------------------------------
-# The group table: parameter path -> group (first match wins), and group -> hyperparameters.
-
-# (path glob, group, expected ndim). Globs use fnmatch, where "*" also matches "/".
+# The group table: (path glob, group, expected ndim), first match wins. fnmatch's "*" also matches "/".
 PARAM_GROUP_RULES: tuple[tuple[str, str, int], ...] = (
     ("blocks/*", "muon", 3),             # (L, in, out) block matrices
     ("ve_gate", "muon", 3),              # (NV, 12, K): in transformer.h in the reference, hence Muon
@@ -197,7 +170,7 @@ def group_of(path: str, ndim: int | None = None) -> str:
 
 
 def param_groups(params) -> Any:
-    """Pytree of group labels, same structure as `params` (arrays or ShapeDtypeStructs)."""
+    """Pytree of group labels shaped like `params` (arrays or ShapeDtypeStructs)."""
     return jax.tree_util.tree_map_with_path(lambda p, x: group_of(path_str(p), len(x.shape)), params)
 
 
@@ -212,15 +185,14 @@ def param_lrs(params, cfg: OptimConfig) -> Any:
 
     def lr(path, x):
         group = group_of(path_str(path), len(x.shape))
-        base = settings[group].lr
-        return base * muon_lr_factor(x.shape) if group == "muon" else base
+        return settings[group].lr * (muon_lr_factor(x.shape) if group == "muon" else 1)
 
     return jax.tree_util.tree_map_with_path(lr, params)
 
 
 # ----------------------------------------------------------------------------------------------
-# Schedules: pure functions of the step index `it` (0 for the first update); numpy on host numbers (logging: no
-# device round trip) and jnp on traced arrays (inside the optimizer). N = num_iterations, W = round(warmdown_ratio * N).
+# Schedules of the step index `it` (0 for the first update): numpy on host numbers (logging, no device round
+# trip), jnp on traced arrays (inside the optimizer). N = num_iterations, W = round(warmdown_ratio * N).
 
 
 def _xp(it):
@@ -229,52 +201,41 @@ def _xp(it):
     return xp, xp.asarray(it, xp.float32)
 
 
-def _warmdown_steps(cfg: OptimConfig) -> int:
-    return round(cfg.warmdown_ratio * cfg.num_iterations)
-
-
 def lr_multiplier(cfg: OptimConfig, it):
     """(it+1)/warmup during warmup; 1 until it <= N-W; then linear to final_lr_frac at it = N.
     lr_schedule="constant": 1."""
     xp, it = _xp(it)
     if cfg.lr_schedule == "constant":
         return xp.ones_like(it)
-    n, w = cfg.num_iterations, _warmdown_steps(cfg)
+    n, w = cfg.num_iterations, round(cfg.warmdown_ratio * cfg.num_iterations)
     warm = (it + 1) / max(cfg.warmup_steps, 1)
     progress = (n - it) / max(w, 1)
     down = progress + (1 - progress) * cfg.final_lr_frac
     return xp.where(it < cfg.warmup_steps, warm, xp.where(it <= n - w, 1.0, down))
 
 
-def muon_momentum(cfg: OptimConfig, it):
+def muon_momentum(cfg: OptimConfig, it, complement: bool = False):
     """start->peak over the first muon_momentum_warmup_steps (takes precedence), peak, then peak->final from N-W.
-    muon_momentum_schedule="constant": muon_momentum_peak."""
+    muon_momentum_schedule="constant": muon_momentum_peak. complement: see muon_momentum_complement."""
     xp, it = _xp(it)
+    start, peak, final = cfg.muon_momentum_start, cfg.muon_momentum_peak, cfg.muon_momentum_final
+    if complement:
+        start, peak, final = 1 - start, 1 - peak, 1 - final
     if cfg.muon_momentum_schedule == "constant":
-        return xp.full_like(it, cfg.muon_momentum_peak)
-    n, w = cfg.num_iterations, _warmdown_steps(cfg)
+        return xp.full_like(it, peak)
+    n, w = cfg.num_iterations, round(cfg.warmdown_ratio * cfg.num_iterations)
     frac = it / max(cfg.muon_momentum_warmup_steps, 1)
-    warm = (1 - frac) * cfg.muon_momentum_start + frac * cfg.muon_momentum_peak
+    warm = (1 - frac) * start + frac * peak
     progress = (it - (n - w)) / max(w, 1)
-    down = cfg.muon_momentum_peak * (1 - progress) + cfg.muon_momentum_final * progress
-    return xp.where(it < cfg.muon_momentum_warmup_steps, warm, xp.where(it >= n - w, down, cfg.muon_momentum_peak))
+    down = peak * (1 - progress) + final * progress
+    return xp.where(it < cfg.muon_momentum_warmup_steps, warm, xp.where(it >= n - w, down, peak))
 
 
 def muon_momentum_complement(cfg: OptimConfig, it):
-    """1 - muon_momentum(cfg, it), computed from the complements of the constants rather than by subtracting a
-    rounded fp32 momentum from 1. The classic Muon got `1 - momentum` from Python floats (exact to fp32), the current
-    one from an fp32 tensor (1 - fp32(m)); our classic Muon uses this one so its momentum buffer rounds like the
-    classic's."""
-    xp, it = _xp(it)
-    if cfg.muon_momentum_schedule == "constant":
-        return xp.full_like(it, 1 - cfg.muon_momentum_peak)
-    n, w = cfg.num_iterations, _warmdown_steps(cfg)
-    frac = it / max(cfg.muon_momentum_warmup_steps, 1)
-    warm = (1 - frac) * (1 - cfg.muon_momentum_start) + frac * (1 - cfg.muon_momentum_peak)
-    progress = (it - (n - w)) / max(w, 1)
-    down = (1 - cfg.muon_momentum_peak) * (1 - progress) + (1 - cfg.muon_momentum_final) * progress
-    return xp.where(it < cfg.muon_momentum_warmup_steps, warm,
-                    xp.where(it >= n - w, down, 1 - cfg.muon_momentum_peak))
+    """1 - muon_momentum(cfg, it) from the complements of the constants, not 1 minus a rounded fp32 momentum.
+    The classic Muon got `1 - momentum` from Python floats (exact to fp32), the current one from an fp32 tensor;
+    our classic Muon uses this so its momentum buffer rounds like the classic's."""
+    return muon_momentum(cfg, it, complement=True)
 
 
 def muon_weight_decay(cfg: OptimConfig, it):
@@ -292,17 +253,14 @@ def current_hyperparams(cfg: OptimConfig, step: int) -> dict[str, float]:
 
 
 # ----------------------------------------------------------------------------------------------
-# AdamW (reference `adamw_step_fused`). Our own rather than optax.adamw: for bf16 params optax would do the
-# moment arithmetic in bf16 (the grad dtype), whereas the reference does all math in fp32 and only *stores*
-# in the param dtype. For fp32 params the two are the same math (decoupled wd before the update is
-# p - lr*(wd*p + u), eps outside sqrt of the bias-corrected v); tests check that.
-#
-# State dtype: by default the moments are stored like the reference, in the param dtype (bf16 for wte and
-# value_embeds). That loses precision (with b2 = 0.995 a bf16 v moves in whole ulps), but it is what the
-# reference trains with and it halves that state; `adamw_state_fp32=True` keeps fp32 moments instead.
+# AdamW (nanochat/optim.py, `adamw_step_fused`). Our own, because optax.adamw does bf16 params' moment math in
+# bf16, the reference in fp32 (for fp32 params the two agree; tests check that).
 
 
-class AdamWState(NamedTuple):
+class MomentState(NamedTuple):
+    """AdamW: both moments, stored in the param dtype like the reference (bf16 for wte/value_embeds: halves that
+    state, though a bf16 v moves in whole ulps at b2 = 0.995) unless state_fp32. Muon: fp32 momentum mu and the
+    NorMuon factored second moment nu, (..., 1, out) or (..., in, 1), unused when classic."""
     count: jax.Array  # int32 step index of the next update
     mu: Any
     nu: Any
@@ -315,7 +273,7 @@ def adamw(lr: float, b1: float, b2: float, eps: float, wd: float, lr_schedule: C
     bias-corrected); otherwise nanochat/optim.py's `adamw_step_fused`, m / (sqrt(v/(1-b2^t)) + eps) · lr/(1-b1^t)."""
     def init_fn(params):
         zeros = lambda p: jnp.zeros(p.shape, jnp.float32 if state_fp32 else p.dtype)
-        return AdamWState(jnp.zeros([], jnp.int32), jax.tree.map(zeros, params), jax.tree.map(zeros, params))
+        return MomentState(jnp.zeros([], jnp.int32), jax.tree.map(zeros, params), jax.tree.map(zeros, params))
 
     def update_fn(grads, state, params=None):
         if params is None:
@@ -340,14 +298,13 @@ def adamw(lr: float, b1: float, b2: float, eps: float, wd: float, lr_schedule: C
             return u, m32.astype(m.dtype), v32.astype(v.dtype)
 
         out = jax.tree.map(leaf, grads, params, state.mu, state.nu)
-        updates, mu, nu = _unzip3(grads, out)
-        return updates, AdamWState(optax.safe_increment(state.count), mu, nu)
+        return _split3(grads, out, state)
 
     return optax.GradientTransformation(init_fn, update_fn)
 
 
 # ----------------------------------------------------------------------------------------------
-# Muon (reference `muon_step_fused`)
+# Muon (nanochat/optim.py, `muon_step_fused`)
 
 # Polar Express (Amsel et al. 2025, arXiv:2505.16932), num_iters=5, safety 2e-2, cushion 2: one (a, b, c) per step.
 POLAR_EXPRESS_COEFFS = (
@@ -370,15 +327,11 @@ def scale(s: float, x: jax.Array) -> jax.Array:
     """s * x as PyTorch computes a Python scalar times a tensor: the scalar kept exact (fp32 op-math) and only
     the product rounded to x's dtype. JAX would round s to x's dtype first when x is bf16 (the classic quintic
     would then run with 3.4375 instead of 3.4445)."""
-    if x.dtype == jnp.float32:
-        return jnp.float32(s) * x
     return (x.astype(jnp.float32) * jnp.float32(s)).astype(x.dtype)
 
 
 def shift(x: jax.Array, s: float) -> jax.Array:
     """x + s with an exact scalar, rounded once to x's dtype (as `scale`)."""
-    if x.dtype == jnp.float32:
-        return x + jnp.float32(s)
     return (x.astype(jnp.float32) + jnp.float32(s)).astype(x.dtype)
 
 
@@ -386,15 +339,11 @@ def orthogonalize(x: jax.Array, *, classic: bool = False, steps: int = 5, dtype=
     """Approximate the polar factor U V^T of each (..., in, out) matrix; returns `dtype`.
 
     Polar Express: x / (‖x‖_F·1.01 + 1e-6), then per-step odd quintics. Classic: x / (‖x‖_F + 1e-7) and
-    Keller's fixed quintic. The polynomial p(X) = aX + (bA + cA²)X with A = XXᵀ is transpose-equivariant, so
-    the side the Gram matrix is formed on only changes cost and rounding. To round like the reference we use
-    its (smaller) side: it forms A = X_t X_tᵀ (out×out) when out <= in, i.e. for us A = XᵀX and X <- aX + XB;
-    otherwise A = X Xᵀ (in×in) and X <- aX + BX. Ties (square) use the out×out form, as it does.
-
-    In bf16 every op result is rounded to bf16 as eager PyTorch does (nanochat/optim.py `muon_step_fused`,
-    nanochat/muon.py `zeropower_via_newtonschulz5`): matmuls accumulate in fp32 and round once, a scalar times
-    a tensor uses the exact scalar (`scale`), sums of two bf16 tensors round once. The order of the cA² term
-    follows each reference: current writes c * (A @ A), classic `c * A @ A`, which Python reads as (c * A) @ A.
+    Keller's fixed quintic. p(X) = aX + (bA + cA²)X is transpose-equivariant, so the Gram side only changes cost
+    and rounding; we use the reference's (smaller) side: A = XᵀX (its out×out) when out <= in, ties included,
+    else A = XXᵀ. In bf16 every op rounds to bf16 as eager PyTorch does (nanochat/optim.py `muon_step_fused`,
+    nanochat/muon.py `zeropower_via_newtonschulz5`): matmuls accumulate in fp32 and round once, scalars stay exact
+    (`scale`), sums round once. The cA² term follows each reference: current c * (A @ A), classic (c * A) @ A.
     """
     precision = jax.lax.Precision.HIGHEST if dtype == jnp.float32 else None
     mm = lambda a, b: jnp.matmul(a, b, precision=precision, preferred_element_type=jnp.float32).astype(dtype)
@@ -431,14 +380,9 @@ def _muon_eq(x: jax.Array) -> jax.Array:
 
 
 def _normuon_axis(shape) -> int:
-    """NorMuon keeps the larger of (out, in) and averages over the smaller. Reference: red_dim=-1 (in) if
-    rows >= cols (out >= in) else -2 (out); in our (in, out) layout `in` is axis -2 and `out` axis -1."""
+    """NorMuon averages over the smaller of (out, in). Reference: red_dim=-1 (in) if rows >= cols (out >= in)
+    else -2 (out); in our (in, out) layout `in` is axis -2 and `out` axis -1."""
     return -2 if shape[-1] >= shape[-2] else -1
-
-
-def _normuon_state_shape(shape) -> tuple[int, ...]:
-    axis = _normuon_axis(shape)
-    return tuple(shape[:-2]) + ((1, shape[-1]) if axis == -2 else (shape[-2], 1))
 
 
 def _normuon(g: jax.Array, v: jax.Array, beta2) -> tuple[jax.Array, jax.Array]:
@@ -451,12 +395,6 @@ def _normuon(g: jax.Array, v: jax.Array, beta2) -> tuple[jax.Array, jax.Array]:
     step = jax.lax.rsqrt(jnp.maximum(v, 1e-10))
     v_norm_new = jnp.sqrt(jnp.sum(v_mean * n_red * step * step, axis=(-2, -1), keepdims=True))  # = ‖g·step‖_F
     return g * (step * (v_norm / jnp.maximum(v_norm_new, 1e-10))), v
-
-
-class MuonState(NamedTuple):
-    count: jax.Array  # int32 step index of the next update
-    mu: Any           # fp32 momentum buffer, like the param
-    nu: Any           # fp32 NorMuon factored second moment, (..., 1, out) or (..., in, 1); unused when classic
 
 
 def muon(lr: float, lr_schedule: Callable, momentum_schedule: Callable, wd_schedule: Callable, *,
@@ -473,9 +411,14 @@ def muon(lr: float, lr_schedule: Callable, momentum_schedule: Callable, wd_sched
         for p in jax.tree.leaves(params):
             if len(p.shape) < 2:
                 raise ValueError(f"muon needs matrices (..., in, out), got shape {p.shape}; route it to AdamW")
+
+        def nu_zeros(p):
+            shape = list(p.shape)
+            shape[_normuon_axis(p.shape)] = 1
+            return jnp.zeros(shape, jnp.float32)
+
         mu = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
-        nu = jax.tree.map(lambda p: jnp.zeros(_normuon_state_shape(p.shape), jnp.float32), params)
-        return MuonState(jnp.zeros([], jnp.int32), mu, nu)
+        return MomentState(jnp.zeros([], jnp.int32), mu, jax.tree.map(nu_zeros, params))
 
     def update_fn(grads, state, params=None):
         if params is None:
@@ -504,8 +447,7 @@ def muon(lr: float, lr_schedule: Callable, momentum_schedule: Callable, wd_sched
             return -(lr_p * g + lr_p * wd * decay), buf, v
 
         out = jax.tree.map(leaf, grads, params, state.mu, state.nu)
-        updates, mu, nu = _unzip3(grads, out)
-        return updates, MuonState(optax.safe_increment(state.count), mu, nu)
+        return _split3(grads, out, state)
 
     return optax.GradientTransformation(init_fn, update_fn)
 
@@ -520,11 +462,10 @@ def _torch_lerp(a, b, w):
     return jnp.where(w < 0.5, a + w * (b - a), b - (b - a) * (1 - w))
 
 
-def _unzip3(like, tree_of_triples):
-    """Split a tree (shaped like `like`) whose leaves are 3-tuples into three trees."""
-    treedef = jax.tree.structure(like)
-    triples = treedef.flatten_up_to(tree_of_triples)
-    return tuple(treedef.unflatten([t[i] for t in triples]) for i in range(3))
+def _split3(grads, out, state: MomentState):
+    """(updates, next state) from `out`, a tree shaped like grads whose leaves are (update, mu, nu) triples."""
+    updates, mu, nu = jax.tree.transpose(jax.tree.structure(grads), jax.tree.structure((0, 0, 0)), out)
+    return updates, MomentState(optax.safe_increment(state.count), mu, nu)
 
 
 # ----------------------------------------------------------------------------------------------
