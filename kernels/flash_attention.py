@@ -2,54 +2,28 @@
 
     o = flash_attention(q_BTHD, k_BSKD, v_BSKD, causal=True, window=None)     # differentiable
 
-Plain attention builds the (T, S) score matrix P = softmax(scale * q k^T) and then o = P v. For T = S = 2048
-and 16 heads that matrix is 64M floats per sequence, written to and read back from GPU memory (HBM) several
-times. Flash attention never builds it: each program owns one block of queries, walks over blocks of keys,
-and keeps everything for its block in registers/shared memory.
+Plain attention builds the (T, S) matrix P = softmax(scale * q k^T), then o = P v: at T = S = 2048 and 16 heads,
+64M floats per sequence through GPU memory (HBM), several times. Flash attention never builds it: each program
+owns a block of queries and walks over blocks of keys, keeping its state on chip. For one query row, softmax is
+exp(s_j - m) / l with m = max_j s_j and l = sum_j exp(s_j - m); the *online softmax* keeps running m, l and
+acc = sum exp(s - m) * v, and when a block raises the max from m to m' rescales them by alpha = exp(m - m'):
 
-The trick is the *online softmax*. For one query row, softmax over all keys is exp(s_j - m) / l with
-m = max_j s_j and l = sum_j exp(s_j - m). Keys arrive block by block, so we keep running values:
+    m' = max(m, rowmax(s_blk));  p = exp(s_blk - m');  l = alpha * l + rowsum(p);  acc = alpha * acc + p @ v_blk
 
-    m   running max of the scores seen so far
-    l   running sum of exp(s - m)
-    acc running sum of exp(s - m) * v           (unnormalised output)
-
-When a new block raises the max from m to m', every earlier term exp(s - m) must become exp(s - m'), i.e. be
-multiplied by alpha = exp(m - m'). So per block:
-
-    m'  = max(m, rowmax(s_blk))
-    p   = exp(s_blk - m')
-    l   = alpha * l + rowsum(p)
-    acc = alpha * acc + p @ v_blk
-
-and at the end o = acc / l. The log-sum-exp lse = m + log(l) is saved for the backward pass, which then
-recomputes any block of P exactly as exp(s - lse) without redoing the max/sum reductions.
-
-Backward (FlashAttention-2): with dO the output cotangent and delta = rowsum(o * dO) (computed beforehand):
+and at the end o = acc / l. The saved lse = m + log(l) lets the backward recompute a block of P as exp(s - lse).
+Backward (FlashAttention-2), with delta = rowsum(o * dO), in two kernels so that each output block has one owner:
 
     dP = dO v^T,   dS = P * (dP - delta),   dQ = scale * dS k,   dK = scale * dS^T q,   dV = P^T dO
 
-Two kernels, so that every output block is owned by exactly one program (no atomics):
-  * dK/dV kernel: a grid over key blocks; each program loops over the query blocks (and, for GQA, over the
-    H/K query heads sharing its kv head) that can see its keys, accumulating dK and dV in fp32.
-  * dQ kernel: a grid over query blocks; each program loops over the key blocks its queries can see.
-
-Masking. Query p (0-based) sees key k iff k < S (real key, not padding), k <= p when causal, and k >= p - w
-for a left window w. Queries and keys both start at position 0 (top-left aligned), like gpt.attention.
-Block ranges are computed from the block index (`kv_block_range`, `q_block_range`), so blocks with no
-visible entry are never loaded, and blocks where every entry is visible skip the mask. A query row that sees
-no key at all (only possible for T > S or in padding) gets output 0 and zero gradients.
-
-Details: scores are kept in base 2 (scale * log2(e) folded in, exp2 is the cheap GPU instruction), so the
-saved lse is in base-2 units too. Matmuls accumulate in fp32; P and dS are cast to the input dtype for the
-second matmul (as FlashAttention does). fp32 inputs use IEEE fp32 matmuls, not TF32. Sequence lengths that are
-not block multiples are zero-padded inside the wrapper (padded keys are masked, padded queries are sliced off);
-head dims that are not a power of two are zero-padded too. GQA (K < H) never repeats K/V: the BlockSpec
-index_map points query head h at kv head h // (H/K).
-
-On GPU this lowers through Pallas' Triton backend (block dims are powers of two >= 16, static shapes,
-lax.fori_loop with dynamic bounds). `interpret=True` runs the same kernels on CPU (slow; used by the tests).
-Under a mesh, the kernels are partitioned along the batch axis (custom_partitioning), so a data-parallel
+dK/dV over key blocks (looping over the query blocks, and the H/K query heads of its kv head, that see its keys),
+dQ over query blocks. Query p sees key k iff k < S (not padding), k <= p when causal and k >= p - w for a left
+window w; both start at 0, like gpt.attention. `kv_block_range`/`q_block_range` give each program its blocks:
+those with nothing visible are never loaded, fully visible ones skip the mask. A query that sees no key gets
+output 0 and zero gradients. Scores are in base 2 (exp2 is the cheap GPU instruction), so lse is too. Matmuls
+accumulate in fp32 (IEEE, not TF32, for fp32 inputs); P and dS are cast to the input dtype for the second matmul,
+as FlashAttention does. The wrapper zero-pads lengths to block multiples and head dims to powers of two. GQA never
+repeats K/V: the BlockSpec index_map points head h at kv head h // (H/K). `interpret=True` runs the kernels on
+CPU (the tests). Under a mesh they are partitioned along the batch axis (custom_partitioning), so a data-parallel
 batch stays sharded instead of being gathered onto every device.
 """
 
@@ -73,9 +47,6 @@ _M_INIT = -1e30
 _LOG2E = math.log2(math.e)
 _MIN_BLOCK = 16  # Triton's tl.dot needs every matmul dim >= 16
 
-
-# ----------------------------------------------------------------------------------------------
-# Static configuration
 
 @dataclasses.dataclass(frozen=True)
 class _Config:
@@ -175,21 +146,23 @@ def q_block_range(k_block, *, block_q: int, block_k: int, q_len: int, kv_len: in
     return _clamp_range(lo, hi, full_lo, full_hi)
 
 
-def _visible(q_pos, k_pos, cfg: _Config):
-    """(len(q_pos), len(k_pos)) mask of allowed (query, key) pairs; used only in boundary blocks."""
+def _scores(q, k, q_pos, k_pos, masked: bool, cfg: _Config):
+    """(bq, bk) fp32 scores in base-2 units; boundary blocks (masked) get -inf where a key is not visible."""
+    s = _dot_nt(q, k) * cfg.scale_log2
+    if not masked:
+        return s
     q_pos, k_pos = q_pos[:, None], k_pos[None, :]
     ok = k_pos < cfg.kv_len
     if cfg.causal:
         ok = ok & (k_pos <= q_pos)
     if cfg.window is not None:
         ok = ok & (k_pos >= q_pos - cfg.window)
-    return ok
+    return jnp.where(ok, s, -jnp.inf)
 
 
 def _visit_blocks(bounds, body, carry, count=None):
-    """Run carry = body(j, carry, masked) for j over [lo, hi): the boundary blocks [lo, full_lo) and
-    [full_hi, hi) with masking, the interior [full_lo, full_hi) without. Returns (carry, count): `count` is
-    a debug int32 scalar incremented once per visited block (None, the normal case, counts nothing)."""
+    """carry = body(j, carry, masked) for j in [lo, hi), masked only in the boundary blocks. Returns (carry, count):
+    `count` is a debug int32 scalar incremented per visited block (None, the normal case, counts nothing)."""
     lo, full_lo, full_hi, hi = bounds
 
     def step(j, state, masked):
@@ -207,25 +180,35 @@ def _debug_counter(count_ref):
     return jnp.int32(0) if count_ref else None
 
 
-# ----------------------------------------------------------------------------------------------
-# Matmuls on tiles. lax.dot_general lowers to tl.dot (transposes are free operand views there).
+def _store_count(count_ref, n):
+    if count_ref:
+        count_ref[0][...] = jnp.full((1,), n, jnp.int32)
 
+
+# Matmuls on tiles: lax.dot_general lowers to tl.dot (transposes are free operand views there). HIGHEST = IEEE
+# fp32 for fp32 inputs on Triton (DEFAULT would silently use TF32); ignored for bf16/fp16.
 def _dot(a, b, contract_a: int, contract_b: int):
-    # fp32 inputs: HIGHEST = IEEE fp32 on Triton (DEFAULT would silently use TF32). bf16/fp16: ignored.
     return lax.dot_general(a, b, (((contract_a,), (contract_b,)), ((), ())),
                            precision=lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
 
 
-def _dot_nn(a, b):  # a @ b
-    return _dot(a, b, 1, 0)
+_dot_nn = partial(_dot, contract_a=1, contract_b=0)  # a @ b
+_dot_nt = partial(_dot, contract_a=1, contract_b=1)  # a @ b.T
+_dot_tn = partial(_dot, contract_a=0, contract_b=0)  # a.T @ b
 
 
-def _dot_nt(a, b):  # a @ b.T
-    return _dot(a, b, 1, 1)
-
-
-def _dot_tn(a, b):  # a.T @ b
-    return _dot(a, b, 0, 0)
+def _pallas(kernel, name: str, cfg: _Config, grid, in_specs, outs, count_visits: bool, backward: bool):
+    """pallas_call of kernel(..., cfg=cfg) over grid (blocks, B, heads); `outs` are (ShapeDtypeStruct, BlockSpec)
+    pairs. count_visits adds a debug int32 output (B, heads, blocks): how many blocks each program visited."""
+    if count_visits:
+        n, B, heads = grid
+        outs = [*outs, (jax.ShapeDtypeStruct((B, heads, n), jnp.int32),
+                        pl.BlockSpec((None, None, 1), lambda i, b, h: (b, h, i)))]
+    warps, stages = (cfg.num_warps_bwd, cfg.num_stages_bwd) if backward else (cfg.num_warps, cfg.num_stages)
+    return pl.pallas_call(partial(kernel, cfg=cfg), grid=grid, in_specs=in_specs,
+                          out_specs=[spec for _, spec in outs], out_shape=[shape for shape, _ in outs],
+                          compiler_params=pltriton.CompilerParams(num_warps=warps, num_stages=stages),
+                          interpret=cfg.interpret, name=name)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -241,9 +224,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, *count_ref, cfg: _Config):
         acc, m, l = carry
         k = k_ref[pl.ds(j * bk, bk), :]               # (bk, D)
         v = v_ref[pl.ds(j * bk, bk), :]
-        s = _dot_nt(q, k) * cfg.scale_log2            # (bq, bk) scores, base-2 units, fp32
-        if masked:
-            s = jnp.where(_visible(q_pos, j * bk + jnp.arange(bk), cfg), s, -jnp.inf)
+        s = _scores(q, k, q_pos, j * bk + jnp.arange(bk), masked, cfg)
         m_new = jnp.maximum(m, jnp.max(s, axis=1))    # running max (finite: starts at _M_INIT)
         alpha = jnp.exp2(m - m_new)                   # rescales everything accumulated so far
         p = jnp.exp2(s - m_new[:, None])              # masked entries: exp2(-inf) = 0
@@ -254,8 +235,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, *count_ref, cfg: _Config):
     carry = (jnp.zeros(q.shape, jnp.float32), jnp.full((bq,), _M_INIT, jnp.float32), jnp.zeros((bq,), jnp.float32))
     bounds = kv_block_range(i, block_q=bq, block_k=bk, kv_len=cfg.kv_len, causal=cfg.causal, window=cfg.window)
     (acc, m, l), n = _visit_blocks(bounds, body, carry, _debug_counter(count_ref))
-    if count_ref:
-        count_ref[0][...] = jnp.full((1,), n, jnp.int32)
+    _store_count(count_ref, n)
     l = jnp.where(l == 0.0, 1.0, l)                   # rows that saw no key: output 0, no 0/0
     o_ref[...] = (acc / l[:, None]).astype(o_ref.dtype)
     lse_ref[...] = m + jnp.log2(l)
@@ -270,26 +250,14 @@ def _fwd_call(q, k, v, cfg: _Config, count_visits: bool = False):
     q_spec = pl.BlockSpec((None, bq, None, D), lambda i, b, h: (b, i, h, 0))
     # The whole (padded) K/V sequence of kv head h // G: only a base pointer on GPU; the kernel loads tiles.
     kv_spec = pl.BlockSpec((None, Sp, None, D), lambda i, b, h: (b, 0, lax.div(h, G), 0))
-    row_spec = pl.BlockSpec((None, None, bq), lambda i, b, h: (b, h, i))
-    out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((B, H, Tp), jnp.float32)]
-    out_specs = [q_spec, row_spec]
-    if count_visits:
-        out_shape.append(jax.ShapeDtypeStruct((B, H, nq), jnp.int32))
-        out_specs.append(pl.BlockSpec((None, None, 1), lambda i, b, h: (b, h, i)))
-    return pl.pallas_call(
-        partial(_fwd_kernel, cfg=cfg),
-        grid=(nq, B, H),
-        in_specs=[q_spec, kv_spec, kv_spec],
-        out_specs=out_specs,
-        out_shape=out_shape,
-        compiler_params=pltriton.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
-        interpret=cfg.interpret,
-        name="flash_attention_fwd",
-    )(q, k, v)
+    outs = [(jax.ShapeDtypeStruct(q.shape, q.dtype), q_spec),
+            (jax.ShapeDtypeStruct((B, H, Tp), jnp.float32), pl.BlockSpec((None, None, bq), lambda i, b, h: (b, h, i)))]
+    return _pallas(_fwd_kernel, "flash_attention_fwd", cfg, (nq, B, H), [q_spec, kv_spec, kv_spec], outs,
+                   count_visits, backward=False)(q, k, v)
 
 
 # ----------------------------------------------------------------------------------------------
-# Backward kernels.
+# Backward kernels
 
 def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *count_ref, cfg: _Config):
     """One program per (key block, batch, kv head): loop over the G query heads of the group and the query
@@ -311,9 +279,7 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref
             do = do_ref[rows, g, :]
             lse = lse_ref[g, rows]                    # (bq,)
             delta = delta_ref[g, rows]
-            s = _dot_nt(q, k) * cfg.scale_log2        # (bq, bk)
-            if masked:
-                s = jnp.where(_visible(i * bq + jnp.arange(bq), k_pos, cfg), s, -jnp.inf)
+            s = _scores(q, k, i * bq + jnp.arange(bq), k_pos, masked, cfg)
             p = jnp.exp2(s - lse[:, None])            # the attention probabilities, recomputed
             dv = dv + _dot_tn(p.astype(do.dtype), do)
             dp = _dot_nt(do, v)                       # (bq, bk)
@@ -325,8 +291,7 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref
 
     zeros = jnp.zeros(k.shape, jnp.float32)
     (dk, dv), n = lax.fori_loop(0, cfg.group, head, ((zeros, zeros), _debug_counter(count_ref)))
-    if count_ref:
-        count_ref[0][...] = jnp.full((1,), n, jnp.int32)
+    _store_count(count_ref, n)
     dk_ref[...] = (dk * cfg.scale).astype(dk_ref.dtype)
     dv_ref[...] = dv.astype(dv_ref.dtype)
 
@@ -344,17 +309,14 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *count_r
     def body(j, dq, masked):
         k = k_ref[pl.ds(j * bk, bk), :]
         v = v_ref[pl.ds(j * bk, bk), :]
-        s = _dot_nt(q, k) * cfg.scale_log2
-        if masked:
-            s = jnp.where(_visible(q_pos, j * bk + jnp.arange(bk), cfg), s, -jnp.inf)
+        s = _scores(q, k, q_pos, j * bk + jnp.arange(bk), masked, cfg)
         p = jnp.exp2(s - lse[:, None])
         ds = p * (_dot_nt(do, v) - delta[:, None])
         return dq + _dot_nn(ds.astype(k.dtype), k)
 
     bounds = kv_block_range(i, block_q=bq, block_k=bk, kv_len=cfg.kv_len, causal=cfg.causal, window=cfg.window)
     dq, n = _visit_blocks(bounds, body, jnp.zeros(q.shape, jnp.float32), _debug_counter(count_ref))
-    if count_ref:
-        count_ref[0][...] = jnp.full((1,), n, jnp.int32)
+    _store_count(count_ref, n)
     dq_ref[...] = (dq * cfg.scale).astype(dq_ref.dtype)
 
 
@@ -364,7 +326,6 @@ def _bwd_call(q, k, v, o, lse, do, cfg: _Config, count_visits: bool = False):
     B, Tp, H, D = q.shape
     Sp, K = k.shape[1], k.shape[2]
     G = cfg.group
-    params = pltriton.CompilerParams(num_warps=cfg.num_warps_bwd, num_stages=cfg.num_stages_bwd)
     # delta_i = sum_d o_id * do_id = rowsum(P * dP): the softmax-Jacobian term, once per query row.
     delta = jnp.einsum("bthd,bthd->bht", o.astype(jnp.float32), do.astype(jnp.float32))
 
@@ -375,21 +336,10 @@ def _bwd_call(q, k, v, o, lse, do, cfg: _Config, count_visits: bool = False):
     kv_blk = pl.BlockSpec((None, bk, None, D), lambda j, b, kh: (b, j, kh, 0))
     q_grp = pl.BlockSpec((None, Tp, G, D), lambda j, b, kh: (b, 0, kh, 0))
     row_grp = pl.BlockSpec((None, G, Tp), lambda j, b, kh: (b, kh, 0))
-    out_shape = [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)]
-    out_specs = [kv_blk, kv_blk]
-    if count_visits:
-        out_shape.append(jax.ShapeDtypeStruct((B, K, nk), jnp.int32))
-        out_specs.append(pl.BlockSpec((None, None, 1), lambda j, b, kh: (b, kh, j)))
-    dk, dv, *count_dkdv = pl.pallas_call(
-        partial(_dkdv_kernel, cfg=cfg),
-        grid=(nk, B, K),
-        in_specs=[q_grp, kv_blk, kv_blk, q_grp, row_grp, row_grp],
-        out_specs=out_specs,
-        out_shape=out_shape,
-        compiler_params=params,
-        interpret=cfg.interpret,
-        name="flash_attention_bwd_dkdv",
-    )(q, k, v, do, lse, delta)
+    outs = [(jax.ShapeDtypeStruct(k.shape, k.dtype), kv_blk), (jax.ShapeDtypeStruct(v.shape, v.dtype), kv_blk)]
+    dk, dv, *count_dkdv = _pallas(_dkdv_kernel, "flash_attention_bwd_dkdv", cfg, (nk, B, K),
+                                  [q_grp, kv_blk, kv_blk, q_grp, row_grp, row_grp], outs, count_visits,
+                                  backward=True)(q, k, v, do, lse, delta)
 
     # dQ: grid over query blocks, whole K/V of the matching kv head.
     bq, bk = cfg.block_q_dq, cfg.block_k_dq
@@ -397,24 +347,11 @@ def _bwd_call(q, k, v, o, lse, do, cfg: _Config, count_visits: bool = False):
     q_blk = pl.BlockSpec((None, bq, None, D), lambda i, b, h: (b, i, h, 0))
     kv_all = pl.BlockSpec((None, Sp, None, D), lambda i, b, h: (b, 0, lax.div(h, G), 0))
     row_blk = pl.BlockSpec((None, None, bq), lambda i, b, h: (b, h, i))
-    out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype)]
-    out_specs = [q_blk]
-    if count_visits:
-        out_shape.append(jax.ShapeDtypeStruct((B, H, nq), jnp.int32))
-        out_specs.append(pl.BlockSpec((None, None, 1), lambda i, b, h: (b, h, i)))
-    dq, *count_dq = pl.pallas_call(
-        partial(_dq_kernel, cfg=cfg),
-        grid=(nq, B, H),
-        in_specs=[q_blk, kv_all, kv_all, q_blk, row_blk, row_blk],
-        out_specs=out_specs,
-        out_shape=out_shape,
-        compiler_params=params,
-        interpret=cfg.interpret,
-        name="flash_attention_bwd_dq",
-    )(q, k, v, do, lse, delta)
-    if count_visits:
-        return dq, dk, dv, count_dkdv[0], count_dq[0]
-    return dq, dk, dv
+    dq, *count_dq = _pallas(_dq_kernel, "flash_attention_bwd_dq", cfg, (nq, B, H),
+                            [q_blk, kv_all, kv_all, q_blk, row_blk, row_blk],
+                            [(jax.ShapeDtypeStruct(q.shape, q.dtype), q_blk)], count_visits,
+                            backward=True)(q, k, v, do, lse, delta)
+    return (dq, dk, dv, *count_dkdv, *count_dq)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -447,17 +384,13 @@ def _batch_partitioned(fn, rule: str):
 
 
 # (Lambdas: custom_partitioning would treat the count_visits default as one more traced argument.)
-_fwd_partitioned = _batch_partitioned(
-    lambda q, k, v, cfg: _fwd_call(q, k, v, cfg),
-    "b t h d, b s k d, b s k d -> b t h d, b h t")
-_bwd_partitioned = _batch_partitioned(
-    lambda q, k, v, o, lse, do, cfg: _bwd_call(q, k, v, o, lse, do, cfg),
-    "b t h d, b s k d, b s k d, b t h d, b h t, b t h d -> b t h d, b s k d, b s k d")
+_fwd_partitioned = _batch_partitioned(lambda q, k, v, cfg: _fwd_call(q, k, v, cfg),
+                                      "b t h d, b s k d, b s k d -> b t h d, b h t")
+_bwd_partitioned = _batch_partitioned(lambda q, k, v, o, lse, do, cfg: _bwd_call(q, k, v, o, lse, do, cfg),
+                                      "b t h d, b s k d, b s k d, b t h d, b h t, b t h d -> b t h d, b s k d, b s k d")
 
 
-# ----------------------------------------------------------------------------------------------
 # custom_vjp on padded arrays
-
 @partial(jax.custom_vjp, nondiff_argnums=(3,))
 def _flash(q, k, v, cfg: _Config):
     return _fwd_partitioned(q, k, v, cfg)[0]
@@ -469,8 +402,7 @@ def _flash_fwd(q, k, v, cfg: _Config):
 
 
 def _flash_bwd(cfg: _Config, residuals, do):
-    q, k, v, o, lse = residuals
-    return tuple(_bwd_partitioned(q, k, v, o, lse, do, cfg))
+    return tuple(_bwd_partitioned(*residuals, do, cfg))  # residuals: q, k, v, o, lse
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
@@ -479,22 +411,8 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 # ----------------------------------------------------------------------------------------------
 # Public wrapper
 
-def _is_pow2(n) -> bool:
-    return isinstance(n, int) and n >= 1 and (n & (n - 1)) == 0
-
-
-def _round_up(n: int, m: int) -> int:
-    return -(-n // m) * m
-
-
-def _fit_block(block: int, length: int) -> int:
-    """Shrink a block for short sequences (no point in a 128-row tile for 40 rows); stays a power of two
-    >= 16."""
-    return min(block, max(_MIN_BLOCK, pl.next_power_of_2(length)))
-
-
-def _prepare(q, k, v, *, causal, window, scale, block_q, block_k, block_q_dkv, block_k_dkv, block_q_dq,
-             block_k_dq, num_warps, num_stages, num_warps_bwd, num_stages_bwd, interpret):
+def _prepare(q, k, v, *, causal, window, scale, num_warps, num_stages, num_warps_bwd, num_stages_bwd, interpret,
+             **blocks):
     """Validate the inputs and build the static config plus padded shapes: (cfg, T_pad, S_pad, D_pad)."""
     if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
         raise ValueError(f"flash_attention: q must be (B, T, H, D) and k/v (B, S, K, D); got shapes "
@@ -515,16 +433,16 @@ def _prepare(q, k, v, *, causal, window, scale, block_q, block_k, block_q_dkv, b
     if window is not None and (not isinstance(window, int) or isinstance(window, bool) or window < 0):
         raise ValueError(f"flash_attention: window must be None or a Python int >= 0 (a static left window "
                          f"w: query p sees keys p-w..p), got {window!r}")
-    blocks = dict(block_q=block_q, block_k=block_k, block_q_dkv=block_q_dkv, block_k_dkv=block_k_dkv,
-                  block_q_dq=block_q_dq, block_k_dq=block_k_dq)
     for name, b in blocks.items():
-        if not _is_pow2(b) or b < _MIN_BLOCK:
+        if not (isinstance(b, int) and b >= _MIN_BLOCK and (b & (b - 1)) == 0):
             raise ValueError(f"flash_attention: {name} must be a power of two >= {_MIN_BLOCK} (Triton tile "
                              f"shapes), got {b!r}")
     if window is not None and window >= T - 1:
         window = None  # every real query already sees all its earlier keys: plain (non-)causal attention
-    q_blocks = {n: _fit_block(b, T) for n, b in blocks.items() if n.startswith("block_q")}
-    k_blocks = {n: _fit_block(b, S) for n, b in blocks.items() if n.startswith("block_k")}
+    # Short sequences get smaller blocks (no 128-row tile for 40 rows), still powers of two >= 16.
+    fit = lambda b, length: min(b, max(_MIN_BLOCK, pl.next_power_of_2(length)))
+    q_blocks = {n: fit(b, T) for n, b in blocks.items() if n.startswith("block_q")}
+    k_blocks = {n: fit(b, S) for n, b in blocks.items() if n.startswith("block_k")}
     D_pad = max(_MIN_BLOCK, pl.next_power_of_2(D))
     cfg = _Config(
         causal=bool(causal), window=window, scale=float(1.0 / math.sqrt(D) if scale is None else scale),
@@ -532,9 +450,8 @@ def _prepare(q, k, v, *, causal, window, scale, block_q, block_k, block_q_dkv, b
         num_warps=num_warps or (4 if D_pad <= 64 else 8), num_stages=num_stages,
         num_warps_bwd=num_warps_bwd or (4 if D_pad <= 64 else 8), num_stages_bwd=num_stages_bwd,
         interpret=bool(interpret))
-    T_pad = _round_up(T, max(q_blocks.values()))  # blocks are powers of two: the max is a common multiple
-    S_pad = _round_up(S, max(k_blocks.values()))
-    return cfg, T_pad, S_pad, D_pad
+    bq, bk = max(q_blocks.values()), max(k_blocks.values())  # powers of two: a multiple of every block
+    return cfg, pl.cdiv(T, bq) * bq, pl.cdiv(S, bk) * bk, D_pad
 
 
 def _pad(x, length: int, dim: int):
@@ -562,11 +479,7 @@ def flash_attention(q, k, v, *, causal: bool = True, window: int | None = None, 
     the dQ kernel and num_warps_bwd/num_stages_bwd for both. num_warps None: 4 for head_dim <= 64, else 8.
     interpret=True runs the kernels in Pallas' CPU interpreter.
     """
-    cfg, T_pad, S_pad, D_pad = _prepare(
-        q, k, v, causal=causal, window=window, scale=scale, block_q=block_q, block_k=block_k,
-        block_q_dkv=block_q_dkv, block_k_dkv=block_k_dkv, block_q_dq=block_q_dq, block_k_dq=block_k_dq,
-        num_warps=num_warps, num_stages=num_stages, num_warps_bwd=num_warps_bwd, num_stages_bwd=num_stages_bwd,
-        interpret=interpret)
+    cfg, T_pad, S_pad, D_pad = _prepare(**locals())  # every argument, by name
     T, D = q.shape[1], q.shape[3]
     # Padding outside the custom_vjp: JAX differentiates the pad/slice itself (padded rows get zero cotangent).
     o = _flash(_pad(q, T_pad, D_pad), _pad(k, S_pad, D_pad), _pad(v, S_pad, D_pad), cfg)
