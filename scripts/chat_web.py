@@ -7,17 +7,17 @@
 Then open http://<host>:<port>/ , or point an OpenAI client at http://<host>:<port>/v1 (any API key):
     curl -N localhost:8000/chat/completions -d '{"messages": [{"role": "user", "content": "hi"}]}'
 
-One model replica per device (-n of them), each decoding up to --max-batch chats at once (continuous batching: a
-new chat joins while the others are mid-reply); more chats wait in a queue. The server is waitress (threaded);
-endpoints and limits are described in nanochat_jax/web/app.py.
+One model replica per device (-n), each decoding up to --max-batch chats at once (continuous batching); more chats
+wait in a queue. The server is waitress (threaded); endpoints and limits: nanochat_jax/web/app.py.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import contextlib
+from dataclasses import dataclass
 
-from nanochat_jax.common import run_main
-from nanochat_jax.config import parse_flags, print_config, require
+from nanochat_jax.common import UserError, run_main
+from nanochat_jax.config import flag, parse_flags, print_config, require
 
 PHASES = ("base", "mid", "sft", "rl")
 
@@ -25,33 +25,25 @@ PHASES = ("base", "mid", "sft", "rl")
 @dataclass(frozen=True)
 class WebConfig:
     """Web chat server over a checkpoint (see the module docstring)."""
-    source: str = field(default="sft", metadata={"help": "checkpoint phase: base|mid|sft|rl (-i)"})
-    model_tag: str | None = field(default=None, metadata={"help": "default: the largest d<N> of the phase"})
-    step: int | None = field(default=None, metadata={"help": "default: the latest step"})
-    host: str = field(default="127.0.0.1", metadata={"help": "0.0.0.0 to accept connections from other machines"})
-    port: int = field(default=8000, metadata={"help": "0 = any free port (printed at start)"})
-    num_workers: int = field(default=0, metadata={"help": "model replicas, one per local device; 0 = all (-n)"})
-    temperature: float = field(default=0.8, metadata={"help": "default when a request gives none (-t)"})
-    top_k: int = field(default=50, metadata={"help": "default when a request gives none; 0 = off (-k)"})
-    max_tokens: int = field(default=512, metadata={"help": "default reply length when a request gives none (-m)"})
-    max_context: int = field(default=0, metadata={"help": "prompt + reply tokens at most, up to the model's "
-                                                          "sequence_len; 0 = the model's sequence_len"})
-    max_batch: int = field(default=8, metadata={"help": "chats each replica decodes at once (rows of its KV cache); "
-                                                        "1 = one at a time"})
-    chunk: int = field(default=16, metadata={"help": "decode steps per host round trip: tokens stream a chunk at a "
-                                                     "time, and a new or finished chat waits at most one chunk"})
-    threads: int = field(default=64, metadata={"help": "server threads: streams plus queued requests plus "
-                                                       "/health and /stats"})
-    queue_timeout: float = field(default=300.0, metadata={"help": "seconds a request waits for a free worker, "
-                                                                  "then 503"})
-    warmup: bool = field(default=True, metadata={"help": "compile every replica before serving, for chats with the "
-                                                         "defaults"})
-    warmup_tokens: int = field(default=64, metadata={"help": "warm up prompts of up to this many tokens (the "
-                                                             "model's context: all; each prompt bucket compiles "
-                                                             "once)"})
-    cors: str = field(default="", metadata={"help": "Access-Control-Allow-Origin to send, e.g. '*'; empty = none"})
-    tokenizer_dir: str | None = field(default=None, metadata={"help": "default: the one the checkpoint was trained "
-                                                                      "with, else <base dir>/tokenizer"})
+    source: str = flag("sft", "checkpoint phase: base|mid|sft|rl (-i)")
+    model_tag: str | None = flag(None, "default: the largest d<N> of the phase")
+    step: int | None = flag(None, "default: the latest step")
+    host: str = flag("127.0.0.1", "0.0.0.0 to accept connections from other machines")
+    port: int = flag(8000, "0 = any free port (printed at start)")
+    num_workers: int = flag(0, "model replicas, one per local device; 0 = all (-n)")
+    temperature: float = flag(0.8, "default when a request gives none (-t)")
+    top_k: int = flag(50, "default when a request gives none; 0 = off (-k)")
+    max_tokens: int = flag(512, "default reply length when a request gives none (-m)")
+    max_context: int = flag(0, "prompt + reply tokens at most, up to the model's sequence_len (0 = all of it)")
+    max_batch: int = flag(8, "chats each replica decodes at once (rows of its KV cache); 1 = one at a time")
+    chunk: int = flag(16, "decode steps per host round trip; tokens stream and chats join/leave a chunk at a time")
+    threads: int = flag(64, "server threads: streams plus queued requests plus /health and /stats")
+    queue_timeout: float = flag(300.0, "seconds a request waits for a free worker, then 503")
+    warmup: bool = flag(True, "compile every replica before serving, for chats with the defaults")
+    warmup_tokens: int = flag(64, "warm up prompts of up to this many tokens (the model's context: all; each "
+                                  "prompt bucket compiles once)")
+    cors: str = flag("", "Access-Control-Allow-Origin to send, e.g. '*'; empty = none")
+    tokenizer_dir: str | None = flag(None, "default: the one the checkpoint was trained with, or <base dir>/tokenizer")
 
     def __post_init__(self):
         require(self.source in PHASES, f"-i/--source must be one of {PHASES}, got {self.source!r}")
@@ -82,23 +74,18 @@ def main(argv=None) -> None:
     model_tag = resolve_model_tag(cfg.source, cfg.model_tag)
     params, model_cfg, meta = load_model(cfg.source, model_tag, cfg.step)
     tokenizer = load_tokenizer(meta, cfg.tokenizer_dir)
-    try:
-        require_same_vocab(model_cfg, tokenizer, f"the {cfg.source} model")
-    except ValueError as e:
-        raise SystemExit(str(e)) from None
+    require_same_vocab(model_cfg, tokenizer, f"the {cfg.source} model")
     if cfg.max_context > model_cfg.sequence_len:
-        raise SystemExit(f"--max-context={cfg.max_context} is longer than the model's context "
-                         f"({model_cfg.sequence_len} tokens); use at most that (0 = the model's)")
+        raise UserError(f"--max-context={cfg.max_context} is longer than the model's context "
+                        f"({model_cfg.sequence_len} tokens); use at most that (0 = the model's)")
     if cfg.num_workers > len(local_devices()):
-        raise SystemExit(f"-n/--num-workers={cfg.num_workers}, but there are only {len(local_devices())} local "
-                         f"devices")
+        raise UserError(f"-n/--num-workers={cfg.num_workers}, but there are only {len(local_devices())} local devices")
     engines = make_engines(params, model_cfg, tokenizer, num_workers=cfg.num_workers or None)
     del params
     tag = f"{cfg.source}-{model_tag}-step{meta.get('step')}"
     app = create_app(engines, defaults=SamplingDefaults(cfg.temperature, cfg.top_k, cfg.max_tokens),
-                     max_context=cfg.max_context or None, queue_timeout=cfg.queue_timeout,
-                     model_name=f"nanochat-jax-{tag}", cors_origin=cfg.cors or None, max_batch=cfg.max_batch,
-                     chunk=cfg.chunk)
+                     max_context=cfg.max_context or None, queue_timeout=cfg.queue_timeout, max_batch=cfg.max_batch,
+                     model_name=f"nanochat-jax-{tag}", cors_origin=cfg.cors or None, chunk=cfg.chunk)
     if cfg.warmup:
         print0(f"compiling {len(engines)} replica(s)...")
         warm_up(app, cfg.warmup_tokens)
@@ -106,12 +93,8 @@ def main(argv=None) -> None:
     print0(f"nanochat-jax web chat ({tag}, {len(engines)} worker(s) x {cfg.max_batch} slot(s) on "
            f"{engines[0].device.platform}) serving on "
            f"http://{cfg.host}:{server.effective_port}/  (OpenAI API: /v1/chat/completions; Ctrl-C to stop)")
-    try:
+    with contextlib.closing(server), contextlib.suppress(KeyboardInterrupt):  # Ctrl-C: a clean stop
         server.run()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.close()
 
 
 if __name__ == "__main__":
