@@ -21,7 +21,7 @@ import logging
 import sys
 from dataclasses import dataclass
 
-from nanochat_jax.common import run_main
+from nanochat_jax.common import get_logger, run_main
 from nanochat_jax.config import flag, parse_flags, print_config, require
 
 PHASES = ("base", "mid", "sft", "rl")
@@ -39,8 +39,7 @@ class ChatConfig:
     max_tokens: int = flag(256, "per reply")
     seed: int = flag(42, "turn i samples with seed + i")
     verbose: bool = flag(False, "show the config and log lines (model loading, compilations) on stderr (-v)")
-    tokenizer_dir: str | None = flag(None, "default: the one the checkpoint was trained with, else "
-                                           "<base dir>/tokenizer")
+    tokenizer_dir: str | None = flag(None, "default: the one the checkpoint was trained with, or <base dir>/tokenizer")
 
     def __post_init__(self):
         require(self.source in PHASES, f"-i/--source must be one of {PHASES}, got {self.source!r}")
@@ -60,8 +59,6 @@ def note(text: str) -> None:
 @contextlib.contextmanager
 def logs_to_stderr(verbose: bool):
     """While inside: the package's log lines go to stderr, and only with verbose (else warnings and up)."""
-    from nanochat_jax.common import get_logger
-
     log = get_logger()
     saved = log.handlers[:]
     handler = logging.StreamHandler(sys.stderr)
@@ -74,49 +71,23 @@ def logs_to_stderr(verbose: bool):
         log.handlers = saved
 
 
-def fit_context(turns: list[list[int]], turn: list[int], context: int, reserve: int) -> int:
-    """Drop the oldest turns (in place) until <|bos|> + turns + turn leaves `reserve` of `context` tokens for
-    the reply; returns how many were dropped."""
-    dropped = 0
-    while turns and 1 + sum(map(len, turns)) + len(turn) + reserve > context:
-        turns.pop(0)
-        dropped += 1
-    return dropped
-
-
-class StreamPrinter:
-    """Prints a reply as tokens arrive, but only complete UTF-8 text (a multi-byte character can span tokens)."""
-
-    def __init__(self, tokenizer, out=sys.stdout):
-        self.tokenizer, self.out = tokenizer, out
-        self.tokens: list[int] = []
-        self.printed = 0
-
-    def add(self, token: int) -> None:
-        self.tokens.append(token)
-        text = self.tokenizer.decode(self.tokens)
-        if not text.endswith("\ufffd"):
-            self.out.write(text[self.printed:])
-            self.out.flush()
-            self.printed = len(text)
-
-
 def reply(engine, tokenizer, conversation: list[int], max_tokens: int, cfg: ChatConfig, seed: int) -> list[int]:
-    """Stream one assistant reply (at most max_tokens) to stdout; return its tokens, ending with <|assistant_end|>."""
-    assistant_end = tokenizer.encode_special("<|assistant_end|>")
-    printer = StreamPrinter(tokenizer)
-    tokens: list[int] = []
+    """Stream one assistant reply (at most max_tokens) to stdout; return its tokens, ending with <|assistant_end|>.
+    Only complete UTF-8 text is printed: a multi-byte character can span tokens."""
+    tokens, printed = [], 0
     for i, (column, _) in enumerate(engine.generate(conversation, max_tokens=max_tokens,
                                                     temperature=cfg.temperature, top_k=cfg.top_k, seed=seed)):
         if i == 0:  # after the wait for the prefill (and any compilation)
             print("\nAssistant: ", end="", flush=True)
-        token = column[0]
-        if token in engine.stop_ids:
+        if column[0] in engine.stop_ids:
             break
-        tokens.append(token)
-        printer.add(token)
+        tokens.append(column[0])
+        text = tokenizer.decode(tokens)
+        if not text.endswith("\ufffd"):
+            print(text[printed:], end="", flush=True)
+            printed = len(text)
     print(flush=True)
-    return tokens + [assistant_end]  # also closes a reply cut off by max_tokens
+    return tokens + [tokenizer.encode_special("<|assistant_end|>")]  # also closes a reply cut off by max_tokens
 
 
 def main(argv=None) -> None:
@@ -136,9 +107,8 @@ def chat(cfg: ChatConfig) -> None:
     require_same_vocab(model_cfg, tokenizer, f"the {cfg.source} model")
     engine = Engine(params, model_cfg, tokenizer)
     del params
-    sp = tokenizer.encode_special
-    bos, user_start, user_end, assistant_start = (sp(s) for s in ("<|bos|>", "<|user_start|>", "<|user_end|>",
-                                                                  "<|assistant_start|>"))
+    user_start, user_end, assistant_start = map(tokenizer.encode_special, ("<|user_start|>", "<|user_end|>",
+                                                                           "<|assistant_start|>"))
     context = model_cfg.sequence_len
     reserve = min(cfg.max_tokens, context // 4)  # room a reply gets before the oldest turns go
     note(f"nanochat-jax: {cfg.source} model, step {meta.get('step')}, {context}-token context. Type 'clear' to "
@@ -170,8 +140,11 @@ def chat(cfg: ChatConfig) -> None:
                 raise SystemExit(too_long)
             note(too_long)
             continue
-        dropped = fit_context(turns, turn, context, reserve)
-        prompt = [bos, *itertools.chain(*turns), *turn]
+        dropped = len(turns)  # the oldest turns go until <|bos|> + turns + turn leave `reserve` for the reply
+        while turns and 1 + sum(map(len, turns)) + len(turn) + reserve > context:
+            turns.pop(0)
+        dropped -= len(turns)
+        prompt = [tokenizer.bos_id, *itertools.chain(*turns), *turn]
         if dropped:
             note(f"(the chat outgrew this model's {context}-token context: dropped the oldest {dropped} turn(s); "
                  f"'clear' starts over)")
