@@ -4,23 +4,21 @@
     python scripts/bench_serve.py --clients=32 --max-tokens=64 --max-batch=1     # server flags pass through
     python scripts/bench_serve.py --model=checkpoint -i sft --model-tag=d20      # a trained model (base dir's)
 
-Starts `scripts/chat_web.py --port=0` in a subprocess (it compiles its warm-up before serving), waits for /health,
-sends one untimed request of the benchmark's shape (compiling whatever the server's warm-up left out), then
-starts --clients streaming requests at once on POST /chat/completions, each for exactly --max-tokens tokens
-(greedy), and times them: time to first token (request sent -> first token event), whole-request latency, and the
-aggregate rate (all completion tokens / the time from the start to the last reply). A client that errors, gets a
-non-200 answer or is still streaming at --time-limit counts as failed. Then one more request must succeed (nothing
-is left stuck) and the server's /stats are read. A table, then one JSON line.
+Starts `scripts/chat_web.py --port=0`, sends one untimed request of the benchmark's shape (compiling what the
+server's warm-up left out), then --clients streaming requests at once, each for exactly --max-tokens greedy tokens:
+time to first token (request sent -> first token event), latency, and tokens/s (all completion tokens / time to the
+last reply). A client that errors, gets a non-200 answer or still streams at --time-limit has failed. Then one more
+request must succeed (nothing left stuck) and /stats is read. A table, then one JSON line. Flags this script does
+not know, and all arguments after `--`, go to the server.
 
---model=random (default) writes a tokenizer and a random model to a temporary base dir: the shapes of a real tiny
-model, with the token embeddings and lm_head set so that greedy decoding loops "hihihi..." and never stops early
-(the other weights stay random; with nanochat's zero-initialised output projections the blocks leave the residual
-stream as it is, and the compute is the same whatever the values). Any flag this script does not know goes to the
-server unchanged (so do all arguments after `--`).
+--model=random (default): a tokenizer and a random model of a tiny model's shapes in a temporary base dir, with
+token embeddings and lm_head set so that greedy decoding loops "hihihi..." and never stops early (nanochat's
+zero-initialised output projections leave the residual stream as it is; the compute is the same whatever the values).
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import http.client
 import json
@@ -30,11 +28,11 @@ import sys
 import tempfile
 import threading
 import time
-from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import requests
 
 from nanochat_jax.common import UserError, run_main
 from nanochat_jax.config import flag, parse_flags, print_config, require
@@ -70,6 +68,10 @@ class BenchServeConfig:
         require(self.vocab_size >= 300, f"--vocab-size must be >= 300, got {self.vocab_size}")
 
 
+def _flag_name(arg: str) -> str:
+    return arg.lstrip("-").split("=", 1)[0].replace("-", "_")
+
+
 def split_argv(argv: list[str]) -> tuple[list[str], list[str]]:
     """(this script's flags, the server's): flags named like a BenchServeConfig field are ours, the rest (with
     the value after a bare `--flag`/`-f`) and everything after `--` go to the server."""
@@ -80,12 +82,10 @@ def split_argv(argv: list[str]) -> tuple[list[str], list[str]]:
         if arg == "--":
             server += argv[i + 1:]
             break
-        dest = server
-        if arg.startswith("-") and arg.lstrip("-").split("=", 1)[0].replace("-", "_") in ours:
-            dest = mine
+        dest = mine if arg.startswith("-") and _flag_name(arg) in ours else server
         dest.append(arg)
         if arg.startswith("-") and "=" not in arg and i + 1 < len(argv) and not argv[i + 1].startswith("-"):
-            if dest is server or not arg.lstrip("-").replace("-", "_").startswith("show_server"):
+            if dest is server or _flag_name(arg) != "show_server":  # a bare boolean flag takes no value
                 i += 1
                 dest.append(argv[i])
         i += 1
@@ -104,8 +104,7 @@ def make_random_model(base_dir: Path, cfg: BenchServeConfig) -> None:
 
     rng = np.random.default_rng(0)
     words = ["".join(rng.choice(list("abcdefghijklmnopqrstuvwxyz"), rng.integers(2, 8))) for _ in range(400)]
-    text = " ".join(rng.choice(words, 6000)) + " hello, hi! how are you?"
-    tok = train_tokenizer([text], vocab_size=cfg.vocab_size)
+    tok = train_tokenizer([" ".join(rng.choice(words, 6000)) + " hello, hi! how are you?"], vocab_size=cfg.vocab_size)
     tok.save()
     n_head = cfg.width // cfg.head_dim
     seq_len = max(256, 1 << (cfg.max_tokens + 128 - 1).bit_length())  # room for the prompt and the reply
@@ -135,16 +134,15 @@ class Server:
         self.proc = subprocess.Popen([sys.executable, str(REPO_ROOT / "scripts" / "chat_web.py"), *args],
                                      cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                      text=True, bufsize=1)
-        self.lines: deque[str] = deque(maxlen=60)
+        self.lines: collections.deque[str] = collections.deque(maxlen=60)
         self.url: str | None = None
         self.ready = threading.Event()
-        self.show = show
-        threading.Thread(target=self._drain, daemon=True).start()
+        threading.Thread(target=self._drain, args=(show,), daemon=True).start()
 
-    def _drain(self):
+    def _drain(self, show: bool):
         for line in self.proc.stdout:
             self.lines.append(line.rstrip())
-            if self.show:
+            if show:
                 print(f"  [server] {line.rstrip()}", flush=True)
             if self.url is None and "serving on http://" in line:
                 self.url = line.split("serving on ")[1].split()[0].rstrip("/")
@@ -159,41 +157,26 @@ class Server:
         return self.url
 
     def stop(self):
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-
-
-def _connection(url: str, timeout: float) -> http.client.HTTPConnection:
-    host, port = url.removeprefix("http://").split(":")
-    return http.client.HTTPConnection(host, int(port), timeout=timeout)
-
-
-def get_json(url: str, path: str, timeout: float = 30.0) -> dict:
-    conn = _connection(url, timeout)
-    try:
-        conn.request("GET", path)
-        return json.loads(conn.getresponse().read())
-    finally:
-        conn.close()
+        self.proc.terminate()  # nothing if it has exited
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(10)
 
 
 def stream_chat(url: str, payload: dict, deadline: float) -> dict:
     """One streaming request on POST /chat/completions: {ok, ttft, latency, tokens, finish_reason | error}."""
     t0 = time.perf_counter()
     out = {"ok": False, "ttft": None, "latency": None, "tokens": 0}
-    conn = _connection(url, max(deadline - time.monotonic(), 0.1))
+    host, port = url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=max(deadline - time.monotonic(), 0.1))
     try:
         conn.request("POST", "/chat/completions", body=json.dumps(payload),
                      headers={"Content-Type": "application/json"})
         resp = conn.getresponse()
         if resp.status != 200:
-            out["error"] = f"HTTP {resp.status}: {resp.read()[:200]!r}"
-            return out
+            return {**out, "error": f"HTTP {resp.status}: {resp.read()[:200]!r}"}
         for raw in resp:
             line = raw.decode("utf-8", "replace").strip()
             if not line.startswith("data: "):
@@ -203,71 +186,59 @@ def stream_chat(url: str, payload: dict, deadline: float) -> dict:
                 out["ttft"] = time.perf_counter() - t0
             if event.get("done"):
                 if "error" in event:
-                    out["error"] = event["error"]
-                    return out
-                out.update(ok=True, latency=time.perf_counter() - t0, tokens=event.get("completion_tokens", 0),
-                           finish_reason=event.get("finish_reason"))
-                return out
+                    return {**out, "error": event["error"]}
+                return {**out, "ok": True, "latency": time.perf_counter() - t0,
+                        "tokens": event.get("completion_tokens", 0), "finish_reason": event.get("finish_reason")}
             if time.monotonic() > deadline:
-                out["error"] = "time limit"
-                return out
-        out["error"] = "stream ended without a done event"
+                return {**out, "error": "time limit"}
+        return {**out, "error": "stream ended without a done event"}
     except (OSError, http.client.HTTPException, ValueError) as e:
-        out["error"] = f"{type(e).__name__}: {e}"
+        return {**out, "error": f"{type(e).__name__}: {e}"}
     finally:
         conn.close()
-    return out
 
 
-def chat_payload(cfg: BenchServeConfig) -> dict:
-    return {"messages": [{"role": "user", "content": cfg.prompt}], "max_tokens": cfg.max_tokens,
-            "temperature": 0.0, "top_k": 0}
+def chat_payload(cfg: BenchServeConfig, max_tokens: int) -> dict:
+    return {"messages": [{"role": "user", "content": cfg.prompt}], "max_tokens": max_tokens, "temperature": 0.0,
+            "top_k": 0}
 
 
 def run_clients(url: str, cfg: BenchServeConfig) -> tuple[list[dict], float]:
     """cfg.clients streams started together; returns their results and the wall time to the last completion."""
-    payload = chat_payload(cfg)
     results: list[dict] = [{"ok": False, "error": "not finished", "tokens": 0} for _ in range(cfg.clients)]
     go = threading.Barrier(cfg.clients + 1)
-    deadline_box: list[float] = []
 
     def client(k):
         go.wait()
-        results[k] = stream_chat(url, payload, deadline_box[0])
+        results[k] = stream_chat(url, chat_payload(cfg, cfg.max_tokens), time.monotonic() + cfg.time_limit)
 
     threads = [threading.Thread(target=client, args=(k,), daemon=True) for k in range(cfg.clients)]
     for t in threads:
         t.start()
-    deadline_box.append(time.monotonic() + cfg.time_limit)
-    t0 = time.perf_counter()
     go.wait()
+    t0, deadline = time.perf_counter(), time.monotonic() + cfg.time_limit
     for t in threads:
-        t.join(max(deadline_box[0] - time.monotonic(), 0) + 5)
+        t.join(max(deadline - time.monotonic(), 0) + 5)
     ends = [t0 + r["latency"] for r in results if r.get("ok")]
-    wall = (max(ends) if ends else time.perf_counter()) - t0
-    return results, wall
+    return results, (max(ends) if ends else time.perf_counter()) - t0
 
 
 def summarize(results: list[dict], wall: float, cfg: BenchServeConfig) -> dict:
     ok = [r for r in results if r.get("ok")]
     ttft = np.array([r["ttft"] for r in ok if r["ttft"] is not None])
     lat = np.array([r["latency"] for r in ok])
-    pct = lambda a, q: float(np.percentile(a, q)) if a.size else None  # noqa: E731
-    errors: dict[str, int] = {}
-    for r in results:
-        if not r.get("ok"):
-            errors[r.get("error", "?")[:120]] = errors.get(r.get("error", "?")[:120], 0) + 1
+    pct = lambda a, q: float(np.percentile(a, q)) if a.size else None
     tokens = int(sum(r["tokens"] for r in ok))
     return {"clients": cfg.clients, "max_tokens": cfg.max_tokens, "completed": len(ok),
             "failed": len(results) - len(ok), "short_replies": sum(r["tokens"] < cfg.max_tokens for r in ok),
             "tokens": tokens, "wall_seconds": wall, "tokens_per_s": tokens / wall if wall > 0 else None,
             "ttft_p50_s": pct(ttft, 50), "ttft_p99_s": pct(ttft, 99),
-            "latency_p50_s": pct(lat, 50), "latency_p99_s": pct(lat, 99), "errors": errors}
+            "latency_p50_s": pct(lat, 50), "latency_p99_s": pct(lat, 99),
+            "errors": dict(collections.Counter(r.get("error", "?")[:120] for r in results if not r.get("ok")))}
 
 
 def main(argv=None) -> dict:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    mine, server_args = split_argv(argv)
+    mine, server_args = split_argv(sys.argv[1:] if argv is None else list(argv))
     cfg = parse_flags(BenchServeConfig, mine)
     print_config(cfg)
     with tempfile.TemporaryDirectory(prefix="bench_serve_") as tmp:
@@ -276,7 +247,7 @@ def main(argv=None) -> dict:
             make_random_model(Path(tmp), cfg)
             env["NANOCHAT_JAX_BASE_DIR"] = tmp
             server_args = ["-i", "sft", f"--model-tag=d{cfg.depth}", *server_args]
-        given = {a.lstrip("-").split("=", 1)[0].replace("-", "_") for a in server_args if a.startswith("-")}
+        given = {_flag_name(a) for a in server_args if a.startswith("-")}
         defaults = [f"--threads={cfg.clients + 16}"] if "threads" not in given else []
         server_args = ["--host=127.0.0.1", "--port=0", *defaults, *server_args]
         print(f"server: scripts/chat_web.py {' '.join(server_args)}", flush=True)
@@ -284,23 +255,22 @@ def main(argv=None) -> dict:
         try:
             t0 = time.perf_counter()
             url = server.wait_ready(cfg.startup_timeout)
-            health = get_json(url, "/health")
+            health = requests.get(url + "/health", timeout=30).json()
             print(f"serving at {url} after {time.perf_counter() - t0:.1f}s (load + warm-up): {health.get('model')}, "
                   f"{health.get('num_workers')} worker(s)", flush=True)
             # untimed: compiles what this request shape needs beyond the server's own warm-up
-            warm = stream_chat(url, chat_payload(cfg), time.monotonic() + cfg.startup_timeout)
+            warm = stream_chat(url, chat_payload(cfg, cfg.max_tokens), time.monotonic() + cfg.startup_timeout)
             if not warm.get("ok"):
                 raise UserError(f"the warm-up request failed: {warm.get('error')}")
             results, wall = run_clients(url, cfg)
-            follow = stream_chat(url, {"messages": [{"role": "user", "content": cfg.prompt}], "max_tokens": 4,
-                                       "temperature": 0.0}, time.monotonic() + 60)
-            stats = get_json(url, "/stats")
+            follow = stream_chat(url, chat_payload(cfg, 4), time.monotonic() + 60)
+            stats = requests.get(url + "/stats", timeout=30).json()
         finally:
             server.stop()
     out = summarize(results, wall, cfg)
     out.update(follow_up_ok=bool(follow.get("ok")), server_args=server_args,
                server_stats={k: v for k, v in stats.items() if not isinstance(v, (list, dict))})
-    fmt = lambda x, s=".2f": "-" if x is None else format(x, s)  # noqa: E731
+    fmt = lambda x, s=".2f": "-" if x is None else format(x, s)
     print(f"{'clients':>7} {'tokens':>6} {'done':>5} {'failed':>6} {'tok/s':>8} {'TTFT p50':>9} {'TTFT p99':>9} "
           f"{'lat p50':>8} {'lat p99':>8} {'wall s':>7}")
     print(f"{cfg.clients:>7} {cfg.max_tokens:>6} {out['completed']:>5} {out['failed']:>6} "
