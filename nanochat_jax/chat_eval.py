@@ -1,18 +1,11 @@
-"""Chat evaluations: categorical (ARC, MMLU: letter logits) and generative (GSM8K, HumanEval, SpellingBee: sample,
-then grade), and ChatCORE, measured the way nanochat measures them (scripts/chat_eval.py, `run_chat_eval`).
+"""Chat evaluations as nanochat runs them (scripts/chat_eval.py, `run_chat_eval`), and ChatCORE.
 
-Categorical: each prompt is `render_for_completion` (ending in <|assistant_start|>); the answer is the argmax of the
-logits at that last position restricted to the allowed letters' token ids. Prompts are right-padded into
-power-of-two length buckets with a fixed row count (a multiple of the mesh size), so a whole eval compiles once per
-bucket; rows are sharded over the mesh and only the (rows, letters) logits come back to the host.
-
-Generative: one Engine per local device, each in its own thread taking batches of problems (JAX releases the GIL
-while a device computes, so N devices sample N batches at once). A problem passes if any of its `num_samples`
-completions passes (pass@k). With several processes, process p takes problems p, p + P, ... and the counts are
-summed over processes.
-
-ChatCORE = mean over tasks of (acc − baseline) / (1 − baseline): baseline 0.25 for the 4-way multiple choice tasks
-(ARC-Easy, ARC-Challenge, MMLU), 0 for the generative ones.
+Categorical (ARC, MMLU): the answer is the argmax, over the allowed letters' token ids, of the logits after the
+prompt's <|assistant_start|>; prompts are right-padded into power-of-two buckets of a fixed row count, so an eval
+compiles once per bucket. Generative (GSM8K, HumanEval, SpellingBee): one Engine per local device, each in its own
+thread (JAX releases the GIL while a device computes); a problem passes if any of its samples does (pass@k).
+Process p of P takes problems p, p + P, ...; counts are summed over processes. ChatCORE is the mean centered
+accuracy, (acc - baseline) / (1 - baseline), with baseline 0.25 for the 4-way choice tasks and 0 otherwise.
 """
 
 from __future__ import annotations
@@ -21,7 +14,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -58,13 +51,15 @@ def chatcore(results: dict[str, float]) -> float:
 
 
 class _Progress:
-    """A live `task: passed/done (acc) of total` line on process 0: rewritten in place on a terminal, and one line
-    per tenth of the problems when stdout is a log file."""
+    """One task's run: this process's problems (`mine`), and `task: passed/done (acc) of total` on process 0,
+    rewritten in place on a terminal, else printed every tenth of the problems."""
 
-    def __init__(self, name: str, total: int):
-        self.name, self.total, self.t0 = name, total, time.perf_counter()
+    def __init__(self, name: str, task, max_problems: int | None):
+        self.name, self.t0 = name, time.perf_counter()
+        self.total = len(task) if max_problems is None else min(len(task), max_problems)
+        self.mine = list(range(jax.process_index(), self.total, jax.process_count()))
         self.live = jax.process_index() == 0 and sys.stdout.isatty()
-        self.every = max(1, total // 10)
+        self.every = max(1, self.total // 10)
 
     def update(self, passed: int, done: int, final: bool = False) -> None:
         if jax.process_index() != 0 or not (self.live or final or done % self.every == 0):
@@ -74,15 +69,22 @@ class _Progress:
                 f"{rate:.1f} problems/s")
         print(("\r" if self.live else "") + line, end="\n" if final or not self.live else "", flush=True)
 
+    def finish(self, passed: int, done: int) -> dict:
+        """Counts summed over processes, printed, and returned with the accuracy and time."""
+        passed, total = (int(v) for v in sharding.process_sum(np.array([passed, done])))
+        self.update(passed, total, final=True)
+        return {"accuracy": passed / max(total, 1), "passed": passed, "total": total,
+                "seconds": time.perf_counter() - self.t0}
+
 
 class CategoricalEvaluator:
     """Letter-logit scoring of prompts on a mesh; one jitted function, compiled once per length bucket."""
 
     def __init__(self, params, model_cfg: gpt.GPTConfig, mesh, *, rows_per_batch: int = 32):
-        self.cfg, self.mesh = model_cfg, mesh
+        self.mesh = mesh
         self.rows = max(mesh.size, -(-rows_per_batch // mesh.size) * mesh.size)
-        rep, rows = sharding.replicated(mesh), sharding.batch_sharding(mesh)
-        rows1 = sharding.batch_sharding(mesh, ndim=1)
+        rep, rows_BT = sharding.replicated(mesh), sharding.batch_sharding(mesh)
+        rows_B = sharding.batch_sharding(mesh, ndim=1)
         self.set_params(params)
 
         def letter_logits(params, idx_BT, last_B, letters_BL):
@@ -91,7 +93,7 @@ class CategoricalEvaluator:
             picked_BL = jnp.take_along_axis(at_last_BV, jnp.maximum(letters_BL, 0), axis=1)
             return jnp.where(letters_BL >= 0, picked_BL, -jnp.inf)
 
-        self.fn = jax.jit(letter_logits, in_shardings=(rep, rows, rows1, rows), out_shardings=rep)
+        self.fn = jax.jit(letter_logits, in_shardings=(rep, rows_BT, rows_B, rows_BT), out_shardings=rep)
         self.shapes_seen: set[int] = set()
 
     def set_params(self, params) -> None:
@@ -105,56 +107,43 @@ class CategoricalEvaluator:
             chunk = order[s:s + self.rows]
             T = pow2_bucket(max(len(prompts[i]) for i in chunk), 64)
             self.shapes_seen.add(T)
-            idx = np.zeros((self.rows, T), np.int32)
-            last = np.zeros(self.rows, np.int32)
-            letters = np.full((self.rows, MAX_LETTERS), -1, np.int32)
+            idx_BT, last_B = np.zeros((self.rows, T), np.int32), np.zeros(self.rows, np.int32)
+            letters_BL = np.full((self.rows, MAX_LETTERS), -1, np.int32)
             for r, i in enumerate(chunk):
-                idx[r, :len(prompts[i])] = prompts[i]
-                last[r] = len(prompts[i]) - 1
-                letters[r, :len(letter_ids[i])] = letter_ids[i]
-            scores = np.asarray(self.fn(self.params, idx, last, letters))
-            out[chunk] = scores[:len(chunk)].argmax(-1)
+                idx_BT[r, :len(prompts[i])] = prompts[i]
+                last_B[r] = len(prompts[i]) - 1
+                letters_BL[r, :len(letter_ids[i])] = letter_ids[i]
+            scores_BL = np.asarray(self.fn(self.params, idx_BT, last_B, letters_BL))
+            out[chunk] = scores_BL[:len(chunk)].argmax(-1)
         return out
 
 
 def letter_token_ids(tokenizer, letters: Sequence[str]) -> list[int]:
-    ids = []
-    for letter in letters:
-        enc = tokenizer.encode(letter)
+    encoded = [tokenizer.encode(letter) for letter in letters]
+    for letter, enc in zip(letters, encoded):
         if len(enc) != 1:
             raise ValueError(f"the answer letter {letter!r} is {len(enc)} tokens with this tokenizer; categorical "
                              f"evaluation needs single-token letters (train the tokenizer on more text)")
-        ids.append(enc[0])
-    return ids
+    return [enc[0] for enc in encoded]
 
 
 def run_categorical(task, evaluator: CategoricalEvaluator, tokenizer, *, max_problems: int | None = None,
                     name: str = "task") -> dict:
-    n = len(task) if max_problems is None else min(len(task), max_problems)
-    mine = list(range(jax.process_index(), n, jax.process_count()))
-    convs = [task[i] for i in mine]
+    progress = _Progress(name, task, max_problems)
+    convs = [task[i] for i in progress.mine]
     prompts = [tokenizer.render_for_completion(c) for c in convs]
     letters = [c["letters"] for c in convs]
-    t0 = time.perf_counter()
     pred = evaluator.predict(prompts, [letter_token_ids(tokenizer, ls) for ls in letters])
-    passed = sum(int(task.evaluate(c, ls[p])) for c, ls, p in zip(convs, letters, pred))
-    passed, total = (int(v) for v in sharding.process_sum(np.array([passed, len(mine)])))
-    _Progress(name, n).update(passed, total, final=True)
-    return {"accuracy": passed / max(total, 1), "passed": passed, "total": total, "seconds": time.perf_counter() - t0}
+    return progress.finish(sum(int(task.evaluate(c, ls[p])) for c, ls, p in zip(convs, letters, pred)), len(convs))
 
 
 def run_generative(task, engines: Sequence, tokenizer, *, num_samples: int = 1, max_new_tokens: int = 512,
                    temperature: float = 0.0, top_k: int = 50, max_problems: int | None = None,
-                   batch_problems: int = 8, seed: int = 0, name: str = "task",
-                   on_progress: Callable[[int, int], None] | None = None) -> dict:
+                   batch_problems: int = 8, seed: int = 0, name: str = "task") -> dict:
     """pass@num_samples over the task's problems, sampled by `engines` in parallel threads."""
-    n = len(task) if max_problems is None else min(len(task), max_problems)
-    mine = list(range(jax.process_index(), n, jax.process_count()))
+    progress = _Progress(name, task, max_problems)
+    mine, lock, counts = progress.mine, threading.Lock(), {"passed": 0, "done": 0}
     chunks = [mine[s:s + batch_problems] for s in range(0, len(mine), batch_problems)]
-    lock = threading.Lock()
-    counts = {"passed": 0, "done": 0}
-    progress = _Progress(name, n)
-    t0 = time.perf_counter()
 
     def solve(engine, chunk):
         convs = [task[i] for i in chunk]
@@ -168,19 +157,14 @@ def run_generative(task, engines: Sequence, tokenizer, *, num_samples: int = 1, 
                 counts["passed"] += int(ok)
                 counts["done"] += 1
                 progress.update(counts["passed"], counts["done"])
-                if on_progress:
-                    on_progress(counts["passed"], counts["done"])
 
     map_on_engines(engines, chunks, solve)
-    passed, total = (int(v) for v in sharding.process_sum(np.array([counts["passed"], counts["done"]])))
-    progress.update(passed, total, final=True)
-    return {"accuracy": passed / max(total, 1), "passed": passed, "total": total, "seconds": time.perf_counter() - t0}
+    return progress.finish(counts["passed"], counts["done"])
 
 
 @dataclass
 class ChatEvalCache:
-    """What evaluate_chat_model keeps between calls (periodic evals during training): the loaded tasks by name,
-    the categorical evaluator and the engines (with their compilations)."""
+    """What evaluate_chat_model keeps between periodic evals: tasks by name, the evaluator, the engines."""
     tasks: dict = field(default_factory=dict)
     evaluator: CategoricalEvaluator | None = None
     engines: list = field(default_factory=list)
@@ -189,13 +173,10 @@ class ChatEvalCache:
 def evaluate_chat_model(params, model_cfg: gpt.GPTConfig, tokenizer, mesh, task_names: Sequence[str], *,
                         data_dir=None, max_problems: int | None = None, num_samples: int = 1,
                         max_new_tokens: int = 512, temperature: float = 0.0, top_k: int = 50,
-                        batch_size: int = 8, seed: int = 0, tasks: dict | None = None,
-                        cache: ChatEvalCache | None = None) -> dict:
-    """{task: accuracy, ..., "ChatCORE": ... (when every task ran)} plus "details". tasks: already-loaded tasks by
-    name (else loaded here)."""
+                        batch_size: int = 8, seed: int = 0, cache: ChatEvalCache | None = None) -> dict:
+    """{task: accuracy, ..., "ChatCORE" (when every task ran), "ChatCORE_cat"} plus "details"."""
     results, details = {}, {}
     cache = ChatEvalCache() if cache is None else cache
-    cache.tasks.update({k: v for k, v in (tasks or {}).items() if k not in cache.tasks})
     for runner in ([cache.evaluator] if cache.evaluator else []) + cache.engines:
         runner.set_params(params)
     for name in task_names:
