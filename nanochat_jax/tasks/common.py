@@ -66,10 +66,7 @@ class Task:
             raise TypeError(f"task index must be an int, got {type(index).__name__}")
         if not 0 <= index < len(self):
             raise IndexError(f"index {index} out of range for {type(self).__name__} of length {len(self)}")
-        return self.get_example(self.start + int(index) * self.step)
-
-    def __iter__(self):
-        return (self[i] for i in range(len(self)))
+        return self.get_example(self.start + int(index) * self.step)  # IndexError also ends `for x in task`
 
 
 class TaskSequence(Task):
@@ -84,8 +81,7 @@ class TaskSequence(Task):
             if int(repeats) != repeats or repeats < 0:
                 raise ValueError(f"repeat count must be an int >= 0, got {repeats!r}")
             self.tasks += [task] * int(repeats)
-        self.lengths = [len(t) for t in self.tasks]
-        self.offsets = np.cumsum([0] + self.lengths)
+        self.offsets = np.cumsum([0] + [len(t) for t in self.tasks])
 
     def num_examples(self) -> int:
         return int(self.offsets[-1])

@@ -26,8 +26,7 @@ def answer_to_parts(answer: str) -> list[dict]:
         if piece.startswith("<<") and piece.endswith(">>"):
             inner = piece[2:-2]
             expr, result = inner.rsplit("=", 1) if "=" in inner else (inner, "")
-            parts.append({"type": "python", "text": expr})
-            parts.append({"type": "python_output", "text": result})
+            parts += [{"type": "python", "text": expr}, {"type": "python_output", "text": result}]
         else:
             parts.append({"type": "text", "text": piece})  # may be "" (nanochat keeps those too)
     return parts

@@ -16,13 +16,12 @@ _LOCAL_FOLDERS = {"test": "test", "validation": "val", "dev": "dev"}
 
 
 def _read_csv(path: Path, subject: str) -> list[dict]:
-    with open(path, newline="", encoding="utf-8") as f:
-        rows = list(csv.reader(f))
     out = []
-    for i, row in enumerate(rows):
-        if len(row) != 6 or row[5] not in LETTERS:
-            raise ValueError(f"{path} row {i}: expected question, A, B, C, D, answer letter; got {row!r:.200}")
-        out.append({"question": row[0], "subject": subject, "choices": row[1:5], "answer": LETTERS.index(row[5])})
+    with open(path, newline="", encoding="utf-8") as f:
+        for i, row in enumerate(csv.reader(f)):
+            if len(row) != 6 or row[5] not in LETTERS:
+                raise ValueError(f"{path} row {i}: expected question, A, B, C, D, answer letter; got {row!r:.200}")
+            out.append({"question": row[0], "subject": subject, "choices": row[1:5], "answer": LETTERS.index(row[5])})
     return out
 
 
