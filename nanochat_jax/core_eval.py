@@ -36,6 +36,7 @@ from typing import Any, Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+import yaml  # PyYAML, installed with flax/orbax
 
 from nanochat_jax import gpt, sharding
 from nanochat_jax.common import DownloadError, atomic_write, download, get_base_dir, pow2_bucket, print0
@@ -63,8 +64,6 @@ class CoreTask:
 
 def load_core_tasks(bundle_dir: str | os.PathLike) -> list[CoreTask]:
     """The tasks of core.yaml, in order, each with its random baseline from eval_meta_data.csv."""
-    import yaml  # PyYAML: present through flax/orbax; only CORE needs it
-
     bundle_dir = Path(bundle_dir)
     with open(bundle_dir / "core.yaml", encoding="utf-8") as f:
         config = yaml.safe_load(f)
