@@ -6,14 +6,10 @@
     python kernels/bench_attention.py --tiny                            # CPU smoke run (interpret mode, tiny sizes)
     python kernels/bench_attention.py --out=attention_table.md          # also write the table
 
-Every shape is causal, bf16, layout (B, T, H, D), run once with full attention and once with each window in
---windows (left window w: query p sees keys p-w..p, as the model's short layers). FLOPs count only the visible
-(query, key) pairs: forward = 2 matmuls x 2*D per pair (half the square for causal), forward+backward = 3.5x
-forward (the backward's 5 matmuls, the FlashAttention-paper convention; recomputation is not counted). Times
-are medians over --iters runs after --warmup runs, each ended by block_until_ready. The error columns compare
-the output and the gradients (dq, dk, dv for a random cotangent) with the XLA backend's, as max |diff| / max
-|xla| (bf16: expect ~1e-2), a cheap guard against a mis-compiled kernel.
-
+Every shape is causal, (B, T, H, D), run with full attention and with each window in --windows. FLOPs count only
+visible (query, key) pairs; forward+backward = 3.5x forward (the FlashAttention-paper convention, recomputation not
+counted). Times are medians of --iters calls after --warmup. The error columns compare the output and gradients
+(random cotangent) with XLA's as max |diff| / max |xla| (bf16: ~1e-2), a guard against a mis-compiled kernel.
 Imports only jax/numpy and the project's config/gpt modules (no grain, no flask).
 """
 
@@ -26,6 +22,7 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: make the repo root importable
@@ -36,11 +33,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from kernels.flash_attention import attention_flops, flash_attention
+from nanochat_jax import gpt
+from nanochat_jax.common import atomic_write
 from nanochat_jax.config import flag, parse_flags, print_config, require
 
 BACKENDS = ("pallas", "cudnn", "xla")
 _KERNEL = {name: p.default for name, p in inspect.signature(flash_attention).parameters.items()
-           if p.kind == p.KEYWORD_ONLY}  # flash_attention's default tuning
+           if p.name.startswith(("block_", "num_"))}  # flash_attention's default tuning
 
 
 @dataclass(frozen=True)
@@ -92,10 +91,8 @@ class BenchConfig:
         return [None] + [int(x) for x in _split(self.windows)]
 
     def pallas_kwargs(self) -> dict:
-        return dict(block_q=self.block_q, block_k=self.block_k, block_q_dkv=self.block_q_dkv,
-                    block_k_dkv=self.block_k_dkv, block_q_dq=self.block_q_dq, block_k_dq=self.block_k_dq,
-                    num_warps=self.num_warps or None, num_stages=self.num_stages,
-                    num_warps_bwd=self.num_warps_bwd or None, num_stages_bwd=self.num_stages_bwd)
+        kwargs = {name: getattr(self, name) for name in _KERNEL}
+        return {**kwargs, "num_warps": self.num_warps or None, "num_warps_bwd": self.num_warps_bwd or None}
 
 
 TINY = dict(tokens=128, seq_lens="64", n_head=2, head_dim=64, windows="16", warmup=1, iters=3,
@@ -112,46 +109,34 @@ SWEEP_TINY_FWD = [(32, 32, 4, 2), (16, 32, 4, 2)]
 SWEEP_TINY_BWD = [(32, 32, 32, 32, 4, 2), (16, 32, 32, 16, 4, 2)]
 
 
+log = partial(print, flush=True)
+
+
 def _split(text: str) -> list[str]:
     return [x.strip() for x in text.split(",") if x.strip()]
 
 
-# ----------------------------------------------------------------------------------------------
-# Timing
-
 def time_fn(fn, args, warmup: int, iters: int) -> float:
-    """Median seconds per call (compile + warmup first; every call waited for with block_until_ready)."""
-    for _ in range(warmup):
-        jax.block_until_ready(fn(*args))
+    """Median seconds per call after `warmup` calls (compilation included); each call ended by block_until_ready."""
     times = []
-    for _ in range(iters):
+    for _ in range(warmup + iters):
         t0 = time.perf_counter()
         jax.block_until_ready(fn(*args))
         times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
-def make_attention(backend: str, window: int | None, interpret: bool, pallas_kwargs: dict):
-    """attn(q, k, v) for one backend. cudnn and xla go through the model's own gpt.attention."""
-    if backend == "pallas":
-        return lambda q, k, v: flash_attention(q, k, v, causal=True, window=window, interpret=interpret,
-                                               **pallas_kwargs)
-    from nanochat_jax import gpt
-    return lambda q, k, v: gpt.attention(q, k, v, causal=True, window=window, backend=backend)
-
-
-def fwd_and_fwd_bwd(attn):
-    """Jitted forward, and forward+backward (the VJP with a given output cotangent)."""
-    def fwd_bwd(q, k, v, do):
-        _, vjp = jax.vjp(attn, q, k, v)
-        return vjp(do)
-    return jax.jit(attn), jax.jit(fwd_bwd)
+    return statistics.median(times[warmup:])
 
 
 def measure(backend, window, arrays, cfg: BenchConfig, interpret, pallas_kwargs, *, backward=True):
-    """(forward seconds, forward+backward seconds or None, (o, dq, dk, dv) or (o,) for comparisons)."""
+    """(forward seconds, forward+backward seconds or None, (o, dq, dk, dv) or (o,) for comparisons).
+    cudnn and xla go through the model's own gpt.attention."""
     q, k, v, do = arrays
-    fwd, fwd_bwd = fwd_and_fwd_bwd(make_attention(backend, window, interpret, pallas_kwargs))
+    if backend == "pallas":
+        attn = lambda q, k, v: flash_attention(q, k, v, causal=True, window=window, interpret=interpret,
+                                               **pallas_kwargs)
+    else:
+        attn = lambda q, k, v: gpt.attention(q, k, v, causal=True, window=window, backend=backend)
+    fwd = jax.jit(attn)
+    fwd_bwd = jax.jit(lambda q, k, v, do: jax.vjp(attn, q, k, v)[1](do))  # the VJP for output cotangent do
     t_fwd = time_fn(fwd, (q, k, v), cfg.warmup, cfg.iters)
     if not backward:
         return t_fwd, None, (fwd(q, k, v),)
@@ -165,37 +150,29 @@ def rel_err(got, want) -> float:
     return float(jnp.max(jnp.abs(got - want)) / jnp.maximum(jnp.max(jnp.abs(want)), 1e-30))
 
 
-def sweep_pallas(window, arrays, cfg: BenchConfig, interpret, log) -> tuple[dict, list[str]]:
+def sweep_pallas(window, arrays, cfg: BenchConfig, interpret) -> tuple[dict, list[str]]:
     """Best Pallas kwargs for one shape: forward configs by forward time, then backward configs by
     forward+backward time. Configs that fail to compile (e.g. out of shared memory) are reported and skipped."""
-    fwd_list, bwd_list = (SWEEP_TINY_FWD, SWEEP_TINY_BWD) if cfg.tiny else (SWEEP_FWD, SWEEP_BWD)
-    best = cfg.pallas_kwargs()
-    notes = []
+    phases = [(("block_q", "block_k", "num_warps", "num_stages"), "fwd {}x{} warps={} stages={}",
+               SWEEP_TINY_FWD if cfg.tiny else SWEEP_FWD, False),
+              (("block_q_dkv", "block_k_dkv", "block_q_dq", "block_k_dq", "num_warps_bwd", "num_stages_bwd"),
+               "bwd dkdv {}x{} dq {}x{} warps={} stages={}", SWEEP_TINY_BWD if cfg.tiny else SWEEP_BWD, True)]
+    best, notes = cfg.pallas_kwargs(), []
+    for keys, label, candidates, backward in phases:
+        results = []
+        for values in candidates:
+            kwargs = {**best, **dict(zip(keys, values))}
+            try:
+                t_fwd, t_fb, _ = measure("pallas", window, arrays, cfg, interpret, kwargs, backward=backward)
+                t = t_fb if backward else t_fwd
+            except Exception as e:  # noqa: BLE001 - a config the compiler rejects is a result, not a crash
+                notes.append(f"{kwargs}: {type(e).__name__}: {str(e).splitlines()[0][:120]}")
+                t = float("inf")
+            results.append((t, kwargs))
+            log(f"  sweep {label.format(*values)}: {t * 1e3:.3f} ms")
+        best = min(results, key=lambda r: r[0])[1]
+    return best, notes
 
-    def try_config(kwargs, backward):
-        try:
-            t_fwd, t_fb, _ = measure("pallas", window, arrays, cfg, interpret, kwargs, backward=backward)
-            return t_fb if backward else t_fwd
-        except Exception as e:  # noqa: BLE001 - a config the compiler rejects is a result, not a crash
-            notes.append(f"{kwargs}: {type(e).__name__}: {str(e).splitlines()[0][:120]}")
-            return float("inf")
-
-    results = []
-    for bq, bk, w, s in fwd_list:
-        kwargs = {**best, "block_q": bq, "block_k": bk, "num_warps": w, "num_stages": s}
-        results.append((try_config(kwargs, backward=False), kwargs))
-        log(f"  sweep fwd {bq}x{bk} warps={w} stages={s}: {results[-1][0] * 1e3:.3f} ms")
-    best = min(results, key=lambda r: r[0])[1]
-    results = []
-    for bq, bk, bq2, bk2, w, s in bwd_list:
-        kwargs = {**best, "block_q_dkv": bq, "block_k_dkv": bk, "block_q_dq": bq2, "block_k_dq": bk2,
-                  "num_warps_bwd": w, "num_stages_bwd": s}
-        results.append((try_config(kwargs, backward=True), kwargs))
-        log(f"  sweep bwd dkdv {bq}x{bk} dq {bq2}x{bk2} warps={w} stages={s}: {results[-1][0] * 1e3:.3f} ms")
-    return min(results, key=lambda r: r[0])[1], notes
-
-
-# ----------------------------------------------------------------------------------------------
 
 def _fmt_tflops(x: float) -> str:
     return f"{x:.1f}" if x >= 1 else f"{x:.2g}"  # CPU smoke runs are far below 1 TFLOP/s
@@ -206,14 +183,54 @@ def markdown_table(rows: list[dict], title: str) -> str:
             "o rel err", "grad rel err", "pallas config"]
     lines = [title, "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = [r["backend"], str(r["T"]), str(r["B"]), str(r["window"] or "full"),
-                 f"{r['fwd_ms']:.3f}", _fmt_tflops(r["fwd_tflops"]),
-                 "-" if r["fb_ms"] is None else f"{r['fb_ms']:.3f}",
-                 "-" if r["fb_tflops"] is None else _fmt_tflops(r["fb_tflops"]),
+        cells = [r["backend"], str(r["T"]), str(r["B"]), str(r["window"] or "full"), f"{r['fwd_ms']:.3f}",
+                 _fmt_tflops(r["fwd_tflops"]), f"{r['fb_ms']:.3f}", _fmt_tflops(r["fb_tflops"]),
                  "-" if r["err"] is None else f"{r['err']:.1e}",
-                 "-" if r["grad_err"] is None else f"{r['grad_err']:.1e}", r.get("config", "")]
+                 "-" if r["grad_err"] is None else f"{r['grad_err']:.1e}", r["config"]]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def bench_shape(T: int, window, backends: list[str], cfg: BenchConfig, interpret: bool, rng, notes) -> list[dict]:
+    """One row per backend for one (T, window), XLA first: the others are compared against it."""
+    B, H, D, K = cfg.tokens // T, cfg.n_head, cfg.head_dim, cfg.n_kv_head or cfg.n_head
+    arrays = [jnp.asarray(rng.standard_normal(shape), cfg.dtype)
+              for shape in ((B, T, H, D), (B, T, K, D), (B, T, K, D), (B, T, H, D))]
+    flops_fwd = attention_flops(B, T, T, H, D, causal=True, window=window)
+    log(f"T={T} B={B} window={window or 'full'}: {flops_fwd / 1e12:.3f} TFLOP forward")
+    rows, reference = [], None
+    for backend in sorted(backends, key=lambda b: b != "xla"):
+        pallas_kwargs, config_str = cfg.pallas_kwargs(), ""
+        if backend == "pallas":
+            if cfg.sweep:
+                pallas_kwargs, failed = sweep_pallas(window, arrays, cfg, interpret)
+                notes += [f"T={T} window={window}: {n}" for n in failed]
+            config_str = ("q{block_q}k{block_k} w{num_warps} s{num_stages} / dkdv q{block_q_dkv}k{block_k_dkv} "
+                          "dq q{block_q_dq}k{block_k_dq} w{num_warps_bwd} s{num_stages_bwd}").format(
+                              **{k: ("auto" if v is None else v) for k, v in pallas_kwargs.items()})
+        try:
+            t_fwd, t_fb, outs = measure(backend, window, arrays, cfg, interpret, pallas_kwargs)
+        except Exception as e:  # noqa: BLE001 - report and keep benchmarking the others
+            log(f"  {backend}: FAILED {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+            notes.append(f"{backend} T={T} window={window}: {type(e).__name__}")
+            continue
+        err = grad_err = None
+        if backend == "xla":
+            reference = outs
+        elif reference is not None:
+            err = rel_err(outs[0], reference[0])
+            grad_err = max(rel_err(g, r) for g, r in zip(outs[1:], reference[1:]))
+            if max(err, grad_err) > 5e-2:  # far beyond bf16 rounding: something is wrong
+                notes.append(f"CHECK {backend} T={T} window={window}: rel err vs xla o {err:.1e}, "
+                             f"grads {grad_err:.1e}")
+        row = dict(backend=backend, T=T, B=B, window=window, fwd_ms=t_fwd * 1e3, fwd_tflops=flops_fwd / t_fwd / 1e12,
+                   fb_ms=t_fb * 1e3, fb_tflops=3.5 * flops_fwd / t_fb / 1e12, err=err, grad_err=grad_err,
+                   config=config_str)
+        rows.append(row)
+        log(f"  {backend}: fwd {row['fwd_ms']:.3f} ms ({_fmt_tflops(row['fwd_tflops'])} TFLOP/s), "
+            f"fwd+bwd {row['fb_ms']:.3f} ms ({_fmt_tflops(row['fb_tflops'])} TFLOP/s)"
+            + ("" if err is None else f", rel err vs xla: o {err:.1e}, grads {grad_err:.1e}"))
+    return rows
 
 
 def main(argv=None) -> list[dict]:
@@ -222,74 +239,25 @@ def main(argv=None) -> list[dict]:
         cfg = dataclasses.replace(cfg, **TINY)
     print_config(cfg)
     on_gpu = jax.default_backend() == "gpu"
-    interpret = not on_gpu
-    device = jax.devices()[0]
-    dtype = jnp.dtype(cfg.dtype)
-    H, D = cfg.n_head, cfg.head_dim
-    K = cfg.n_kv_head or H
-    log = lambda msg: print(msg, flush=True)  # noqa: E731
     if not on_gpu and not cfg.tiny:
         log("warning: no GPU; Pallas runs in interpret mode (very slow). Use --tiny for a CPU smoke run.")
-
     backends = _split(cfg.backends)
     if "cudnn" in backends and not on_gpu:
         log(f"cudnn: skipped (needs an NVIDIA GPU; JAX runs on {jax.default_backend()!r})")
         backends.remove("cudnn")
-
-    rows, notes = [], []
-    rng = np.random.default_rng(0)
+    rows, notes, rng = [], [], np.random.default_rng(0)
     for T, window in itertools.product(cfg.seq_lens_list, cfg.window_list):
-        if window is not None and window >= T - 1:
-            continue  # same as full
-        B = cfg.tokens // T
-        arrays = [jnp.asarray(rng.standard_normal(shape), dtype)
-                  for shape in ((B, T, H, D), (B, T, K, D), (B, T, K, D), (B, T, H, D))]
-        flops_fwd = attention_flops(B, T, T, H, D, causal=True, window=window)
-        log(f"T={T} B={B} window={window or 'full'}: {flops_fwd / 1e12:.3f} TFLOP forward")
-        reference = None
-        if "xla" in backends:  # first, so the others can be compared against it
-            backends = ["xla"] + [b for b in backends if b != "xla"]
-        for backend in backends:
-            pallas_kwargs, config_str = cfg.pallas_kwargs(), ""
-            if backend == "pallas":
-                if cfg.sweep:
-                    pallas_kwargs, failed = sweep_pallas(window, arrays, cfg, interpret, log)
-                    notes += [f"T={T} window={window}: {n}" for n in failed]
-                config_str = ("q{block_q}k{block_k} w{num_warps} s{num_stages} / dkdv q{block_q_dkv}k{block_k_dkv} "
-                              "dq q{block_q_dq}k{block_k_dq} w{num_warps_bwd} s{num_stages_bwd}").format(
-                                  **{k: ("auto" if v is None else v) for k, v in pallas_kwargs.items()})
-            try:
-                t_fwd, t_fb, outs = measure(backend, window, arrays, cfg, interpret, pallas_kwargs)
-            except Exception as e:  # noqa: BLE001 - report and keep benchmarking the others
-                log(f"  {backend}: FAILED {type(e).__name__}: {str(e).splitlines()[0][:200]}")
-                notes.append(f"{backend} T={T} window={window}: {type(e).__name__}")
-                continue
-            err = grad_err = None
-            if backend == "xla":
-                reference = outs
-            elif reference is not None:
-                err = rel_err(outs[0], reference[0])
-                grad_err = max(rel_err(g, r) for g, r in zip(outs[1:], reference[1:]))
-                if max(err, grad_err) > 5e-2:  # far beyond bf16 rounding: something is wrong
-                    notes.append(f"CHECK {backend} T={T} window={window}: rel err vs xla o {err:.1e}, "
-                                 f"grads {grad_err:.1e}")
-            row = dict(backend=backend, T=T, B=B, window=window, fwd_ms=t_fwd * 1e3,
-                       fwd_tflops=flops_fwd / t_fwd / 1e12, fb_ms=t_fb * 1e3,
-                       fb_tflops=3.5 * flops_fwd / t_fb / 1e12, err=err, grad_err=grad_err, config=config_str)
-            rows.append(row)
-            log(f"  {backend}: fwd {row['fwd_ms']:.3f} ms ({_fmt_tflops(row['fwd_tflops'])} TFLOP/s), "
-                f"fwd+bwd {row['fb_ms']:.3f} ms ({_fmt_tflops(row['fb_tflops'])} TFLOP/s)"
-                + ("" if err is None else f", rel err vs xla: o {err:.1e}, grads {grad_err:.1e}"))
+        if window is None or window < T - 1:  # larger windows are the same as full
+            rows += bench_shape(T, window, backends, cfg, not on_gpu, rng, notes)
 
-    mode = jax.default_backend() + (", Pallas interpreted" if interpret else "")
-    title = (f"Attention benchmark on {device.device_kind} ({mode}): {cfg.dtype}, causal, H={H}, H_kv={K}, D={D}, "
-             f"B*T={cfg.tokens}, median of {cfg.iters}")
+    mode = jax.default_backend() + ("" if on_gpu else ", Pallas interpreted")
+    title = (f"Attention benchmark on {jax.devices()[0].device_kind} ({mode}): {cfg.dtype}, causal, H={cfg.n_head}, "
+             f"H_kv={cfg.n_kv_head or cfg.n_head}, D={cfg.head_dim}, B*T={cfg.tokens}, median of {cfg.iters}")
     table = markdown_table(rows, title)
     if notes:
         table += "\nNotes:\n" + "".join(f"- {n}\n" for n in notes)
     print("\n" + table)
     if cfg.out:
-        from nanochat_jax.common import atomic_write
         with atomic_write(cfg.out, "w") as f:
             f.write(table)
         log(f"wrote {cfg.out}")
