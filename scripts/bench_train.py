@@ -3,9 +3,9 @@
     python scripts/bench_train.py --depth=20 --device-batch-size=16 --max-seq-len=2048 --attention=cudnn   # GPU
     python scripts/bench_train.py --depth=2 --max-seq-len=128 --device-batch-size=4 --vocab-size=4096     # CPU
     python scripts/bench_train.py --depth=20 --device-batch-size=1 --compute-dtype=float32 --compile-only
-                                                                                       # trace + compile time only
 
-The same step as training (scripts/pretrain.py): model, optimizer, sharding and donation. The last line is JSON.
+The same step as training (scripts/pretrain.py): model, optimizer, sharding and donation; --compile-only stops
+after tracing and compiling it. The last line is JSON.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import numpy as np
 
 from nanochat_jax import gpt, optim, pretrain, sharding, train
 from nanochat_jax.common import run_main
-from nanochat_jax.config import flag, parse_flags, print_config
+from nanochat_jax.config import flag, parse_flags, print_config, require
 
 
 @dataclass(frozen=True)
@@ -50,8 +50,8 @@ class BenchTrainConfig:
                                 "can open it) and print the XLA ops with the most time")
 
     def __post_init__(self):
-        if self.steps < 1 or self.warmup_steps < 1 or self.grad_accum < 1:
-            raise ValueError("--steps, --warmup-steps and --grad-accum must be >= 1")
+        require(min(self.steps, self.warmup_steps, self.grad_accum) >= 1,
+                "--steps, --warmup-steps and --grad-accum must be >= 1")
 
 
 def print_top_ops(trace_dir: str, hlo_text: str, steps: int, n: int = 15):
@@ -81,35 +81,30 @@ def main(argv=None) -> dict:
                                 n_kv_head=cfg.n_kv_head, max_seq_len=cfg.max_seq_len, window_pattern=cfg.window_pattern,
                                 attention=cfg.attention, compute_dtype=cfg.compute_dtype, remat=cfg.remat)
     model_cfg = pretrain.build_model_config(pcfg, cfg.vocab_size, device.platform == "gpu")
-    shapes = gpt.param_shapes(model_cfg)
-    tx = optim.build_optimizer(shapes, optim.OptimConfig(num_iterations=1000, model_dim=model_cfg.n_embd))
-    state_shapes = train.abstract_state(model_cfg, tx)
+    opt_cfg = optim.OptimConfig(num_iterations=1000, model_dim=model_cfg.n_embd)
+    tx = optim.build_optimizer(gpt.param_shapes(model_cfg), opt_cfg)
     rows = cfg.device_batch_size * mesh.size
-    batch_shape = (cfg.grad_accum, rows, cfg.max_seq_len)
-    step_fn, shardings, info = train.compile_train_step(model_cfg, tx, mesh, state_shapes, batch_shape,
-                                                        shard_params=cfg.fsdp)
+    step_fn, shardings, info = train.compile_train_step(model_cfg, tx, mesh, train.abstract_state(model_cfg, tx),
+                                                        (cfg.grad_accum, rows, cfg.max_seq_len), shard_params=cfg.fsdp)
     print(f"traced + compiled in {info['compile_seconds']:.2f}s (trace {info['trace_seconds']:.2f}s); "
           f"memory {info.get('memory')}")
+    result = {"devices": mesh.size, "device_kind": device.device_kind, "trace_seconds": info["trace_seconds"],
+              "compile_seconds": info["compile_seconds"], "config": dataclasses.asdict(cfg)}
     if cfg.compile_only:
-        result = {"devices": mesh.size, "device_kind": device.device_kind, "trace_seconds": info["trace_seconds"],
-                  "compile_seconds": info["compile_seconds"], "config": dataclasses.asdict(cfg)}
         print(json.dumps(result))
         return result
     state = jax.jit(lambda k: train.init_state(model_cfg, tx, k), out_shardings=shardings)(jax.random.key(0))
-    rng = np.random.default_rng(0)
-    local_rows = sharding.local_batch_rows(rows, mesh)
-    tokens = rng.integers(0, cfg.vocab_size, (cfg.grad_accum, local_rows, cfg.max_seq_len + 1), dtype=np.int32)
+    shape = (cfg.grad_accum, sharding.local_batch_rows(rows, mesh), cfg.max_seq_len + 1)
+    tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, shape, dtype=np.int32)
     batch = {"inputs": sharding.global_batch(tokens[..., :-1], mesh, batch_axis=1),
              "targets": sharding.global_batch(tokens[..., 1:], mesh, batch_axis=1)}
-    for _ in range(cfg.warmup_steps):
-        state, metrics = step_fn(state, batch)
-    jax.block_until_ready(metrics)
     step_times = []  # each step waited for (XLA:CPU runs a step during dispatch anyway; a GPU idles ~ms per step)
-    for _ in range(cfg.steps):
+    for _ in range(cfg.warmup_steps + cfg.steps):
         t0 = time.perf_counter()
         state, metrics = step_fn(state, batch)
         jax.block_until_ready(metrics)
         step_times.append(time.perf_counter() - t0)
+    step_times = step_times[cfg.warmup_steps:]
     dt = float(np.mean(step_times))
     if cfg.profile_dir:
         with jax.profiler.trace(cfg.profile_dir):
@@ -122,19 +117,14 @@ def main(argv=None) -> dict:
     except Exception:  # noqa: BLE001 - not every backend has memory stats
         peak_bytes = None
     tokens_per_step = cfg.grad_accum * rows * cfg.max_seq_len
-    flops_tok = gpt.flops_per_token(model_cfg)
-    result = {"depth": cfg.depth, "devices": mesh.size, "device_kind": device.device_kind,
-              "attention": model_cfg.attn_backend, "compute_dtype": model_cfg.compute_dtype,
-              "params": gpt.num_params(model_cfg)["total"], "tokens_per_step": tokens_per_step,
-              "step_seconds": dt, "step_seconds_median": float(np.median(step_times)),
-              "step_seconds_min": min(step_times), "tokens_per_s": tokens_per_step / dt,
-              "mfu_percent": train.mfu_percent(flops_tok, tokens_per_step, dt, device.device_kind, mesh.size),
-              "compile_seconds": info["compile_seconds"], "peak_bytes_in_use": peak_bytes,
-              "loss": float(metrics["loss"]),
-              "config": dataclasses.asdict(cfg)}
-    mfu = "-" if result["mfu_percent"] is None else f"{result['mfu_percent']:.1f}%"
+    mfu = train.mfu_percent(gpt.flops_per_token(model_cfg), tokens_per_step, dt, device.device_kind, mesh.size)
+    result = {"depth": cfg.depth, **result, "attention": model_cfg.attn_backend,
+              "compute_dtype": model_cfg.compute_dtype, "params": gpt.num_params(model_cfg)["total"],
+              "tokens_per_step": tokens_per_step, "step_seconds": dt, "step_seconds_min": min(step_times),
+              "step_seconds_median": float(np.median(step_times)), "tokens_per_s": tokens_per_step / dt,
+              "mfu_percent": mfu, "peak_bytes_in_use": peak_bytes, "loss": float(metrics["loss"])}
     print(f"{result['tokens_per_s']:,.0f} tokens/s, {dt * 1e3:.1f} ms/step (median {np.median(step_times) * 1e3:.1f}), "
-          f"MFU {mfu} ({mesh.size} × {device.device_kind})")
+          f"MFU {'-' if mfu is None else f'{mfu:.1f}%'} ({mesh.size} × {device.device_kind})")
     print(json.dumps(result))
     return result
 

@@ -3,16 +3,12 @@
     python scripts/memory_estimate.py --depth=20 --device-batch-size=32 --max-seq-len=2048 --mesh=8 --gpu=a800-80gb
     python scripts/memory_estimate.py --depth=24 --device-batch-size=16 --gpu=h100
 
-Compiles the same train step as training (train.compile_train_step: model, optimizer, FSDP sharding, donation) for
-`--mesh` simulated CPU devices in bf16 and reads XLA's buffer assignment (`compiled.memory_analysis()`):
-peak per device = arguments + outputs - donated (aliased) buffers + temporaries. Saved activations per sequence are
-the slope of the temporaries between two device batch sizes (the target and half of it), so they include whatever
-else grows with the batch at the peak (the backward's transient gradients of one layer).
-
+Compiles the training step (train.compile_train_step) for `--mesh` simulated CPU devices in bf16 and reads XLA's
+buffer assignment: peak per device = arguments + outputs - donated (aliased) buffers + temporaries. Saved
+activations per sequence are the slope of the temporaries between the target device batch and half of it.
 Attention is a stand-in with the memory of cuDNN's fused flash attention (what GPU training uses; it cannot compile
-on CPU): it saves q, k, v and the output in bf16 plus fp32 softmax row statistics, never the T×T scores. XLA:CPU's
-buffer assignment is not XLA:GPU's (different fusions), so the peak is an estimate; bench_train.py reports
-`peak_bytes_in_use` on a GPU to check it. The last line is JSON.
+on CPU): q, k, v and the output in bf16 plus fp32 row statistics, never the T×T scores. XLA:CPU's buffers are not
+XLA:GPU's, so this is an estimate; bench_train.py reports `peak_bytes_in_use` on a GPU to check it. Last line: JSON.
 """
 
 from __future__ import annotations
@@ -35,10 +31,10 @@ def _force_host_devices(argv: list[str]) -> None:
 if __name__ == "__main__":
     _force_host_devices(sys.argv[1:])
 
-import contextlib  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
+from unittest import mock  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -102,15 +98,9 @@ def _flash_standin_bwd(res, do):
 _flash_standin.defvjp(_flash_standin_fwd, _flash_standin_bwd)
 
 
-@contextlib.contextmanager
 def flash_attention_standin():
-    """gpt.attention replaced by the stand-in while tracing (restored after)."""
-    real = gpt.attention
-    gpt.attention = lambda q, k, v, **_: _flash_standin(q, k, v)
-    try:
-        yield
-    finally:
-        gpt.attention = real
+    """Context manager: gpt.attention replaced by the stand-in while tracing."""
+    return mock.patch.object(gpt, "attention", lambda q, k, v, **_: _flash_standin(q, k, v))
 
 
 def per_device_bytes(shapes, shardings) -> int:
@@ -134,17 +124,13 @@ def compiled_memory(model_cfg, tx, mesh, state_shapes, batch_shape, shard: bool)
 def estimate(cfg: MemoryEstimateConfig) -> dict:
     mesh = sharding.make_mesh(cfg.mesh)
     pcfg = pretrain.PretrainConfig(depth=cfg.depth, aspect_ratio=cfg.aspect_ratio, head_dim=cfg.head_dim,
-                                n_kv_head=cfg.n_kv_head, max_seq_len=cfg.max_seq_len,
-                                window_pattern=cfg.window_pattern, attention="xla", compute_dtype="bfloat16",
-                                remat=cfg.remat)
+                                n_kv_head=cfg.n_kv_head, max_seq_len=cfg.max_seq_len, window_pattern=cfg.window_pattern,
+                                attention="xla", compute_dtype="bfloat16", remat=cfg.remat)
     model_cfg = pretrain.build_model_config(pcfg, cfg.vocab_size, on_gpu=False)
-    shapes = gpt.param_shapes(model_cfg)
-    tx = optim.build_optimizer(shapes, optim.OptimConfig(num_iterations=1000, model_dim=model_cfg.n_embd))
+    opt_cfg = optim.OptimConfig(num_iterations=1000, model_dim=model_cfg.n_embd)
+    tx = optim.build_optimizer(gpt.param_shapes(model_cfg), opt_cfg)
     state_shapes = train.abstract_state(model_cfg, tx)
     shardings = train.state_shardings(model_cfg, state_shapes, mesh, cfg.fsdp)
-    params_b = per_device_bytes(state_shapes["params"], shardings["params"])
-    opt_b = per_device_bytes(state_shapes["opt_state"], shardings["opt_state"])
-
     batches = sorted({cfg.device_batch_size, max(1, cfg.device_batch_size // 2)})
     mems = {b: compiled_memory(model_cfg, tx, mesh, state_shapes, (cfg.grad_accum, b * cfg.mesh, cfg.max_seq_len),
                                cfg.fsdp) for b in batches}
@@ -160,7 +146,8 @@ def estimate(cfg: MemoryEstimateConfig) -> dict:
     return {"depth": cfg.depth, "device_batch_size": cfg.device_batch_size, "max_seq_len": cfg.max_seq_len,
             "grad_accum": cfg.grad_accum, "devices": cfg.mesh, "gpu": cfg.gpu, "compute_dtype": "bfloat16",
             "remat": cfg.remat, "params": gpt.num_params(model_cfg)["total"],
-            "param_bytes_per_device": params_b, "optimizer_bytes_per_device": opt_b,
+            "param_bytes_per_device": per_device_bytes(state_shapes["params"], shardings["params"]),
+            "optimizer_bytes_per_device": per_device_bytes(state_shapes["opt_state"], shardings["opt_state"]),
             "temp_bytes_per_device": full["temp_size_in_bytes"],
             "saved_activation_bytes_per_sequence": per_seq,
             "peak_bytes_per_device": full["peak"], "usable_bytes_per_device": budget,
