@@ -3,13 +3,7 @@ HF allenai/ai2_arc; locally arc/<subset>-<split>.jsonl in the same schema."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
-from nanochat_jax.tasks.common import (MultipleChoice, load_hub_dataset, read_jsonl, render_mc, require_file,
-                                       require_one_of)
-
-def read_local(root: Path, subset: str, split: str) -> list[dict]:
-    return read_jsonl(require_file(root, "arc", f"{subset}-{split}.jsonl"))
+from nanochat_jax.tasks.common import MultipleChoice, load_hub_dataset, render_mc, require_one_of
 
 
 class ARC(MultipleChoice):
@@ -21,7 +15,7 @@ class ARC(MultipleChoice):
         require_one_of("ARC split", split, ("train", "validation", "test"))
         self.subset, self.split = subset, split
         self.ds = load_hub_dataset("allenai/ai2_arc", subset, split, data_dir=data_dir,
-                                   local_reader=read_local).shuffle(seed=42)
+                                   local=f"arc/{subset}-{split}.jsonl").shuffle(seed=42)
 
     def get_example(self, index: int) -> dict:
         row = self.ds[index]

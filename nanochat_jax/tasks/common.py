@@ -193,21 +193,21 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 def load_hub_dataset(repo_id: str, subset: str = "default", split: str = "train", *, data_dir=None,
-                     local_reader: Callable[[Path, str, str], list] | None = None) -> Rows:
-    """Rows of an HF dataset (HF schema): `local_reader(folder, subset, split)` on the local task-data folder if it
-    has them, else the HF parquet export (downloaded once into <base dir>/task_data)."""
-    local = task_data_dir(data_dir)
+                     local: str | Callable[[Path, str, str], list] | None = None) -> Rows:
+    """Rows of an HF dataset (HF schema): from the local task-data folder if it has them (`local`: the JSONL file
+    there, or a reader(folder, subset, split)), else from the HF parquet export (cached in <base dir>/task_data)."""
+    root = task_data_dir(data_dir)
     local_error = None
-    if local is not None and local_reader is not None:
+    if root is not None and local is not None:
         try:
-            return Rows(local_reader(local, subset, split))
+            return Rows(local(root, subset, split) if callable(local) else read_jsonl(require_file(root, local)))
         except FileNotFoundError as e:
             local_error = e
     try:
         return Rows(_read_parquet_export(repo_id, subset, split))
     except DownloadError as e:
-        where = (f"The local task-data folder {local} does not have it ({local_error}). " if local_error else
-                 f"No local task-data folder has it (${TASK_DATA_ENV} is {'unset' if local is None else local}). ")
+        where = (f"The local task-data folder {root} does not have it ({local_error}). " if local_error else
+                 f"No local task-data folder has it (${TASK_DATA_ENV} is {'unset' if root is None else root}). ")
         raise DownloadError(
             f"{repo_id} ({subset}/{split}) is unavailable. {where}Downloading from HuggingFace failed: {e}. Fix: "
             f"set ${TASK_DATA_ENV} (or data_dir=) to a folder in the shared/data layout that has it, or go online "

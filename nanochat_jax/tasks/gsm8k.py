@@ -5,17 +5,10 @@ is the number after '#### '."""
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
-from nanochat_jax.tasks.common import (Task, extract_hash_answer, load_hub_dataset, read_jsonl, require_file,
-                                       require_one_of)
+from nanochat_jax.tasks.common import Task, extract_hash_answer, load_hub_dataset, require_one_of
 
 _CALC_RE = re.compile(r"(<<[^>]+>>)")
-
-
-def read_local(root: Path, subset: str, split: str) -> list[dict]:
-    name = f"{split}.jsonl" if subset == "main" else f"{split}_socratic.jsonl"
-    return read_jsonl(require_file(root, "gsm8k", name))
 
 
 def answer_to_parts(answer: str) -> list[dict]:
@@ -40,8 +33,8 @@ class GSM8K(Task):
         require_one_of("GSM8K subset", subset, ("main", "socratic"))
         require_one_of("GSM8K split", split, ("train", "test"))
         self.subset, self.split = subset, split
-        self.ds = load_hub_dataset("openai/gsm8k", subset, split, data_dir=data_dir,
-                                   local_reader=read_local).shuffle(seed=42)
+        local = f"gsm8k/{split}.jsonl" if subset == "main" else f"gsm8k/{split}_socratic.jsonl"
+        self.ds = load_hub_dataset("openai/gsm8k", subset, split, data_dir=data_dir, local=local).shuffle(seed=42)
 
     def get_example(self, index: int) -> dict:
         row = self.ds[index]

@@ -5,16 +5,11 @@ from __future__ import annotations
 
 import ast
 import re
-from pathlib import Path
 
 from nanochat_jax.execution import execute_code
-from nanochat_jax.tasks.common import Task, load_hub_dataset, read_jsonl, require_file
+from nanochat_jax.tasks.common import Task, load_hub_dataset
 
 _CODE_BLOCK_RE = re.compile(r"```(?:python)?\s*\n(.*?)\n```", re.DOTALL)
-
-
-def read_local(root: Path, subset: str, split: str) -> list[dict]:
-    return read_jsonl(require_file(root, "humaneval", "HumanEval.jsonl.gz"))
 
 
 def extract_imports(prompt: str) -> str:
@@ -54,7 +49,7 @@ class HumanEval(Task):
         self.timeout_s, self.memory_mb = timeout_s, memory_mb
         # HF's parquet export names this dataset's single config "openai_humaneval"
         self.ds = load_hub_dataset("openai/openai_humaneval", "openai_humaneval", "test", data_dir=data_dir,
-                                   local_reader=read_local).shuffle(seed=42)
+                                   local="humaneval/HumanEval.jsonl.gz").shuffle(seed=42)
 
     def get_example(self, index: int) -> dict:
         row = self.ds[index]

@@ -56,7 +56,7 @@ class MMLU(MultipleChoice):
         require_one_of("MMLU split", split, ("test", "validation", "dev", "auxiliary_train"))
         self.subset, self.split = subset, split
         self.ds = load_hub_dataset("cais/mmlu", subset, split, data_dir=data_dir,
-                                   local_reader=read_local).shuffle(seed=42)
+                                   local=read_local).shuffle(seed=42)
 
     def get_example(self, index: int) -> dict:
         row = self.ds[index]
