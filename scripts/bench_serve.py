@@ -215,8 +215,8 @@ def run_clients(url: str, cfg: BenchServeConfig) -> tuple[list[dict], float]:
     threads = [threading.Thread(target=client, args=(k,), daemon=True) for k in range(cfg.clients)]
     for t in threads:
         t.start()
+    deadline, t0 = time.monotonic() + cfg.time_limit, time.perf_counter()
     go.wait()
-    t0, deadline = time.perf_counter(), time.monotonic() + cfg.time_limit
     for t in threads:
         t.join(max(deadline - time.monotonic(), 0) + 5)
     ends = [t0 + r["latency"] for r in results if r.get("ok")]
