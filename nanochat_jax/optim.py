@@ -98,8 +98,7 @@ class OptimConfig:
                       warmup_steps=0, warmdown_ratio=0.2, final_lr_frac=0.0, muon_momentum_start=0.85,
                       muon_momentum_peak=0.95, muon_momentum_warmup_steps=300, muon_momentum_final=0.95,
                       muon_classic=True, adamw_style="classic", adamw_weight_decay=0.0, grad_clip=1.0)
-        fields.update(overrides)
-        return cls(num_iterations=num_iterations, model_dim=model_dim, **fields)
+        return cls(num_iterations=num_iterations, model_dim=model_dim, **{**fields, **overrides})
 
     @property
     def effective_weight_decay(self) -> float:

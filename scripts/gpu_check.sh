@@ -1,27 +1,21 @@
 #!/usr/bin/env bash
 # The first GPU session's checks as ONE command that ends within a 600 s window (machine start-up included):
-#   1. env: jax version, devices, memory; the benchmark modules import without grain/flask/rustbpe
-#   2. d20 train step with cuDNN attention (seq 2048, bf16): tokens/s, MFU, peak memory, compile time
-#   3. the same with --grad-accum=4 (same micro-batch): the optimizer's (Muon + AdamW) share of the step
-#   4. d20 inference (random weights): TTFT, ms/token, batch-1 decode HBM bandwidth utilisation (issue 16: >= 70%)
-#   5. attention kernels at T=2048: XLA, then cuDNN, then Pallas (each row is logged as it is measured)
-#   6. d20 train step with our Pallas flash attention (last: a Pallas crash loses nothing measured before it)
+# env (jax, devices, memory; the benchmarks import without grain/flask/rustbpe); d20 train step with cuDNN attention
+# (tokens/s, MFU, peak memory, compile time); the same with --grad-accum=4 (the optimizer's share of the step); d20
+# inference (TTFT, ms/token, batch-1 decode HBM bandwidth utilisation, issue 16: >= 70%); attention kernels at
+# T=2048 (XLA, cuDNN, Pallas); last, d20 with our Pallas flash attention (a crash there loses nothing before it).
 #
 #   bash scripts/gpu_check.sh [OUT]                       # on the GPU machine, from any directory
 #   GPU_CHECK_DRY_RUN=1 bash scripts/gpu_check.sh OUT     # on CPU: the same steps with tiny configs
 #   GPU_CHECK_DRY_RUN=plan bash scripts/gpu_check.sh      # print the plan and the worst-case time, run nothing
 #
-# Needs python3 with jax (CUDA), flax, optax, numpy (no grain, flask, rustbpe, no package registry; PYTHON= to
-# pick another interpreter). Writes at most 4 files to OUT: log.txt (every step's output, in order), results.jsonl
-# (one record per step: exit code, seconds, the step's JSON result), summary.md (rewritten after EVERY step, so a
-# check cut short keeps what finished) and attention.md. Each step has a hard limit; the worst case (every step
-# killed at its limit) is checked below to stay within BUDGET seconds. Compilations persist in
-# $JAX_COMPILATION_CACHE_DIR (default .jax_compilation_cache/ in the repo), so a rerun on the same machine is faster.
-#
-# Memory: every run fits an 80 GB GPU. d20 with cuDNN attention needs 28.3 GB at device batch 8 and ~2.4 GB more
-# per sequence (`python scripts/memory_estimate.py --depth=20 --device-batch-size=8 --mesh=1 --gpu=h100`, on CPU),
-# so ~47.5 GB at the batch 16 used here (72 GB usable). XLA attention would also keep the T×T scores (~10 GB per
-# sequence at d20: 166 GB at batch 16), so it is not trained here; the attention step compares the kernels.
+# Needs python3 with jax (CUDA), flax, optax, numpy (PYTHON= picks another interpreter). Writes to OUT only log.txt,
+# results.jsonl (one record per step), summary.md (rewritten after EVERY step, so a check cut short keeps what
+# finished) and attention.md. The worst case (every step killed at its limit) must fit BUDGET. Compilations persist
+# in $JAX_COMPILATION_CACHE_DIR (default .jax_compilation_cache/ in the repo) for faster reruns.
+# Memory: `python scripts/memory_estimate.py --depth=20 --device-batch-size=8 --mesh=1 --gpu=h100` (on CPU) gives
+# 28.3 GB + ~2.4 GB per sequence with cuDNN attention: ~47.5 GB at batch 16 (72 GB usable). XLA attention would keep
+# the T×T scores (166 GB at batch 16), so it is not trained here.
 set -uo pipefail
 OUT="${1:-${OUT:-gpu_check_out}}"
 case "$OUT" in /*) ;; *) OUT="$PWD/$OUT" ;; esac  # relative to where it was called from
@@ -86,9 +80,9 @@ worst=$START_OVERHEAD
 for line in "${PLAN[@]}"; do
   read -r _ limit _ <<< "$line"
   worst=$((worst + limit + KILL_GRACE + STEP_OVERHEAD))
+  [ "$DRY" = plan ] && echo "step $line"
 done
 if [ "$DRY" = plan ]; then
-  for line in "${PLAN[@]}"; do echo "step $line"; done
   echo "worst case: $worst s (budget $BUDGET s); files in OUT: log.txt results.jsonl summary.md attention.md"
   exit 0
 fi

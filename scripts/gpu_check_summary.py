@@ -1,15 +1,15 @@
-"""gpu_check.sh's bookkeeping after each step: append the step's record to OUT/results.jsonl, then rewrite
-OUT/summary.md from all records so far (so a check cut short still leaves every finished step's numbers).
+"""gpu_check.sh's bookkeeping after each step: append the step's record (exit code, time, whether it hit its limit,
+the last JSON line it printed, its last lines) to OUT/results.jsonl, then rewrite OUT/summary.md from all records.
 
     python3 scripts/gpu_check_summary.py OUT NAME EXIT_CODE SECONDS LIMIT STEP_OUTPUT_FILE
 
-Standard library only (it runs with the machine's python3 between steps, in well under a second). A record holds
-the step's exit code, time, whether it hit its limit, the last JSON line its script printed (bench_train.py,
-bench_infer.py) and the last lines of its output.
+Standard library only: it runs with the machine's python3 between steps.
 """
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import json
 import os
 import sys
@@ -17,34 +17,35 @@ from pathlib import Path
 
 
 def last_json(text: str):
+    """The last line of `text` that parses as a JSON object, or None."""
     for line in reversed(text.splitlines()):
         line = line.strip()
         if line.startswith("{") and line.endswith("}"):
-            try:
+            with contextlib.suppress(ValueError):
                 return json.loads(line)
-            except ValueError:
-                continue
     return None
 
 
-def _fmt(x, spec=".1f", missing="-"):
-    return missing if x is None else format(x, spec)
+def _fmt(x, spec=".1f"):
+    return "-" if x is None else format(x, spec)
 
 
 def train_line(name: str, r: dict) -> str:
-    mem = r.get("peak_bytes_in_use")
-    return (f"| {name} | {r.get('attention')} | {r.get('config', {}).get('device_batch_size')} × "
-            f"{r.get('config', {}).get('grad_accum', 1)} | {_fmt(r.get('step_seconds') and 1e3 * r['step_seconds'])} | "
-            f"{_fmt(r.get('tokens_per_s'), ',.0f')} | {_fmt(r.get('mfu_percent'))} | "
-            f"{_fmt(mem and mem / 1e9)} | {_fmt(r.get('compile_seconds'))} |")
+    mem, config = r.get("peak_bytes_in_use"), r.get("config", {})
+    return (f"| {name} | {r.get('attention')} | {config.get('device_batch_size')} × {config.get('grad_accum', 1)} | "
+            f"{_fmt(r.get('step_seconds') and 1e3 * r['step_seconds'])} | {_fmt(r.get('tokens_per_s'), ',.0f')} | "
+            f"{_fmt(r.get('mfu_percent'))} | {_fmt(mem and mem / 1e9)} | {_fmt(r.get('compile_seconds'))} |")
+
+
+def _result(records: dict, step: str) -> dict:
+    return (records.get(step) or {}).get("result") or {}
 
 
 def optimizer_share(records: dict) -> str | None:
     """Muon/AdamW's share of the d20 step: the same micro-batch with 1 and with 4 micro-batches per step takes
     t1 = F + O and t4 = 4F + O, so O = (4 t1 - t4) / 3."""
-    one = (records.get("train_d20_cudnn") or {}).get("result") or {}
-    four = (records.get("train_d20_cudnn_accum4") or {}).get("result") or {}
-    t1, t4 = one.get("step_seconds"), four.get("step_seconds")
+    t1 = _result(records, "train_d20_cudnn").get("step_seconds")
+    t4 = _result(records, "train_d20_cudnn_accum4").get("step_seconds")
     if not t1 or not t4:
         return None
     opt = (4 * t1 - t4) / 3
@@ -59,7 +60,7 @@ def render(records: list[dict], out: Path) -> str:
     for r in records:
         note = "TIMED OUT" if r["timed_out"] else ("ok" if r["rc"] == 0 else (r["tail"][-1:] or ["failed"])[0][:120])
         lines.append(f"| {r['step']} | {r['rc']} | {r['seconds']} | {r['limit']} | {note.replace('|', '/')} |")
-    env = (by_name.get("env") or {}).get("result")
+    env = _result(by_name, "env")
     if env:
         lines += ["", f"jax {env.get('jax')} on {env.get('devices')} × {env.get('device_kind')}; "
                       f"memory {env.get('memory_gb')} GB; python {env.get('python')}"]
@@ -71,7 +72,7 @@ def render(records: list[dict], out: Path) -> str:
         share = optimizer_share(by_name)
         if share:
             lines += ["", share]
-    infer = (by_name.get("infer_d20") or {}).get("result")
+    infer = _result(by_name, "infer_d20")
     if infer:
         lines += ["", f"### inference d20 ({infer.get('device_kind')}, {infer.get('compute_dtype')})", "",
                   "| batch | TTFT ms | ms/token | decode tok/s | HBM util % |", "|---|---|---|---|---|"]
@@ -90,8 +91,6 @@ def render(records: list[dict], out: Path) -> str:
 
 
 def main(argv: list[str]) -> None:
-    import argparse
-
     parser = argparse.ArgumentParser(description="Record one gpu_check.sh step and rewrite OUT/summary.md.")
     parser.add_argument("out", help="gpu_check.sh's output directory")
     parser.add_argument("name", help="the step's name")
@@ -108,9 +107,8 @@ def main(argv: list[str]) -> None:
     with open(out / "results.jsonl", "a", encoding="utf-8") as f:
         f.write(json.dumps(record) + "\n")
     records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines() if line.strip()]
-    tmp = out / ".summary.md.tmp"
-    tmp.write_text(render(records, out))
-    os.replace(tmp, out / "summary.md")
+    (out / ".summary.md.tmp").write_text(render(records, out))
+    os.replace(out / ".summary.md.tmp", out / "summary.md")
 
 
 if __name__ == "__main__":
