@@ -62,6 +62,5 @@ class HumanEval(Task):
         }
 
     def evaluate(self, conversation: dict, completion: str) -> bool:
-        result = execute_code(build_program(conversation, completion), timeout_s=self.timeout_s,
-                              memory_mb=self.memory_mb)
-        return result.success
+        program = build_program(conversation, completion)
+        return execute_code(program, timeout_s=self.timeout_s, memory_mb=self.memory_mb).success

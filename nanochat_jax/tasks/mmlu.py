@@ -55,8 +55,7 @@ class MMLU(MultipleChoice):
             raise ValueError(f"MMLU subset must be 'all' (or 'auxiliary_train' with split 'train'), got {subset!r}")
         require_one_of("MMLU split", split, ("test", "validation", "dev", "auxiliary_train"))
         self.subset, self.split = subset, split
-        self.ds = load_hub_dataset("cais/mmlu", subset, split, data_dir=data_dir,
-                                   local=read_local).shuffle(seed=42)
+        self.ds = load_hub_dataset("cais/mmlu", subset, split, data_dir=data_dir, local=read_local).shuffle(seed=42)
 
     def get_example(self, index: int) -> dict:
         row = self.ds[index]
