@@ -188,8 +188,7 @@ def evaluate_chat_model(params, model_cfg: gpt.GPTConfig, tokenizer, mesh, task_
             out = run_categorical(task, cache.evaluator, tokenizer, max_problems=max_problems, name=name)
         else:
             if not cache.engines:
-                mine = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
-                cache.engines = make_engines(params, model_cfg, tokenizer, mine)
+                cache.engines = make_engines(params, model_cfg, tokenizer, sharding.local_devices(mesh=mesh))
             out = run_generative(task, cache.engines, tokenizer, num_samples=num_samples, max_new_tokens=max_new_tokens,
                                  temperature=temperature, top_k=top_k, max_problems=max_problems,
                                  batch_problems=batch_size, seed=seed, name=name)
