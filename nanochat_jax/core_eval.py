@@ -1,20 +1,12 @@
 """CORE: the DCLM in-context-learning benchmark that scores base models (nanochat/core_eval.py, `evaluate_task`).
 
-The eval bundle (core.yaml, eval_meta_data.csv, eval_data/<category>/<task>.jsonl) lists 22 tasks of three kinds:
-multiple_choice (one prompt per choice; lowest mean loss over the choice's tokens wins), schema (one prompt per
-context option; lowest mean loss over the shared continuation) and language_modeling (correct iff greedy argmax
-reproduces every continuation token). CORE is the mean of the accuracies centered against each task's random
-baseline rb (percent): (acc - rb/100) / (1 - rb/100).
-
-Prompts, shuffles, few-shot draws and scored spans match nanochat exactly. What differs is how the model runs:
-nanochat does one padded forward per example; here each sequence is a row (tokens, start, end), right-padded into
-power-of-two length buckets and fixed-size batches sharded over the mesh, so there is one compilation per bucket
-(right padding cannot change a causal model's outputs at the real positions). Rows longer than max_len get further
-buckets and are scored whole, as nanochat does for its own GPT (crop=True crops them instead); at sequence_len
-2048 that is roughly 9 in 10 10-shot squad prompts and 1 in 10 boolq prompts.
-
-    scorer = make_model_scorer(params, model_cfg, mesh, pad_id=tokenizer.bos_id)
-    out = evaluate_core(scorer, tokenizer, ensure_eval_bundle())  # out["core_metric"], out["centered_results"]
+The bundle's 22 tasks are multiple_choice (lowest mean loss over the choice's tokens wins), schema (lowest mean loss
+over the continuation shared by the context options) or language_modeling (right iff greedy argmax reproduces the
+continuation); CORE is the mean accuracy centered against each task's random baseline. Prompts, shuffles, shots and
+scored spans match nanochat exactly; unlike its one forward per example, each sequence here is a row (tokens,
+start, end), right-padded (harmless for a causal model) into power-of-two buckets of fixed-size batches sharded
+over the mesh: one compilation per bucket. Rows past max_len get larger buckets and are scored whole, as nanochat
+does for its GPT (crop=True crops them); at sequence_len 2048 that is ~9 in 10 10-shot squad prompts.
 """
 
 from __future__ import annotations
@@ -201,13 +193,10 @@ def bucket_lengths(max_len: int, min_bucket: int = 64) -> tuple[int, ...]:
 
 
 class Scorer:
-    """A ScoreFn over `logits_fn(params, tokens_BT) -> logits_BTV`.
-
-    Each row goes to the smallest bucket that holds it (past max_len: cropped when crop=True, else the next power
-    of two, added to `buckets`); each bucket has a fixed row count (a multiple of the mesh size; padding rows have
-    an empty span), so the jitted function sees at most len(buckets) shapes. `traces` counts compilations, `stats`
-    rows, cropped and long rows, batches and real vs padded tokens. Every process of a multi-process run must pass
-    the same rows (each builds the full global batch)."""
+    """A ScoreFn over `logits_fn(params, tokens_BT) -> logits_BTV`: rows go to the smallest bucket that holds them
+    (past max_len: cropped if crop, else a new power-of-two bucket), in batches of a fixed row count per bucket
+    (padding rows have an empty span). `traces` counts compilations, `stats` rows, batches and tokens. Every process
+    of a multi-process run must pass the same rows (each builds the full global batch)."""
 
     def __init__(self, logits_fn: Callable, params: Any, *, max_len: int, pad_id: int, mesh=None, crop: bool = False,
                  min_bucket: int = 64, batch_tokens: int = 16384, place_params: bool = True):

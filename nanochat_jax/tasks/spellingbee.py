@@ -1,11 +1,7 @@
-"""Synthetic spelling tasks for midtraining, built per index from an English word list (nanochat's
-tasks/spellingbee.py): SpellingBee, "how many r are in strawberry?" (spell, tally by hand, confirm with one python
-call, end with '#### 3', graded like GSM8K), and SimpleSpelling, "Spell the word: apple" -> "apple:a,p,p,l,e".
-
-As in nanochat: the letter comes from the word with p=0.9 (else any letter), 51 templates in 7 languages,
-lowercased with p=0.3, optional quotes, '?' with p=0.5; the templates and reply wording are our own. Example i
-uses seed i for train and 10,000,000 + i for test (not -(i+1): random.Random(-n) equals random.Random(n)).
-Word list: english_words/words_alpha.txt in the local task-data folder, else downloaded once from dwyl's repo.
+"""Synthetic spelling tasks built per index from an English word list (nanochat's tasks/spellingbee.py):
+SpellingBee, "how many r are in strawberry?" (spell, tally, confirm with one python call, '#### 3'), and
+SimpleSpelling, "Spell the word: apple" -> "apple:a,p,p,l,e". Sampling as in nanochat, with our own templates and
+wording. Example i uses seed i for train and 10,000,000 + i for test (not -(i+1): Random(-n) equals Random(n)).
 """
 
 from __future__ import annotations
