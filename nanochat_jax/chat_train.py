@@ -51,7 +51,7 @@ class ChatTrainConfig(RuntimeFlags):
     total_batch_size: int = flag(-1, "tokens per optimizer step (-1: the source's)")
     num_iterations: int = flag(-1, "optimizer steps (-1: one epoch of the mixture)")
     max_conversations: int = flag(-1, "cap the train mixture (quick runs; -1 = all)")
-    # optimizer (LRs: -1 = the base run's; then × init_lr_frac; no batch-size scaling, Muon wd 0, as the reference)
+    # optimizer (LRs: -1 = the base run's; × init_lr_frac and this stage's batch-size scale; Muon wd 0)
     embedding_lr: float = flag(-1.0, "AdamW lr of the token embedding (-1: the base run's), times init_lr_frac")
     unembedding_lr: float = flag(-1.0, "AdamW lr of lm_head (-1: the base run's), times init_lr_frac")
     matrix_lr: float = flag(-1.0, "Muon lr of the transformer matrices (-1: the base run's), times init_lr_frac")
@@ -214,7 +214,7 @@ def chat_train(cfg: ChatTrainConfig, *, train_data=None, val_data=None) -> LoopS
         **{f"last eval {k}": v for k, v in last_chat.items()}, "wall time": took},
            f"{stage} done: {steps} steps, val bpb {loop.val_bpb:.4f}, wall time {took}",
            {"stage": stage, "final_step": steps, "val_bpb": loop.val_bpb},
-           start=start, losses=[[s, loss] for s, loss in loop.history])
+           start=start, losses=loop.history)
     return loop
 
 

@@ -45,12 +45,10 @@ def held_background_errors():
     saved = (sys.excepthook, sys.unraisablehook, threading.excepthook)
     asyncio_log = logging.getLogger("asyncio")
 
-    class Hold(logging.Filter):
-        def filter(self, record):
-            held.append((asyncio_log.handle, (record,)))
-            return False
+    def log_filter(record):  # a callable filter: hold the record, drop it from the log
+        held.append((asyncio_log.handle, (record,)))
+        return False
 
-    log_filter = Hold()
     sys.excepthook = lambda *a: held.append((saved[0], a))
     sys.unraisablehook = lambda u: held.append((saved[1], (u,)))
     threading.excepthook = lambda a: held.append((saved[2], (a,)))
@@ -191,13 +189,12 @@ def download(url: str, path: str | os.PathLike, *, attempts: int = 5, backoff: f
                 if r.status_code != 200:
                     retry = r.status_code in (408, 429) or r.status_code >= 500
                     raise (RetryDownload if retry else DownloadError)(f"HTTP {r.status_code} {r.reason}")
-                n_bytes = 0
                 with open(tmp, "xb") as f:
                     for chunk in r.iter_content(1 << 20):  # stream: never hold a ~100 MB shard in memory
                         f.write(chunk)
-                        n_bytes += len(chunk)
                     f.flush()
                     os.fsync(f.fileno())
+                    n_bytes = f.tell()
                 # iter_content undoes any Content-Encoding, so only compare sizes for plain bodies
                 expected = r.headers.get("Content-Length")
                 if expected is not None and r.headers.get("Content-Encoding", "identity") == "identity" \

@@ -301,4 +301,4 @@ def _finish(cfg: PretrainConfig, st: Stage, model_cfg, plan: dict, tag: str, loo
          "training time": took}],
            f"done: {n_iter} steps, min val bpb {loop.min_val_bpb:.4f}, training time {took}",
            {"final_step": n_iter, "val_bpb": loop.val_bpb, "min_val_bpb": loop.min_val_bpb},
-           start=start, losses=[[s, loss] for s, loss in loop.history])
+           start=start, losses=loop.history)

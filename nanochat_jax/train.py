@@ -26,7 +26,6 @@ SAMPLE_PROMPTS = ("The capital of France is", "The chemical symbol of gold is",
                   "The planets of the solar system are:", "My favorite color is", "If 5*x + 3 = 13, then x is")
 
 
-# ----------------------------------------------------------------------------------------------
 # The step
 
 def make_train_step(model_cfg: gpt.GPTConfig, tx: optax.GradientTransformation, *, lr_input: bool = False,
@@ -135,7 +134,6 @@ def mfu_percent(flops_per_token: float, tokens: int, seconds: float, device_kind
     return 100.0 * flops_per_token * tokens / seconds / (peak * n_devices) if math.isfinite(peak) else None
 
 
-# ----------------------------------------------------------------------------------------------
 # The loop (pretraining, midtraining and SFT all run this)
 
 @dataclass
