@@ -414,29 +414,26 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 def _prepare(q, k, v, *, causal, window, scale, num_warps, num_stages, num_warps_bwd, num_stages_bwd, interpret,
              **blocks):
     """Validate the inputs and build the static config plus padded shapes: (cfg, T_pad, S_pad, D_pad)."""
-    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
-        raise ValueError(f"flash_attention: q must be (B, T, H, D) and k/v (B, S, K, D); got shapes "
-                         f"{q.shape}, {k.shape}, {v.shape}")
+    def need(ok: bool, msg: str):
+        if not ok:
+            raise ValueError(f"flash_attention: {msg}")
+
+    need(q.ndim == k.ndim == v.ndim == 4,
+         f"q must be (B, T, H, D) and k/v (B, S, K, D); got shapes {q.shape}, {k.shape}, {v.shape}")
     B, T, H, D = q.shape
     _, S, K, _ = k.shape
-    if k.shape != v.shape or k.shape[0] != B or k.shape[3] != D:
-        raise ValueError(f"flash_attention: k and v must both be (B={B}, S, K, D={D}) to match q {q.shape}; "
-                         f"got k {k.shape}, v {v.shape}")
-    if K < 1 or H % K:
-        raise ValueError(f"flash_attention: the number of kv heads ({K}) must divide the number of query "
-                         f"heads ({H}) for GQA")
-    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (jnp.bfloat16, jnp.float16, jnp.float32):
-        raise ValueError(f"flash_attention: q, k, v must share one dtype among bfloat16/float16/float32; "
-                         f"got {q.dtype}, {k.dtype}, {v.dtype}")
-    if T < 1 or S < 1:
-        raise ValueError(f"flash_attention: empty sequence (T={T}, S={S})")
-    if window is not None and (not isinstance(window, int) or isinstance(window, bool) or window < 0):
-        raise ValueError(f"flash_attention: window must be None or a Python int >= 0 (a static left window "
-                         f"w: query p sees keys p-w..p), got {window!r}")
+    need(k.shape == v.shape and k.shape[0] == B and k.shape[3] == D,
+         f"k and v must both be (B={B}, S, K, D={D}) to match q {q.shape}; got k {k.shape}, v {v.shape}")
+    need(K >= 1 and H % K == 0, f"the number of kv heads ({K}) must divide the number of query heads ({H}) for GQA")
+    need(q.dtype == k.dtype == v.dtype and q.dtype in (jnp.bfloat16, jnp.float16, jnp.float32),
+         f"q, k, v must share one dtype among bfloat16/float16/float32; got {q.dtype}, {k.dtype}, {v.dtype}")
+    need(T >= 1 and S >= 1, f"empty sequence (T={T}, S={S})")
+    need(window is None or (isinstance(window, int) and not isinstance(window, bool) and window >= 0),
+         f"window must be None or a Python int >= 0 (a static left window w: query p sees keys p-w..p), "
+         f"got {window!r}")
     for name, b in blocks.items():
-        if not (isinstance(b, int) and b >= _MIN_BLOCK and (b & (b - 1)) == 0):
-            raise ValueError(f"flash_attention: {name} must be a power of two >= {_MIN_BLOCK} (Triton tile "
-                             f"shapes), got {b!r}")
+        need(isinstance(b, int) and b >= _MIN_BLOCK and (b & (b - 1)) == 0,
+             f"{name} must be a power of two >= {_MIN_BLOCK} (Triton tile shapes), got {b!r}")
     if window is not None and window >= T - 1:
         window = None  # every real query already sees all its earlier keys: plain (non-)causal attention
     # Short sequences get smaller blocks (no 128-row tile for 40 rows), still powers of two >= 16.

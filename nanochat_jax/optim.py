@@ -181,12 +181,8 @@ def muon_lr_factor(shape) -> float:
 def param_lrs(params, cfg: OptimConfig) -> Any:
     """Pytree of each parameter's lr at multiplier 1 (Muon includes the aspect factor). For logging and tests."""
     settings = group_settings(cfg)
-
-    def lr(path, x):
-        group = group_of(path_str(path), len(x.shape))
-        return settings[group].lr * (muon_lr_factor(x.shape) if group == "muon" else 1)
-
-    return jax.tree_util.tree_map_with_path(lr, params)
+    return jax.tree.map(lambda group, x: settings[group].lr * (muon_lr_factor(x.shape) if group == "muon" else 1),
+                        param_groups(params), params)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -400,12 +396,9 @@ def muon(lr: float, lr_schedule: Callable, momentum_schedule: Callable, wd_sched
          beta2: float = 0.9, ns_steps: int = 5, classic: bool = False, use_muon_eq: bool = True,
          use_muon_plus: bool = True, ortho_dtype=jnp.bfloat16,
          momentum_complement: Callable | None = None) -> optax.GradientTransformation:
-    """Muon on (..., in, out) leaves (leading axes are independent matrices). Returns p_new - p in fp32.
-
-    Current step: Nesterov (lerp) -> bf16 -> [MuonEq] -> Polar Express -> fp32 -> [Muon+] -> NorMuon ->
-    p -= lr·g + lr·wd·p·[g·p >= 0] with lr = lr·sqrt(max(1, out/in)). Classic: Nesterov -> Newton-Schulz ->
-    p -= lr·g.
-    """
+    """Muon on (..., in, out) leaves, returning p_new - p in fp32. Current: Nesterov (lerp) -> bf16 -> [MuonEq] ->
+    Polar Express -> fp32 -> [Muon+] -> NorMuon -> p -= lr·g + lr·wd·p·[g·p >= 0] with lr = lr·sqrt(max(1, out/in)).
+    Classic: Nesterov -> Newton-Schulz -> p -= lr·g."""
     def init_fn(params):
         for p in jax.tree.leaves(params):
             if len(p.shape) < 2:
