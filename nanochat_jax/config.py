@@ -109,8 +109,7 @@ def print_config(cfg: Any, file=None) -> None:
     """Print the resolved config as one JSON block, so every run's settings are in its log."""
     from nanochat_jax.common import print0
 
-    text = json.dumps(dataclasses.asdict(cfg), indent=2)
-    print0(f"{type(cfg).__name__} {text}", file=file or sys.stdout)
+    print0(f"{type(cfg).__name__} {json.dumps(dataclasses.asdict(cfg), indent=2)}", file=file or sys.stdout)
 
 
 def runtime_settings(compute_dtype: str, attention: str, on_gpu: bool) -> dict:

@@ -185,14 +185,13 @@ def _pretrain(cfg: PretrainConfig, cleanup: contextlib.ExitStack) -> LoopState:
     prog = st.compile(model_cfg, optim.build_optimizer(gpt.param_shapes(model_cfg), opt_cfg),
                       (grad_accum, cfg.device_batch_size * mesh.size, cfg.max_seq_len))
     print0(f"compiled the train step in {prog.info['compile_seconds']:.1f}s; memory {prog.info.get('memory', 'n/a')}")
-    loop = LoopState()
     if resume_step is not None:
         state, meta = prog.restore(ckpt, resume_step)
         loop = loop_state(meta)
         print0(f"resumed {tag} from step {resume_step} of {n_iter}"
                + (" (already finished)" if resume_step >= n_iter else ""))
     else:
-        state = prog.init(cfg.seed)
+        state, loop = prog.init(cfg.seed), LoopState()
     start = resume_step or 0
 
     def val_batches():

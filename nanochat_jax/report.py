@@ -162,13 +162,9 @@ class Report:
 
     def sections(self) -> list[dict]:
         """Logged sections, known ones in the reference's order, then any others by time."""
-        found = {}
-        for p in self.dir.glob("*.json"):
-            if p.name != "header.json":
-                rec = json.loads(p.read_text())
-                found[rec["section"]] = rec
+        found = [json.loads(p.read_text()) for p in self.dir.glob("*.json") if p.name != "header.json"]
         order = {name: i for i, (name, _) in enumerate(SECTIONS)}
-        return sorted(found.values(), key=lambda r: (order.get(r["section"], len(order)), r["timestamp"]))
+        return sorted(found, key=lambda r: (order.get(r["section"], len(order)), r["timestamp"]))
 
     def metrics(self, record: dict) -> dict:
         return {k: v for item in record["items"] if isinstance(item, dict) for k, v in item.items()}
@@ -191,22 +187,16 @@ class Report:
     def row_label(self, metric: str) -> str:
         """The summary row's name: CORE says how many tasks it covers when the base eval scored fewer than all 22
         (scripts/base_eval.py logs "tasks", e.g. 21 when the bundle lacks coqa)."""
-        if metric != "CORE":
-            return metric
-        for rec in self.sections():
-            if dict(SECTIONS).get(rec["section"]) == "BASE":
-                n = self.metrics(rec).get("tasks")
-                if isinstance(n, int) and n < CORE_TASKS:
-                    return f"CORE ({n}/{CORE_TASKS} tasks)"
+        base = [self.metrics(r).get("tasks") for r in self.sections() if dict(SECTIONS).get(r["section"]) == "BASE"]
+        if metric == "CORE" and base and isinstance(base[0], int) and base[0] < CORE_TASKS:
+            return f"CORE ({base[0]}/{CORE_TASKS} tasks)"
         return metric
 
     def wall_clock_seconds(self) -> float | None:
         """Header start → last non-RL section (the reference leaves RL out of the headline time)."""
         head = self.header()
         stamps = [r["timestamp"] for r in self.sections() if "RL" not in r["section"] and " rl" not in r["section"]]
-        if head is None or not stamps:
-            return None
-        return max(stamps) - head["started"]
+        return max(stamps) - head["started"] if head and stamps else None
 
     def generate(self, copy_to: str | os.PathLike | None = None, plots: bool = True) -> Path:
         """Write report.md (header, sections, plots, summary) and optionally copy it to `copy_to`."""
