@@ -178,8 +178,7 @@ def _pretrain(cfg: PretrainConfig, cleanup: contextlib.ExitStack) -> LoopState:
         return ShardedLoader(tokenizer, cfg.device_batch_size, cfg.max_seq_len, split, files=split_files(files, split),
                              shard_indices=shards, num_shards=mesh.size, state=state)
 
-    loader = reader("train", meta.get("loader_state"))
-    cleanup.callback(loader.close)
+    loader = cleanup.enter_context(reader("train", meta.get("loader_state")))
     _print_plan(cfg, st, model_cfg, plan, files, ckpt)
     opt_cfg = optim_config(cfg, model_cfg, plan)
     prog = st.compile(model_cfg, optim.build_optimizer(gpt.param_shapes(model_cfg), opt_cfg),
@@ -240,8 +239,7 @@ def _pretrain(cfg: PretrainConfig, cleanup: contextlib.ExitStack) -> LoopState:
 
     fit(prog.step_fn, state, batches(), start=start, n_iter=n_iter, report=report, periodic=periodic,
         profile=parse_profile_steps(cfg.profile_steps), profile_dir=run_dir(tag) / "profile")
-    for close in (ckpt.close, loader.close, log.close):  # before the report: the last save is complete
-        close()
+    cleanup.close()  # checkpointer, loader, log: before the report, so the last save is complete
     _finish(cfg, st, model_cfg, plan, tag, loop, step_log.steady_mfu(), start)
     return loop
 
