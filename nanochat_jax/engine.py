@@ -5,60 +5,36 @@
         ...                                                       # one column per step: a token per row
     seqs, masks = engine.generate_batch([ids_a, ids_b], max_tokens=64, temperature=0)   # prompts may differ in length
 
-Rows. `tokens` is one prompt (list of ids) or several prompts (list of lists, any lengths). Each prompt is run
-`num_samples` times; rows are prompt-major (row = prompt_index * num_samples + sample_index).
+Rows are prompt-major (row = prompt_index * num_samples + sample_index). The cache (`gpt.KVCache`) is preallocated
+per call, S = the power-of-two bucket of (longest prompt + max_tokens), never longer than the model's context when
+that fits (`Engine.lengths`). The prefill runs the prompts right-padded to a bucket and repeats each one's cache
+num_samples times; every row then samples its own token 0. Each decode step feeds one token per row at its own
+position pos[b]; padding left past a row's prompt is overwritten before any query can see it.
 
-Cache layout (gpt.KVCache). k and v are (layers, rows, kv_heads, S, head_dim) in the compute dtype, preallocated
-per call with S = the power-of-two bucket of (longest prompt + max_tokens), but never longer than the model's
-sequence_len when prompt + max_tokens fit in it (`Engine.lengths`); `pos` (rows,) counts the tokens each
-row has cached, which is also the absolute position of its next token. The prefill runs the distinct prompts
-right-padded to a power-of-two bucket T (at most S) and sets pos[b] = len(prompt_b), then the cache is
-repeated num_samples times along the row axis, so each row samples its own first token from the same prefix.
+The decode loop runs on the device (`_decode`, a jitted lax.while_loop over up to `chunk` steps, the donated state
+`Rows` in its carry) and returns to the host after a chunk, when every row is done, or right after a row emits
+<|python_end|>: the host runs the calculator (nanochat_jax.execution.use_calculator) and the next chunk forces
+<|output_start|> result <|output_end|>. A row stops on <|assistant_end|> or <|bos|>, or after max_tokens (forced
+tokens count). Greedy chunks skip the sampler. Token i of a row is drawn with fold_in(fold_in(key(seed), i), r),
+r the row's sample number in its request: a seeded request samples the same tokens whatever shares its batch and
+whatever the chunk size.
 
-Decoding. Each step feeds one token per row at position pos[b]: RoPE uses that per-row position; every layer writes
-its k/v at [layer, row, :, pos[row]] (the cache rides in the scan carry, so the write is in place) and attends over
-keys at positions <= pos[row]. Padding garbage left by the prefill beyond a row's prompt is overwritten before
-any query can see it (a query at position p only sees keys <= p). A sliding-window layer with window w sees keys
-in [p - w, p]: when w + 1 < S it reads only that slice of the cache (a per-row dynamic slice), otherwise the whole
-cache with a mask. Smear mixes the previous token's normed embedding into the current one; the step recomputes it
-from the previous token id (the prompt's last token for the first step), so nothing else has to be cached.
+Continuous batching (`Engine.open_batch`, `Batch`): the rows of one cache are slots; `insert_many` prefills the
+requests admitted together and scatters each into a free row while the others are mid-reply, `free` ends a row,
+`step` runs one chunk for all. `generate` is the same loop over rows filled by one prefill.
 
-The decode loop runs on the device (`_decode`): one jitted lax.while_loop over up to `chunk` steps (the cache and
-each row's state, `Rows`, in its carry; the Rows argument is donated, so nothing is copied between chunks). Each
-step samples every live row's next token (temperature, top-k and key per row; a chunk where every row is greedy
-skips the sampler: argmax) and marks a row done on a stop token or max_tokens; a done row keeps its cache position.
-The loop returns to the host after `chunk` steps, when every row is done, or right after a row emits
-<|python_end|> (the host runs the calculator, then the next chunk forces its output). Token 0 is sampled by the
-prefill and streamed as soon as it is read back; the rest come a chunk at a time.
-
-Sampling keys. Token i of a row is drawn with fold_in(fold_in(key(seed), i), r), r the row's sample number within
-its request (the row index in `generate`, 0 for a web request): independent of the chunk size and of whatever else
-shares the batch, so a seeded request is reproducible however it is served.
-
-Continuous batching (`Batch`, `Engine.open_batch`). The rows of one cache of fixed length are slots: `insert_many`
-prefills the requests admitted together, those of one prompt bucket in calls of a fixed number of rows
-(`prefill_rows`, padded, so a request's numbers never depend on its batch-mates), and scatters each one's cache and
-settings into its free row in place while the other rows are mid-reply; `free` ends a row (the device stops it at
-the next step); `step` runs one decode chunk for all rows. `generate` is the same loop over rows filled by one
-batched prefill. The host keeps each row's tool-use state (`_Row`) and the tokens to force.
-
-Tool use (as the reference): <|python_start|> opens an expression; on <|python_end|> its decoded text goes to
-nanochat_jax.execution.use_calculator, and a non-None result forces <|output_start|> result <|output_end|> into the
-stream. A row finishes when it emits <|assistant_end|> or <|bos|>, or after max_tokens tokens (forced ones count).
-
-Compilation. Prefill, insert and decode are compiled ahead of time per static shape key (rows, prompt bucket,
-chunk, greedy or sampling, cache bucket, top-k bucket) and kept per Engine; every compilation is logged and
-counted (`engine.compilations`), so a chat that grows its context recompiles only when a bucket changes. An Engine
-holds its own params (cast once to the compute dtype: every matmul casts weights to it anyway, so outputs are
-bit-identical and decode reads half the bytes of fp32 weights) and compiled functions; use one Engine per thread
-(the web server's scheduler thread owns its engine's Batch).
+Compilation: prefill, insert and decode are compiled ahead of time per static shape key and kept per Engine; each
+compilation is logged and counted (`engine.compilations`). An Engine holds its params cast once to the compute
+dtype (every matmul casts to it anyway: identical outputs, half the bytes read); use one Engine per thread.
 """
 
 from __future__ import annotations
 
 import collections
 import itertools
+import queue
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Iterator, NamedTuple, Sequence
@@ -536,36 +512,26 @@ def make_engines(params, cfg: gpt.GPTConfig, tokenizer, devices: Sequence | None
 
 def map_on_engines(engines: Sequence["Engine"], items: Sequence, fn) -> list:
     """[fn(engine, item) for item in items], spread over the engines: one thread per engine, each taking the next
-    item from a shared queue (JAX releases the GIL while a device computes, so N devices work at once). Results
-    come back in item order; the first exception raised in a worker is re-raised here."""
-    import queue
-    import threading
+    item (JAX releases the GIL while a device computes, so N devices work at once). Results come back in item
+    order; the first exception is re-raised here and the items not yet started are dropped."""
+    idle = queue.SimpleQueue()
+    for engine in engines:
+        idle.put(engine)
 
-    work: queue.Queue = queue.Queue()
-    for i, item in enumerate(items):
-        work.put((i, item))
-    results: dict[int, object] = {}
-    errors: list[BaseException] = []
-
-    def worker(engine):
+    def run(item):
+        engine = idle.get()  # free again once fn returns: never two threads on one engine
         try:
-            while not errors:
-                try:
-                    i, item = work.get_nowait()
-                except queue.Empty:
-                    return
-                results[i] = fn(engine, item)
-        except BaseException as e:  # noqa: BLE001 (surfaced in the calling thread)
-            errors.append(e)
+            return fn(engine, item)
+        finally:
+            idle.put(engine)
 
-    threads = [threading.Thread(target=worker, args=(e,), daemon=True) for e in engines]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    if errors:
-        raise errors[0]
-    return [results[i] for i in range(len(items))]
+    with ThreadPoolExecutor(len(engines)) as pool:
+        futures = [pool.submit(run, item) for item in items]
+        try:
+            return [f.result() for f in futures]
+        finally:
+            for f in futures:
+                f.cancel()
 
 
 def _as_prompts(tokens, vocab_size: int) -> list[list[int]]:

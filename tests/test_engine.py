@@ -18,7 +18,7 @@ import pytest
 from conftest import REPO_ROOT
 from nanochat_jax import execution, gpt
 from nanochat_jax.common import pow2_bucket
-from nanochat_jax.engine import Engine, sample_tokens
+from nanochat_jax.engine import Engine, map_on_engines, sample_tokens
 from nanochat_jax.tokenizer import train_tokenizer
 from test_gpt import TINY, random_params
 
@@ -402,3 +402,23 @@ def test_requests_admitted_together_are_prefilled_together_as_if_alone(tiny_engi
     assert sorted(inserts) == [("insert", 4, 2, 16, 64, 64), ("insert", 4, 2, 32, 64, 64)]
     with pytest.raises(ValueError, match="twice"):
         batch.insert_many([(0, long, requests[2][1]), (0, long, requests[2][1])])
+
+
+def test_map_on_engines_keeps_item_order_and_never_shares_an_engine():
+    import threading
+    import time
+
+    lock, busy = threading.Lock(), set()
+
+    def square(engine, item):
+        with lock:
+            assert engine not in busy  # one thread per engine at a time
+            busy.add(engine)
+        time.sleep(0.002 * (item % 3))
+        with lock:
+            busy.discard(engine)
+        return item * item
+
+    assert map_on_engines(["a", "b", "c"], list(range(24)), square) == [i * i for i in range(24)]
+    with pytest.raises(ZeroDivisionError):
+        map_on_engines(["a", "b"], [1, 0, 2], lambda engine, x: 1 / x)
