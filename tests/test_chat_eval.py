@@ -56,8 +56,9 @@ def test_categorical_matches_direct_forward(tok):
     prompts = [tok.render_for_completion(c) for c in convs]
     letters = [chat_eval.letter_token_ids(tok, c["letters"]) for c in convs]
     got = ev.predict(prompts, letters)
+    forward = jax.jit(lambda params, x: gpt.forward(params, x, cfg))  # one compile per length, not per op
     for p, ls, g in zip(prompts, letters, got):  # independent: one unpadded forward per prompt
-        logits = np.asarray(gpt.forward(params, jnp.asarray([p]), cfg))[0, -1]
+        logits = np.asarray(forward(params, jnp.asarray([p])))[0, -1]
         assert g == int(np.argmax(logits[ls]))
     assert len(ev.shapes_seen) <= 2  # prompts of similar lengths share power-of-two buckets
 

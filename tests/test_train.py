@@ -2,6 +2,7 @@
 
 import collections
 import dataclasses
+import functools
 import re
 
 import jax
@@ -16,15 +17,23 @@ CFG = gpt.GPTConfig.from_depth(2, aspect_ratio=64, head_dim=32, max_seq_len=32, 
                                embed_dtype="float32", compute_dtype="float32")  # bf16 rounding would dominate
 
 
-def _setup(n_devices, cfg=CFG, A=2, B=16, fsdp=True):
+@functools.cache
+def _compiled(n_devices, cfg, A, B, fsdp):
+    """The compiled step and state initialiser of one setup, compiled once per test process (compiling is most of
+    these tests' time; the 8-device step serves two of them)."""
     shapes = gpt.param_shapes(cfg)
     tx = optim.build_optimizer(shapes, optim.OptimConfig(num_iterations=10, model_dim=cfg.n_embd, warmup_steps=0,
                                                             muon_ortho_dtype="float32"))
     st_shapes = jax.eval_shape(lambda k: train.init_state(cfg, tx, k), jax.random.key(0))
     mesh = sharding.make_mesh(n_devices)
     fn, sh, _ = train.compile_train_step(cfg, tx, mesh, st_shapes, (A, B, cfg.sequence_len), shard_params=fsdp)
-    state = jax.jit(lambda k: _perturbed_state(cfg, tx, k), out_shardings=sh)(jax.random.key(1))
-    return mesh, fn, state
+    return mesh, fn, jax.jit(lambda k: _perturbed_state(cfg, tx, k), out_shardings=sh)
+
+
+def _setup(n_devices, cfg=CFG, A=2, B=16, fsdp=True):
+    """(mesh, compiled step, a fresh perturbed state): every call starts from the same state."""
+    mesh, fn, init = _compiled(n_devices, cfg, A, B, fsdp)
+    return mesh, fn, init(jax.random.key(1))
 
 
 def _perturbed_state(cfg, tx, key):
