@@ -25,7 +25,7 @@ from nanochat_jax import gpt, optim, sharding, tasks
 from nanochat_jax.chat_eval import ChatEvalCache, evaluate_chat_model
 from nanochat_jax.checkpoint import Checkpointer, checkpoint_dir, require_same_vocab
 from nanochat_jax.common import format_duration, print0
-from nanochat_jax.config import RuntimeFlags, flag, require
+from nanochat_jax.config import SourceFlags, flag, require
 from nanochat_jax.dataloader import ConversationPacker
 from nanochat_jax.stage import Stage, bpb_eval, finish, gathered, loop_state, saver
 from nanochat_jax.report import ScalarLog, run_dir
@@ -35,27 +35,20 @@ SOURCE_OF = {"mid": "base", "sft": "mid"}
 
 
 @dataclass(frozen=True)
-class ChatTrainConfig(RuntimeFlags):
+class ChatTrainConfig(SourceFlags):
     """Flags shared by scripts/midtrain.py and scripts/sft.py (-1 / None: inherit from the source checkpoint)."""
     stage: str = flag("sft", "mid | sft (set by the script)")
     source: str = flag("", "checkpoint phase to start from: \"\" = base for mid, mid for sft")
-    model_tag: str | None = flag(None, "source model tag (default: the largest); the output uses the same tag")
-    model_step: int | None = flag(None, "source step (default: latest)")
     load_optimizer: bool = flag(False, "start from the source's optimizer state (momentum buffers)")
     # data
     mixture: str = flag("default", "default (the reference's) | local (offline: tasks from --task-data)")
-    task_data: str | None = flag(None, "a shared/data-style folder for the task files ($NANOCHAT_JAX_TASK_DATA)")
     identity_file: str | None = flag(None, "a JSONL of identity conversations (CustomJSON), trained twice")
     max_seq_len: int = flag(-1, "context length of the packed rows (-1: the source's)")
     device_batch_size: int = flag(-1, "rows per device per micro-batch (-1: the source's)")
     total_batch_size: int = flag(-1, "tokens per optimizer step (-1: the source's)")
     num_iterations: int = flag(-1, "optimizer steps (-1: one epoch of the mixture)")
     max_conversations: int = flag(-1, "cap the train mixture (quick runs; -1 = all)")
-    # optimizer (LRs: -1 = the base run's; × init_lr_frac and this stage's batch-size scale; Muon wd 0)
-    embedding_lr: float = flag(-1.0, "AdamW lr of the token embedding (-1: the base run's), times init_lr_frac")
-    unembedding_lr: float = flag(-1.0, "AdamW lr of lm_head (-1: the base run's), times init_lr_frac")
-    matrix_lr: float = flag(-1.0, "Muon lr of the transformer matrices (-1: the base run's), times init_lr_frac")
-    scalar_lr: float = flag(-1.0, "AdamW lr of the per-layer scalars (-1: the base run's), times init_lr_frac")
+    # optimizer (the lr flags, in SourceFlags: × init_lr_frac and this stage's batch-size scale; Muon wd 0)
     init_lr_frac: float = flag(-1.0, "multiplier of every lr (-1: 1.0 for mid, 0.8 for sft)")
     warmdown_ratio: float = flag(-1.0, "fraction of the data over which the lr decays (-1: 0.2 for mid, 0.5 for sft)")
     final_lr_frac: float = flag(0.0, "lr at the end, as a fraction of the peak")
@@ -239,8 +232,7 @@ def _epoch_steps(tokenizer, data, T_len: int, B: int) -> tuple[float, int]:
 
 
 def _optim_config(cfg: ChatTrainConfig, src, planned: int, B: int) -> tuple[optim.OptimConfig, dict]:
-    lrs = src.lrs(matrix_lr=cfg.matrix_lr, embedding_lr=cfg.embedding_lr, unembedding_lr=cfg.unembedding_lr,
-                  scalar_lr=cfg.scalar_lr)
+    lrs = src.lrs(**cfg.lr_flags())
     # The lr flags are written for a 2^19-token batch, which pretraining scales by sqrt(B / 2^19); the reference's
     # chat stages inherit them unscaled, harmless at its 2^19-token batches (scale 1) but an 11x lr shock at the CPU
     # demo's 4,096 (midtraining's loss went 6.4 → 13.4 at step 1). So scale by this stage's batch, as pretraining does.

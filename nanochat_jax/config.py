@@ -112,6 +112,12 @@ def print_config(cfg: Any, file=None) -> None:
     print0(f"{type(cfg).__name__} {json.dumps(dataclasses.asdict(cfg), indent=2)}", file=file or sys.stdout)
 
 
+def fixed(value: Any, why: str) -> Any:
+    """A base flag that a script does not take: the field keeps `value` (printed with the config), and `why` says
+    why there is no flag for it."""
+    return dataclasses.field(default=value, init=False, metadata={"help": why})
+
+
 def runtime_settings(compute_dtype: str, attention: str, on_gpu: bool) -> dict:
     """The `auto` flags resolved: bf16 + cuDNN attention on GPU, fp32 + XLA attention elsewhere."""
     return {"compute_dtype": compute_dtype if compute_dtype != "auto" else ("bfloat16" if on_gpu else "float32"),
@@ -120,7 +126,8 @@ def runtime_settings(compute_dtype: str, attention: str, on_gpu: bool) -> dict:
 
 @dataclass(frozen=True)
 class RuntimeFlags:
-    """Where and how a training stage runs; each stage's config extends it (nanochat_jax/stage.py resolves it)."""
+    """Where and how a script runs its model: every config with one of these flags extends this class (a script
+    without one of them fixes it with `fixed`), and `model_settings` is the one resolution of `auto`."""
     mesh: int = flag(-1, "devices in the (\"data\",) mesh; -1 = all")
     distributed: bool | None = flag(None, "multi-process run (jax.distributed); None: auto-detect a launcher")
     fsdp: bool = flag(True, "shard params/optimizer state over the mesh (ZeRO/FSDP); else replicate")
@@ -133,3 +140,32 @@ class RuntimeFlags:
         require(self.attention in ("auto", "xla", "cudnn", "pallas"),
                 f"--attention must be auto|xla|cudnn|pallas, got {self.attention!r}")
         require(self.compute_dtype in ("auto", "bfloat16", "float32"), "--compute-dtype must be auto|bfloat16|float32")
+
+    def model_settings(self, on_gpu: bool) -> dict:
+        """The GPTConfig fields these flags set (compute_dtype, attn_backend), `auto` resolved for the platform."""
+        return runtime_settings(self.compute_dtype, self.attention, on_gpu)
+
+
+@dataclass(frozen=True)
+class EvalFlags(RuntimeFlags):
+    """RuntimeFlags of the scripts that evaluate a saved checkpoint (base_eval, base_loss, chat_eval)."""
+    fsdp: bool = fixed(False, "evaluation replicates the params on every device")
+    tokenizer_dir: str | None = flag(None, "tokenizer folder (default: the one the checkpoint was trained with, else "
+                                           "<base dir>/tokenizer)")
+
+
+@dataclass(frozen=True)
+class SourceFlags(RuntimeFlags):
+    """RuntimeFlags plus what the chat stages (mid/SFT in chat_train.py, RL in rl.py) take from their source
+    checkpoint (-1 / None: inherit it)."""
+    model_tag: str | None = flag(None, "source model tag (default: the largest); the output uses the same tag")
+    model_step: int | None = flag(None, "source step (default: latest)")
+    embedding_lr: float = flag(-1.0, "AdamW lr of the token embedding (-1: the source's), times init_lr_frac")
+    unembedding_lr: float = flag(-1.0, "AdamW lr of lm_head (-1: the source's), times init_lr_frac")
+    matrix_lr: float = flag(-1.0, "Muon lr of the transformer matrices (-1: the source's), times init_lr_frac")
+    scalar_lr: float = flag(-1.0, "AdamW lr of the per-layer scalars (-1: the source's), times init_lr_frac")
+    task_data: str | None = flag(None, "a shared/data-style folder for the task files ($NANOCHAT_JAX_TASK_DATA)")
+
+    def lr_flags(self) -> dict[str, float]:
+        """The four lr flags, for checkpoint.Source.lrs."""
+        return {k: getattr(self, k) for k in ("embedding_lr", "unembedding_lr", "matrix_lr", "scalar_lr")}

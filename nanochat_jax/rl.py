@@ -25,7 +25,7 @@ import numpy as np
 from nanochat_jax import gpt, optim, sharding
 from nanochat_jax.checkpoint import Checkpointer, checkpoint_dir
 from nanochat_jax.common import format_duration, print0
-from nanochat_jax.config import RuntimeFlags, flag, require
+from nanochat_jax.config import SourceFlags, flag, require
 from nanochat_jax.engine import make_engines, map_on_engines
 from nanochat_jax.stage import Stage, finish, saver
 from nanochat_jax.tasks import GSM8K
@@ -33,11 +33,9 @@ from nanochat_jax.report import ScalarLog, run_dir
 
 
 @dataclass(frozen=True)
-class RLConfig(RuntimeFlags):
+class RLConfig(SourceFlags):
     """Flags of scripts/rl.py: REINFORCE on GSM8K from a chat checkpoint (-1 / None: inherit or auto)."""
     source: str = flag("sft", "checkpoint phase to start from: base | mid | sft | rl")
-    model_tag: str | None = flag(None, "source model tag (default: the largest); the output uses the same tag")
-    model_step: int | None = flag(None, "source step (default: latest)")
     num_epochs: int = flag(1, "passes over GSM8K train (when --num-steps is -1)")
     num_steps: int = flag(-1, "optimizer steps; -1: len(train) // examples_per_step × epochs")
     examples_per_step: int = flag(16, "problems per step (over all devices)")
@@ -47,10 +45,6 @@ class RLConfig(RuntimeFlags):
     top_k: int = flag(50, "top-k of the training rollouts (0 = off)")
     train_seq_len: int = flag(512, "rollouts are padded to this (longer ones are cut)")
     device_batch_size: int = flag(8, "rows per device per micro-batch")
-    embedding_lr: float = flag(-1.0, "AdamW lr of the token embedding (-1: the source's), times init_lr_frac")
-    unembedding_lr: float = flag(-1.0, "AdamW lr of lm_head (-1: the source's), times init_lr_frac")
-    matrix_lr: float = flag(-1.0, "Muon lr of the transformer matrices (-1: the source's), times init_lr_frac")
-    scalar_lr: float = flag(-1.0, "AdamW lr of the per-layer scalars (-1: the source's), times init_lr_frac")
     init_lr_frac: float = flag(0.05, "multiplier of every lr")
     eval_every: int = flag(60, "steps between pass@k evaluations on GSM8K test, and after the last step (-1 = off)")
     eval_examples: int = flag(400, "GSM8K test problems per evaluation")
@@ -58,7 +52,6 @@ class RLConfig(RuntimeFlags):
     save_every: int = flag(60, "steps between checkpoints (-1: only after the last step)")
     resume: bool | None = flag(None, "None: continue the latest rl checkpoint if its settings match; "
                                      "1: require one; 0: start fresh (refused if checkpoints exist)")
-    task_data: str | None = flag(None, "a shared/data-style folder with GSM8K ($NANOCHAT_JAX_TASK_DATA)")
     seed: int = flag(0, "seed of the rollouts (each group's seed is a hash of it, the step and the problem)")
 
     def __post_init__(self):
@@ -159,8 +152,7 @@ def rl_train(cfg: RLConfig, *, train_task=None, eval_task=None, reward_fn=None) 
     A = E * S // R
     num_steps = cfg.num_steps if cfg.num_steps > 0 else (len(train_task) // E) * cfg.num_epochs
     require(num_steps >= 1, f"no RL steps: {len(train_task)} problems < --examples-per-step={E}")
-    lrs = src.lrs(matrix_lr=cfg.matrix_lr, embedding_lr=cfg.embedding_lr, unembedding_lr=cfg.unembedding_lr,
-                  scalar_lr=cfg.scalar_lr)
+    lrs = src.lrs(**cfg.lr_flags())
     opt_cfg = optim.OptimConfig(num_iterations=num_steps, model_dim=model_cfg.n_embd, **lrs, weight_decay=0.0,
                                 init_lr_frac=cfg.init_lr_frac, warmup_steps=0, muon_momentum_start=0.95,
                                 muon_momentum_peak=0.95, muon_momentum_final=0.95)

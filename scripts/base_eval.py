@@ -16,11 +16,11 @@ import json
 from dataclasses import dataclass
 
 from nanochat_jax.common import run_main
-from nanochat_jax.config import flag, parse_flags, print_config, require
+from nanochat_jax.config import EvalFlags, fixed, flag, parse_flags, print_config, require
 
 
 @dataclass(frozen=True)
-class BaseEvalConfig:
+class BaseEvalConfig(EvalFlags):
     """CORE metric of a base checkpoint."""
     model_tag: str | None = flag(None, "default: the largest d<N> under base_checkpoints")
     step: int | None = flag(None, "default: the latest step")
@@ -34,37 +34,32 @@ class BaseEvalConfig:
     crop: bool = flag(False, "crop longer prompts from the left to max_len (default: score them whole in larger "
                              "power-of-two buckets, as nanochat does for its own GPT)")
     min_bucket: int = flag(64, "shortest length bucket, a power of two (buckets: powers of two up to max_len)")
-    attention: str = flag("auto", "auto (cudnn on GPU, xla elsewhere) | xla | cudnn | pallas")
-    mesh: int = flag(-1, "devices in the (\"data\",) mesh; -1 = all")
-    distributed: bool | None = flag(None, "None: auto-detect a multi-process launcher")
-    tokenizer_dir: str | None = flag(None, "tokenizer folder (default <base dir>/tokenizer)")
+    seed: int = fixed(1337, "no sampling; each task's examples are shuffled with nanochat's fixed seed 1337")
 
     def __post_init__(self):
+        super().__post_init__()
         require(self.max_per_task == -1 or self.max_per_task > 0, "--max-per-task must be > 0 or -1 (all)")
         require(self.batch_tokens >= 1, "--batch-tokens must be >= 1")
         require(self.max_len == -1 or self.max_len >= 2, "--max-len must be >= 2 or -1 (the model's sequence_len)")
         require(self.min_bucket >= 2 and self.min_bucket & (self.min_bucket - 1) == 0,
                 "--min-bucket must be a power of two >= 2")
-        require(self.attention in ("auto", "xla", "cudnn", "pallas"), "--attention must be auto|xla|cudnn|pallas")
 
 
 def main(cfg: BaseEvalConfig) -> dict:
     import jax
 
-    from nanochat_jax import core_eval, gpt, sharding
-    from nanochat_jax.checkpoint import load_model, require_same_vocab, resolve_model_tag
+    from nanochat_jax import core_eval, sharding
+    from nanochat_jax.checkpoint import load_model, load_tokenizer, require_same_vocab, resolve_model_tag
     from nanochat_jax.common import get_base_dir, print0
     from nanochat_jax.report import get_report
-    from nanochat_jax.tokenizer import get_tokenizer
 
     sharding.maybe_initialize_distributed(cfg.distributed)
     mesh = sharding.make_mesh(cfg.mesh)
     bundle = core_eval.ensure_eval_bundle(cfg.eval_bundle)
-    tokenizer = get_tokenizer(cfg.tokenizer_dir)
     tag = resolve_model_tag("base", cfg.model_tag)  # resolved here: the CSV is named after it
-    backend = cfg.attention if cfg.attention != "auto" else gpt.default_attn_backend()
     params, model_cfg, meta = load_model("base", tag, cfg.step, mesh_or_sharding=mesh,
-                                         config_overrides={"attn_backend": backend})
+                                         config_overrides=cfg.model_settings(mesh.devices.flat[0].platform == "gpu"))
+    tokenizer = load_tokenizer(meta, cfg.tokenizer_dir)
     require_same_vocab(model_cfg, tokenizer, f"checkpoint {tag}")
     step = int(meta["step"])
     print0(f"evaluating base model {tag} step {step} on {mesh.size} × {mesh.devices.flat[0].device_kind}; "

@@ -18,13 +18,13 @@ import time
 from dataclasses import dataclass
 
 from nanochat_jax.common import run_main
-from nanochat_jax.config import flag, parse_flags, print_config, require
+from nanochat_jax.config import EvalFlags, flag, parse_flags, print_config, require
 
 EVALS = ("bpb", "sample")
 
 
 @dataclass(frozen=True)
-class BaseLossConfig:
+class BaseLossConfig(EvalFlags):
     """Train/val bits per byte and samples of a base checkpoint."""
     model_tag: str | None = flag(None, "default: the largest d<N> under base_checkpoints")
     step: int | None = flag(None, "default: the latest step")
@@ -35,13 +35,10 @@ class BaseLossConfig:
     sample_tokens: int = flag(128, "tokens per unconditioned sample")
     temperature: float = flag(1.0, "for the unconditioned samples (0 = greedy)")
     seed: int = flag(42, "seed of the unconditioned samples")
-    attention: str = flag("auto", "auto (cudnn on GPU, xla elsewhere) | xla | cudnn | pallas")
-    mesh: int = flag(-1, "devices in the (\"data\",) mesh; -1 = all")
-    distributed: bool | None = flag(None, "None: auto-detect a multi-process launcher")
     data_dir: str | None = flag(None, "pretraining shards (default: $NANOCHAT_JAX_DATA_DIR or the base dir's)")
-    tokenizer_dir: str | None = flag(None, "tokenizer folder (default <base dir>/tokenizer)")
 
     def __post_init__(self):
+        super().__post_init__()
         evals = [e.strip() for e in self.eval.split(",") if e.strip()]
         require(evals and set(evals) <= set(EVALS),
                 f"--eval must be a comma-separated subset of {EVALS}, got {self.eval!r}")
@@ -49,32 +46,29 @@ class BaseLossConfig:
         require(self.split_tokens >= 1, "--split-tokens must be >= 1")
         require(self.num_samples >= 0 and self.sample_tokens >= 1, "--num-samples >= 0 and --sample-tokens >= 1")
         require(self.temperature >= 0, "--temperature must be >= 0")
-        require(self.attention in ("auto", "xla", "cudnn", "pallas"), "--attention must be auto|xla|cudnn|pallas")
 
 
 def main(cfg: BaseLossConfig) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from nanochat_jax import gpt, sharding
-    from nanochat_jax.checkpoint import load_model, require_same_vocab, resolve_model_tag
+    from nanochat_jax import sharding
+    from nanochat_jax.checkpoint import load_model, load_tokenizer, require_same_vocab, resolve_model_tag
     from nanochat_jax.common import atomic_write, get_base_dir, print0
     from nanochat_jax.dataloader import ShardedLoader
     from nanochat_jax.dataset import list_parquet_files, resolve_data_dir, split_files
     from nanochat_jax.engine import Engine
     from nanochat_jax.loss_eval import evaluate_bpb, make_bpb_fn
     from nanochat_jax.report import get_report
-    from nanochat_jax.tokenizer import get_tokenizer
     from nanochat_jax.train import SAMPLE_PROMPTS
 
     evals = [e.strip() for e in cfg.eval.split(",") if e.strip()]
     sharding.maybe_initialize_distributed(cfg.distributed)
     mesh = sharding.make_mesh(cfg.mesh)
-    tokenizer = get_tokenizer(cfg.tokenizer_dir)
     tag = resolve_model_tag("base", cfg.model_tag)  # resolved here: the output is named after it
-    backend = cfg.attention if cfg.attention != "auto" else gpt.default_attn_backend()
     params, model_cfg, meta = load_model("base", tag, cfg.step, mesh_or_sharding=mesh,
-                                         config_overrides={"attn_backend": backend})
+                                         config_overrides=cfg.model_settings(mesh.devices.flat[0].platform == "gpu"))
+    tokenizer = load_tokenizer(meta, cfg.tokenizer_dir)
     require_same_vocab(model_cfg, tokenizer, f"checkpoint {tag}")
     step = int(meta["step"])
     T = model_cfg.sequence_len

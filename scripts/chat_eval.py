@@ -11,11 +11,11 @@ import json
 from dataclasses import dataclass
 
 from nanochat_jax.common import run_main
-from nanochat_jax.config import flag, parse_flags, print_config, require
+from nanochat_jax.config import EvalFlags, flag, parse_flags, print_config, require
 
 
 @dataclass(frozen=True)
-class ChatEvalConfig:
+class ChatEvalConfig(EvalFlags):
     source: str = flag("sft", "checkpoint phase: base | mid | sft | rl")
     tasks: str = flag("", "tasks, |-separated, e.g. \"ARC-Easy|MMLU\" (\"\" = all)")
     max_problems: int = flag(-1, "problems per task (-1 = all)")
@@ -27,13 +27,9 @@ class ChatEvalConfig:
     model_tag: str | None = flag(None, "checkpoint tag (default: the largest)")
     step: int | None = flag(None, "checkpoint step (default: the latest)")
     task_data: str | None = flag(None, "a shared/data-style folder ($NANOCHAT_JAX_TASK_DATA)")
-    mesh: int = flag(-1, "devices in the (\"data\",) mesh; -1 = all")
-    distributed: bool | None = flag(None, "multi-process run (jax.distributed); None: auto-detect a launcher")
-    tokenizer_dir: str | None = flag(None, "tokenizer folder (default: the one the checkpoint was trained with, else "
-                                           "<base dir>/tokenizer)")
-    seed: int = flag(0, "seed of the sampling")
 
     def __post_init__(self):
+        super().__post_init__()
         require(self.source in ("base", "mid", "sft", "rl"),
                 f"-i/--source must be base|mid|sft|rl, got {self.source!r}")
         require(self.num_samples >= 1 and self.max_new_tokens >= 1 and self.batch_size >= 1,
@@ -60,7 +56,8 @@ def main(argv=None):
     sharding.maybe_initialize_distributed(cfg.distributed)
     mesh = sharding.make_mesh(cfg.mesh)
     tag = resolve_model_tag(cfg.source, cfg.model_tag)
-    params, model_cfg, meta = load_model(cfg.source, tag, cfg.step, mesh_or_sharding=mesh)
+    params, model_cfg, meta = load_model(cfg.source, tag, cfg.step, mesh_or_sharding=mesh,
+                                         config_overrides=cfg.model_settings(mesh.devices.flat[0].platform == "gpu"))
     tokenizer = load_tokenizer(meta, cfg.tokenizer_dir)
     step = meta.get("step")
     print0(f"evaluating {cfg.source}/{tag} step {step} on {names} ({mesh.size} device(s))")
