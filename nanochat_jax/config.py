@@ -146,12 +146,15 @@ class RuntimeFlags:
         return runtime_settings(self.compute_dtype, self.attention, on_gpu)
 
 
+# --tokenizer-dir of every script that reads a checkpoint (resolved by checkpoint.load_tokenizer)
+CHECKPOINT_TOKENIZER = "tokenizer folder (default: the one the checkpoint was trained with, else <base dir>/tokenizer)"
+
+
 @dataclass(frozen=True)
 class EvalFlags(RuntimeFlags):
     """RuntimeFlags of the scripts that evaluate a saved checkpoint (base_eval, base_loss, chat_eval)."""
     fsdp: bool = fixed(False, "evaluation replicates the params on every device")
-    tokenizer_dir: str | None = flag(None, "tokenizer folder (default: the one the checkpoint was trained with, else "
-                                           "<base dir>/tokenizer)")
+    tokenizer_dir: str | None = flag(None, CHECKPOINT_TOKENIZER)
 
 
 @dataclass(frozen=True)

@@ -24,11 +24,12 @@ import numpy as np
 
 from nanochat_jax import gpt, optim, pretrain, sharding, train
 from nanochat_jax.common import run_main
-from nanochat_jax.config import flag, parse_flags, print_config, require
+from nanochat_jax.config import RuntimeFlags, fixed, flag, parse_flags, print_config, require
 
 
 @dataclass(frozen=True)
-class BenchTrainConfig:
+class BenchTrainConfig(RuntimeFlags):
+    """Train-step throughput and MFU of a random model on random tokens."""
     depth: int = flag(12, "transformer layers")
     aspect_ratio: int = flag(64, "model width per layer of depth")
     head_dim: int = flag(128, "attention head size")
@@ -38,18 +39,17 @@ class BenchTrainConfig:
     vocab_size: int = flag(32768, "vocabulary size")
     device_batch_size: int = flag(16, "sequences per device per micro-batch")
     grad_accum: int = flag(1, "micro-batches per optimizer step")
-    attention: str = flag("auto", "auto | xla | cudnn | pallas (auto: cudnn on GPU, xla elsewhere)")
-    compute_dtype: str = flag("auto", "auto (bf16 on GPU, fp32 on CPU) | bfloat16 | float32")
     remat: bool = flag(False, "recompute each block's activations in the backward pass")
-    mesh: int = flag(-1, "devices in the (\"data\",) mesh; -1 = all")
-    fsdp: bool = flag(True, "shard params/optimizer state over the mesh; else replicate")
     steps: int = flag(10, "timed steps")
     warmup_steps: int = flag(3, "steps run before timing (compilation included)")
     compile_only: bool = flag(False, "stop after compiling (trace + compile time of the step, nothing allocated)")
     profile_dir: str = flag("", "after timing, trace 2 more steps with jax.profiler into this dir (TensorBoard/xprof "
                                 "can open it) and print the XLA ops with the most time")
+    tokenizer_dir: str | None = fixed(None, "random tokens: no tokenizer")
+    seed: int = flag(0, "seed of the random params and tokens (the speed does not depend on them)")
 
     def __post_init__(self):
+        super().__post_init__()
         require(min(self.steps, self.warmup_steps, self.grad_accum) >= 1,
                 "--steps, --warmup-steps and --grad-accum must be >= 1")
 
@@ -75,6 +75,7 @@ def print_top_ops(trace_dir: str, hlo_text: str, steps: int, n: int = 15):
 def main(argv=None) -> dict:
     cfg = parse_flags(BenchTrainConfig, argv)
     print_config(cfg)
+    sharding.maybe_initialize_distributed(cfg.distributed)
     mesh = sharding.make_mesh(cfg.mesh)
     device = mesh.devices.flat[0]
     pcfg = pretrain.PretrainConfig(depth=cfg.depth, aspect_ratio=cfg.aspect_ratio, head_dim=cfg.head_dim,
@@ -93,9 +94,9 @@ def main(argv=None) -> dict:
     if cfg.compile_only:
         print(json.dumps(result))
         return result
-    state = jax.jit(lambda k: train.init_state(model_cfg, tx, k), out_shardings=shardings)(jax.random.key(0))
+    state = jax.jit(lambda k: train.init_state(model_cfg, tx, k), out_shardings=shardings)(jax.random.key(cfg.seed))
     shape = (cfg.grad_accum, sharding.local_batch_rows(rows, mesh), cfg.max_seq_len + 1)
-    tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, shape, dtype=np.int32)
+    tokens = np.random.default_rng(cfg.seed).integers(0, cfg.vocab_size, shape, dtype=np.int32)
     batch = {"inputs": sharding.global_batch(tokens[..., :-1], mesh, batch_axis=1),
              "targets": sharding.global_batch(tokens[..., 1:], mesh, batch_axis=1)}
     step_times = []  # each step waited for (XLA:CPU runs a step during dispatch anyway; a GPU idles ~ms per step)

@@ -22,7 +22,7 @@ import sys
 from dataclasses import dataclass
 
 from nanochat_jax.common import get_logger, run_main
-from nanochat_jax.config import flag, parse_flags, print_config, require
+from nanochat_jax.config import CHECKPOINT_TOKENIZER, flag, parse_flags, print_config, require
 
 PHASES = ("base", "mid", "sft", "rl")
 
@@ -39,7 +39,8 @@ class ChatConfig:
     max_tokens: int = flag(256, "per reply")
     seed: int = flag(42, "turn i samples with seed + i")
     verbose: bool = flag(False, "show the config and log lines (model loading, compilations) on stderr (-v)")
-    tokenizer_dir: str | None = flag(None, "default: the one the checkpoint was trained with, or <base dir>/tokenizer")
+    # not RuntimeFlags: the chat runs on one device with the checkpoint's own compute dtype and attention
+    tokenizer_dir: str | None = flag(None, CHECKPOINT_TOKENIZER)
 
     def __post_init__(self):
         require(self.source in PHASES, f"-i/--source must be one of {PHASES}, got {self.source!r}")

@@ -17,7 +17,7 @@ import contextlib
 from dataclasses import dataclass
 
 from nanochat_jax.common import UserError, run_main
-from nanochat_jax.config import flag, parse_flags, print_config, require
+from nanochat_jax.config import CHECKPOINT_TOKENIZER, flag, parse_flags, print_config, require
 
 PHASES = ("base", "mid", "sft", "rl")
 
@@ -43,7 +43,8 @@ class WebConfig:
     warmup_tokens: int = flag(64, "warm up prompts of up to this many tokens (the model's context: all; each "
                                   "prompt bucket compiles once)")
     cors: str = flag("", "Access-Control-Allow-Origin to send, e.g. '*'; empty = none")
-    tokenizer_dir: str | None = flag(None, "default: the one the checkpoint was trained with, or <base dir>/tokenizer")
+    # not RuntimeFlags: one replica per local device (-n), not a mesh; the checkpoint's compute dtype and attention
+    tokenizer_dir: str | None = flag(None, CHECKPOINT_TOKENIZER)
 
     def __post_init__(self):
         require(self.source in PHASES, f"-i/--source must be one of {PHASES}, got {self.source!r}")
