@@ -25,7 +25,7 @@ import numpy as np
 
 from nanochat_jax import gpt
 from nanochat_jax.common import run_main
-from nanochat_jax.config import flag, parse_flags, print_config, require
+from nanochat_jax.config import flag, parse_flags, print_config, require, runtime_settings
 from nanochat_jax.engine import Engine
 from nanochat_jax.sharding import local_devices
 
@@ -64,7 +64,9 @@ class BenchInferConfig:
     max_seq_len: int = flag(2048, "context length (random model)")
     window_pattern: str = flag("SSSL", "attention windows per layer, S/L (random model)")
     vocab_size: int = flag(32768, "vocabulary size (random model)")
-    compute_dtype: str = flag("auto", "auto = bfloat16 on GPU, float32 on CPU")
+    # not RuntimeFlags: one device, no tokenizer, no --attention (the engine decodes with XLA attention)
+    compute_dtype: str = flag("auto", "auto: bfloat16 on GPU, float32 on CPU (a checkpoint: its own, as chat_web "
+                                      "serves it) | bfloat16 | float32")
     batch_sizes: str = flag("1,8,32", "comma-separated batch sizes to measure")
     prompt_len: int = flag(128, "prompt tokens per row")
     max_new_tokens: int = flag(128, "tokens generated per row")
@@ -142,7 +144,7 @@ def main(argv=None) -> dict:
     device = local_devices()[0]
     on_gpu = device.platform == "gpu"
     if cfg.source == "random":
-        dtype = cfg.compute_dtype if cfg.compute_dtype != "auto" else ("bfloat16" if on_gpu else "float32")
+        dtype = runtime_settings(cfg.compute_dtype, "xla", on_gpu)["compute_dtype"]
         model_cfg = gpt.GPTConfig.from_depth(cfg.depth, aspect_ratio=cfg.aspect_ratio, head_dim=cfg.head_dim,
                                              max_seq_len=cfg.max_seq_len, vocab_size=cfg.vocab_size,
                                              window_pattern=cfg.window_pattern, compute_dtype=dtype)
