@@ -60,6 +60,7 @@ class MemoryEstimateConfig:
     vocab_size: int = flag(32768, "vocabulary size")
     device_batch_size: int = flag(32, "sequences per device per micro-batch")
     grad_accum: int = flag(1, "micro-batches per optimizer step")
+    # not RuntimeFlags: the devices are simulated CPUs, attention a stand-in, the dtype bf16 (what GPU training uses)
     mesh: int = flag(8, "devices (simulated on CPU; the script asks XLA for this many)")
     fsdp: bool = flag(True, "shard params and optimizer state over the devices; else replicate")
     remat: bool = flag(False, "recompute each block's activations in the backward pass (pretrain.py --remat)")
