@@ -146,20 +146,20 @@ def _insert(params, rows: Rows, idx_RT, lens_R, slots_R, seed_R, temperature_R, 
     new = _first_tokens(Rows(c, prev, prev, zeros, zeros.astype(bool), max_tokens_R, keydata, zeros,
                              temperature_R, top_k_R), logits, kmax=kmax, stop_ids=stop_ids)
     put = lambda a, b: a.at[slots_R].set(b.astype(a.dtype), mode="drop")  # noqa: E731
-    kv = lambda a, b: a.at[:, slots_R, :, :T].set(b, mode="drop")  # noqa: E731
+    kv = lambda a, b: a.at[:, slots_R, :T].set(b, mode="drop")  # noqa: E731
     cache = gpt.KVCache(kv(rows.cache.k, new.cache.k), kv(rows.cache.v, new.cache.v), put(rows.cache.pos, c.pos))
     return Rows(cache, *(put(a, b) for a, b in zip(rows[1:], new[1:])))
 
 
 def _decode(params, rows: Rows, forced_BC, nforced_B, cancel_B, *, cfg, kmax: int, sample: bool, stop_ids: tuple,
-            tool_end: int, read_len: int):
+            tool_end: int):
     """Up to C = forced_BC.shape[1] decode steps in one device loop (lax.while_loop, the cache in its carry, so
     updated in place). Each step feeds every live row's newest token, samples the next (or takes the row's next
     forced token: row b's first nforced_B[b] tokens are forced_BC[b, :nforced_B[b]]), and marks rows done on a
     stop token or max_tokens. Done rows (cancel_B: freed by the host) keep their cache position. The loop ends
     after C steps, when every row is done, or after a step where a live row emitted <|python_end|> (tool_end): the
     host runs the calculator before the row may go on. Returns (rows, tokens (C, B), count (B,)): row b's new
-    tokens are tokens[:count[b], b]. Attention reads the cache's first read_len positions (`Batch.read_len`)."""
+    tokens are tokens[:count[b], b]."""
     C = forced_BC.shape[1]
     stop = jnp.asarray(stop_ids, jnp.int32)
     rows = rows._replace(done=rows.done | cancel_B)
@@ -169,7 +169,7 @@ def _decode(params, rows: Rows, forced_BC, nforced_B, cancel_B, *, cfg, kmax: in
         rows, used_B, out_CB, j, _ = carry
         live = ~rows.done
         logits, cache = gpt.forward_cached(params, rows.tok[:, None], cfg, rows.cache,
-                                           lengths_B=live.astype(jnp.int32), prev_idx_B=rows.prev, read_len=read_len)
+                                           lengths_B=live.astype(jnp.int32), prev_idx_B=rows.prev)
         nxt = sample_rows(logits, row_keys(rows.keydata, rows.n, rows.sub), rows.temperature, rows.top_k, kmax=kmax,
                           sample=sample)
         force = used_B < nforced_B
@@ -198,7 +198,6 @@ class _Row:
     expr: list = field(default_factory=list)
     completed: bool = False
     n: int = 0  # tokens generated so far
-    prompt_len: int = 0  # the row's next token goes to position prompt_len + n - 1
     max_tokens: int = 0
     temperature: float = 0.0
 
@@ -211,10 +210,9 @@ class Batch:
     emitted, after the host's part of tool use and stopping (`Engine._advance`)."""
 
     def __init__(self, engine: "Engine", rows: Rows, host: list[_Row], cache_len: int, kmax: int,
-                 prefill_rows: int = 1, min_read: int | None = None):
+                 prefill_rows: int = 1):
         self.engine, self.rows, self.host, self.cache_len, self.kmax = engine, rows, host, cache_len, kmax
         self.prefill_rows, self._unforced = prefill_rows, {}
-        self.min_read = min_read or cache_len  # see read_len
 
     def _start(self, b: int, tok: int) -> None:
         row = self.host[b]
@@ -251,8 +249,7 @@ class Batch:
                 for r, (slot, prompt, kw) in enumerate(part):
                     idx[r, :len(prompt)], lens[r], slots[r], seeds[r] = prompt, len(prompt), slot, kw["seed"] % 2**32
                     temp[r], top_k[r], maxt[r] = kw["temperature"], kw["top_k"] or 0, kw["max_tokens"]
-                    self.host[slot] = _Row(max_tokens=kw["max_tokens"], temperature=kw["temperature"],
-                                           prompt_len=len(prompt))
+                    self.host[slot] = _Row(max_tokens=kw["max_tokens"], temperature=kw["temperature"])
                 args = (e.params, self.rows, *map(e._put, (idx, lens, slots, seeds, temp, top_k, maxt)))
                 fn = e._get(("insert", B, R, T, self.cache_len, self.kmax), e._insert_jit, *args, cfg=e.cfg,
                             kmax=self.kmax, stop_ids=e._stop)
@@ -270,25 +267,10 @@ class Batch:
     def active(self) -> int:
         return sum(not r.completed for r in self.host)
 
-    def read_len(self, chunk: int) -> int:
-        """Cache positions a decode chunk attends over: a power of two >= min_read covering every position a live
-        row can reach in the chunk. What a row computes does not depend on it (keys past a row's position are
-        masked out either way; tests/test_engine.py checks the logits bit for bit), so short replies in a
-        continuous batch's long cache (min_read = cache_len / 8: at most four compiled variants) read a short
-        prefix of it. `generate` sizes its cache to the request and always reads all of it."""
-        reach = max((r.prompt_len + r.n - 1 + chunk for r in self.host if not r.completed), default=0)
-        return min(self.cache_len, pow2_bucket(reach, self.min_read))
-
-    def read_lengths(self) -> list[int]:
-        """Every read_len a decode chunk of this batch may use (what a server's warm-up compiles)."""
-        return sorted({min(self.cache_len, self.min_read << i) for i in range(self.cache_len.bit_length())})
-
-    def step(self, chunk: int, read_len: int | None = None) -> list[list[tuple[int, int]]]:
+    def step(self, chunk: int) -> list[list[tuple[int, int]]]:
         """One decode chunk of up to `chunk` steps; per row, the (token, mask) pairs it emitted (mask 0: forced
-        tool output), [] for done rows. A row's last pair is its stop token when it stopped on one. read_len:
-        override `read_len(chunk)` (a warm-up compiles each variant)."""
+        tool output), [] for done rows. A row's last pair is its stop token when it stopped on one."""
         e, B = self.engine, len(self.host)
-        read_len = read_len or self.read_len(chunk)
         forced = np.zeros((B, chunk), np.int32)
         nforced = np.zeros(B, np.int32)
         for b, row in enumerate(self.host):
@@ -301,9 +283,8 @@ class Batch:
         else:  # the usual chunk: nothing forced, zeros already on the device (two transfers less)
             to_force = self._unforced.get(chunk) or self._unforced.setdefault(chunk, (e._put(forced), e._put(nforced)))
         args = (e.params, self.rows, *to_force, e._put(np.array([r.completed for r in self.host])))
-        fn = e._get(("decode", B, chunk, sample, read_len, self.cache_len, self.kmax), e._decode_jit, *args,
-                    cfg=e.cfg, kmax=self.kmax, sample=sample, stop_ids=e._stop, tool_end=e._tool_end,
-                    read_len=read_len)
+        fn = e._get(("decode", B, chunk, sample, self.cache_len, self.kmax), e._decode_jit, *args, cfg=e.cfg,
+                    kmax=self.kmax, sample=sample, stop_ids=e._stop, tool_end=e._tool_end)
         self.rows, out_CB, count_B = fn(*args)
         out_CB, count_B = jax.device_get((out_CB, count_B))
         emitted = []
@@ -345,8 +326,7 @@ class Engine:
         static = ("cfg", "kmax", "stop_ids")
         self._prefill_jit = jax.jit(_prefill, static_argnames=(*static, "num_samples", "max_len"))
         self._insert_jit = jax.jit(_insert, static_argnames=static, donate_argnums=(1,))
-        self._decode_jit = jax.jit(_decode, static_argnames=(*static, "sample", "tool_end", "read_len"),
-                                   donate_argnums=(1,))
+        self._decode_jit = jax.jit(_decode, static_argnames=(*static, "sample", "tool_end"), donate_argnums=(1,))
         self.stop_ids: set[int] = set()
         self.tool_ids: dict[str, int] | None = None
         if tokenizer is not None:
@@ -365,7 +345,7 @@ class Engine:
 
     _KEY_NAMES = {"prefill": ("prompts", "samples", "prompt_len", "cache_len", "top_k_width"),
                   "insert": ("rows", "prefill_rows", "prompt_len", "cache_len", "top_k_width"),
-                  "decode": ("rows", "chunk", "sampling", "keys_read", "cache_len", "top_k_width")}
+                  "decode": ("rows", "chunk", "sampling", "cache_len", "top_k_width")}
 
     def _get(self, key: tuple, jitted, *args, **static):
         """The compiled executable for `key`, which must name every static shape and argument (compiled and
@@ -396,12 +376,11 @@ class Engine:
 
     # -- generation -------------------------------------------------------------------------------
 
-    def open_batch(self, rows: int, cache_len: int, max_top_k: int | None = None, prefill_rows: int | None = None,
-                   min_read: int | None = None) -> Batch:
+    def open_batch(self, rows: int, cache_len: int, max_top_k: int | None = None, prefill_rows: int | None = None
+                   ) -> Batch:
         """`rows` free slots of cache_len tokens each, for continuous batching; requests may use top_k up to
         max_top_k (the static width of the top-k pre-selection). Requests inserted together are prefilled
-        prefill_rows at a time (default: min(rows, PREFILL_ROWS)). A decode chunk reads a power-of-two prefix of
-        the cache of at least min_read positions (`Batch.read_len`; default: cache_len / 8, at least 64)."""
+        prefill_rows at a time (default: min(rows, PREFILL_ROWS))."""
         kmax = _top_k_bucket(max_top_k, self.cfg.vocab_size)
         B = rows
         cache = jax.tree.map(self._put, gpt.init_cache(self.cfg, B, cache_len))
@@ -409,7 +388,7 @@ class Engine:
         state = Rows(cache, z(np.int32), z(np.int32), z(np.int32), self._put(np.ones(B, bool)), z(np.int32),
                      self._put(np.tile(_key_data(0), (B, 1))), z(np.int32), z(np.float32), z(np.int32))
         return Batch(self, state, [_Row(completed=True) for _ in range(B)], cache_len, kmax,
-                     prefill_rows or min(B, PREFILL_ROWS), min_read or pow2_bucket(cache_len // 8, 64))
+                     prefill_rows or min(B, PREFILL_ROWS))
 
     def generate(self, tokens: Sequence[int] | Sequence[Sequence[int]], num_samples: int = 1, max_tokens: int = 256,
                  temperature: float = 1.0, top_k: int | None = None, seed: int = 42, chunk: int | None = None
@@ -439,9 +418,8 @@ class Engine:
                 self._put(np.float32(temperature)), self._put(np.int32(top_k or 0)), self._put(np.int32(max_tokens)))
         prefill = self._get(("prefill", n, num_samples, T, S, kmax), self._prefill_jit, *args, cfg=cfg,
                             num_samples=num_samples, max_len=S, kmax=kmax, stop_ids=self._stop)
-        host = [_Row(max_tokens=max_tokens, temperature=temperature, prompt_len=int(lens[b // num_samples]))
-                for b in range(B)]
-        batch = Batch(self, prefill(*args), host, S, kmax)
+        batch = Batch(self, prefill(*args), [_Row(max_tokens=max_tokens, temperature=temperature) for _ in range(B)],
+                      S, kmax)
         last = np.asarray(batch.rows.tok).tolist()
         for b, tok in enumerate(last):
             batch._start(b, tok)

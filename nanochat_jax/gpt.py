@@ -333,7 +333,7 @@ def default_attn_backend() -> str:
 
 
 def attention(q_BTHD, k_BSKD, v_BSKD, *, causal: bool = True, window=None, backend: str = "xla", q_offset=0,
-              k_offset=0, heads_first: bool = False):
+              k_offset=0):
     """Scaled dot-product attention (scale 1/sqrt(hd)), layout (batch, time, heads, head_dim), GQA when
     K < H (query head h uses kv head h // (H/K)).
 
@@ -342,16 +342,14 @@ def attention(q_BTHD, k_BSKD, v_BSKD, *, causal: bool = True, window=None, backe
     q_offset, k_offset: absolute positions of the first query and the first key, for chunked prefill /
     decoding. "xla" also takes traced scalars or per-row (B,) arrays (KV-cache decoding, where each row
     has its own position and a window-sized slice of the cache starts at its own offset).
-    heads_first ("xla"): keys and values come as (batch, kv heads, S, head_dim), the KV cache's layout.
     """
     B, T, H, D = q_BTHD.shape
-    S, K = (k_BSKD.shape[2], k_BSKD.shape[1]) if heads_first else (k_BSKD.shape[1], k_BSKD.shape[2])
+    S, K = k_BSKD.shape[1], k_BSKD.shape[2]
     scale = 1.0 / math.sqrt(D)
     if backend == "xla":
         # GQA without repeating K/V: group the H query heads as (K, H/K).
         q = q_BTHD.reshape(B, T, K, H // K, D)
-        kv = "bksd" if heads_first else "bskd"
-        s = jnp.einsum(f"btkgd,{kv}->bkgts", q, k_BSKD, preferred_element_type=jnp.float32) * scale
+        s = jnp.einsum("btkgd,bskd->bkgts", q, k_BSKD, preferred_element_type=jnp.float32) * scale
         if isinstance(q_offset, int) and isinstance(k_offset, int) and k_offset == 0:
             q_pos = q_offset + jnp.arange(T)[:, None]  # (T, 1)
             k_pos = jnp.arange(S)[None, :]             # (1, S)
@@ -366,7 +364,7 @@ def attention(q_BTHD, k_BSKD, v_BSKD, *, causal: bool = True, window=None, backe
         # A finite fill keeps fully masked rows (only possible for q_offset < 0 misuse) NaN-free.
         s = jnp.where(mask, s, jnp.finfo(jnp.float32).min)
         p = jax.nn.softmax(s, axis=-1).astype(v_BSKD.dtype)
-        o = jnp.einsum(f"bkgts,{kv}->btkgd", p, v_BSKD, preferred_element_type=jnp.float32)
+        o = jnp.einsum("bkgts,bskd->btkgd", p, v_BSKD, preferred_element_type=jnp.float32)
         return o.reshape(B, T, H, D).astype(q_BTHD.dtype)
     if backend == "cudnn":
         if jax.default_backend() != "gpu":
@@ -651,11 +649,11 @@ class GPT(nnx.Module):
             return logits if targets_BT is None else cross_entropy(logits, targets_BT, loss_reduction)
         return head_cross_entropy(x, self.lm_head[...][:, :cfg.vocab_size], targets_BT, cfg.softcap, loss_reduction)
 
-    def forward_cached(self, idx_BT, cache: "KVCache", *, lengths_B=None, prev_idx_B=None, read_len=None):
+    def forward_cached(self, idx_BT, cache: "KVCache", *, lengths_B=None, prev_idx_B=None):
         """See the module-level `forward_cached`."""
         cfg = self.cfg
         B, T = idx_BT.shape
-        S = cache.k.shape[3] if read_len is None else min(read_len, cache.k.shape[3])  # keys read
+        S = cache.k.shape[2]
         x_prev = self.token_embedding(prev_idx_B[:, None]) if prev_idx_B is not None and cfg.use_smear else None
         pos_B = cache.pos
         pos_BT = pos_B[:, None] + jnp.arange(T)
@@ -665,18 +663,17 @@ class GPT(nnx.Module):
         def attend_for(window: int, layer):
             def attend(q, k, v, kv):
                 k_cache, v_cache = kv
-                # k, v: (B, T, K, hd) go to [layer, row, :, pos]. Writes past the end of the cache are dropped
-                # (never clamped onto the last slot).
-                k_cache = k_cache.at[layer, rows_B1, :, pos_BT].set(k.astype(k_cache.dtype), mode="drop")
-                v_cache = v_cache.at[layer, rows_B1, :, pos_BT].set(v.astype(v_cache.dtype), mode="drop")
-                k_BKSd, v_BKSd = k_cache[layer, :, :, :S], v_cache[layer, :, :, :S]
-                if window + T >= S:  # the window spans every key read
-                    y = attention(q, k_BKSd, v_BKSd, window=window, q_offset=pos_B, heads_first=True)
+                # Writes past the end of the cache are dropped (never clamped onto the last slot).
+                k_cache = k_cache.at[layer, rows_B1, pos_BT].set(k.astype(k_cache.dtype), mode="drop")
+                v_cache = v_cache.at[layer, rows_B1, pos_BT].set(v.astype(v_cache.dtype), mode="drop")
+                k_BSKd, v_BSKd = k_cache[layer], v_cache[layer]
+                if window + T >= S:  # the window spans the whole cache
+                    y = attention(q, k_BSKd, v_BSKd, window=window, q_offset=pos_B)
                 else:  # read only the window + T keys this chunk can see, from each row's own offset
                     start_B = jnp.clip(pos_B - window, 0, S - (window + T))
-                    take = jax.vmap(lambda a, s: jax.lax.dynamic_slice_in_dim(a, s, window + T, axis=1))
-                    y = attention(q, take(k_BKSd, start_B), take(v_BKSd, start_B), window=window, q_offset=pos_B,
-                                  k_offset=start_B, heads_first=True)
+                    take = jax.vmap(lambda a, s: jax.lax.dynamic_slice_in_dim(a, s, window + T, axis=0))
+                    y = attention(q, take(k_BSKd, start_B), take(v_BSKd, start_B), window=window, q_offset=pos_B,
+                                  k_offset=start_B)
                 return y, (k_cache, v_cache)
             return attend
 
@@ -729,11 +726,9 @@ def embed(params: Params, idx_BT, cfg: GPTConfig, *, x_prev_B1D=None):
 class KVCache(NamedTuple):
     """Keys/values of every layer for B rows of up to S tokens, preallocated (static shapes for jit).
 
-    k, v: (L, B, K, S, hd) in the compute dtype; entry [l, b, :, p] holds layer l's (RoPE'd, QK-normed) keys and
-    values (one per kv head) of row b's token at absolute position p. Heads before positions, because a layer's
-    (B, K, S, hd) slice is the operand layout of the attention's batched matmuls (in (S, K) order XLA:CPU made a
-    transposed copy of every layer's cache per decode step). pos: int32 (B,), how many tokens row b has cached,
-    which is also the position of its next token. Rows advance independently (prompts of different lengths).
+    k, v: (L, B, S, K, hd) in the compute dtype; entry [l, b, p] holds layer l's (RoPE'd, QK-normed) key and
+    value of row b's token at absolute position p. pos: int32 (B,), how many tokens row b has cached, which
+    is also the position of its next token. Rows advance independently (prompts of different lengths).
     Entries at positions >= pos[b] may hold garbage (right padding of a batched prefill); attention never
     reads them, because a query at position p only sees keys at positions <= p, and every position <= p
     has been written by then.
@@ -745,12 +740,11 @@ class KVCache(NamedTuple):
 
 def init_cache(cfg: GPTConfig, batch: int, max_len: int) -> KVCache:
     """An empty cache for `batch` rows of up to `max_len` tokens."""
-    shape = (cfg.n_layer, batch, cfg.n_kv_head, max_len, cfg.head_dim)
+    shape = (cfg.n_layer, batch, max_len, cfg.n_kv_head, cfg.head_dim)
     return KVCache(jnp.zeros(shape, cfg.dtype), jnp.zeros(shape, cfg.dtype), jnp.zeros((batch,), jnp.int32))
 
 
-def forward_cached(params: Params, idx_BT, cfg: GPTConfig, cache: KVCache, *, lengths_B=None, prev_idx_B=None,
-                   read_len: int | None = None):
+def forward_cached(params: Params, idx_BT, cfg: GPTConfig, cache: KVCache, *, lengths_B=None, prev_idx_B=None):
     """A chunk of tokens through the model with a KV cache: a prefill (empty cache, right-padded prompts) or a
     decode step (T = 1). Row b's tokens idx_BT[b, :lengths_B[b]] (all T when lengths_B is None) take positions
     cache.pos[b] + t; each layer writes its k/v there (the cache rides through the layers, so the update is in
@@ -759,11 +753,8 @@ def forward_cached(params: Params, idx_BT, cfg: GPTConfig, cache: KVCache, *, le
     see. prev_idx_B is the token just before idx_BT[:, 0], for smear; None when the cache is empty (position 0
     has no previous token). Returns fp32 logits (B, vocab_size) of each row's last valid token and the cache
     with pos advanced by the row's length. Padding tokens are written to the cache too, past the row's new pos,
-    where they are overwritten before anything reads them. read_len (static): attend over the first read_len
-    positions only (every row's pos + T must fit in them); keys past a row's position are masked either way, so
-    the logits are the same, and a decode step of a long cache whose rows are short reads less."""
-    return model(params, cfg).forward_cached(idx_BT, cache, lengths_B=lengths_B, prev_idx_B=prev_idx_B,
-                                             read_len=read_len)
+    where they are overwritten before anything reads them."""
+    return model(params, cfg).forward_cached(idx_BT, cache, lengths_B=lengths_B, prev_idx_B=prev_idx_B)
 
 
 def cross_entropy(logits_BTV, targets_BT, reduction: str = "mean"):

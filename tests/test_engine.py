@@ -59,7 +59,7 @@ def test_cached_prefill_and_decode_match_full_forward(overrides, cache_len):
     padded = np.where(np.arange(12) < lens[:, None], seq[:, :12], rng.integers(0, cfg.vocab_size, (3, 12)))
     prefill = jax.jit(lambda p, x, n: gpt.forward_cached(p, x, cfg, gpt.init_cache(cfg, 3, cache_len), lengths_B=n))
     logits, cache = prefill(params, jnp.asarray(padded), jnp.asarray(lens))
-    assert cache.k.shape == (cfg.n_layer, 3, cfg.n_kv_head, cache_len, cfg.head_dim)
+    assert cache.k.shape == (cfg.n_layer, 3, cache_len, cfg.n_kv_head, cfg.head_dim)
     np.testing.assert_array_equal(np.asarray(cache.pos), lens)
     rows = np.arange(3)
     np.testing.assert_allclose(np.asarray(logits), want[rows, lens - 1], rtol=1e-4, atol=1e-4)
@@ -70,34 +70,6 @@ def test_cached_prefill_and_decode_match_full_forward(overrides, cache_len):
         np.testing.assert_allclose(np.asarray(logits), want[rows, pos], rtol=1e-4, atol=1e-4)
         pos += 1
     np.testing.assert_array_equal(np.asarray(cache.pos), pos)
-
-
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_reading_a_prefix_of_the_cache_changes_no_bit(dtype):
-    """A decode step that attends over the cache's first read_len positions (continuous batching's short rows in a
-    long cache) gives the same logits and cache, bit for bit, as one that reads all of it, whether the layer takes
-    a window slice or the whole prefix with a mask; which read_len a chunk uses depends on the other rows of the
-    batch, so a request's tokens must not."""
-    cfg = gpt.GPTConfig(**{**TINY, "sequence_len": 128, "compute_dtype": dtype})
-    params = random_params(cfg, seed=int(np.random.default_rng().integers(1 << 30)))
-    rng = np.random.default_rng()
-    lens = rng.integers(1, 12, 4)
-    prompts = rng.integers(0, cfg.vocab_size, (4, 16))
-    prefill = jax.jit(lambda p, x, n: gpt.forward_cached(p, x, cfg, gpt.init_cache(cfg, 4, 128), lengths_B=n))
-    _, full = prefill(params, jnp.asarray(prompts), jnp.asarray(lens))
-    step = jax.jit(lambda p, c, tok, n: gpt.forward_cached(p, tok[:, None], cfg, c, prev_idx_B=tok, read_len=n),
-                   static_argnums=3)
-    caches = {n: full for n in (None, 16, 32, 64)}
-    tok = jnp.asarray(prompts[np.arange(4), lens - 1])
-    for i in range(20):
-        out = {}
-        for n in caches:
-            if n is None or int(lens.max()) + i < n:
-                out[n], caches[n] = step(params, caches[n], tok, n)
-        for n in out:
-            np.testing.assert_array_equal(np.asarray(out[n]), np.asarray(out[None]))
-            np.testing.assert_array_equal(np.asarray(caches[n].k), np.asarray(caches[None].k))
-        tok = jnp.argmax(out[None], axis=-1).astype(jnp.int32)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -144,7 +116,7 @@ def test_cache_is_never_longer_than_the_context_when_the_request_fits():
     for prompt, n_new in zip(prompts, (35, 7)):
         seqs, _ = engine.generate_batch(prompt, max_tokens=n_new, temperature=0.0)
         assert seqs == full_forward_greedy(params, cfg, [prompt], n_new)
-    assert engine.compilations == [("prefill", 1, 1, 16, 40, 0), ("decode", 1, 16, False, 40, 40, 0),
+    assert engine.compilations == [("prefill", 1, 1, 16, 40, 0), ("decode", 1, 16, False, 40, 0),
                                    ("prefill", 1, 1, 40, 40, 0)]
 
 
@@ -307,8 +279,8 @@ def test_compiled_prefill_and_decode_have_no_conditionals(depth):
     insert = jax.jit(_insert, static_argnames=("cfg", "kmax", "stop_ids")).lower(
         params, rows, sds((2, 32), i32), sds((2,), i32), sds((2,), i32), sds((2,), jnp.uint32), sds((2,), f32),
         sds((2,), i32), sds((2,), i32), **static).compile()
-    decode = jax.jit(_decode, static_argnames=("cfg", "kmax", "stop_ids", "sample", "tool_end", "read_len")).lower(
-        params, rows, sds((2, 16), i32), sds((2,), i32), sds((2,), bool), sample=True, tool_end=3, read_len=128,
+    decode = jax.jit(_decode, static_argnames=("cfg", "kmax", "stop_ids", "sample", "tool_end")).lower(
+        params, rows, sds((2, 16), i32), sds((2,), i32), sds((2,), bool), sample=True, tool_end=3,
         **static).compile()
     for compiled in (prefill, insert, decode):
         assert hlo_ops(compiled)["conditional"] == 0
@@ -334,8 +306,8 @@ def drain(batch, outputs):
 
 
 def alone(engine, slot, prompt, prefill_rows=None, **settings):
-    """A request's tokens when it is the only one in a 4-slot batch (whose chunks read less of the cache)."""
-    batch = engine.open_batch(4, 64, max_top_k=50, prefill_rows=prefill_rows, min_read=16)
+    """A request's tokens when it is the only one in a 4-slot batch."""
+    batch = engine.open_batch(4, 64, max_top_k=50, prefill_rows=prefill_rows)
     out = {slot: [batch.insert(slot, prompt, **settings)]}
     drain(batch, out)
     return out[slot]
@@ -344,8 +316,7 @@ def alone(engine, slot, prompt, prefill_rows=None, **settings):
 def test_continuous_batching_rows_are_independent(tiny_engine):
     """A request's tokens depend on its own prompt and settings only: alone in a 4-slot batch, or inserted into
     another slot while three other requests (greedy and sampled, other top-k, seeds and lengths) are mid-reply.
-    Greedy rows equal the full forward; a freed slot takes a new request. Decode chunks read 16, 32 or 64 cache
-    positions, as far as the batch's longest row reaches: a request's tokens do not depend on that either."""
+    Greedy rows equal the full forward; a freed slot takes a new request."""
     cfg, params, engine, prompts, greedy = tiny_engine
     rng = np.random.default_rng(31)
     others = [rng.integers(0, cfg.vocab_size, n).tolist() for n in (3, 11, 7)]
@@ -354,8 +325,7 @@ def test_continuous_batching_rows_are_independent(tiny_engine):
     want_greedy = alone(engine, 0, prompts[1], max_tokens=20, temperature=0.0, top_k=0, seed=1)
     assert prompts[1] + want_greedy == greedy[1]
 
-    batch = engine.open_batch(4, 64, max_top_k=50, min_read=16)
-    assert batch.read_lengths() == [16, 32, 64]
+    batch = engine.open_batch(4, 64, max_top_k=50)
     out = {0: [batch.insert(0, others[0], max_tokens=30, temperature=0.7, top_k=0, seed=9)]}
     out[3] = [batch.insert(3, others[1], max_tokens=9, temperature=1.3, top_k=3, seed=4)]
     for slot, pairs in enumerate(batch.step(4)):
@@ -376,7 +346,6 @@ def test_continuous_batching_rows_are_independent(tiny_engine):
     batch.insert(0, prompts[0], **sampled)
     with pytest.raises(ValueError, match="in use"):
         batch.insert(0, prompts[0], **sampled)
-    assert {key[4] for key in engine.compilations if key[0] == "decode" and key[1] == 4} == {16, 32, 64}
 
 
 def test_requests_admitted_together_are_prefilled_together_as_if_alone(tiny_engine):

@@ -411,8 +411,7 @@ class Generation:
 def warm_up(app: Flask, prompt_tokens: int = 64) -> int:
     """Compile, on every worker in parallel, what chats with the app's defaults hit: the prefill of each prompt
     length bucket up to `prompt_tokens` (a short message, with or without a system prompt, is a few dozen tokens)
-    and the decode chunk for each cache prefix it may read; a longer prompt compiles its bucket when it first
-    comes. Returns programs per engine."""
+    and the decode chunk; a longer prompt compiles its bucket when it first comes. Returns programs per engine."""
     routes = app.extensions["nanochat"]
     defaults, max_context, bos = routes.defaults, routes.max_context, routes.tokenizer.bos_id
 
@@ -429,11 +428,6 @@ def warm_up(app: Flask, prompt_tokens: int = 64) -> int:
                              temperature=defaults.temperature, top_k=defaults.top_k, seed=0)
                 batch.host[slot].completed = False  # run one chunk for it even if it stopped at once
                 batch.step(worker.chunk or engine.chunk)
-                batch.free(slot)
-            for read_len in batch.read_lengths():  # the decode chunk of every cache prefix a reply may reach
-                batch.insert(slot, [bos], max_tokens=1, temperature=defaults.temperature, top_k=defaults.top_k, seed=0)
-                batch.host[slot].completed = False
-                batch.step(worker.chunk or engine.chunk, read_len=read_len)
                 batch.free(slot)
         return len(engine.compilations) - before
 
