@@ -326,12 +326,6 @@ def apply_rope(x_BTHD, cos_TD, sin_TD):
     return jnp.concatenate([x1 * cos + x2 * sin, x2 * cos - x1 * sin], axis=-1)
 
 
-def default_attn_backend() -> str:
-    """The attention backend `auto` resolves to: cuDNN's fused kernel on NVIDIA GPUs, XLA elsewhere.
-    (Our Pallas kernel is the alternative on GPU; see docs/benchmarks.md for how the two compare.)"""
-    return "cudnn" if jax.default_backend() == "gpu" else "xla"
-
-
 def attention(q_BTHD, k_BSKD, v_BSKD, *, causal: bool = True, window=None, backend: str = "xla", q_offset=0,
               k_offset=0):
     """Scaled dot-product attention (scale 1/sqrt(hd)), layout (batch, time, heads, head_dim), GQA when
