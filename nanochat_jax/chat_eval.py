@@ -1,11 +1,11 @@
 """Chat evaluations as nanochat runs them (scripts/chat_eval.py, `run_chat_eval`), and ChatCORE.
 
 Categorical (ARC, MMLU): the answer is the argmax, over the allowed letters' token ids, of the logits after the
-prompt's <|assistant_start|>; prompts are right-padded into power-of-two buckets of a fixed row count, so an eval
-compiles once per bucket. Generative (GSM8K, HumanEval, SpellingBee): one Engine per local device, each in its own
-thread (JAX releases the GIL while a device computes); a problem passes if any of its samples does (pass@k).
-Process p of P takes problems p, p + P, ...; counts are summed over processes. ChatCORE is the mean centered
-accuracy, (acc - baseline) / (1 - baseline), with baseline 0.25 for the 4-way choice tasks and 0 otherwise.
+prompt's <|assistant_start|>, batched by core_eval.BucketRunner (one compilation per power-of-two length bucket).
+Generative (GSM8K, HumanEval, SpellingBee): one Engine per local device, each in its own thread (JAX releases the
+GIL while a device computes); a problem passes if any of its samples does (pass@k). Process p of P takes problems
+p, p + P, ...; counts are summed over processes. ChatCORE is the mean centered accuracy, (acc - baseline) /
+(1 - baseline), with baseline 0.25 for the 4-way choice tasks and 0 otherwise.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from nanochat_jax import gpt, sharding
-from nanochat_jax.common import pow2_bucket
+from nanochat_jax.core_eval import BucketRunner
 from nanochat_jax.engine import make_engines, map_on_engines
 
 BASELINES = {"ARC-Easy": 0.25, "ARC-Challenge": 0.25, "MMLU": 0.25, "GSM8K": 0.0, "HumanEval": 0.0, "SpellingBee": 0.0}
@@ -76,45 +76,28 @@ class _Progress:
                 "seconds": time.perf_counter() - self.t0}
 
 
-class CategoricalEvaluator:
-    """Letter-logit scoring of prompts on a mesh; one jitted function, compiled once per length bucket."""
+class CategoricalEvaluator(BucketRunner):
+    """Letter logits of prompts, a fixed number of rows per batch (core_eval.BucketRunner: power-of-two length
+    buckets, one compilation each)."""
 
     def __init__(self, params, model_cfg: gpt.GPTConfig, mesh, *, rows_per_batch: int = 32):
-        self.mesh = mesh
         self.rows = max(mesh.size, -(-rows_per_batch // mesh.size) * mesh.size)
-        rep, rows_BT = sharding.replicated(mesh), sharding.batch_sharding(mesh)
-        rows_B = sharding.batch_sharding(mesh, ndim=1)
-        self.set_params(params)
 
         def letter_logits(params, idx_BT, last_B, letters_BL):
             logits_BTV = gpt.forward(params, idx_BT, model_cfg)
             at_last_BV = jnp.take_along_axis(logits_BTV, last_B[:, None, None], axis=1)[:, 0]
             picked_BL = jnp.take_along_axis(at_last_BV, jnp.maximum(letters_BL, 0), axis=1)
-            return jnp.where(letters_BL >= 0, picked_BL, -jnp.inf)
+            return (jnp.where(letters_BL >= 0, picked_BL, -jnp.inf),)
 
-        self.fn = jax.jit(letter_logits, in_shardings=(rep, rows_BT, rows_B, rows_BT), out_shardings=rep)
-        self.shapes_seen: set[int] = set()
+        super().__init__(letter_logits, params, mesh, max_len=model_cfg.sequence_len, pad_id=0)
 
-    def set_params(self, params) -> None:
-        self.params = jax.device_put(params, sharding.replicated(self.mesh))
+    def rows_per_batch(self, length: int) -> int:
+        return self.rows
 
     def predict(self, prompts: Sequence[Sequence[int]], letter_ids: Sequence[Sequence[int]]) -> np.ndarray:
         """Index (into each prompt's letters) of the highest-logit letter, for every prompt."""
-        order = np.argsort([len(p) for p in prompts], kind="stable")  # similar lengths share a bucket
-        out = np.zeros(len(prompts), np.int64)
-        for s in range(0, len(order), self.rows):
-            chunk = order[s:s + self.rows]
-            T = pow2_bucket(max(len(prompts[i]) for i in chunk), 64)
-            self.shapes_seen.add(T)
-            idx_BT, last_B = np.zeros((self.rows, T), np.int32), np.zeros(self.rows, np.int32)
-            letters_BL = np.full((self.rows, MAX_LETTERS), -1, np.int32)
-            for r, i in enumerate(chunk):
-                idx_BT[r, :len(prompts[i])] = prompts[i]
-                last_B[r] = len(prompts[i]) - 1
-                letters_BL[r, :len(letter_ids[i])] = letter_ids[i]
-            scores_BL = np.asarray(self.fn(self.params, idx_BT, last_B, letters_BL))
-            out[chunk] = scores_BL[:len(chunk)].argmax(-1)
-        return out
+        rows = [(p, len(p) - 1, list(ls) + [-1] * (MAX_LETTERS - len(ls))) for p, ls in zip(prompts, letter_ids)]
+        return self(rows)[0].argmax(-1)
 
 
 def letter_token_ids(tokenizer, letters: Sequence[str]) -> list[int]:

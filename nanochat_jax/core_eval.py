@@ -4,9 +4,9 @@ The bundle's 22 tasks are multiple_choice (lowest mean loss over the choice's to
 over the continuation shared by the context options) or language_modeling (right iff greedy argmax reproduces the
 continuation); CORE is the mean accuracy centered against each task's random baseline. Prompts, shuffles, shots and
 scored spans match nanochat exactly; unlike its one forward per example, each sequence here is a row (tokens,
-start, end), right-padded (harmless for a causal model) into power-of-two buckets of fixed-size batches sharded
-over the mesh: one compilation per bucket. Rows past max_len get larger buckets and are scored whole, as nanochat
-does for its GPT (crop=True crops them); at sequence_len 2048 that is ~9 in 10 10-shot squad prompts.
+start, end) that BucketRunner right-pads (harmless for a causal model) into batches of power-of-two length buckets.
+Rows past max_len get larger buckets and are scored whole, as nanochat does for its GPT (crop=True crops them); at
+sequence_len 2048 that is ~9 in 10 10-shot squad prompts.
 """
 
 from __future__ import annotations
@@ -192,44 +192,134 @@ def bucket_lengths(max_len: int, min_bucket: int = 64) -> tuple[int, ...]:
     return tuple(out) + (max_len,)
 
 
-class Scorer:
-    """A ScoreFn over `logits_fn(params, tokens_BT) -> logits_BTV`: rows go to the smallest bucket that holds them
-    (past max_len: cropped if crop, else a new power-of-two bucket), in batches of a fixed row count per bucket
-    (padding rows have an empty span). `traces` counts compilations, `stats` rows, batches and tokens. Every process
-    of a multi-process run must pass the same rows (each builds the full global batch)."""
+class BucketRunner:
+    """A jitted `fn(params, tokens_BT, *fields_B) -> tuple of per-row outputs` over rows (tokens, *fields), each in the
+    smallest bucket that holds it (powers of two from min_bucket, and max_len; longer rows get a new power-of-two
+    bucket), right-padded with pad_id, in batches of rows_per_batch(length) sharded over the mesh (padding rows: zero
+    fields): one compilation per bucket. Rows stream in with add(); finish() returns every output in row order.
+    `traces` counts compilations, `stats` rows, batches and tokens. Every process of a multi-process run must pass
+    the same rows (each builds the full global batch)."""
 
-    def __init__(self, logits_fn: Callable, params: Any, *, max_len: int, pad_id: int, mesh=None, crop: bool = False,
-                 min_bucket: int = 64, batch_tokens: int = 16384, place_params: bool = True):
+    def __init__(self, fn: Callable, params: Any, mesh=None, *, max_len: int, pad_id: int, min_bucket: int = 64,
+                 batch_tokens: int = 16384, place_params: bool = True):
         if batch_tokens < 1:
             raise ValueError(f"batch_tokens must be >= 1, got {batch_tokens}")
         self.mesh = mesh if mesh is not None else sharding.make_mesh(1)
-        self.max_len, self.pad_id, self.batch_tokens, self.crop = int(max_len), int(pad_id), int(batch_tokens), crop
-        self.buckets, self.min_bucket = bucket_lengths(self.max_len, min_bucket), min_bucket
+        self.max_len, self.pad_id, self.min_bucket = int(max_len), int(pad_id), min_bucket
+        self.batch_tokens = int(batch_tokens)
+        self.buckets = bucket_lengths(self.max_len, min_bucket)
         self._replicated = sharding.replicated(self.mesh)
-        self._batch_sharding = {nd: sharding.batch_sharding(self.mesh, 0, nd) for nd in (1, 2)}
         self.traces = 0
-        self.stats = {"rows": 0, "cropped": 0, "long": 0, "batches": 0, "tokens": 0, "padded_tokens": 0}
-        self._fn = jax.jit(self._score_batch, out_shardings=self._replicated)
-        self._logits_fn = logits_fn
+        self.stats = {"rows": 0, "batches": 0, "tokens": 0, "padded_tokens": 0}
+        self.waiting: dict[int, list[tuple[int, tuple]]] = {}  # rows added, by bucket, not yet dispatched
+        self.pending: list = []  # dispatched batches: (row ids, outputs still on device)
+        self.n = self.seen = 0  # rows added; leading batches of `pending` already reported by finished_rows()
+
+        def traced(*args):
+            self.traces += 1  # Python side effect: runs once per trace, i.e. per compiled shape
+            return fn(*args)
+
+        self._fn = jax.jit(traced, out_shardings=self._replicated)
         self.set_params(params, place_params)
 
     def set_params(self, params, place: bool = True) -> None:
-        """New weights, same compiled functions (CORE every N training steps)."""
+        """New weights, same compiled functions (evals every N training steps)."""
         self.params = jax.device_put(params, self._replicated) if place else params
-
-    def bucket_for(self, n_tokens: int) -> int:
-        length = pow2_bucket(n_tokens, self.min_bucket)
-        if n_tokens <= self.max_len < length:
-            return self.max_len
-        self.buckets = tuple(sorted(set(self.buckets) | {length}))  # past max_len (crop=False): one more bucket
-        return length
 
     def rows_per_batch(self, length: int) -> int:
         """batch_tokens per device in whole rows (at least one), times the device count."""
         return self.mesh.size * max(1, self.batch_tokens // length)
 
+    def prepare(self, row, i: int):
+        return row  # row i as it is batched: Scorer crops it and checks its span
+
+    def bucket_for(self, n_tokens: int) -> int:
+        length = pow2_bucket(n_tokens, self.min_bucket)
+        if n_tokens <= self.max_len < length:
+            return self.max_len
+        self.buckets = tuple(sorted(set(self.buckets) | {length}))  # past max_len: one more bucket
+        return length
+
+    def _put(self, x: np.ndarray):
+        return jax.make_array_from_callback(x.shape, sharding.batch_sharding(self.mesh, 0, x.ndim), lambda i: x[i])
+
+    def _dispatch(self, length: int, members: list[tuple[int, tuple]]):
+        """One padded batch of this bucket -> (row ids, outputs still on device)."""
+        rows_b = self.rows_per_batch(length)
+        tokens_BT = np.full((rows_b, length), self.pad_id, np.int32)
+        fields = [np.zeros((rows_b, *np.shape(f)), np.int32) for f in members[0][1][1:]]
+        for j, (_, (tokens, *row_fields)) in enumerate(members):
+            tokens_BT[j, :len(tokens)] = tokens
+            for field, value in zip(fields, row_fields):
+                field[j] = value
+            self.stats["tokens"] += len(tokens)
+        self.stats["padded_tokens"] += tokens_BT.size
+        self.stats["batches"] += 1
+        out = self._fn(self.params, *(self._put(x) for x in (tokens_BT, *fields)))
+        return [i for i, _ in members], out
+
+    def add(self, rows: Sequence[tuple]) -> None:
+        """Rows wait in their bucket until it holds a full batch, which is dispatched asynchronously."""
+        for row in rows:
+            row = self.prepare(row, self.n)
+            length = self.bucket_for(len(row[0]))
+            bucket = self.waiting.setdefault(length, [])
+            bucket.append((self.n, row))
+            self.n += 1
+            if len(bucket) == self.rows_per_batch(length):
+                self.pending.append(self._dispatch(length, bucket))
+                self.waiting[length] = []
+
+    def finished_rows(self) -> list[int]:
+        """Ids of the rows the device has scored since the last call, without waiting (for progress reports)."""
+        ids = []
+        while self.seen < len(self.pending) and self.pending[self.seen][1][0].is_ready():
+            ids += self.pending[self.seen][0]
+            self.seen += 1
+        return ids
+
+    def finish(self, on_scored: Callable[[list[int]], None] | None = None) -> tuple[np.ndarray, ...] | None:
+        """Sends the partial batches; fn's outputs for the rows added since the last finish, in order (None if
+        none), and `on_scored(row ids)` for each batch finished_rows() has not reported."""
+        for length, bucket in sorted(self.waiting.items()):
+            if bucket:
+                self.pending.append(self._dispatch(length, bucket))
+        results = None
+        for k, (ids, out) in enumerate(self.pending):
+            results = results or tuple(np.zeros((self.n, *x.shape[1:]), x.dtype) for x in out)
+            for result, x in zip(results, out):
+                result[ids] = np.asarray(x)[:len(ids)]
+            if on_scored is not None and k >= self.seen:
+                on_scored(ids)
+        self.stats["rows"] += self.n
+        self.waiting, self.pending, self.n, self.seen = {}, [], 0, 0
+        return results
+
+    def __call__(self, rows: Sequence[tuple]):
+        self.add(rows)
+        return self.finish()
+
+
+class Scorer(BucketRunner):
+    """A ScoreFn over `logits_fn(params, tokens_BT) -> logits_BTV`: rows past max_len are cropped if crop, else
+    scored whole in a larger bucket; padding rows have an empty span."""
+
+    def __init__(self, logits_fn: Callable, params: Any, *, max_len: int, pad_id: int, mesh=None, crop: bool = False,
+                 min_bucket: int = 64, batch_tokens: int = 16384, place_params: bool = True):
+        self.crop, self._logits_fn = crop, logits_fn
+        super().__init__(self._score_batch, params, mesh, max_len=max_len, pad_id=pad_id, min_bucket=min_bucket,
+                         batch_tokens=batch_tokens, place_params=place_params)
+        self.stats.update(cropped=0, long=0)
+
+    def prepare(self, row: Row, i: int) -> Row:
+        tokens, start, end = cropped = crop_row(row, self.max_len) if self.crop else row
+        if not 0 <= start <= end <= len(tokens):
+            raise ValueError(f"row {i}: span [{start}, {end}) does not fit its {len(tokens)} tokens")
+        self.stats["cropped"] += len(tokens) < len(row[0])
+        self.stats["long"] += len(row[0]) > self.max_len
+        return cropped
+
     def _score_batch(self, params, tokens_BT, start_B, end_B):
-        self.traces += 1  # Python side effect: runs once per trace, i.e. per compiled shape
         logits_BTV = self._logits_fn(params, tokens_BT).astype(jnp.float32)
         targets_BT = jnp.roll(tokens_BT, -1, axis=1)  # position t predicts token t+1 (the last column is unused)
         nll_BT = gpt.cross_entropy(logits_BTV, targets_BT, reduction="none")
@@ -243,82 +333,8 @@ class Scorer:
         correct_B = jnp.all(hit_BT | ~span_BT, axis=1) & (count_B > 0)  # nothing to predict is not a success
         return mean_B, correct_B
 
-    def _put(self, x: np.ndarray):
-        return jax.make_array_from_callback(x.shape, self._batch_sharding[x.ndim], lambda index: x[index])
-
-    def _dispatch(self, length: int, members: list[tuple[int, Row]]):
-        """One padded batch of this bucket -> (row ids, (mean_B, correct_B) still on device)."""
-        rows_b = self.rows_per_batch(length)
-        tokens_BT = np.full((rows_b, length), self.pad_id, np.int32)
-        start_B, end_B = np.zeros(rows_b, np.int32), np.zeros(rows_b, np.int32)  # padding rows: empty span
-        for j, (_, (tokens, start, end)) in enumerate(members):
-            tokens_BT[j, :len(tokens)] = tokens
-            start_B[j], end_B[j] = start, end
-            self.stats["tokens"] += len(tokens)
-        self.stats["padded_tokens"] += tokens_BT.size
-        self.stats["batches"] += 1
-        out = self._fn(self.params, self._put(tokens_BT), self._put(start_B), self._put(end_B))
-        return [i for i, _ in members], out
-
-    def session(self) -> "ScoringSession":
-        return ScoringSession(self)
-
-    def __call__(self, rows: Sequence[Row]) -> tuple[np.ndarray, np.ndarray]:
-        session = self.session()
-        session.add(rows)
-        return session.finish()
-
-
-class ScoringSession:
-    """Rows stream in with add() and wait in their bucket until it holds a full batch, which is dispatched
-    asynchronously; finish() sends the partial batches and reads every score, in row order."""
-
-    def __init__(self, scorer: Scorer):
-        self.scorer = scorer
-        self.waiting: dict[int, list[tuple[int, Row]]] = {}
-        self.pending: list = []
-        self.n = 0
-        self.seen = 0  # leading batches of `pending` already reported by finished_rows()
-
-    def add(self, rows: Sequence[Row]) -> None:
-        sc = self.scorer
-        for row in rows:
-            tokens, start, end = cropped = crop_row(row, sc.max_len) if sc.crop else row
-            if not 0 <= start <= end <= len(tokens):
-                raise ValueError(f"row {self.n}: span [{start}, {end}) does not fit its {len(tokens)} tokens")
-            sc.stats["cropped"] += len(tokens) < len(row[0])
-            sc.stats["long"] += len(row[0]) > sc.max_len
-            length = sc.bucket_for(len(tokens))
-            bucket = self.waiting.setdefault(length, [])
-            bucket.append((self.n, cropped))
-            self.n += 1
-            if len(bucket) == sc.rows_per_batch(length):
-                self.pending.append(sc._dispatch(length, bucket))
-                self.waiting[length] = []
-
-    def finished_rows(self) -> list[int]:
-        """Ids of the rows the device has scored since the last call, without waiting (for progress reports)."""
-        ids = []
-        while self.seen < len(self.pending) and self.pending[self.seen][1][0].is_ready():
-            ids += self.pending[self.seen][0]
-            self.seen += 1
-        return ids
-
     def finish(self, on_scored: Callable[[list[int]], None] | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Scores of every row added; `on_scored(row ids)` for each batch finished_rows() has not reported."""
-        for length, bucket in sorted(self.waiting.items()):
-            if bucket:
-                self.pending.append(self.scorer._dispatch(length, bucket))
-        self.waiting = {}
-        mean_loss, correct = np.full(self.n, np.inf, np.float64), np.zeros(self.n, bool)
-        for k, (ids, (mean_B, correct_B)) in enumerate(self.pending):
-            mean_loss[ids] = np.asarray(mean_B)[:len(ids)]
-            correct[ids] = np.asarray(correct_B)[:len(ids)]
-            if on_scored is not None and k >= self.seen:
-                on_scored(ids)
-        self.scorer.stats["rows"] += self.n
-        self.pending, self.seen = [], 0
-        return mean_loss, correct
+        return super().finish(on_scored) or (np.zeros(0), np.zeros(0, bool))
 
 
 def make_model_scorer(params, model_cfg, mesh=None, *, pad_id: int, max_len: int | None = None, crop: bool = False,
@@ -392,22 +408,22 @@ def evaluate_task(score_fn: ScoreFn, tokenizer, data: Sequence[dict], task: Core
     truncated). A Scorer gets the examples chunk by chunk (the device scores one while the host tokenizes the
     next) and progress goes to `log`; any other ScoreFn gets all rows in one call."""
     t0 = time.perf_counter()
-    session = score_fn.session() if hasattr(score_fn, "session") else None
-    progress = TaskProgress(task.label, len(data), log, progress_every) if log and session is not None else None
+    runner = score_fn if isinstance(score_fn, BucketRunner) else None
+    progress = TaskProgress(task.label, len(data), log, progress_every) if log and runner is not None else None
     all_rows, spans, n_rows = [], [], 0
     for lo in range(0, len(data), chunk_examples):
         rows, chunk_spans = prepare_task(tokenizer, data, task, range(lo, min(lo + chunk_examples, len(data))))
         spans += [(n_rows + first, count) for first, count in chunk_spans]
         n_rows += len(rows)
-        if session is None:
+        if runner is None:
             all_rows += rows
             continue
-        session.add(rows)
+        runner.add(rows)
         if progress is not None:
             progress.add(chunk_spans)
-            progress.scored(session.finished_rows())
-    if session is not None:
-        mean_loss, all_correct = session.finish(on_scored=progress.scored if progress is not None else None)
+            progress.scored(runner.finished_rows())
+    if runner is not None:
+        mean_loss, all_correct = runner.finish(on_scored=progress.scored if progress is not None else None)
     else:
         mean_loss, all_correct = score_fn(all_rows) if all_rows else (np.zeros(0), np.zeros(0, bool))
     # LM: every token right; else the lowest mean loss wins, ties going to the first option like list.index(min(...))

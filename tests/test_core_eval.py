@@ -392,14 +392,9 @@ def _progress(lines):
     return out
 
 
-class _BusySession(ce.ScoringSession):
+class _BusyScorer(ce.Scorer):
     def finished_rows(self):
         return []  # a busy device: nothing finished yet whenever the host looks, so finish() reports every batch
-
-
-class _BusyScorer(ce.Scorer):
-    def session(self):
-        return _BusySession(self)
 
 
 def test_progress_within_a_task(tmp_path, capsys):
@@ -429,7 +424,7 @@ def test_progress_within_a_task(tmp_path, capsys):
     assert capsys.readouterr() == ("", "")
 
 
-def test_progress_with_the_real_session(tmp_path):
+def test_progress_with_the_real_scorer(tmp_path):
     """Chunks fed one example at a time: the host checks for finished batches after each, without waiting."""
     scorer = ce.Scorer(bigram_logits, _bigram_table(), mesh=sharding.make_mesh(2), max_len=64, pad_id=0,
                        min_bucket=64, batch_tokens=64)
@@ -439,13 +434,12 @@ def test_progress_with_the_real_session(tmp_path):
     assert out["accuracy"] == 1.0
     done = [d for _, d, _ in _progress(lines)]
     assert done and done[0] <= 1 and done == sorted(done) and done[-1] < len(data)
-    session = scorer.session()
-    session.add(ce.prepare_task(CHAR, data, task)[0])
-    for _, (mean_B, _) in session.pending:
+    scorer.add(ce.prepare_task(CHAR, data, task)[0])
+    for _, (mean_B, _) in scorer.pending:
         mean_B.block_until_ready()
-    ids = session.finished_rows()
-    assert ids == sorted(ids) and len(ids) == 2 * len(session.pending)  # every dispatched batch, two rows each
-    assert session.finished_rows() == []
+    ids = scorer.finished_rows()
+    assert ids == sorted(ids) and len(ids) == 2 * len(scorer.pending)  # every dispatched batch, two rows each
+    assert scorer.finished_rows() == []
 
 
 def test_progress_counts_examples_whose_rows_are_all_scored():
