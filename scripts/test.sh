@@ -6,7 +6,7 @@ cd "$REPO_ROOT"
 export JAX_PLATFORMS=cpu
 if [ $# -eq 0 ]; then set -- -m "not slow"; fi
 # Two pytest processes (pytest-xdist): the tests mostly compile small XLA programs on one core each, so one process
-# leaves a 2-core box half idle. worksteal gives each process one contiguous half of the tests (a file's module
-# fixtures are mostly built once) and moves the tail of the busier one to the idle one.
+# leaves a 2-core box partly idle. loadfile keeps each file whole, in order, in one process (its module fixtures
+# are built once, and a test that counts a shared fixture's compilations sees the same history as in one process).
 # NANOCHAT_JAX_TEST_WORKERS=0 runs them in this process (e.g. for --pdb).
-exec python -m pytest -q --timeout=900 --durations=15 -n "${NANOCHAT_JAX_TEST_WORKERS:-2}" --dist=worksteal "$@"
+exec python -m pytest -q --timeout=900 --durations=15 -n "${NANOCHAT_JAX_TEST_WORKERS:-2}" --dist=loadfile "$@"
