@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from nanochat_jax.web import BackgroundServer, create_app, get_pool
+from nanochat_jax.web import BackgroundServer, create_app, get_pool, warm_up
 from test_web import GREEDY, REPLY_TEXT, engines, models, tok  # noqa: F401 (fixtures)
 
 sync_api = pytest.importorskip("playwright.sync_api", reason="Playwright is not installed: pip install -e .[browser]")
@@ -28,6 +28,7 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-
 @pytest.fixture(scope="module")
 def server(tok, models):  # noqa: F811
     app = create_app(engines(tok, models["reply"]), defaults=GREEDY)
+    warm_up(app)  # as chat_web does: the first reply must not wait for compiles (~10 s on a busy 2-core box)
     with BackgroundServer(app, threads=16) as srv:
         srv.app = app
         yield srv
