@@ -24,7 +24,6 @@ import orbax.checkpoint as ocp
 
 from nanochat_jax import gpt, sharding
 from nanochat_jax.common import UserError, get_base_dir, held_background_errors, path_str
-from nanochat_jax.config import runtime_settings
 
 PHASE_DIRS = {"base": "base_checkpoints", "mid": "mid_checkpoints", "sft": "chatsft_checkpoints",
               "rl": "chatrl_checkpoints"}
@@ -380,13 +379,13 @@ class Source:
         return {k: flags[k] if flags.get(k, -1) >= 0 else float(used.get(k, d)) for k, d in defaults.items()}
 
 
-def open_source(phase: str, model_tag: str | None, step: int | None, *, compute_dtype: str = "auto",
-                attention: str = "auto", on_gpu: bool = False) -> Source:
-    """The Source at `step` (None: latest) of `phase`/`model_tag` (None: the largest tag); "auto" runtime settings
-    resolved for the platform."""
+def open_source(phase: str, model_tag: str | None, step: int | None, *, config_overrides: dict | None = None
+                ) -> Source:
+    """The Source at `step` (None: latest) of `phase`/`model_tag` (None: the largest tag), its model config with
+    `config_overrides` (this run's runtime settings, `RuntimeFlags.model_settings`)."""
     tag = resolve_model_tag(phase, model_tag, required=True)
     ckpt = Checkpointer(checkpoint_dir(phase, tag), async_save=False)
     step = ckpt.resolve_step(step)
     meta = ckpt.read_meta(step)
-    model_cfg = gpt.GPTConfig.from_dict({**meta["model_config"], **runtime_settings(compute_dtype, attention, on_gpu)})
+    model_cfg = gpt.GPTConfig.from_dict({**meta["model_config"], **(config_overrides or {})})
     return Source(phase, tag, step, meta, model_cfg, ckpt)

@@ -17,7 +17,7 @@ from nanochat_jax import core_eval, gpt, optim, sharding
 from nanochat_jax.checkpoint import Checkpointer, checkpoint_dir
 from nanochat_jax.checkpoint import resume_step as resume_from
 from nanochat_jax.common import format_duration, print0
-from nanochat_jax.config import RuntimeFlags, flag, require, runtime_settings
+from nanochat_jax.config import RuntimeFlags, flag, require
 from nanochat_jax.dataloader import ShardedLoader
 from nanochat_jax.dataset import list_parquet_files, resolve_data_dir, split_files
 from nanochat_jax.engine import Engine
@@ -106,7 +106,7 @@ def build_model_config(cfg: PretrainConfig, vocab_size: int, on_gpu: bool) -> gp
                                     max_seq_len=cfg.max_seq_len, vocab_size=vocab_size,
                                     n_kv_head=None if cfg.n_kv_head == -1 else cfg.n_kv_head,
                                     window_pattern=cfg.window_pattern, remat=cfg.remat,
-                                    **runtime_settings(cfg.compute_dtype, cfg.attention, on_gpu))
+                                    **cfg.model_settings(on_gpu))
 
 
 def plan_horizon(cfg: PretrainConfig, model_cfg: gpt.GPTConfig, n_devices: int) -> dict:

@@ -45,9 +45,8 @@ class Stage:
         return self.device.platform == "gpu"
 
     def source(self, phase: str, model_tag: str | None, step: int | None) -> Source:
-        """The checkpoint a later stage starts from, with this run's runtime settings (config.runtime_settings)."""
-        return open_source(phase, model_tag, step, compute_dtype=self.flags.compute_dtype,
-                           attention=self.flags.attention, on_gpu=self.on_gpu)
+        """The checkpoint a later stage starts from, with this run's runtime settings."""
+        return open_source(phase, model_tag, step, config_overrides=self.flags.model_settings(self.on_gpu))
 
     def compile(self, model_cfg, tx, batch_shape: tuple, **kw) -> Program:
         """train.compile_train_step (kw: lr_input, loss_fn, ...) for batches of batch_shape."""
